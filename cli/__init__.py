@@ -1,0 +1,1 @@
+"""Typer apps `kdcache` and `kdtrain`: parse arguments, call one function, print."""

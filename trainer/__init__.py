@@ -1,0 +1,4 @@
+"""The trainer: stream a cache written by `shared` and train students with sparse KD losses.
+
+Never imports `cacher`.
+"""
