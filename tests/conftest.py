@@ -117,3 +117,25 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 def gsm8k_rows() -> list[dict]:
     with GSM8K.open(encoding="utf-8") as f:
         return [json.loads(next(f)) for _ in range(50)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Heavy tests: marked vllm / slow / multiproc; plain `pytest` skips them, `pytest --heavy` (CI) runs them.
+
+HEAVY_MARKERS = ("vllm", "slow", "multiproc")
+_VLLM_VENV = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+if _VLLM_VENV.exists():
+    os.environ.setdefault("KDCACHE_VLLM_PYTHON", str(_VLLM_VENV))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--heavy", action="store_true", help="also run tests marked vllm, slow or multiproc (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy test: run with `pytest --heavy` (CI does)")
+    for item in items:
+        if any(m in item.keywords for m in HEAVY_MARKERS):
+            item.add_marker(skip)

@@ -1,0 +1,139 @@
+"""Names, version, dtypes and errors of the kdcache on-disk format (normative text: storage_layout.md).
+
+This module is the single place that spells the layout's fixed names. It knows nothing about models,
+tokenizers, torch or training: only paths, array names, dtypes and the rules that tie them together.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+FORMAT_NAME = "kdcache"
+FORMAT_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"  # written last; its presence means "complete"
+BUILD_FILE = "build.json"  # the build's intent (header, plan), written first; lets a rerun resume
+SHARDS_DIR = "shards"
+META_DIR = "meta"
+LOCKS_DIR = "locks"
+COMMIT_FILE = "commit.json"  # inside a shard's group, written after every other object of that shard
+
+SHARD_NAME_RE = re.compile(r"^shard-[0-9]{5,}$")
+OBJECT_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+# A log-probability is never positive, so +1.0 cannot be confused with a real value. It marks the
+# last row of every sequence in `target_logprob`, where there is no "actual next token".
+TARGET_SENTINEL = 1.0
+
+# Tolerance for log-probs slightly above 0 after rounding (log_softmax of a near-one-hot row).
+LOGPROB_MAX = 1e-3
+
+LOGPROB_DTYPE = np.dtype("float16")
+OFFSETS_DTYPE = np.dtype("int64")
+MASK_DTYPE = np.dtype("bool")
+
+# name -> number of dimensions; the dtype of the id arrays depends on the vocabulary size.
+ARRAY_NDIM = {
+    "input_ids": 1,
+    "offsets": 1,
+    "loss_mask": 1,
+    "topk_ids": 2,
+    "topk_logprobs": 2,
+    "target_logprob": 1,
+    "tail_logprob": 1,
+}
+ROW_ARRAYS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob")
+
+# Columns every meta/shard-NNNNN.parquet file MUST have, with their Arrow types.
+META_COLUMNS = {
+    "sequence_index": "int64",  # index of the sequence inside its shard
+    "source_index": "int64",  # row of the source data set it came from
+    "window_index": "int32",  # which --max-length window of that row (0 for a single window)
+    "sample_index": "int32",  # which generated sample (generate mode), else 0
+    "num_tokens": "int64",
+    "prompt_length": "int64",  # tokens before the first distilled row's next token (0 for plain text)
+    "num_loss_tokens": "int64",
+    "text_sha256": "string",  # sha256 of the source text (prompt + response fields) this row came from
+}
+
+
+class CacheError(Exception):
+    """Base class of every error about a cache; the message says what is wrong and how to fix it."""
+
+
+class CacheFormatError(CacheError):
+    """The manifest or an array does not follow storage_layout.md (unknown version, field, bad type)."""
+
+
+class IncompleteCacheError(CacheError):
+    """No manifest.json: the build has not finished (or was killed)."""
+
+
+class CacheCorruptError(CacheError):
+    """A stored object is missing, truncated or its checksum does not match; names shard and object."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class CacheMismatchError(CacheError):
+    """A build was started against a directory that holds a different build."""
+
+
+class CacheLockedError(CacheError):
+    """Another live process holds this cache (or this worker's part of it)."""
+
+
+def shard_name(index: int) -> str:
+    """Zero-padded, sortable shard name: shard_name(3) == 'shard-00003'."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"shard-{index:05d}"
+
+
+def shard_path(index: int) -> str:
+    return f"{SHARDS_DIR}/{shard_name(index)}"
+
+
+def meta_path(index: int) -> str:
+    return f"{META_DIR}/{shard_name(index)}.parquet"
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every id of a vocabulary of this size."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def array_dtypes(vocab_size: int) -> dict[str, str]:
+    """The dtype of every shard array for a given vocabulary size (recorded in the manifest)."""
+    ids = id_dtype(vocab_size).name
+    return {
+        "input_ids": ids,
+        "offsets": OFFSETS_DTYPE.name,
+        "loss_mask": MASK_DTYPE.name,
+        "topk_ids": ids,
+        "topk_logprobs": LOGPROB_DTYPE.name,
+        "target_logprob": LOGPROB_DTYPE.name,
+        "tail_logprob": LOGPROB_DTYPE.name,
+    }
+
+
+def check_object_key(key: str) -> str:
+    """Refuse object keys that are absolute, contain '..', a scheme, or odd characters."""
+    if not isinstance(key, str) or not key:
+        raise CacheFormatError(f"object key must be a non-empty string, got {key!r}")
+    if "://" in key or key.startswith("/") or "\\" in key:
+        raise CacheFormatError(f"object key {key!r} is absolute or a URL; keys must be relative to the cache")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise CacheFormatError(f"object key {key!r} leaves the cache or has empty parts ('..', '.', '//')")
+    if not OBJECT_KEY_RE.match(key):
+        raise CacheFormatError(f"object key {key!r} has characters outside [A-Za-z0-9._-/]")
+    return key

@@ -1,0 +1,324 @@
+"""The manifest: dataclasses, strict JSON parsing, and the cache_key.
+
+Parsing is strict on purpose (storage_layout.md, "Manifest"): unknown top-level fields, unknown
+extensions marked must_understand, wrong types, negative or absurd counts, and shard paths that
+are absolute or leave the cache are refused with a message naming the field. The descriptive
+sections (teacher, tokenizer, dataset, settings) have mandatory keys and may carry more.
+
+Knows JSON and the format's rules; nothing about models or training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from shared.format import (
+    ARRAY_NDIM,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SHARD_NAME_RE,
+    CacheFormatError,
+    check_object_key,
+    meta_path,
+    shard_path,
+)
+
+MAX_COUNT = 2**48  # any count above this is hostile input, not a real cache
+
+# Mandatory keys (and their JSON types) of each descriptive section.
+SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "teacher": {"name": (str,), "dtype": (str,), "engine": (str,), "engine_version": (str,)},
+    "tokenizer": {"name": (str,), "vocab_size": (int,), "vocab_sha256": (str,)},
+    "dataset": {"name": (str,), "fingerprint": (str,), "num_sequences": (int,)},
+    "settings": {"mode": (str,), "top_k": (int,), "max_length": (int,)},
+}
+
+# Keys of each section that describe but do not determine the content; left out of the cache_key.
+DESCRIPTIVE_KEYS = {
+    "teacher": {"name", "path", "revision", "engine_version"},
+    "tokenizer": {"name", "path"},
+    "dataset": {"name", "path", "split", "num_source_rows", "num_windows", "num_dropped"},
+    "settings": {"shard_tokens", "chunk_rows", "batch_tokens", "num_workers", "limit_note"},
+}
+
+TOP_LEVEL_KEYS = (
+    "format",
+    "format_version",
+    "created_at",
+    "tool_version",
+    "cache_key",
+    "teacher",
+    "tokenizer",
+    "dataset",
+    "settings",
+    "arrays",
+    "shards",
+    "totals",
+    "extensions",
+)
+KNOWN_EXTENSIONS: set[str] = set()
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the bytes that hashes are taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def compute_cache_key(teacher: dict, tokenizer: dict, dataset: dict, settings: dict) -> str:
+    """sha256 over everything that determines a cache's content (storage_layout.md, "cache_key").
+
+    The teacher's name, path and revision are left out when a weights hash identifies it, so the
+    same weights under two names give one key; without a weights hash, name and revision count.
+    """
+    sections = {"teacher": teacher, "tokenizer": tokenizer, "dataset": dataset, "settings": settings}
+    identity: dict = {"format_version": FORMAT_VERSION}
+    for name, section in sections.items():
+        skip = set(DESCRIPTIVE_KEYS[name])
+        if name == "teacher" and not section.get("weights_sha256"):
+            skip -= {"name", "revision"}
+        identity[name] = {k: v for k, v in section.items() if k not in skip}
+    return hashlib.sha256(canonical_json(identity)).hexdigest()
+
+
+@dataclass
+class ObjectInfo:
+    size: int
+    sha256: str
+
+
+@dataclass
+class ShardEntry:
+    """One committed shard: its counts and the size and sha256 of every stored object."""
+
+    name: str
+    path: str
+    meta_path: str
+    num_sequences: int
+    num_tokens: int
+    num_loss_tokens: int
+    topk_mass_sum: float  # sum over rows of the probability in the top K (for mean coverage)
+    objects: dict[str, ObjectInfo] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return int(self.name.split("-", 1)[1])
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(o.size for o in self.objects.values())
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["objects"] = {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.objects.items())}
+        return out
+
+
+@dataclass
+class Manifest:
+    format: str
+    format_version: int
+    created_at: str
+    tool_version: str
+    cache_key: str
+    teacher: dict
+    tokenizer: dict
+    dataset: dict
+    settings: dict
+    arrays: dict  # array name -> {"dtype": str, "shape_tail": [..]}
+    shards: list[ShardEntry]
+    totals: dict
+    extensions: dict = field(default_factory=dict)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.settings["top_k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer["vocab_size"])
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in TOP_LEVEL_KEYS}
+        out["shards"] = [s.to_json() for s in self.shards]
+        return out
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), indent=1, sort_keys=False, allow_nan=False).encode() + b"\n"
+
+
+def make_totals(shards: list[ShardEntry]) -> dict:
+    num_tokens = sum(s.num_tokens for s in shards)
+    return {
+        "num_shards": len(shards),
+        "num_sequences": sum(s.num_sequences for s in shards),
+        "num_tokens": num_tokens,
+        "num_loss_tokens": sum(s.num_loss_tokens for s in shards),
+        "num_bytes": sum(s.num_bytes for s in shards),
+        "mean_topk_mass": (sum(s.topk_mass_sum for s in shards) / num_tokens) if num_tokens else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict parsing
+
+
+def _need(obj: dict, key: str, types: tuple[type, ...], where: str):
+    if key not in obj:
+        raise CacheFormatError(f"manifest: {where} is missing mandatory field {key!r}")
+    value = obj[key]
+    if types == (int,) and isinstance(value, bool):
+        raise CacheFormatError(f"manifest: {where}.{key} must be an integer, got {value!r}")
+    if not isinstance(value, types):
+        names = "/".join(t.__name__ for t in types)
+        raise CacheFormatError(f"manifest: {where}.{key} must be {names}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _count(obj: dict, key: str, where: str) -> int:
+    value = _need(obj, key, (int,), where)
+    if value < 0 or value > MAX_COUNT:
+        raise CacheFormatError(f"manifest: {where}.{key} = {value} is outside [0, 2**48]")
+    return value
+
+
+def _sha(value, where: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise CacheFormatError(f"manifest: {where} must be a 64-character lowercase hex sha256, got {value!r:.80}")
+    return value
+
+
+def parse_shard(obj, position: int) -> ShardEntry:
+    where = f"shards[{position}]"
+    if not isinstance(obj, dict):
+        raise CacheFormatError(f"manifest: {where} must be an object")
+    known = {"name", "path", "meta_path", "num_sequences", "num_tokens", "num_loss_tokens", "topk_mass_sum", "objects"}
+    unknown = set(obj) - known
+    if unknown:
+        raise CacheFormatError(f"manifest: {where} has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    name = _need(obj, "name", (str,), where)
+    if not SHARD_NAME_RE.match(name):
+        raise CacheFormatError(f"manifest: {where}.name {name!r} is not of the form shard-NNNNN")
+    index = int(name.split("-", 1)[1])
+    path = _need(obj, "path", (str,), where)
+    check_object_key(path)
+    if path != shard_path(index):
+        raise CacheFormatError(
+            f"manifest: {where}.path {path!r} must be {shard_path(index)!r} (shards live under shards/, "
+            "relative to the cache; absolute paths, '..' and URLs are refused)"
+        )
+    mpath = _need(obj, "meta_path", (str,), where)
+    if mpath != meta_path(index):
+        raise CacheFormatError(f"manifest: {where}.meta_path {mpath!r} must be {meta_path(index)!r}")
+    num_sequences = _count(obj, "num_sequences", where)
+    num_tokens = _count(obj, "num_tokens", where)
+    num_loss_tokens = _count(obj, "num_loss_tokens", where)
+    if num_sequences < 1 or num_tokens < num_sequences or num_loss_tokens > num_tokens:
+        raise CacheFormatError(
+            f"manifest: {where} counts are inconsistent (num_sequences={num_sequences}, "
+            f"num_tokens={num_tokens}, num_loss_tokens={num_loss_tokens})"
+        )
+    mass = _need(obj, "topk_mass_sum", (int, float), where)
+    if not math.isfinite(mass) or mass < 0 or mass > num_tokens * 1.01:
+        raise CacheFormatError(f"manifest: {where}.topk_mass_sum = {mass} is not in [0, num_tokens]")
+    objects_raw = _need(obj, "objects", (dict,), where)
+    if len(objects_raw) > 1_000_000:
+        raise CacheFormatError(f"manifest: {where}.objects lists {len(objects_raw)} objects; refusing")
+    objects = {}
+    for key, info in objects_raw.items():
+        check_object_key(key)
+        if not (key.startswith(path + "/") or key == mpath):
+            raise CacheFormatError(f"manifest: {where} lists object {key!r} outside its shard {path!r}")
+        if not isinstance(info, dict) or set(info) != {"size", "sha256"}:
+            raise CacheFormatError(f"manifest: {where}.objects[{key!r}] must be {{'size': int, 'sha256': hex}}")
+        objects[key] = ObjectInfo(size=_count(info, "size", f"{where}.objects[{key!r}]"), sha256=_sha(info["sha256"], f"{where}.objects[{key!r}].sha256"))
+    if mpath not in objects:
+        raise CacheFormatError(f"manifest: {where}.objects does not list its meta file {mpath!r}")
+    return ShardEntry(name, path, mpath, num_sequences, num_tokens, num_loss_tokens, float(mass), objects)
+
+
+def parse_manifest(raw: bytes | str) -> Manifest:
+    """Parse and validate manifest.json; raise CacheFormatError naming the first problem."""
+    if isinstance(raw, bytes) and len(raw) > 512 * 2**20:
+        raise CacheFormatError(f"manifest.json is {len(raw)} bytes; refusing anything over 512 MiB")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheFormatError(f"manifest.json is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CacheFormatError("manifest.json must hold a JSON object")
+    fmt = obj.get("format")
+    if fmt != FORMAT_NAME:
+        raise CacheFormatError(f"manifest: format is {fmt!r}, expected {FORMAT_NAME!r}; this is not a kdcache cache")
+    version = obj.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"manifest: unsupported format_version {version!r}; this kdcache reads version {FORMAT_VERSION}. "
+            "Upgrade kdcache (pip install -U kdcache) or rebuild the cache with this version."
+        )
+    unknown = set(obj) - set(TOP_LEVEL_KEYS)
+    if unknown:
+        raise CacheFormatError(
+            f"manifest: unknown field(s) {sorted(unknown)}; this kdcache knows {list(TOP_LEVEL_KEYS)}. "
+            "A newer writer made this cache: upgrade kdcache."
+        )
+    extensions = obj.get("extensions", {})
+    if not isinstance(extensions, dict):
+        raise CacheFormatError("manifest: extensions must be an object")
+    for name, ext in extensions.items():
+        if not isinstance(ext, dict) or not isinstance(ext.get("must_understand", True), bool):
+            raise CacheFormatError(f"manifest: extension {name!r} must be an object with a boolean must_understand")
+        if name not in KNOWN_EXTENSIONS and ext.get("must_understand", True):
+            raise CacheFormatError(
+                f"manifest: extension {name!r} is marked must_understand and this kdcache does not know it; upgrade kdcache"
+            )
+    sections = {}
+    for section, keys in SECTION_KEYS.items():
+        value = _need(obj, section, (dict,), "manifest")
+        for key, types in keys.items():
+            _need(value, key, types, section)
+        sections[section] = value
+    top_k = sections["settings"]["top_k"]
+    vocab_size = sections["tokenizer"]["vocab_size"]
+    if not 1 <= vocab_size <= 2**32:
+        raise CacheFormatError(f"manifest: tokenizer.vocab_size = {vocab_size} is outside [1, 2**32]")
+    if not 1 <= top_k <= vocab_size:
+        raise CacheFormatError(f"manifest: settings.top_k = {top_k} must be in [1, vocab_size={vocab_size}]")
+    if sections["settings"]["mode"] not in ("score", "generate"):
+        raise CacheFormatError(f"manifest: settings.mode must be 'score' or 'generate', got {sections['settings']['mode']!r}")
+    arrays = _need(obj, "arrays", (dict,), "manifest")
+    if set(arrays) != set(ARRAY_NDIM):
+        raise CacheFormatError(f"manifest: arrays must describe exactly {sorted(ARRAY_NDIM)}, got {sorted(arrays)}")
+    for name, desc in arrays.items():
+        if not isinstance(desc, dict) or not isinstance(desc.get("dtype"), str):
+            raise CacheFormatError(f"manifest: arrays.{name} must be an object with a string dtype")
+    shards_raw = _need(obj, "shards", (list,), "manifest")
+    if not shards_raw:
+        raise CacheFormatError("manifest: shards is empty; a complete cache has at least one shard")
+    shards = [parse_shard(s, i) for i, s in enumerate(shards_raw)]
+    names = [s.name for s in shards]
+    if names != sorted(set(names)) or [s.index for s in shards] != list(range(len(shards))):
+        raise CacheFormatError("manifest: shards must be shard-00000, shard-00001, ... in order, without gaps or repeats")
+    totals = _need(obj, "totals", (dict,), "manifest")
+    expected = make_totals(shards)
+    for key in ("num_shards", "num_sequences", "num_tokens", "num_loss_tokens", "num_bytes"):
+        if _count(totals, key, "totals") != expected[key]:
+            raise CacheFormatError(f"manifest: totals.{key} = {totals[key]} but the shards add up to {expected[key]}")
+    cache_key = _sha(_need(obj, "cache_key", (str,), "manifest"), "cache_key")
+    return Manifest(
+        format=fmt,
+        format_version=version,
+        created_at=_need(obj, "created_at", (str,), "manifest"),
+        tool_version=_need(obj, "tool_version", (str,), "manifest"),
+        cache_key=cache_key,
+        teacher=sections["teacher"],
+        tokenizer=sections["tokenizer"],
+        dataset=sections["dataset"],
+        settings=sections["settings"],
+        arrays=arrays,
+        shards=shards,
+        totals=totals,
+        extensions=extensions,
+    )

@@ -1,0 +1,198 @@
+"""Every way a cache can be wrong is refused with a message naming what and where."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from shared.format import (
+    CacheCorruptError,
+    CacheError,
+    CacheFormatError,
+    CacheLockedError,
+    CacheMismatchError,
+    IncompleteCacheError,
+)
+from shared.reader import CacheReader
+from shared.writer import CacheWriter
+from tests.shared.fakes import header, random_sequence, write_cache
+
+
+@pytest.fixture
+def cache(tmp_path):
+    url = str(tmp_path / "c")
+    write_cache(url, num_shards=2)
+    return url
+
+
+def edit_manifest(url, fn):
+    path = os.path.join(url, "manifest.json")
+    m = json.load(open(path))
+    fn(m)
+    json.dump(m, open(path, "w"))
+
+
+def test_unknown_version_refused(cache):
+    edit_manifest(cache, lambda m: m.update(format_version=99))
+    with pytest.raises(CacheFormatError, match="unsupported format_version 99"):
+        CacheReader(cache)
+
+
+def test_unknown_top_level_field_refused(cache):
+    edit_manifest(cache, lambda m: m.update(compression_v2={"x": 1}))
+    with pytest.raises(CacheFormatError, match="unknown field.*compression_v2"):
+        CacheReader(cache)
+
+
+def test_unknown_must_understand_extension_refused_optional_accepted(cache):
+    edit_manifest(cache, lambda m: m.update(extensions={"fancy": {"must_understand": False}}))
+    CacheReader(cache)
+    edit_manifest(cache, lambda m: m.update(extensions={"fancy": {"must_understand": True}}))
+    with pytest.raises(CacheFormatError, match="extension 'fancy' is marked must_understand"):
+        CacheReader(cache)
+
+
+def test_missing_mandatory_field_refused(cache):
+    edit_manifest(cache, lambda m: m["tokenizer"].pop("vocab_sha256"))
+    with pytest.raises(CacheFormatError, match="tokenizer is missing mandatory field 'vocab_sha256'"):
+        CacheReader(cache)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../other/shard-00000", "shards/../../x", "s3://evil/shard-00000", "shards/shard-00001"])
+def test_shard_path_outside_cache_refused(cache, path):
+    edit_manifest(cache, lambda m: m["shards"][0].update(path=path))
+    with pytest.raises(CacheFormatError):
+        CacheReader(cache)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_tokens", -5, "outside"),
+    ("num_tokens", 2**60, "outside"),
+    ("num_sequences", "3", "must be int"),
+    ("objects", [], "must be dict"),
+])
+def test_hostile_shard_fields_refused(cache, field, value, match):
+    edit_manifest(cache, lambda m: m["shards"][0].update({field: value}))
+    with pytest.raises(CacheFormatError, match=match):
+        CacheReader(cache)
+
+
+def test_totals_must_add_up(cache):
+    edit_manifest(cache, lambda m: m["totals"].update(num_tokens=m["totals"]["num_tokens"] + 1))
+    with pytest.raises(CacheFormatError, match="totals.num_tokens"):
+        CacheReader(cache)
+
+
+def test_not_json(cache):
+    open(os.path.join(cache, "manifest.json"), "w").write("{not json")
+    with pytest.raises(CacheFormatError, match="not valid JSON"):
+        CacheReader(cache)
+
+
+def test_missing_manifest_is_incomplete_with_count(cache):
+    os.remove(os.path.join(cache, "manifest.json"))
+    with pytest.raises(IncompleteCacheError, match="2 of 2 shards committed"):
+        CacheReader(cache)
+
+
+def test_flipped_byte_named_by_verify(cache):
+    key = "shards/shard-00001/topk_logprobs/c/0/0"
+    path = os.path.join(cache, key)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    reader = CacheReader(cache)  # sizes still match: opening is fine
+    problems = reader.verify()
+    assert [(p.shard, p.object) for p in problems] == [("shard-00001", key)]
+    with pytest.raises(CacheCorruptError, match="shard-00001"):
+        CacheReader(cache, verify_on_read=True).shard(1)
+
+
+def test_truncated_object_refused_at_open(cache):
+    path = os.path.join(cache, "meta/shard-00000.parquet")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-10])
+    with pytest.raises(CacheCorruptError, match="shard-00000.*meta/shard-00000.parquet.*truncated"):
+        CacheReader(cache)
+
+
+def test_empty_plan_is_a_clear_error():
+    with pytest.raises(CacheError, match="no sequences"):
+        header(num_shards=0)
+
+
+def test_nan_logprobs_never_committed(tmp_path):
+    url = str(tmp_path / "c")
+    rng = np.random.default_rng(0)
+    with CacheWriter(url, header(1)) as w:
+        seq = random_sequence(rng, 10)
+        seq["topk_logprobs"][3, 2] = np.nan
+        with pytest.raises(CacheFormatError, match="NaN"):
+            with w.shard(0) as buf:
+                buf.add_sequence(**seq, source_index=0)
+        assert w.committed_shards() == set()
+        assert w.finalize() is None
+    assert not os.path.exists(os.path.join(url, "shards", "shard-00000"))
+    with pytest.raises(IncompleteCacheError, match="0 of 1"):
+        CacheReader(url)
+
+
+def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
+    url = str(tmp_path / "c")
+    rng = np.random.default_rng(0)
+    with CacheWriter(url, header(3)) as w:
+        with w.shard(1) as buf:
+            buf.add_sequence(**random_sequence(rng, 7), source_index=0)
+    with CacheWriter(url, header(3)) as w:
+        assert w.pending_shards() == [0, 2]
+    with pytest.raises(CacheMismatchError, match="settings.top_k: 8 -> 4"):
+        with CacheWriter(url, header(3, top_k=4)):
+            pass
+    with CacheWriter(url, header(3, top_k=4), overwrite=True) as w:
+        assert w.pending_shards() == [0, 1, 2]
+
+
+def test_complete_cache_with_same_key_is_reported_complete(cache):
+    with CacheWriter(cache, header(2)) as w:
+        assert w.complete and w.manifest is not None
+
+
+def test_out_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(CacheError, match="is a file"):
+        with CacheWriter(str(f), header(1)):
+            pass
+
+
+def test_non_kdcache_folder_not_touched(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(CacheMismatchError, match="not a kdcache build"):
+        with CacheWriter(str(tmp_path), header(1)):
+            pass
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_live_lock_refused_dead_lock_recovered(tmp_path):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, header(1)):
+        with pytest.raises(CacheLockedError, match=f"pid {os.getpid()}"):
+            with CacheWriter(url, header(1)):
+                pass
+    # a lock left by a process that no longer exists is taken over
+    lock = tmp_path / "c" / "locks" / "worker-00000-of-00001.json"
+    import socket
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "since": "then", "heartbeat": 0}))
+    with CacheWriter(url, header(1)):
+        pass
+
+
+def test_workers_own_disjoint_shards(tmp_path):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, header(5), worker=0, num_workers=2) as w0:
+        assert w0.my_shards() == [0, 2, 4]
+    with CacheWriter(url, header(5), worker=1, num_workers=2) as w1:
+        assert w1.my_shards() == [1, 3]
+    with pytest.raises(CacheError, match="--worker 2"):
+        CacheWriter(url, header(5), worker=2, num_workers=2)

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from shared.format import TARGET_SENTINEL, CacheError, id_dtype
+from shared.reader import CacheReader
+from tests.shared.fakes import write_cache
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_roundtrip_several_shards(tmp_path, where):
+    url = str(tmp_path / "c") if where == "local" else f"memory://rt-{tmp_path.name}"
+    written = write_cache(url, num_shards=3, seqs_per_shard=4)
+    r = CacheReader(url)
+    assert r.num_shards == 3
+    assert r.manifest.totals["num_sequences"] == 12
+    assert r.verify() == []
+    for (s, i), seq in written.items():
+        got = r.shard(s).read_sequence(i)
+        np.testing.assert_array_equal(got["input_ids"], seq["input_ids"])
+        np.testing.assert_array_equal(got["topk_ids"], seq["topk_ids"])
+        np.testing.assert_array_equal(got["loss_mask"], seq["loss_mask"])
+        # float16 storage: within half an ulp of the float32 value
+        np.testing.assert_allclose(got["topk_logprobs"].astype(np.float32), seq["topk_logprobs"], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(got["target_logprob"][:-1].astype(np.float32), seq["target_logprob"][:-1], rtol=1e-3, atol=1e-4)
+        assert got["target_logprob"][-1] == TARGET_SENTINEL
+        # The tail is recoverable to within 1e-3 in probability.
+        tail_p = np.exp(got["tail_logprob"].astype(np.float64))
+        assert np.max(np.abs(tail_p - np.exp(seq["tail_logprob"]))) < 1e-3
+    meta = r.meta(1).to_pydict()
+    assert meta["source_index"] == [4, 5, 6, 7]
+    assert meta["num_tokens"] == [len(written[(1, i)]["input_ids"]) for i in range(4)]
+
+
+def test_read_rows_partial_and_sequences(tmp_path):
+    url = str(tmp_path / "c")
+    written = write_cache(url, num_shards=1, seqs_per_shard=5)
+    view = CacheReader(url).shard(0)
+    seqs = view.read_sequences([1, 3])
+    np.testing.assert_array_equal(seqs[1]["input_ids"], written[(0, 3)]["input_ids"])
+    rows = view.read_rows(2, 7, fields=("input_ids",))
+    assert set(rows) == {"input_ids"} and len(rows["input_ids"]) == 5
+    with pytest.raises(IndexError):
+        view.read_rows(0, 10**9)
+
+
+def test_id_dtype_is_narrowest():
+    assert id_dtype(256) == np.uint8
+    assert id_dtype(257) == np.uint16
+    assert id_dtype(65536) == np.uint16
+    assert id_dtype(65537) == np.uint32
+    assert id_dtype(151_936) == np.uint32
+
+
+def test_tail_mass_in_stored_dtype_is_within_1e3():
+    """The spec's claim: float16 log of the tail gives < 1e-3 error in probability for any tail."""
+    tails = np.concatenate([np.linspace(0, 1, 100_001)[1:], np.logspace(-12, 0, 10_000)])
+    stored = np.log(tails).astype(np.float16).astype(np.float64)
+    assert np.max(np.abs(np.exp(stored) - tails)) < 1e-3
+
+
+def test_missing_cache_folder_is_clear(tmp_path):
+    with pytest.raises(CacheError, match="does not exist"):
+        CacheReader(str(tmp_path / "nope"))
