@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import typer
 from rich.console import Console
@@ -20,7 +21,7 @@ from shared.reader import CacheReader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run a teacher once; cache its top-k distribution.")
 console = Console(stderr=True)
-out = Console()
+stdout = Console()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -39,6 +40,85 @@ def human_bytes(n: float | None) -> str:
 
 
 @app.command()
+def build(
+    model: str = typer.Option(None, "--model", help="Teacher: hub id, local folder, or the embedded default smollm2-135m."),
+    dataset: str = typer.Option(None, "--dataset", help="Hub name, local .jsonl/.json/.parquet/.csv/.txt file or folder, or builtin:NAME (default builtin:pydoc-topics)."),
+    split: str = typer.Option(None, "--split", help="Split of a hub/folder data set (default train)."),
+    text_field: str = typer.Option(None, "--text-field", help="Field with plain text (default 'text')."),
+    prompt_field: str = typer.Option(None, "--prompt-field", help="Prompt field of prompt/response data."),
+    response_field: str = typer.Option(None, "--response-field", help="Response field; only response tokens are distilled."),
+    mode: str = typer.Option("score", "--mode", help="score | generate"),
+    top_k: int = typer.Option(64, "--top-k", help="Most likely next tokens stored per position."),
+    max_length: int = typer.Option(256, "--max-length", help="Longest sequence in tokens (text is windowed to it)."),
+    engine: str = typer.Option("auto", "--engine", help="auto | vllm | hf"),
+    out: str = typer.Option(None, "--out", help="Output folder or URL (default ./cache/<model name>)."),
+    shard_tokens: int = typer.Option(1 << 20, "--shard-tokens", help="Rows per shard (about)."),
+    worker: int = typer.Option(0, "--worker", help="This worker's index in [0, --num-workers)."),
+    num_workers: int = typer.Option(1, "--num-workers", help="Workers splitting the shards."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N sequences (prompts in generate mode)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different or unfinished build at --out."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Padded tokens per forward batch (hf engine)."),
+    chunk_rows: int = typer.Option(8192, "--chunk-rows", help="Rows per Zarr chunk."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM: GPUs per teacher."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="vLLM: GPU memory fraction."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model repo's own code."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generate mode: longest response."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Generate mode: sampling temperature (0 = greedy)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Generate mode: responses per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Generate mode: sampling seed."),
+    filter: str = typer.Option(None, "--filter", help="Generate mode: gsm8k-answer keeps samples with the right final answer."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Return an identical complete cache (same cache_key) found beside --out."),
+):
+    """Run a teacher once over a data set and write its top-K cache (resumable; see storage_layout.md)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cacher.build import BuildConfig, BuildError, build as run_build
+    from cacher.engines import EngineError
+    from cacher.models import EMBEDDED_DEFAULT
+    from shared.data import DEFAULT_DATASET, DataError
+
+    try:
+        config = BuildConfig(
+            model=model or EMBEDDED_DEFAULT, dataset=dataset or DEFAULT_DATASET, split=split, text_field=text_field,
+            prompt_field=prompt_field, response_field=response_field, mode=mode, top_k=top_k, max_length=max_length,
+            engine=engine, out=out, shard_tokens=shard_tokens, worker=worker, num_workers=num_workers, limit=limit,
+            dtype=dtype, overwrite=overwrite, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, temperature=temperature,
+            num_samples=num_samples, seed=seed, filter=filter, reuse=reuse,
+        )
+    except BuildError as exc:
+        fail(str(exc))
+    bar = Progress(TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("seqs"),
+                   TextColumn("{task.fields[tps]:>8} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=console, transient=False)
+
+    def progress(total_sequences: int, total_tokens: int):
+        task = bar.add_task("score", total=total_sequences, tps="-")
+        start = time.time()
+        seen = [0]
+
+        def tick(num_sequences: int, num_tokens: int):
+            seen[0] += num_tokens
+            rate = seen[0] / max(time.time() - start, 1e-9)
+            bar.update(task, advance=num_sequences, tps=f"{rate:,.0f}")
+        return tick
+
+    try:
+        with bar:
+            result = run_build(config, progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (CacheError, BuildError, DataError, EngineError, OSError, ImportError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; committed shards are kept: rerun the same command to resume", code=130)
+    summary = (f"{result.status}: {result.url}  shards {result.num_shards} (written now: {result.num_shards_written})  "
+               f"sequences {result.num_sequences:,}  tokens {result.num_tokens:,}  {human_bytes(result.num_bytes)}"
+               f"  cache_key {result.cache_key[:12]}  {result.seconds:.1f}s")
+    stdout.print(summary, highlight=False, soft_wrap=True)
+
+
+@app.command()
 def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, memory://, s3://...)."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")):
     """Teacher, tokenizer, data set, K, counts, bytes on disk and top-K coverage of a cache."""
@@ -47,7 +127,7 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
     except CacheError as exc:
         fail(str(exc))
     if as_json:
-        out.print_json(json.dumps(d))
+        stdout.print_json(json.dumps(d))
         return
     t = Table(show_header=False, title=f"kdcache {cache}")
     rows = [
@@ -67,7 +147,7 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
     ]
     for k, v in rows:
         t.add_row(k, v)
-    out.print(t)
+    stdout.print(t)
 
 
 @app.command()
@@ -85,7 +165,7 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")):
         console.print(f"[bold red]{len(problems)} problem(s) in {len(bad)} shard(s): {', '.join(bad)}[/]")
         raise typer.Exit(1)
     m = reader.manifest
-    out.print(f"OK: {len(m.shards)} shards, {sum(len(s.objects) for s in m.shards)} objects, "
+    stdout.print(f"OK: {len(m.shards)} shards, {sum(len(s.objects) for s in m.shards)} objects, "
               f"{human_bytes(m.totals['num_bytes'])} verified")
 
 
@@ -100,7 +180,7 @@ def ls(root: str = typer.Argument("./cache", help="Folder or URL holding caches.
         fail(str(exc))
     if as_json:
         for s in found:
-            out.print(json.dumps(s), soft_wrap=True)
+            stdout.print(json.dumps(s), soft_wrap=True)
         return
     if not found:
         console.print(f"no caches under {root}")
@@ -114,7 +194,7 @@ def ls(root: str = typer.Argument("./cache", help="Folder or URL holding caches.
         t.add_row(s["path"], state, str(s.get("teacher", "-")), str(s.get("dataset", "-")), str(s.get("top_k", "-")),
                   f"{s['num_tokens']:,}" if s.get("num_tokens") is not None else "-", human_bytes(s.get("num_bytes")),
                   (s.get("cache_key") or "-")[:12])
-    out.print(t)
+    stdout.print(t)
 
 
 @app.command()
@@ -128,7 +208,7 @@ def finalize(cache: str = typer.Argument(..., help="Cache folder or URL whose wo
         fail(str(exc))
     if manifest is None:
         fail(f"{cache}: not every planned shard is committed yet; run the missing workers first")
-    out.print(f"complete: {len(manifest.shards)} shards, cache_key {manifest.cache_key[:12]}")
+    stdout.print(f"complete: {len(manifest.shards)} shards, cache_key {manifest.cache_key[:12]}")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,462 @@
+"""`kdcache build`: run a teacher once over a data set and write its cache.
+
+build(config) reads top to bottom: resolve the teacher, tokenize the data (shared.data), plan the
+shards (independent of the number of workers), open a CacheWriter (which refuses a different build
+in the same place and tells us what is already committed), run the engine shard by shard, and hand
+each finished shard to a background thread that validates, compresses and commits it, so the
+teacher never waits on compression or I/O. The manifest is written when the last shard is in.
+
+Knows models, engines and the data; the cache files themselves are shared/'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cacher import engines
+from cacher.models import EMBEDDED_DEFAULT, load_tokenizer, resolve_model, vocab_fingerprint
+from shared.catalog import find_by_key
+from shared.data import (
+    DEFAULT_DATASET,
+    Sequence,
+    extract_gsm8k_answer,
+    load_prompts,
+    load_sequences,
+    plan_shards,
+    sequences_fingerprint,
+)
+from shared.writer import BuildHeader, CacheWriter, ShardBuffer
+
+FILTERS = ("gsm8k-answer",)
+
+
+class BuildError(ValueError):
+    """A build that cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class BuildConfig:
+    """Settings of one `kdcache build` (each field's docstring is its --help text)."""
+
+    model: str = EMBEDDED_DEFAULT
+    """Teacher: a hub id, a local folder, or the embedded default 'smollm2-135m'."""
+    dataset: str = DEFAULT_DATASET
+    """Data: a hub name, a local .jsonl/.json/.parquet/.csv/.txt file or folder, or builtin:NAME."""
+    split: str | None = None
+    """Split of a hub or folder data set (default: train)."""
+    text_field: str | None = None
+    """Field holding plain text (default 'text'); long texts are cut into --max-length windows."""
+    prompt_field: str | None = None
+    """Field holding the prompt of prompt/response data (with --response-field)."""
+    response_field: str | None = None
+    """Field holding the response; only response tokens are distilled."""
+    mode: str = "score"
+    """'score': teacher distributions over the data's tokens; 'generate': the teacher writes the responses."""
+    top_k: int = 64
+    """Number of most likely next tokens stored per position."""
+    max_length: int = 256
+    """Longest sequence in tokens (text is windowed to it; prompt + response are truncated to it)."""
+    engine: str = "auto"
+    """'vllm', 'hf' (transformers), or 'auto' (vllm when CUDA and vLLM are present, else hf)."""
+    out: str | None = None
+    """Output folder or URL; default ./cache/<last path component of --model>."""
+    shard_tokens: int = 1 << 20
+    """Rows per shard (about); shards are the unit of commit, resume and worker split."""
+    worker: int = 0
+    """This worker's index in [0, --num-workers)."""
+    num_workers: int = 1
+    """Number of workers splitting the shards (index % num_workers == worker)."""
+    limit: int | None = None
+    """Use only the first N sequences (prompts in generate mode) of the data set."""
+    dtype: str = "auto"
+    """Teacher dtype: float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
+    overwrite: bool = False
+    """Replace a different or unfinished build at --out instead of refusing."""
+    batch_tokens: int = 8192
+    """Padded tokens per teacher forward batch (hf engine)."""
+    chunk_rows: int = 8192
+    """Rows per Zarr chunk (the unit a reader decompresses)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs to split the teacher over."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM: fraction of GPU memory vLLM may take."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (off unless asked for)."""
+    max_new_tokens: int = 256
+    """Generate mode: longest response."""
+    temperature: float = 1.0
+    """Generate mode: sampling temperature (0 = greedy)."""
+    num_samples: int = 1
+    """Generate mode: responses per prompt."""
+    seed: int = 0
+    """Generate mode: sampling seed."""
+    filter: str | None = None
+    """Generate mode: 'gsm8k-answer' keeps samples whose final '#### N' equals the reference's."""
+    reuse: bool = True
+    """Return an existing complete cache with the same cache_key under --out's parent instead of rebuilding."""
+
+    def __post_init__(self):
+        if self.mode not in ("score", "generate"):
+            raise BuildError(f"--mode must be 'score' or 'generate', got {self.mode!r}")
+        if self.engine not in ("auto", "hf", "vllm"):
+            raise BuildError(f"--engine must be auto, hf or vllm, got {self.engine!r}")
+        if self.top_k < 1:
+            raise BuildError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.max_length < 2:
+            raise BuildError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.shard_tokens < 1 or self.batch_tokens < 1 or self.chunk_rows < 1:
+            raise BuildError("--shard-tokens, --batch-tokens and --chunk-rows must be >= 1")
+        if not (self.num_workers >= 1 and 0 <= self.worker < self.num_workers):
+            raise BuildError(f"--worker {self.worker} must be in [0, --num-workers {self.num_workers})")
+        if self.dtype not in ("auto", *engines.DTYPES):
+            raise BuildError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.limit is not None and self.limit < 1:
+            raise BuildError(f"--limit must be >= 1, got {self.limit}")
+        if self.mode == "generate":
+            if self.prompt_field is None:
+                raise BuildError("--mode generate needs --prompt-field (and --response-field for --filter)")
+            if self.max_new_tokens < 1:
+                raise BuildError("--max-new-tokens must be >= 1")
+            if self.temperature < 0:
+                raise BuildError("--temperature must be >= 0 (0 = greedy)")
+            if self.num_samples < 1:
+                raise BuildError("--num-samples must be >= 1")
+            if self.temperature == 0 and self.num_samples > 1:
+                raise BuildError("greedy decoding (--temperature 0) gives one response per prompt; use --num-samples 1 or a temperature > 0")
+            if self.filter is not None and self.filter not in FILTERS:
+                raise BuildError(f"--filter must be one of {FILTERS}, got {self.filter!r}")
+            if self.filter == "gsm8k-answer" and self.response_field is None:
+                raise BuildError("--filter gsm8k-answer compares with the reference: pass --response-field")
+        elif self.filter is not None:
+            raise BuildError("--filter applies to --mode generate only")
+        if self.out is None:
+            self.out = os.path.join("cache", default_out_name(self.model))
+
+
+def default_out_name(model: str) -> str:
+    return model.rstrip("/").rsplit("/", 1)[-1] or "teacher"
+
+
+@dataclass
+class BuildResult:
+    url: str
+    cache_key: str
+    status: str  # "built", "already built", "reused", "partial" (other workers still owe shards)
+    num_shards: int
+    num_shards_written: int
+    num_sequences: int
+    num_tokens: int
+    num_bytes: int
+    seconds: float
+    data_notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_engine(engine: str) -> str:
+    if engine != "auto":
+        return engine
+    import torch
+
+    from cacher.engine_vllm import find_vllm_python
+
+    return "vllm" if torch.cuda.is_available() and find_vllm_python() else "hf"
+
+
+def choose_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def model_context(path: str) -> int | None:
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+def model_vocab(path: str, tokenizer) -> int:
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    return max(int(vocab or 0), len(tokenizer))
+
+
+def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
+    """Build (or resume, or find) the cache that `config` describes. See the module docstring."""
+    started = time.time()
+    engine_name = choose_engine(config.engine)
+    dtype = choose_dtype(config.dtype)
+    resolved = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path)
+    vocab_size = model_vocab(resolved.path, tokenizer)
+    if config.top_k > vocab_size:
+        raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
+    context = model_context(resolved.path)
+    if context is not None and config.max_length > context:
+        raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
+    if engine_name == "vllm":
+        from cacher.engine_vllm import find_vllm_python
+
+        if find_vllm_python() is None:
+            raise BuildError("--engine vllm: vLLM is not installed here (pip install 'kdcache[vllm]', or set "
+                             "KDCACHE_VLLM_PYTHON to a Python that has vLLM); or use --engine hf")
+
+    # -- data ----------------------------------------------------------------------------------
+    if config.mode == "score":
+        sequences, info = load_sequences(
+            config.dataset, tokenizer, split=config.split, text_field=config.text_field,
+            prompt_field=config.prompt_field, response_field=config.response_field,
+            max_length=config.max_length, limit=config.limit,
+        )
+        plan = plan_shards([len(s.input_ids) for s in sequences], config.shard_tokens)
+        fingerprint = sequences_fingerprint(sequences)
+    else:
+        prompt_limit = config.max_length - 1
+        sequences, info = load_prompts(config.dataset, tokenizer, split=config.split, prompt_field=config.prompt_field,
+                                       response_field=config.response_field, max_length=prompt_limit, limit=config.limit)
+        budget = [len(s.input_ids) + config.num_samples * config.max_new_tokens for s in sequences]
+        plan = plan_shards(budget, config.shard_tokens)
+        fingerprint = sequences_fingerprint(sequences)
+    log(f"data: {info.num_source_rows} rows -> {len(sequences)} sequences, {sum(len(s.input_ids) for s in sequences):,} tokens"
+        f" in {len(plan)} shards (dropped tokens: {info.num_dropped}, truncated: {info.num_truncated}, skipped rows: {info.num_skipped_rows})")
+
+    header = BuildHeader(
+        teacher={
+            "name": config.model, "path": resolved.path, "revision": resolved.revision,
+            "weights_sha256": resolved.weights_sha256, "dtype": dtype, "engine": engine_name,
+            "engine_version": engine_version(engine_name),
+        },
+        tokenizer={
+            "name": config.model, "vocab_size": vocab_size, "vocab_sha256": vocab_fingerprint(tokenizer),
+            "tokenizer_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+            if getattr(tokenizer, "chat_template", None) else None,
+        },
+        dataset={
+            **info.to_json(), "fingerprint": fingerprint, "num_sequences": len(sequences), "limit": config.limit,
+        },
+        settings={
+            "mode": config.mode, "top_k": config.top_k, "max_length": config.max_length, "template": info.template,
+            "shard_tokens": config.shard_tokens, "chunk_rows": config.chunk_rows,
+            **({"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
+                "num_samples": config.num_samples, "seed": config.seed, "filter": config.filter}
+               if config.mode == "generate" else {}),
+        },
+        num_shards=len(plan),
+    )
+
+    # -- an identical cache elsewhere under the same root? ----------------------------------------
+    if config.reuse and not config.overwrite:
+        root = os.path.dirname(os.path.abspath(config.out)) if "://" not in config.out else config.out.rsplit("/", 1)[0]
+        found = find_by_key(root, header.cache_key)
+        if found and os.path.abspath(found) != os.path.abspath(config.out):
+            log(f"already built: {found} has the same cache_key {header.cache_key[:12]}; reusing it")
+            return _result_from_manifest(found, header, "reused", started, info)
+
+    with CacheWriter(config.out, header, overwrite=config.overwrite, worker=config.worker,
+                     num_workers=config.num_workers, chunk_rows=config.chunk_rows) as writer:
+        if writer.complete:
+            log(f"already built: {config.out} (cache_key {header.cache_key[:12]})")
+            return _result_from_manifest(config.out, header, "already built", started, info)
+        pending = writer.pending_shards()
+        log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to write")
+        written = _run_shards(config, writer, resolved.path, tokenizer, sequences, plan, pending, engine_name, dtype, progress)
+        manifest = writer.finalize()
+    if manifest is None:
+        missing = sorted(set(range(len(plan))) - writer.committed_shards())
+        log(f"worker {config.worker}/{config.num_workers} done; {len(missing)} shards still owed by other workers "
+            f"(the last to finish writes the manifest, or run `kdcache finalize {config.out}`)")
+        return BuildResult(config.out, header.cache_key, "partial", len(plan), written, 0, 0, 0, time.time() - started)
+    if manifest.totals["num_sequences"] == 0:
+        raise BuildError("no generated sample passed --filter; nothing to distill (more --num-samples, or no filter)")
+    return BuildResult(config.out, header.cache_key, "built", len(plan), written, manifest.totals["num_sequences"],
+                       manifest.totals["num_tokens"], manifest.totals["num_bytes"], time.time() - started)
+
+
+def engine_version(engine: str) -> str:
+    if engine == "hf":
+        import transformers
+
+        return f"transformers {transformers.__version__}"
+    from cacher.engine_vllm import find_vllm_python
+
+    python = find_vllm_python()
+    import subprocess
+
+    try:
+        out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+                             capture_output=True, text=True, timeout=120)
+        return f"vllm {out.stdout.strip() or 'unknown'}"
+    except (OSError, subprocess.SubprocessError):
+        return "vllm unknown"
+
+
+def _result_from_manifest(url: str, header: BuildHeader, status: str, started: float, info) -> BuildResult:
+    from shared.reader import CacheReader
+
+    m = CacheReader(url).manifest
+    return BuildResult(url, m.cache_key, status, len(m.shards), 0, m.totals["num_sequences"], m.totals["num_tokens"],
+                       m.totals["num_bytes"], time.time() - started)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the engine over shards
+
+
+def _run_shards(config: BuildConfig, writer: CacheWriter, model_path: str, tokenizer, sequences: list[Sequence],
+                plan: list[list[int]], pending: list[int], engine_name: str, dtype: str, progress) -> int:
+    """Score every pending shard and commit it in the background; returns the number written."""
+    if not pending:
+        return 0
+    total_seqs = sum(len(plan[s]) for s in pending)
+    total_tokens = sum(len(sequences[i].input_ids) for s in pending for i in plan[s])
+    tick = progress(total_seqs, total_tokens) if progress else (lambda n, t: None)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+    inflight: Future | None = None
+    written = 0
+    try:
+        for shard_index, items in _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name,
+                                                 dtype, tick):
+            buffer = ShardBuffer(shard_index)
+            for seq, result in items:
+                target = result["target_logprob"].copy()
+                buffer.add_sequence(
+                    input_ids=seq.input_ids, loss_mask=seq.loss_mask, topk_ids=result["topk_ids"],
+                    topk_logprobs=result["topk_logprobs"], target_logprob=target, tail_logprob=result["tail_logprob"],
+                    **seq.meta(), **({"sample_index": result["sample_index"]} if "sample_index" in result else {}),
+                )
+            if inflight is not None:
+                inflight.result()  # at most one shard waits for the writer: memory stays bounded
+                written += 1
+            inflight = pool.submit(writer.write_shard, buffer)
+        if inflight is not None:
+            inflight.result()
+            written += 1
+    finally:
+        pool.shutdown(wait=True)
+    return written
+
+
+def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype, tick):
+    """Yield (shard index, [(Sequence, result dict)]) for each pending shard, in order."""
+    if config.mode == "score":
+        if engine_name == "hf":
+            teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+            for s in pending:
+                seqs = [sequences[i] for i in plan[s]]
+                results = engines.score_hf(teacher, [q.input_ids for q in seqs], top_k=config.top_k,
+                                           batch_tokens=config.batch_tokens, on_batch=tick)
+                yield s, list(zip(seqs, results))
+        else:
+            flat = [i for s in pending for i in plan[s]]
+            results = _vllm_score(config, model_path, [sequences[i].input_ids for i in flat], dtype, tick)
+            pos = 0
+            for s in pending:
+                n = len(plan[s])
+                yield s, list(zip([sequences[i] for i in plan[s]], results[pos:pos + n]))
+                pos += n
+        return
+    # generate mode: the teacher writes responses, then scores prompt + response like any sequence.
+    generated = _generate(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype)
+    teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code) if engine_name == "hf" else None
+    full_by_shard = {}
+    for s in pending:
+        full_by_shard[s] = generated[s]
+    if engine_name == "hf":
+        for s in pending:
+            items = full_by_shard[s]
+            results = engines.score_hf(teacher, [q.input_ids for q, _ in items], top_k=config.top_k,
+                                       batch_tokens=config.batch_tokens, on_batch=tick) if items else []
+            yield s, [(q, {**r, "sample_index": k}) for (q, k), r in zip(items, results)]
+    else:
+        flat = [(s, q, k) for s in pending for q, k in full_by_shard[s]]
+        results = _vllm_score(config, model_path, [q.input_ids for _, q, _ in flat], dtype, tick) if flat else []
+        by_shard = {s: [] for s in pending}
+        for (s, q, k), r in zip(flat, results):
+            by_shard[s].append((q, {**r, "sample_index": k}))
+        for s in pending:
+            yield s, by_shard[s]
+
+
+def _generate(config, model_path, tokenizer, prompts, plan, pending, engine_name, dtype) -> dict[int, list]:
+    """Per pending shard, the kept (Sequence of prompt + response, sample index) pairs."""
+    eos = tokenizer.eos_token_id
+    flat = [i for s in pending for i in plan[s]]
+    responses: dict[int, list[np.ndarray]] = {}
+    if engine_name == "hf":
+        teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+        for s in pending:
+            out = engines.generate_hf(teacher, [prompts[i].input_ids for i in plan[s]], max_new_tokens=config.max_new_tokens,
+                                      temperature=config.temperature, num_samples=config.num_samples,
+                                      seed=config.seed + s, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            for i, samples in zip(plan[s], out):
+                responses[i] = samples
+    else:
+        from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
+
+        settings = {"mode": "generate", "top_k": config.top_k, "max_length": config.max_length, "dtype": dtype,
+                    "tensor_parallel_size": config.tensor_parallel_size,
+                    "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
+                    "seed": config.seed, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
+                    "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None}
+        with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
+            for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids for i in flat], settings, work):
+                responses.setdefault(flat[item["sequence_index"]], []).append(np.asarray(item["response_ids"], dtype=np.int64))
+    out: dict[int, list] = {}
+    for s in pending:
+        kept = []
+        for i in plan[s]:
+            prompt = prompts[i]
+            for k, response in enumerate(responses.get(i, [])):
+                response = response[: config.max_length - len(prompt.input_ids)]
+                if len(response) == 0:
+                    continue
+                if config.filter == "gsm8k-answer":
+                    text = tokenizer.decode(response, skip_special_tokens=True)
+                    want = extract_gsm8k_answer(prompt.reference or "")
+                    if want is None or extract_gsm8k_answer(text) != want:
+                        continue
+                ids = np.concatenate([prompt.input_ids, response]).astype(np.int64)
+                mask = np.zeros(len(ids), dtype=bool)
+                mask[len(prompt.input_ids) - 1 : len(ids) - 1] = True
+                kept.append((Sequence(ids, mask, source_index=prompt.source_index, prompt_length=len(prompt.input_ids),
+                                      text_sha256=prompt.text_sha256), k))
+        out[s] = kept
+    return out
+
+
+def _vllm_score(config, model_path, sequences, dtype, tick) -> list[dict]:
+    from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
+
+    settings = {"mode": "score", "top_k": config.top_k, "max_length": max(config.max_length, max(len(s) for s in sequences)),
+                "dtype": dtype, "tensor_parallel_size": config.tensor_parallel_size,
+                "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
+                "seed": config.seed}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
+        try:
+            for item in run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work):
+                results.append(item)
+                tick(1, len(item["target_logprob"]))
+        except RuntimeError as exc:
+            raise engines.EngineError(str(exc)) from exc
+    return results

@@ -1,0 +1,186 @@
+"""Teacher engines: token sequences in, per-row top-K ids, log-probs, target log-prob and tail out.
+
+Two engines give the same result format (tests prove they agree):
+- `hf`: transformers forward passes in length-sorted batches that fill a token budget. The
+  log-softmax, top-K, target gather and tail run in row chunks over the batch's logits, in float32,
+  so besides the model's own logits of one batch only one chunk of float32 log-probs is alive.
+- `vllm`: vLLM's prompt_logprobs, run in a vLLM interpreter (cacher/engine_vllm.py) because vLLM's
+  pins may differ from the training environment's.
+
+Every result is a dict of numpy arrays for one sequence of T tokens:
+  topk_ids (T, K) int64, most likely first; topk_logprobs (T, K) float32; target_logprob (T,) float32
+  (NaN on the last row: there is no next token); tail_logprob (T,) float32 = log of the mass outside
+  the top K, computed as a logsumexp over the other V - K entries (exact, no 1 - sum cancellation).
+
+Knows models and torch; nothing about the cache's files (that is shared/'s job).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class EngineError(RuntimeError):
+    """The teacher could not be run as asked (bad model, NaN outputs, vLLM unavailable...)."""
+
+
+@dataclass
+class HFTeacher:
+    model: object
+    device: str
+    dtype: str
+    vocab_size: int  # the width of the logits
+    max_positions: int | None
+
+
+def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = None,
+                    trust_remote_code: bool = False) -> HFTeacher:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if dtype not in DTYPES:
+        raise EngineError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise EngineError(f"model {path} needs custom code; rerun with --trust-remote-code if you trust it") from exc
+        raise EngineError(f"could not load model {path}: {exc}") from exc
+    model.to(device).eval()
+    cfg = model.config
+    max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return HFTeacher(model=model, device=device, dtype=dtype, vocab_size=int(vocab), max_positions=max_positions)
+
+
+def length_sorted_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first so that each batch's padded size stays within batch_tokens.
+
+    A sequence longer than batch_tokens forms a batch of its own. Deterministic: ties keep input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def topk_rows(logits, top_k: int, targets, chunk_rows: int):
+    """Per-row top-K, target log-prob and tail of a (R, V) logits tensor, in float32 row chunks.
+
+    logits: (R, V) any float dtype; targets: (R,) int64 (-1 where there is no next token).
+    Returns numpy (R, K) int64, (R, K) float32, (R,) float32 (NaN where target < 0), (R,) float32.
+    """
+    import torch
+
+    num_rows = logits.shape[0]
+    ids = np.empty((num_rows, top_k), dtype=np.int64)
+    lps = np.empty((num_rows, top_k), dtype=np.float32)
+    target_lp = np.full(num_rows, np.nan, dtype=np.float32)
+    tail = np.empty(num_rows, dtype=np.float32)
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        logp = torch.log_softmax(logits[start:stop].float(), dim=-1)  # (c, V)
+        values, indices = torch.topk(logp, top_k, dim=-1)  # (c, K), sorted
+        tgt = targets[start:stop]
+        has = tgt >= 0
+        gathered = logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
+        rest = logp.scatter(1, indices, float("-inf")).logsumexp(dim=-1)  # mass outside the top K
+        ids[start:stop] = indices.cpu().numpy()
+        lps[start:stop] = values.cpu().numpy()
+        target_lp[start:stop] = torch.where(has, gathered, torch.full_like(gathered, float("nan"))).cpu().numpy()
+        tail[start:stop] = rest.cpu().numpy()
+    return ids, lps, target_lp, tail
+
+
+def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, batch_tokens: int = 8192,
+             on_batch=None) -> list[dict]:
+    """Run the teacher over sequences (lists of token ids); results in input order.
+
+    on_batch(num_sequences, num_tokens) is called after each batch (progress bars).
+    """
+    import torch
+
+    if top_k > teacher.vocab_size:
+        raise EngineError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    lengths = [len(s) for s in sequences]
+    results: list[dict | None] = [None] * len(sequences)
+    # One float32 chunk of log-probs at most ~64 MiB besides the batch's logits.
+    chunk_rows = max(1, (16 * 2**20) // teacher.vocab_size)
+    pad_id = 0
+    with torch.inference_mode():
+        for batch in length_sorted_batches(lengths, batch_tokens):
+            width = max(lengths[i] for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            targets = torch.full((len(batch), width), -1, dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
+                input_ids[row, : len(seq)] = seq
+                attention[row, : len(seq)] = 1
+                targets[row, : len(seq) - 1] = seq[1:]
+            logits = teacher.model(input_ids=input_ids.to(teacher.device),
+                                   attention_mask=attention.to(teacher.device)).logits  # (B, L, V)
+            valid = attention.bool().to(teacher.device)
+            flat_logits = logits[valid]  # (R, V) real rows only, row-major: sequence by sequence
+            del logits
+            flat_targets = targets.to(teacher.device)[valid]
+            ids, lps, tlp, tail = topk_rows(flat_logits, top_k, flat_targets, chunk_rows)
+            del flat_logits
+            pos = 0
+            for i in batch:
+                n = lengths[i]
+                results[i] = {"topk_ids": ids[pos:pos + n], "topk_logprobs": lps[pos:pos + n],
+                              "target_logprob": tlp[pos:pos + n], "tail_logprob": tail[pos:pos + n]}
+                pos += n
+            if on_batch is not None:
+                on_batch(len(batch), sum(lengths[i] for i in batch))
+    for i, r in enumerate(results):
+        if not np.all(np.isfinite(r["topk_logprobs"])) or np.isnan(r["tail_logprob"]).any():
+            raise EngineError(
+                f"the teacher produced NaN/inf log-probs for sequence {i} (length {lengths[i]}); nothing of this shard "
+                "is committed. Try --dtype float32, or check the model's weights."
+            )
+    return results
+
+
+def generate_hf(teacher: HFTeacher, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float,
+                num_samples: int, seed: int, eos_token_id: int | None, pad_token_id: int | None) -> list[list[np.ndarray]]:
+    """Sample num_samples responses per prompt (greedy when temperature == 0); ids of the responses only."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for p_index, prompt in enumerate(prompts):
+            torch.manual_seed(seed * 1_000_003 + p_index)
+            ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64)).unsqueeze(0).to(teacher.device)
+            kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                          pad_token_id=pad_token_id if pad_token_id is not None else (eos_token_id or 0),
+                          eos_token_id=eos_token_id, attention_mask=torch.ones_like(ids))
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            else:
+                kwargs.update(do_sample=False, num_return_sequences=1)
+            gen = teacher.model.generate(ids, **kwargs)[:, ids.shape[1]:]
+            samples = []
+            for row in gen.cpu().numpy():
+                if eos_token_id is not None and (row == eos_token_id).any():
+                    row = row[: int(np.argmax(row == eos_token_id)) + 1]  # keep the first EOS, drop padding
+                samples.append(row.astype(np.int64))
+            out.append(samples)
+    return out

@@ -1,0 +1,375 @@
+"""Data sets -> token sequences with loss masks: the input side of a cache.
+
+Both the cacher (to build a cache) and the trainer (to train a cross-entropy baseline on the same
+data without a cache) turn a data set into the same sequences, so this lives in `shared`. It takes
+a tokenizer object as an argument (anything with the Hugging Face tokenizer call interface) and
+imports nothing about models.
+
+Data set specs (`--dataset`):
+- `builtin:pydoc-topics` (the default): the reference-manual topics that ship inside Python's
+  standard library (`pydoc_data.topics`, about 460 KB of English), one row per topic, sorted by
+  topic name. Needs no download.
+- a local `.jsonl`/`.json`/`.parquet`/`.csv`/`.txt` file, or a folder of them (read with `datasets`);
+- a Hugging Face hub data set name, with `--split`.
+
+Sequences:
+- text rows (`--text-field`, default `text`): each row is tokenized and cut into consecutive,
+  non-overlapping windows of `max_length` tokens; `loss_mask` is true on every row but the last of
+  a window. A final window of a single token cannot be trained on; it is counted (`num_dropped`)
+  and reported, never silently lost.
+- prompt/response rows (`--prompt-field`, `--response-field`): the tokenizer's chat template
+  (user -> assistant) when it has one, else PLAIN_TEMPLATE; `loss_mask` is true exactly on the rows
+  whose next token belongs to the response. Responses longer than fits are truncated (counted);
+  rows whose prompt alone leaves no room for a response token are skipped (counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BUILTIN_PREFIX = "builtin:"
+DEFAULT_DATASET = "builtin:pydoc-topics"
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """A data set problem the user can fix (unknown data set or field, empty data, bad template)."""
+
+
+@dataclass
+class Sequence:
+    input_ids: np.ndarray  # (T,) int64
+    loss_mask: np.ndarray  # (T,) bool; row t is trained when token t+1 is a target
+    source_index: int
+    window_index: int = 0
+    prompt_length: int = 0
+    text_sha256: str = ""
+    reference: str | None = None  # the data set's response text (evaluation, generate mode)
+
+    def meta(self) -> dict:
+        return {
+            "source_index": self.source_index,
+            "window_index": self.window_index,
+            "prompt_length": self.prompt_length,
+            "text_sha256": self.text_sha256,
+        }
+
+
+@dataclass
+class DataInfo:
+    """Counts and settings that describe how the sequences were made (goes into the manifest)."""
+
+    name: str
+    split: str | None
+    fields: dict
+    template: str | None = None
+    num_source_rows: int = 0
+    num_windows: int = 0
+    num_dropped: int = 0  # tokens that could not be trained on (1-token windows, skipped rows)
+    num_truncated: int = 0  # response tokens cut by max_length
+    num_skipped_rows: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "split": self.split, "fields": self.fields, "template": self.template,
+            "num_source_rows": self.num_source_rows, "num_windows": self.num_windows,
+            "num_dropped": self.num_dropped, "num_truncated": self.num_truncated,
+            "num_skipped_rows": self.num_skipped_rows,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def builtin_rows(name: str) -> list[dict]:
+    if name == "pydoc-topics":
+        from pydoc_data.topics import topics
+
+        return [{"text": topics[key], "topic": key} for key in sorted(topics)]
+    raise DataError(f"unknown built-in data set {BUILTIN_PREFIX}{name}; built-ins: {BUILTIN_PREFIX}pydoc-topics")
+
+
+def load_rows(dataset: str, split: str | None = None):
+    """An iterable of dict rows plus the list of column names."""
+    if dataset.startswith(BUILTIN_PREFIX):
+        rows = builtin_rows(dataset[len(BUILTIN_PREFIX):])
+        return rows, list(rows[0].keys())
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    path = os.path.expanduser(dataset)
+    try:
+        if os.path.isfile(path):
+            suffix = os.path.splitext(path)[1].lower()
+            if suffix not in LOCAL_SUFFIXES:
+                raise DataError(f"--dataset {dataset}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}")
+            kwargs = {"sample_by": "document"} if suffix == ".txt" else {}  # a .txt file is one document
+            ds = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train", **kwargs)
+        elif os.path.isdir(path):
+            ds = datasets.load_dataset(path, split=split or "train")
+        elif dataset.startswith((".", "/", "~")) or os.path.splitext(path)[1].lower() in LOCAL_SUFFIXES:
+            raise DataError(f"--dataset {dataset}: no such file or folder")
+        else:
+            ds = datasets.load_dataset(dataset, split=split or "train")
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise DataError(f"--dataset {dataset}: not found ({exc}). Pass a local .jsonl/.json/.parquet/.csv/.txt file or folder, "
+                        f"{DEFAULT_DATASET}, or a hub data set on a machine with hub access") from exc
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise DataError(f"--dataset {dataset}: {exc}") from exc
+        raise DataError(f"--dataset {dataset}: could not be loaded ({exc})") from exc
+    except Exception as exc:  # datasets raises many types for offline/missing hub data sets
+        raise DataError(
+            f"--dataset {dataset}: could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). It is not a local file or "
+            f"folder; a hub data set needs network access. Pass a local file or {DEFAULT_DATASET}."
+        ) from exc
+    return ds, list(ds.column_names)
+
+
+def text_sha256(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8", errors="surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _check_field(name: str | None, columns: list[str], option: str, dataset: str) -> None:
+    if name is not None and name not in columns:
+        raise DataError(f"{option} {name!r} is not a field of {dataset}; its fields are: {', '.join(columns)}")
+
+
+def prompt_ids_with_template(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int], str]:
+    """Token ids of the prompt (up to where the response starts) and of prompt + response."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False))
+        full_ids = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
+                                                      tokenize=True, return_dict=False))
+        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+            return prompt_ids, full_ids, "chat"
+        # Templates that rewrite the prompt when a response follows: fall back to concatenation.
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return prompt_ids, prompt_ids + response_ids + eos, "chat"
+    text = PLAIN_TEMPLATE.format(prompt=prompt)
+    prompt_ids = tokenizer(text)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(prompt_ids), list(prompt_ids) + list(response_ids) + eos, "plain"
+
+
+def prompt_only_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a generation starts from: the prompt formatted as the template formats it."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return list(tokenizer(PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"])
+
+
+def load_sequences(dataset: str, tokenizer, *, split: str | None = None, text_field: str | None = None,
+                   prompt_field: str | None = None, response_field: str | None = None, max_length: int = 512,
+                   limit: int | None = None, batch_rows: int = 256) -> tuple[list[Sequence], DataInfo]:
+    """Tokenize a data set into sequences (see the module docstring for the rules).
+
+    `limit` caps the number of sequences (taken in data order); the data set is read only as far
+    as needed. Raises DataError for unknown data sets or fields and for an empty result.
+    """
+    if max_length < 2:
+        raise DataError(f"--max-length must be >= 2 tokens, got {max_length}")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be >= 1, got {limit}")
+    if (prompt_field is None) != (response_field is None):
+        raise DataError("--prompt-field and --response-field go together: give both for prompt/response data, or neither")
+    rows, columns = load_rows(dataset, split)
+    pairs = prompt_field is not None
+    if pairs:
+        _check_field(prompt_field, columns, "--prompt-field", dataset)
+        _check_field(response_field, columns, "--response-field", dataset)
+        if text_field is not None:
+            raise DataError("give either --text-field or --prompt-field/--response-field, not both")
+        fields = {"prompt": prompt_field, "response": response_field}
+    else:
+        text_field = text_field or "text"
+        if text_field not in columns:
+            raise DataError(
+                f"--text-field {text_field!r} is not a field of {dataset}; its fields are: {', '.join(columns)}. "
+                "Pass --text-field NAME, or --prompt-field/--response-field for prompt/response data."
+            )
+        fields = {"text": text_field}
+    info = DataInfo(name=dataset, split=split, fields=fields)
+    sequences: list[Sequence] = []
+
+    def full() -> bool:
+        return limit is not None and len(sequences) >= limit
+
+    batch: list[tuple[int, dict]] = []
+    if limit is not None:
+        batch_rows = max(1, min(batch_rows, limit))
+
+    def flush():
+        if not batch:
+            return
+        if pairs:
+            for index, row in batch:
+                if full():
+                    break
+                _add_pair(sequences, info, tokenizer, index, row, prompt_field, response_field, max_length)
+        else:
+            texts = [str(row[text_field] or "") for _, row in batch]
+            encoded = tokenizer(texts)["input_ids"]
+            for (index, _row), text, ids in zip(batch, texts, encoded):
+                if full():
+                    break
+                _add_windows(sequences, info, index, text, ids, max_length, limit)
+        batch.clear()
+
+    for index, row in enumerate(rows):
+        info.num_source_rows += 1
+        batch.append((index, row))
+        if len(batch) >= batch_rows:
+            flush()
+        if full():
+            break
+    flush()
+    if limit is not None:
+        del sequences[limit:]
+    info.num_windows = len(sequences)
+    if not sequences:
+        raise DataError(
+            f"{dataset} gave no sequences to train on ({info.num_source_rows} rows read, {info.num_skipped_rows} skipped); "
+            "check the data set, --split, the fields and --max-length"
+        )
+    return sequences, info
+
+
+def _add_windows(out: list[Sequence], info: DataInfo, index: int, text: str, ids: list[int], max_length: int,
+                 limit: int | None) -> None:
+    digest = text_sha256(text)
+    for w, start in enumerate(range(0, len(ids), max_length)):
+        window = np.asarray(ids[start : start + max_length], dtype=np.int64)
+        if len(window) < 2:
+            info.num_dropped += len(window)
+            continue
+        mask = np.ones(len(window), dtype=bool)
+        mask[-1] = False
+        out.append(Sequence(window, mask, source_index=index, window_index=w, text_sha256=digest))
+        if limit is not None and len(out) >= limit:
+            return
+    if not ids:
+        info.num_skipped_rows += 1
+
+
+def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: dict, prompt_field: str,
+              response_field: str, max_length: int) -> None:
+    prompt, response = str(row[prompt_field] or ""), str(row[response_field] or "")
+    prompt_ids, full_ids, template = prompt_ids_with_template(tokenizer, prompt, response)
+    info.template = template
+    if len(prompt_ids) >= max_length - 1 or len(full_ids) <= len(prompt_ids):
+        info.num_skipped_rows += 1
+        info.num_dropped += len(full_ids)
+        return
+    if len(full_ids) > max_length:
+        info.num_truncated += len(full_ids) - max_length
+        full_ids = full_ids[:max_length]
+    ids = np.asarray(full_ids, dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[len(prompt_ids) - 1 : len(ids) - 1] = True  # rows whose next token is a response token
+    out.append(Sequence(ids, mask, source_index=index, prompt_length=len(prompt_ids),
+                        text_sha256=text_sha256(prompt, response), reference=response))
+
+
+def load_prompts(dataset: str, tokenizer, *, split: str | None = None, prompt_field: str, response_field: str | None = None,
+                 max_length: int = 512, limit: int | None = None) -> tuple[list[Sequence], DataInfo]:
+    """Prompts to generate from (generate mode, evaluation): ids of the formatted prompt only."""
+    rows, columns = load_rows(dataset, split)
+    _check_field(prompt_field, columns, "--prompt-field", dataset)
+    _check_field(response_field, columns, "--response-field", dataset)
+    info = DataInfo(name=dataset, split=split, fields={"prompt": prompt_field, "response": response_field},
+                    template="chat" if getattr(tokenizer, "chat_template", None) else "plain")
+    out: list[Sequence] = []
+    for index, row in enumerate(rows):
+        info.num_source_rows += 1
+        prompt = str(row[prompt_field] or "")
+        reference = str(row[response_field]) if response_field else None
+        ids = prompt_only_ids(tokenizer, prompt)
+        if len(ids) >= max_length:
+            info.num_skipped_rows += 1
+            continue
+        out.append(Sequence(np.asarray(ids, dtype=np.int64), np.zeros(len(ids), dtype=bool), source_index=index,
+                            prompt_length=len(ids), text_sha256=text_sha256(prompt, reference or ""), reference=reference))
+        if limit is not None and len(out) >= limit:
+            break
+    info.num_windows = len(out)
+    if not out:
+        raise DataError(f"{dataset} gave no prompts shorter than --max-length {max_length}")
+    return out, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint and shard plan
+
+
+def sequences_fingerprint(sequences) -> str:
+    """sha256 over every sequence's tokens and loss mask, in order (manifest dataset.fingerprint)."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        ids = np.asarray(seq.input_ids, dtype=np.int64)
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(ids.tobytes())
+        h.update(np.packbits(np.asarray(seq.loss_mask, dtype=bool)).tobytes())
+    return h.hexdigest()
+
+
+def plan_shards(lengths, shard_tokens: int) -> list[list[int]]:
+    """Consecutive sequences per shard, each shard holding at most shard_tokens rows (at least one sequence).
+
+    The plan depends only on the sequence lengths and shard_tokens, never on the number of workers.
+    """
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    shards: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, n in enumerate(lengths):
+        if current and size + n > shard_tokens:
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += int(n)
+    if current:
+        shards.append(current)
+    return shards
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The final answer of a GSM8K-style solution: the number after the last '####', normalized.
+
+    '#### 1,234' -> '1234'; '#### -3.50' -> '-3.5'; None when there is no '####' followed by a number.
+    """
+    import re
+
+    if text is None or "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1]
+    match = re.search(r"-?[\d,]*\.?\d+", tail)
+    if not match:
+        return None
+    number = match.group(0).replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".") or "0"
+    return number

@@ -1,0 +1,229 @@
+"""Students: load one, build one from a teacher by dropping layers or from a config, check its tokenizer.
+
+Students are plain Hugging Face folders (config.json + safetensors + tokenizer), so anything that reads
+transformers checkpoints reads them.
+
+Layer dropping (DistilBERT / Minitron-style init) keeps `keep_layers` evenly spaced transformer layers
+of the teacher, with the teacher's embeddings, final norm and head. Layer i of the student is teacher
+layer floor(i * (L - 1) / (keep_layers - 1) + 0.5), i.e. round(linspace(0, L - 1, keep_layers)) with
+halves rounded up: the first and last layers are always kept (keep_layers == 1 keeps only layer 0).
+Each kept layer's `layer_idx` is renumbered, because the KV cache is indexed by it.
+
+This module knows transformers models and tokenizers. It must not import `cacher` (hence its own copy
+of `vocab_fingerprint`, which MUST stay identical to `cacher.models.vocab_fingerprint`) and knows
+nothing about the cache format or the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# model_type -> dotted path of the ModuleList of transformer layers.
+LAYER_LISTS = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+}
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def student_folder(path_or_id: str, need_config: bool = True) -> Path:
+    """A local folder with config.json as is; otherwise a Hugging Face hub id (local HF cache offline)."""
+    path = Path(os.path.expanduser(path_or_id))
+    if path.is_dir():
+        if need_config and not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {path} has no config.json; pass a folder written by model.save_pretrained(...)"
+            )
+        return path
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        path = Path(
+            snapshot_download(path_or_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline)
+        )
+    except Exception as e:  # hub errors come from several libraries (httpx, hub, OS)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if offline:
+            reason = f"HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; {reason}"
+        raise FileNotFoundError(
+            f"model {path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({reason}); pass a local folder with config.json and weights, or run on a machine with hub access"
+        ) from e
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"hub repository {path_or_id!r} has no config.json; pass a transformers model"
+        )
+    return path
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float32 or "float32" / "bfloat16" / "float16"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_student(path_or_id: str, dtype: torch.dtype | str = torch.float32):
+    """A causal LM from a local folder or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(student_folder(path_or_id), dtype=as_dtype(dtype))
+
+
+def load_student_tokenizer(path_or_id: str):
+    """The tokenizer saved in a model (or tokenizer-only) folder, with a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    path = student_folder(path_or_id, need_config=False)
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise FileNotFoundError(
+            f"model folder {path} has no tokenizer (tokenizer.json / tokenizer_config.json); "
+            f"save one with tokenizer.save_pretrained({str(path)!r})"
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def kept_layer_indices(num_layers: int, keep_layers: int) -> list[int]:
+    """Teacher layers a `keep_layers`-layer student keeps: evenly spaced, first and last included."""
+    if not 1 <= keep_layers <= num_layers:
+        raise ValueError(
+            f"keep_layers={keep_layers} but the teacher has {num_layers} layers; "
+            f"choose 1 <= keep_layers <= {num_layers}"
+        )
+    if keep_layers == 1:
+        return [0]
+    # The spacing (L-1)/(n-1) is >= 1, so the indices are distinct.
+    return [int(i * (num_layers - 1) / (keep_layers - 1) + 0.5) for i in range(keep_layers)]
+
+
+def drop_layers(model, keep_layers: int):
+    """Keep `keep_layers` evenly spaced layers of `model` in place, renumber them, update its config."""
+    config = model.config
+    model_type = config.model_type
+    if model_type not in LAYER_LISTS:
+        raise ValueError(
+            f"cannot drop layers of a {model_type!r} model ({type(model).__name__}); "
+            f"supported model types: {', '.join(sorted(LAYER_LISTS))}"
+        )
+    parent_path, _, attr = LAYER_LISTS[model_type].rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layers = getattr(parent, attr)
+    kept = kept_layer_indices(len(layers), keep_layers)
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(layers))):
+        raise ValueError(
+            "this GPT-2 scales attention by 1/(layer_idx+1) (scale_attn_by_inverse_layer_idx=True), so a kept "
+            "layer would compute differently at its new position; build the student with student_from_config"
+        )
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    for new_idx, layer in enumerate(new_layers):
+        for module in layer.modules():  # e.g. self_attn.layer_idx (Llama), attn.layer_idx (GPT-2)
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    setattr(parent, attr, new_layers)
+    layer_types = getattr(config, "layer_types", None)
+    config.num_hidden_layers = len(kept)  # GPT-2 maps this to n_layer
+    if layer_types is not None:
+        config.layer_types = [layer_types[i] for i in kept]
+    return model
+
+
+def student_from_teacher(teacher_path: str, keep_layers: int, dtype: torch.dtype | str = torch.float32):
+    """A copy of the teacher keeping `keep_layers` evenly spaced layers (see the module docstring)."""
+    return drop_layers(load_student(teacher_path, dtype), keep_layers)
+
+
+def student_from_config(config_file: str | Path, vocab_size: int):
+    """A randomly initialised causal LM from a JSON config with a `model_type` key.
+
+    vocab_size (the teacher's number of token ids) overrides any vocab_size in the file. Seed with
+    torch.manual_seed before calling for a reproducible init.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = Path(config_file)
+    try:
+        fields = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"student config {config_file} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"student config {config_file} is not valid JSON: {e}") from None
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise ValueError(
+            f'student config {config_file} has no "model_type" (e.g. "llama" or "gpt2"); add one'
+        )
+    fields["vocab_size"] = vocab_size
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except ValueError as e:
+        raise ValueError(f"student config {config_file}: {e}") from None
+    return AutoModelForCausalLM.from_config(config)
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of the sorted (token, id) vocabulary plus the special tokens.
+
+    Two tokenizers that map the same strings to the same ids, with the same special tokens, hash the
+    same, whatever their class or file layout. Kept identical to `cacher.models.vocab_fingerprint`.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(set(tokenizer.all_special_tokens))
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def check_tokenizer_matches(
+    student_tokenizer,
+    expected_vocab_sha256: str,
+    expected_vocab_size: int,
+    *,
+    num_student_embeddings: int | None = None,
+    student_name: str = "student",
+    teacher_name: str = "teacher",
+) -> None:
+    """Raise unless the student reads token ids as the teacher that wrote the cache does.
+
+    expected_vocab_sha256: the teacher tokenizer's `vocab_fingerprint`, as the cache recorded it.
+    expected_vocab_size: how many token ids the teacher emits (the cache's ids are below it).
+    num_student_embeddings: rows of the student's input embedding; more than expected_vocab_size
+        (a padded matrix) is fine, fewer is an error.
+    """
+    found = vocab_fingerprint(student_tokenizer)
+    if found != expected_vocab_sha256:
+        raise ValueError(
+            f"the tokenizer of student {student_name!r} ({len(student_tokenizer)} tokens, vocab sha256 "
+            f"{found[:12]}) differs from that of teacher {teacher_name!r} which wrote the cache "
+            f"(vocab sha256 {expected_vocab_sha256[:12]}), so cached token ids would mean other tokens to "
+            "the student; build the student on the teacher's tokenizer (a layer-dropped teacher, or a "
+            "config with the teacher's vocab_size saved with the teacher's tokenizer)"
+        )
+    if num_student_embeddings is not None and num_student_embeddings < expected_vocab_size:
+        raise ValueError(
+            f"student {student_name!r} has {num_student_embeddings} embedding rows but teacher "
+            f"{teacher_name!r} emits {expected_vocab_size} token ids, so cached ids could fall outside the "
+            f"student's vocabulary; build the student with vocab_size >= {expected_vocab_size}"
+        )
+
+
+def save_student(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write a plain Hugging Face folder: config.json, model.safetensors, tokenizer files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
