@@ -1,16 +1,17 @@
 """Teacher engines: token sequences in, per-row top-K ids, log-probs, target log-prob and tail out.
 
 Two engines give the same result format (tests prove they agree):
-- `hf`: transformers forward passes in length-sorted batches that fill a token budget. The
-  log-softmax, top-K, target gather and tail run in row chunks over the batch's logits, in float32,
-  so besides the model's own logits of one batch only one chunk of float32 log-probs is alive.
+- `hf`: transformers forward passes in length-sorted batches that fill a token budget. The output
+  head, log-softmax, top-K, target gather and tail run in float32 on row chunks of the last hidden
+  states, so no (batch, length, vocab) tensor is ever made, and a bf16 teacher still gets float32
+  logits (architectures whose logits are not just head(hidden) use the plain forward instead).
 - `vllm`: vLLM's prompt_logprobs, run in a vLLM interpreter (cacher/engine_vllm.py) because vLLM's
   pins may differ from the training environment's.
 
 Every result is a dict of numpy arrays for one sequence of T tokens:
   topk_ids (T, K) int64, most likely first; topk_logprobs (T, K) float32; target_logprob (T,) float32
-  (NaN on the last row: there is no next token); tail_logprob (T,) float32 = log of the mass outside
-  the top K, computed as a logsumexp over the other V - K entries (exact, no 1 - sum cancellation).
+  (NaN on the last row: there is no next token); tail_logprob (T,) float32 = log(1 - sum of the top-K
+  probabilities), computed in float64 from float32 log-probs (error ~1e-6 in probability).
 
 Knows models and torch; nothing about the cache's files (that is shared/'s job).
 """
@@ -36,6 +37,8 @@ class HFTeacher:
     dtype: str
     vocab_size: int  # the width of the logits
     max_positions: int | None
+    head_weight: object = None  # (V, H) float32 copy of the output head, when the hidden-state path is exact
+    head_bias: object = None
 
 
 def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = None,
@@ -58,8 +61,37 @@ def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = N
     model.to(device).eval()
     cfg = model.config
     max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    return HFTeacher(model=model, device=device, dtype=dtype, vocab_size=int(vocab), max_positions=max_positions)
+    head = model.get_output_embeddings()
+    teacher = HFTeacher(model=model, device=device, dtype=dtype, vocab_size=int(head.weight.shape[0]),
+                        max_positions=max_positions)
+    if _hidden_path_is_exact(model):
+        # The head runs in float32 on row chunks of the last hidden states: a bf16 teacher still gets
+        # float32 logits (bf16 logits carry ~3 significant digits), and no (B, L, V) tensor is made.
+        teacher.head_weight = head.weight.detach().float()
+        teacher.head_bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+    return teacher
+
+
+def _hidden_path_is_exact(model) -> bool:
+    """True when logits == output_head(base_model(...).last_hidden_state) for this architecture.
+
+    Checked once on a short probe; models that scale or soft-cap their logits fail it and use the
+    plain forward instead.
+    """
+    import torch
+
+    try:
+        with torch.inference_mode():
+            ids = torch.arange(1, 9, device=next(model.parameters()).device).unsqueeze(0) % model.config.vocab_size
+            full = model(input_ids=ids).logits.float()
+            hidden = model.base_model(input_ids=ids).last_hidden_state
+            head = model.get_output_embeddings()
+            mine = torch.nn.functional.linear(hidden.float(), head.weight.float(),
+                                              head.bias.float() if getattr(head, "bias", None) is not None else None)
+        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 0.25
+        return bool(torch.allclose(full, mine, atol=tol, rtol=tol * 0.1))
+    except Exception:  # noqa: BLE001 - any architecture quirk means: use the plain forward
+        return False
 
 
 def length_sorted_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -80,11 +112,14 @@ def length_sorted_batches(lengths: list[int], batch_tokens: int) -> list[list[in
     return batches
 
 
-def topk_rows(logits, top_k: int, targets, chunk_rows: int):
-    """Per-row top-K, target log-prob and tail of a (R, V) logits tensor, in float32 row chunks.
+def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None):
+    """Per-row top-K, target log-prob and tail, in float32 row chunks.
 
-    logits: (R, V) any float dtype; targets: (R,) int64 (-1 where there is no next token).
-    Returns numpy (R, K) int64, (R, K) float32, (R,) float32 (NaN where target < 0), (R,) float32.
+    logits: (R, V) any float dtype, or (R, H) hidden states when head = (weight (V, H), bias) is given
+    (the head is then applied chunk by chunk in float32); targets: (R,) int64, -1 where there is no
+    next token. Returns numpy (R, K) int64, (R, K) float32, (R,) float32 (NaN where target < 0),
+    (R,) float32. The tail is log(1 - sum exp(top-K)) in float64: its error in probability is about
+    1e-6, far inside the format's 1e-3.
     """
     import torch
 
@@ -95,16 +130,19 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int):
     tail = np.empty(num_rows, dtype=np.float32)
     for start in range(0, num_rows, chunk_rows):
         stop = min(start + chunk_rows, num_rows)
-        logp = torch.log_softmax(logits[start:stop].float(), dim=-1)  # (c, V)
-        values, indices = torch.topk(logp, top_k, dim=-1)  # (c, K), sorted
+        x = logits[start:stop].float()
+        if head is not None:
+            x = torch.nn.functional.linear(x, head[0], head[1])  # (c, V) float32
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (c, 1)
+        values, indices = torch.topk(x, top_k, dim=-1)  # (c, K), sorted, raw logits
+        topk_lp = values - lse
         tgt = targets[start:stop]
-        has = tgt >= 0
-        gathered = logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
-        rest = logp.scatter(1, indices, float("-inf")).logsumexp(dim=-1)  # mass outside the top K
+        gathered = (x.gather(1, tgt.clamp(min=0).unsqueeze(1)) - lse).squeeze(1)
         ids[start:stop] = indices.cpu().numpy()
-        lps[start:stop] = values.cpu().numpy()
-        target_lp[start:stop] = torch.where(has, gathered, torch.full_like(gathered, float("nan"))).cpu().numpy()
-        tail[start:stop] = rest.cpu().numpy()
+        lps[start:stop] = topk_lp.cpu().numpy()
+        target_lp[start:stop] = torch.where(tgt >= 0, gathered, torch.full_like(gathered, float("nan"))).cpu().numpy()
+        mass = torch.exp(topk_lp.double()).sum(-1)
+        tail[start:stop] = torch.log1p(-mass.clamp(max=1.0)).float().cpu().numpy()
     return ids, lps, target_lp, tail
 
 
@@ -134,14 +172,17 @@ def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, bat
                 input_ids[row, : len(seq)] = seq
                 attention[row, : len(seq)] = 1
                 targets[row, : len(seq) - 1] = seq[1:]
-            logits = teacher.model(input_ids=input_ids.to(teacher.device),
-                                   attention_mask=attention.to(teacher.device)).logits  # (B, L, V)
             valid = attention.bool().to(teacher.device)
-            flat_logits = logits[valid]  # (R, V) real rows only, row-major: sequence by sequence
-            del logits
+            kwargs = dict(input_ids=input_ids.to(teacher.device), attention_mask=attention.to(teacher.device))
+            if teacher.head_weight is not None:
+                rows = teacher.model.base_model(**kwargs).last_hidden_state[valid]  # (R, H) real rows only
+                head = (teacher.head_weight, teacher.head_bias)
+            else:
+                rows = teacher.model(**kwargs).logits[valid]  # (R, V)
+                head = None
             flat_targets = targets.to(teacher.device)[valid]
-            ids, lps, tlp, tail = topk_rows(flat_logits, top_k, flat_targets, chunk_rows)
-            del flat_logits
+            ids, lps, tlp, tail = topk_rows(rows, top_k, flat_targets, chunk_rows, head)
+            del rows
             pos = 0
             for i in batch:
                 n = lengths[i]
