@@ -71,9 +71,17 @@ def build(
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Return an identical complete cache (same cache_key) found beside --out."),
 ):
     """Run a teacher once over a data set and write its top-K cache (resumable; see storage_layout.md)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from cacher.build import BuildConfig, BuildError, build as run_build
+    from cacher.build import BuildConfig, BuildError
+    from cacher.build import build as run_build
     from cacher.engines import EngineError
     from cacher.models import EMBEDDED_DEFAULT
     from shared.data import DEFAULT_DATASET, DataError
@@ -213,3 +221,7 @@ def finalize(cache: str = typer.Argument(..., help="Cache folder or URL whose wo
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,212 @@
+"""`kdtrain`: train students from teacher caches, evaluate them, run distillation plans, the demo.
+
+Only wiring: parse arguments, call one library function, print. Errors the user can fix become a
+red one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train students from a teacher cache with sparse KD losses; evaluate; run chains.")
+console = Console(stderr=True)
+stdout = Console()
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _progress_factory():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"),
+                   TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   console=console, disable=not console.is_terminal)
+
+    def progress(total_steps: int, start_step: int):
+        task = bar.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-")
+        last_print = [0.0]
+
+        def tick(step: int, loss: float, tps: float):
+            bar.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+            if not console.is_terminal and (time.time() - last_print[0] > 10 or step == total_steps):
+                last_print[0] = time.time()
+                console.print(f"step {step}/{total_steps} loss {loss:.4f} {tps:,.0f} tok/s", highlight=False)
+        return tick
+    return bar, progress
+
+
+@app.command()
+def run(
+    out: str = typer.Option(..., "--out", help="Output folder: the student, metrics.jsonl, run.json, checkpoints/."),
+    cache: str = typer.Option(None, "--cache", help="Teacher cache (folder or URL)."),
+    student: str = typer.Option(None, "--student", help="Student: hub id or local model folder."),
+    student_from_teacher: bool = typer.Option(False, "--student-from-teacher", help="Student = the teacher keeping --keep-layers layers."),
+    keep_layers: int = typer.Option(None, "--keep-layers", help="Layers kept by --student-from-teacher."),
+    student_config: str = typer.Option(None, "--student-config", help="Student = random init from this JSON config."),
+    teacher: str = typer.Option(None, "--teacher", help="Teacher folder (default: the cache's teacher.path)."),
+    loss: str = typer.Option("fkl", "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | ce"),
+    alpha: float = typer.Option(0.0, "--alpha", help="CE weight: alpha*CE + (1-alpha)*T^2*KD."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature."),
+    beta: float = typer.Option(0.5, "--beta", help="JSD mixing weight."),
+    skew: float = typer.Option(0.1, "--skew", help="Skew of skl/srkl."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs over the data)."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data when --steps is not given."),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Padded tokens per micro-batch per rank."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clip (0 = off)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
+    seed: int = typer.Option(0, "--seed", help="Data order and init seed."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: at the end)."),
+    eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction of sequences."),
+    log_every: int = typer.Option(1, "--log-every", help="Metrics line every N steps."),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    dataset: str = typer.Option(None, "--dataset", help="No-cache path: data set for plain CE (--loss ce)."),
+    split: str = typer.Option(None, "--split", help="No-cache path: split."),
+    text_field: str = typer.Option(None, "--text-field", help="No-cache path: text field."),
+    prompt_field: str = typer.Option(None, "--prompt-field", help="No-cache path: prompt field."),
+    response_field: str = typer.Option(None, "--response-field", help="No-cache path: response field."),
+    max_length: int = typer.Option(256, "--max-length", help="No-cache path: window length."),
+    limit: int = typer.Option(None, "--limit", help="No-cache path: first N sequences."),
+    stop_after: int = typer.Option(None, "--stop-after", help="Checkpoint and stop after this step (as if killed)."),
+):
+    """Train a student from a teacher cache with a sparse KD loss (or plain CE on a data set)."""
+    from shared.data import DataError
+    from shared.format import CacheError
+    from trainer.train import TrainConfig, TrainError, train
+
+    try:
+        config = TrainConfig(
+            out=out, cache=cache, student=student, student_from_teacher=student_from_teacher, keep_layers=keep_layers,
+            student_config=student_config, teacher=teacher, loss=loss, alpha=alpha, temperature=temperature, beta=beta,
+            skew=skew, steps=steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+            batch_tokens=batch_tokens, grad_accum=grad_accum, clip=clip, bf16=bf16, seed=seed, eval_every=eval_every,
+            eval_fraction=eval_fraction, log_every=log_every, save_every=save_every, resume=resume, overwrite=overwrite,
+            dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
+            max_length=max_length, limit=limit, stop_after=stop_after,
+        )
+        bar, progress = _progress_factory()
+        with bar:
+            summary = train(config, progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (TrainError, CacheError, DataError, ValueError, OSError) as exc:
+        fail(str(exc))
+    if summary.get("status") == "complete":
+        final = summary["final"]
+        shown = ", ".join(f"{k}={final[k]:.4g}" for k in ("loss", "eval_kl", "eval_top1_agreement", "eval_ppl") if k in final)
+        stdout.print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; {shown}; student saved to {out}",
+                     highlight=False, soft_wrap=True)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="Model folder to evaluate."),
+    dataset: str = typer.Option(None, "--dataset", help="Evaluation data (ppl, rouge, gsm8k)."),
+    metrics: str = typer.Option("ppl", "--metrics", help="Comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore."),
+    cache: str = typer.Option(None, "--cache", help="Teacher cache: agreement, and ppl on its held-out rows when no --dataset."),
+    out: str = typer.Option(None, "--out", help="Write all numbers to this JSON file."),
+    split: str = typer.Option(None, "--split"),
+    text_field: str = typer.Option(None, "--text-field"),
+    prompt_field: str = typer.Option(None, "--prompt-field"),
+    response_field: str = typer.Option(None, "--response-field"),
+    input_field: str = typer.Option(None, "--input-field", help="rouge: extra input/context field."),
+    max_length: int = typer.Option(512, "--max-length"),
+    max_prompt_length: int = typer.Option(256, "--max-prompt-length"),
+    limit: int = typer.Option(None, "--limit"),
+    seeds: str = typer.Option("10,20,30,40,50", "--seeds", help="rouge: sampling seeds."),
+    greedy: bool = typer.Option(False, "--greedy", help="rouge: greedy decoding."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    all_rows: bool = typer.Option(False, "--all-rows", help="agreement/ppl on every cache row, not only held-out ones."),
+):
+    """Evaluate a model: perplexity, agreement with a teacher cache, ROUGE-L, GSM8K, ..."""
+    from shared.data import DataError
+    from shared.format import CacheError
+    from trainer.evaluate import EvalConfig, EvalError, evaluate
+
+    try:
+        config = EvalConfig(model=model, dataset=dataset, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+                            cache=cache, split=split, text_field=text_field, prompt_field=prompt_field,
+                            response_field=response_field, input_field=input_field, max_length=max_length,
+                            max_prompt_length=max_prompt_length, limit=limit,
+                            seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), greedy=greedy,
+                            batch_size=batch_size, heldout_only=not all_rows, out=out)
+        result = evaluate(config, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (EvalError, CacheError, DataError, ValueError, OSError) as exc:
+        fail(str(exc))
+    table = Table(title=f"kdtrain eval {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for metric, values in result.metrics.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and key != "seconds":
+                table.add_row(f"{metric}.{key}", f"{value:.4f}" if isinstance(value, float) else str(value))
+            elif key == "skipped":
+                table.add_row(f"{metric}", f"skipped: {value}")
+    stdout.print(table)
+
+
+@app.command()
+def chain(
+    plan: str = typer.Argument(..., help="Plan file (YAML): teacher, data, cache, train, students, paths, eval."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages and which caches exist; run nothing."),
+    out: str = typer.Option(None, "--out", help="Output folder (default: the plan's out, or runs/<name>)."),
+    teacher: str = typer.Option(None, "--teacher", help="Override the plan's teacher model."),
+    cache_root: str = typer.Option(None, "--cache-root", help="Override the plan's cache_root."),
+    as_json: bool = typer.Option(False, "--json", help="--dry-run: print JSON."),
+):
+    """Run a sequential/parallel distillation plan, resumably; write report.md/json and plots."""
+    from trainer.chain import PlanError, describe_stages, load_plan, run_plan
+
+    try:
+        p = load_plan(plan, out=out)
+        if teacher:
+            p.teacher["model"] = teacher
+        if cache_root:
+            p.cache_root = cache_root
+        if dry_run:
+            rows = describe_stages(p)
+            if as_json:
+                stdout.print_json(json.dumps(rows))
+                return
+            table = Table(title=f"plan {p.name}: {len(rows)} stages -> {p.out}")
+            for col in ("stage", "state", "details"):
+                table.add_column(col)
+            for r in rows:
+                state = "done" if r["done"] else ("cache " + r["cache_state"] if r["kind"] == "cache" else "to run")
+                table.add_row(r["stage"], state, r.get("cache", "") or r["command"][:80])
+            stdout.print(table)
+            return
+        report = run_plan(p, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (PlanError, ValueError, OSError) as exc:
+        fail(str(exc))
+    with open(f"{p.out}/report.md") as f:
+        stdout.print(f.read(), highlight=False, soft_wrap=True)
+    stdout.print(f"report: {p.out}/report.md, {p.out}/report.json; plots: {', '.join(report.get('plots', []))}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    app()

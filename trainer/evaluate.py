@@ -1,0 +1,398 @@
+"""`kdtrain eval`: judge a model with real metrics.
+
+Metrics (each a plain function returning a dict of numbers):
+- `ppl`: token-weighted perplexity on held-out text: `--dataset` (all of it), or without it the
+  held-out sequences of `--cache` (the trainer's held-out rule, so the same text for every stage of a
+  chain, never trained on). Windowing of a data set: each document is cut into
+  consecutive, non-overlapping windows of `max_length` tokens (shared.data rules) and every row whose
+  next token is in the window and masked in (all rows of plain text; response rows of
+  prompt/response data) counts once: ppl = exp(sum NLL / number of predicted tokens).
+- `agreement`: against a teacher cache: top-1 agreement (student argmax == teacher's most likely
+  token) and mean KL(teacher || student) per token over the cache's K+1 buckets (top K + tail), on
+  the cache's loss rows (held-out rows only when `heldout_only`).
+- `rouge`: MiniLLM's protocol: its instruction template, responses sampled at temperature 1 with
+  top_p 1 for several seeds (or greedy), ROUGE-L F1 (rouge-score, stemming on) averaged per seed, then
+  mean and std over seeds, x100 as in the paper.
+- `gsm8k`: greedy answers to GSM8K questions; exact match of the final `#### N` number.
+- `mauve`, `bertscore`: when their packages and local models are installed (see docs/evaluation.md);
+  otherwise the metric is reported as skipped with the reason.
+
+Knows models, the cache format's reader and the data; never imports the cacher.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.data import extract_gsm8k_answer, load_sequences
+from shared.reader import CacheReader
+
+METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore")
+MINILLM_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+MINILLM_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+MINILLM_SEEDS = (10, 20, 30, 40, 50)
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (missing fields, missing extra...)."""
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one `kdtrain eval`."""
+
+    model: str
+    """Model folder (or hub id) to evaluate."""
+    dataset: str | None = None
+    """Evaluation data (ppl, rouge, gsm8k): a local file, builtin:NAME or a hub name."""
+    metrics: tuple[str, ...] = ("ppl",)
+    """Metrics to compute: ppl, agreement, rouge, gsm8k, mauve, bertscore."""
+    cache: str | None = None
+    """Teacher cache for `agreement`."""
+    split: str | None = None
+    """Split of the evaluation data set."""
+    text_field: str | None = None
+    """Text field for ppl on plain text."""
+    prompt_field: str | None = None
+    """Prompt field (rouge, gsm8k; ppl on prompt/response data counts response tokens only)."""
+    response_field: str | None = None
+    """Reference response field."""
+    input_field: str | None = None
+    """rouge: optional 'input' field of instruction data (dolly's `context`)."""
+    max_length: int = 512
+    """ppl window length; rouge/gsm8k: prompt + response limit."""
+    max_prompt_length: int = 256
+    """rouge/gsm8k: longest prompt (MiniLLM: 256); longer prompts are skipped and counted."""
+    limit: int | None = None
+    """Evaluate on the first N examples / windows only."""
+    seeds: tuple[int, ...] = MINILLM_SEEDS
+    """rouge: sampling seeds (MiniLLM uses 10..50)."""
+    greedy: bool = False
+    """rouge: greedy decoding instead of sampling (then one pass, no seeds)."""
+    batch_size: int = 8
+    """Sequences per forward / generation batch."""
+    heldout_only: bool = True
+    """agreement: only the cache's held-out rows (the trainer's held-out rule)."""
+    out: str | None = None
+    """Write all numbers to this JSON file."""
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise EvalError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+        if "agreement" in self.metrics and not self.cache:
+            raise EvalError("metric 'agreement' needs --cache (a teacher cache to compare with)")
+        needs_data = [m for m in self.metrics if m in ("rouge", "gsm8k", "mauve", "bertscore")]
+        if "ppl" in self.metrics and not (self.dataset or self.cache):
+            needs_data.append("ppl (or --cache: its held-out sequences)")
+        if needs_data and not self.dataset:
+            raise EvalError(f"metric(s) {needs_data} need --dataset")
+        for m in ("rouge", "gsm8k", "mauve", "bertscore"):
+            if m in self.metrics and not (self.prompt_field and self.response_field):
+                raise EvalError(f"metric {m!r} needs --prompt-field and --response-field (prompts and references)")
+        if self.max_length < 2:
+            raise EvalError("--max-length must be >= 2")
+
+
+def load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE"):
+        raise EvalError(f"--model {path} is not a local folder and the hub is offline; pass a local model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise EvalError(f"could not load model/tokenizer from {path}: {exc}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# ppl
+
+
+@torch.no_grad()
+def perplexity(model, sequences, batch_size: int = 8) -> dict:
+    """exp(token-weighted mean NLL) over the masked rows of sequences (shared.data.Sequence)."""
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        width = max(len(s.input_ids) for s in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        for r, s in enumerate(batch):
+            n = len(s.input_ids)
+            ids[r, :n] = torch.as_tensor(s.input_ids)
+            attn[r, :n] = 1
+            mask[r, :n] = torch.as_tensor(s.loss_mask)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (B, L-1, V)
+        targets = ids[:, 1:]
+        m = mask[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits[m], targets[m], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int(m.sum())
+    if total_tokens == 0:
+        raise EvalError("no tokens to score for ppl (all windows shorter than 2 tokens?)")
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "num_tokens": total_tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement with a teacher cache
+
+
+@torch.no_grad()
+def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None = None, batch_size: int = 8) -> dict:
+    """Top-1 agreement and mean KL(teacher || student) over the cache's K+1 buckets, per loss token."""
+    from trainer.losses import divergence, student_bucket_logprobs, teacher_bucket_logprobs
+
+    reader = CacheReader(cache, verify_on_read=True)
+    selected = cache_sequences(reader, heldout_only=heldout_only, limit=limit)
+    if not selected:
+        raise EvalError(f"cache {cache} has no {'held-out ' if heldout_only else ''}sequences to compare with")
+    emb = model.get_output_embeddings().weight.shape[0]
+    if emb < reader.manifest.vocab_size:
+        raise EvalError(f"model's vocabulary ({emb}) is smaller than the cache's ({reader.manifest.vocab_size}): different tokenizer?")
+    kl_sum, agree, count = 0.0, 0, 0
+    for start in range(0, len(selected), batch_size):
+        seqs = selected[start:start + batch_size]
+        width = max(len(s["input_ids"]) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s["input_ids"])] = torch.as_tensor(s["input_ids"].astype(np.int64))
+            attn[r, :len(s["input_ids"])] = 1
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        for r, s in enumerate(seqs):
+            n = len(s["input_ids"])
+            mask = torch.as_tensor(s["loss_mask"])
+            if not mask.any():
+                continue
+            lg = logits[r, :n][mask]  # (M, V)
+            topk_ids = torch.as_tensor(s["topk_ids"].astype(np.int64))[mask]
+            t_lp = teacher_bucket_logprobs(torch.as_tensor(s["topk_logprobs"].astype(np.float32))[mask],
+                                           torch.as_tensor(s["tail_logprob"].astype(np.float32))[mask])
+            s_lp = student_bucket_logprobs(lg, topk_ids)
+            kl_sum += float(divergence(t_lp, s_lp, "fkl").sum())
+            agree += int((lg.argmax(-1) == topk_ids[:, 0]).sum())
+            count += int(mask.sum())
+    if count == 0:
+        raise EvalError(f"cache {cache} has no loss tokens in the selected sequences")
+    return {"top1_agreement": agree / count, "kl": kl_sum / count, "num_tokens": count, "cache": cache}
+
+
+def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None) -> list[dict]:
+    """The cache's sequences to evaluate on (held-out ones by the trainer's rule, if asked)."""
+    from trainer.data import heldout_sequences
+
+    out = []
+    picks = heldout_sequences(reader) if heldout_only else [
+        (s, i) for s in range(reader.num_shards) for i in range(reader.shard(s).num_sequences)]
+    for shard, index in picks:
+        out.append(reader.shard(shard).read_sequence(index))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _as_sequence(arrays: dict):
+    """A cache sequence as a shared.data.Sequence (ppl counts its loss rows)."""
+    from shared.data import Sequence
+
+    return Sequence(arrays["input_ids"].astype(np.int64), arrays["loss_mask"].astype(bool), source_index=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation metrics
+
+
+def minillm_prompt(instruction: str, context: str | None) -> str:
+    if context:
+        return MINILLM_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=context)
+    return MINILLM_TEMPLATE.format(instruction=instruction)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, greedy: bool, seed: int,
+             batch_size: int = 8) -> list[str]:
+    """Left-padded batched generation; returns the decoded responses (special tokens removed)."""
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad if pad is not None else 0, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p):] = torch.as_tensor(p)
+            attn[r, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, attention_mask=attn, pad_token_id=pad,
+                      eos_token_id=tokenizer.eos_token_id)
+        if greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        gen = model.generate(ids, **kwargs)[:, width:]
+        out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+    return out
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 x 100 (rouge-score, Porter stemming)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise EvalError("metric 'rouge' needs rouge-score: pip install 'kdcache[eval]'") from exc
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return 100.0 * float(np.mean(scores)) if scores else 0.0
+
+
+def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list[int]], list[str], dict]:
+    """Token ids of formatted prompts and their references; skips prompts over max_prompt_length."""
+    from shared.data import load_rows
+
+    rows, columns = load_rows(config.dataset, config.split)
+    for f in (config.prompt_field, config.response_field, config.input_field):
+        if f and f not in columns:
+            raise EvalError(f"field {f!r} is not in {config.dataset}; its fields are: {', '.join(columns)}")
+    prompts, refs, skipped = [], [], 0
+    for row in rows:
+        text = str(row[config.prompt_field])
+        if template == "minillm":
+            text = minillm_prompt(text, str(row[config.input_field]) if config.input_field and row[config.input_field] else None)
+            ids = tokenizer(text)["input_ids"]
+        else:
+            ids = load_prompt_ids(tokenizer, text)
+        if len(ids) > config.max_prompt_length:
+            skipped += 1
+            continue
+        prompts.append(list(ids))
+        refs.append(str(row[config.response_field]))
+        if config.limit is not None and len(prompts) >= config.limit:
+            break
+    if not prompts:
+        raise EvalError(f"{config.dataset}: no prompt fits in --max-prompt-length {config.max_prompt_length}")
+    return prompts, refs, {"num_examples": len(prompts), "num_skipped": skipped}
+
+
+def load_prompt_ids(tokenizer, text: str) -> list[int]:
+    from shared.data import prompt_only_ids
+
+    return prompt_only_ids(tokenizer, text)
+
+
+def rouge_metric(model, tokenizer, config: EvalConfig) -> dict:
+    prompts, refs, counts = prompts_for(config, tokenizer, "minillm")
+    max_new = max(1, config.max_length - config.max_prompt_length)
+    seeds = (0,) if config.greedy else config.seeds
+    per_seed = []
+    for seed in seeds:
+        preds = generate(model, tokenizer, prompts, max_new_tokens=max_new, greedy=config.greedy, seed=seed,
+                         batch_size=config.batch_size)
+        per_seed.append(rouge_l(preds, refs))
+    return {"rougeL": float(np.mean(per_seed)), "rougeL_std": float(np.std(per_seed)), "rougeL_per_seed": per_seed,
+            "seeds": list(seeds), "greedy": config.greedy, **counts}
+
+
+def gsm8k_metric(model, tokenizer, config: EvalConfig) -> dict:
+    prompts, refs, counts = prompts_for(config, tokenizer, "chat")
+    max_new = max(1, config.max_length - config.max_prompt_length)
+    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new, greedy=True, seed=0, batch_size=config.batch_size)
+    correct = [extract_gsm8k_answer(p) is not None and extract_gsm8k_answer(p) == extract_gsm8k_answer(r)
+               for p, r in zip(preds, refs)]
+    return {"gsm8k_exact_match": float(np.mean(correct)), "num_correct": int(sum(correct)), **counts}
+
+
+def optional_metric(name: str, model, tokenizer, config: EvalConfig) -> dict:
+    """mauve / bertscore: computed only with their package and a local feature model configured."""
+    package = {"mauve": "mauve", "bertscore": "bert_score"}[name]
+    env = {"mauve": "KDCACHE_MAUVE_MODEL", "bertscore": "KDCACHE_BERTSCORE_MODEL"}[name]
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        return {"skipped": f"{package} is not installed (pip install {'mauve-text' if name == 'mauve' else 'bert-score'})"}
+    local = os.environ.get(env)
+    if not local or not os.path.isdir(local):
+        return {"skipped": f"set {env} to a local model folder for {name}'s features (no hub access here)"}
+    prompts, refs, counts = prompts_for(config, tokenizer, "minillm")
+    preds = generate(model, tokenizer, prompts, max_new_tokens=max(1, config.max_length - config.max_prompt_length),
+                     greedy=True, seed=0, batch_size=config.batch_size)
+    if name == "bertscore":
+        from bert_score import score
+
+        _, _, f1 = score(preds, refs, model_type=local, num_layers=None, lang=None)
+        return {"bertscore_f1": float(f1.mean()), **counts}
+    import mauve
+
+    out = mauve.compute_mauve(p_text=refs, q_text=preds, featurize_model_name=local, verbose=False)
+    return {"mauve": float(out.mauve), **counts}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    model: str
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "metrics": self.metrics, "seconds": self.seconds}
+
+
+def evaluate(config: EvalConfig, log=print) -> EvalResult:
+    started = time.time()
+    model, tokenizer = load_model(config.model)
+    result = EvalResult(model=config.model)
+    for metric in config.metrics:
+        t0 = time.time()
+        if metric == "ppl" and not config.dataset:
+            seqs = [_as_sequence(d) for d in cache_sequences(CacheReader(config.cache, verify_on_read=True),
+                                                             heldout_only=config.heldout_only, limit=config.limit)]
+            value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs), "source": "cache held-out"}
+        elif metric == "ppl":
+            seqs, _ = load_sequences(config.dataset, tokenizer, split=config.split, text_field=config.text_field,
+                                        prompt_field=config.prompt_field, response_field=config.response_field,
+                                        max_length=config.max_length, limit=config.limit)
+            value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs)}
+        elif metric == "agreement":
+            value = agreement(model, config.cache, heldout_only=config.heldout_only, limit=config.limit,
+                              batch_size=config.batch_size)
+        elif metric == "rouge":
+            value = rouge_metric(model, tokenizer, config)
+        elif metric == "gsm8k":
+            value = gsm8k_metric(model, tokenizer, config)
+        else:
+            value = optional_metric(metric, model, tokenizer, config)
+        value["seconds"] = round(time.time() - t0, 2)
+        result.metrics[metric] = value
+        log(f"{metric}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()
+                                      if not isinstance(v, list)))
+    result.seconds = time.time() - started
+    if config.out:
+        import json
+
+        os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
+        with open(config.out, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    return result
