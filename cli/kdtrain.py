@@ -204,6 +204,26 @@ def chain(
     stdout.print(f"report: {p.out}/report.md, {p.out}/report.json; plots: {', '.join(report.get('plots', []))}")
 
 
+@app.command()
+def demo(out: str = typer.Option("runs/demo", "--out", help="Output folder of the demo plan."),
+         dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages; run nothing.")):
+    """The embedded default: SmolLM2-135M teacher, built-in corpus, sequential vs parallel vs CE (~15 min on a CPU)."""
+    from trainer.chain import PlanError, describe_stages, load_plan
+    from trainer.demo import run_demo, write_demo_plan
+
+    try:
+        if dry_run:
+            for r in describe_stages(load_plan(write_demo_plan(out), out=out)):
+                stdout.print(f"{r['stage']}: {'done' if r['done'] else 'to run'}", highlight=False)
+            return
+        report = run_demo(out, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (PlanError, ValueError, OSError) as exc:
+        fail(str(exc))
+    with open(f"{out}/report.md") as f:
+        stdout.print(f.read(), highlight=False, soft_wrap=True, markup=False)
+    stdout.print(f"report: {out}/report.md; plots: {', '.join(report.get('plots', []))}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -55,6 +55,9 @@ EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "respo
              "max_length", "max_prompt_length", "greedy", "seeds", "batch_size"}
 STUDENT_KEYS = {"keep_layers", "model", "config"}
 TEACHER = "teacher"
+# Stands for the root teacher's local folder in train commands until the teacher cache exists and
+# names it (a hub id or `smollm2-135m` is resolved to a folder by `kdcache build`).
+TEACHER_FOLDER = "{teacher_folder}"
 
 
 class PlanError(ValueError):
@@ -82,7 +85,7 @@ class Plan:
     train: dict
     students: dict
     paths: list[list[str]]
-    baselines: bool
+    baselines: bool | list
     eval: dict
     out: str
     cache_root: str
@@ -164,8 +167,12 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
             raise PlanError(f"plan: paths[{i}] {p} visits a student twice (a cycle)")
         paths.append([str(s) for s in p])
     baselines = raw.get("baselines", True)
-    if not isinstance(baselines, bool):
-        raise PlanError("plan: baselines must be true or false")
+    if isinstance(baselines, list):
+        unknown = [b for b in baselines if b not in students]
+        if unknown:
+            raise PlanError(f"plan: baselines names {unknown}, which are not students; students: {', '.join(students)}")
+    elif not isinstance(baselines, bool):
+        raise PlanError("plan: baselines must be true, false, or a list of student names")
     out_dir = out or raw.get("out") or os.path.join("runs", name)
     out_dir = _resolve_local(str(out_dir), base_dir) if raw.get("out") and not out else out_dir
     cache_root = raw.get("cache_root")
@@ -260,15 +267,20 @@ def stages_of(plan: Plan) -> list[Stage]:
             add("cache", node, _python_cli("cli.kdcache") + ["build", "--model", model_dir_of(plan, node),
                                                             "--out", cache_dir_of(plan, node)] + build_common,
                 cache=cache_dir_of(plan, node))
-    if plan.baselines:
-        for student in _students_in_paths(plan):
-            node = f"ce:{student}"
-            add("train", node, _train_command(plan, student, cache_dir_of(plan, TEACHER), model_dir_of(plan, node), "ce"),
-                run=model_dir_of(plan, node))
-    for node in [TEACHER] + nodes_of(plan) + ([f"ce:{s}" for s in _students_in_paths(plan)] if plan.baselines else []):
+    for student in _baseline_students(plan):
+        node = f"ce:{student}"
+        add("train", node, _train_command(plan, student, cache_dir_of(plan, TEACHER), model_dir_of(plan, node), "ce"),
+            run=model_dir_of(plan, node))
+    for node in [TEACHER] + nodes_of(plan) + [f"ce:{s}" for s in _baseline_students(plan)]:
         out_file = os.path.join(plan.out, "eval", f"{_slug(node)}.json")
         add("eval", node, _eval_command(plan, model_dir_of(plan, node), out_file), eval=out_file)
     return stages
+
+
+def _baseline_students(plan: Plan) -> list[str]:
+    if isinstance(plan.baselines, list):
+        return list(plan.baselines)
+    return _students_in_paths(plan) if plan.baselines else []
 
 
 def _students_in_paths(plan: Plan) -> list[str]:
@@ -284,7 +296,7 @@ def _train_command(plan: Plan, student: str, cache: str, out: str, loss: str | N
     spec = plan.students[student]
     cmd = _python_cli("cli.kdtrain") + ["run", "--cache", cache, "--out", out]
     if "keep_layers" in spec:
-        cmd += ["--student-from-teacher", "--keep-layers", str(spec["keep_layers"]), "--teacher", plan.teacher["model"]]
+        cmd += ["--student-from-teacher", "--keep-layers", str(spec["keep_layers"]), "--teacher", TEACHER_FOLDER]
     elif "model" in spec:
         cmd += ["--student", spec["model"]]
     else:
@@ -311,6 +323,19 @@ def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Running
+
+
+def teacher_folder(plan: Plan) -> str:
+    """The root teacher's local folder: the plan's model if it is a folder, else what its cache recorded."""
+    if os.path.isdir(plan.teacher["model"]):
+        return plan.teacher["model"]
+    manifest = os.path.join(cache_dir_of(plan, TEACHER), "manifest.json")
+    try:
+        with open(manifest) as f:
+            return json.load(f)["teacher"]["path"]
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise PlanError(f"cannot find the teacher's folder: {plan.teacher['model']} is not a folder and "
+                        f"{manifest} is missing") from exc
 
 
 def stage_done(stage: Stage) -> bool:
@@ -348,7 +373,7 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None) -> dict:
         if stage_done(st):
             log(f"[{i}/{len(stages)}] {st.id}: done earlier, skipped")
             continue
-        command = list(st.command)
+        command = [teacher_folder(plan) if c == TEACHER_FOLDER else c for c in st.command]
         if st.kind == "train" and os.path.isdir(os.path.join(st.outputs["run"], "checkpoints")):
             command.append("--resume")
         log(f"[{i}/{len(stages)}] {st.id}: " + " ".join(shlex.quote(c) for c in command[2:]))

