@@ -419,7 +419,8 @@ def _generate(config, model_path, tokenizer, prompts, plan, pending, engine_name
                     "seed": config.seed, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
                     "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None}
         with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
-            for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids for i in flat], settings, work):
+            for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids for i in flat], settings, work,
+                                            env=_vllm_env()):
                 responses.setdefault(flat[item["sequence_index"]], []).append(np.asarray(item["response_ids"], dtype=np.int64))
     out: dict[int, list] = {}
     for s in pending:
@@ -444,6 +445,15 @@ def _generate(config, model_path, tokenizer, prompts, plan, pending, engine_name
     return out
 
 
+def _vllm_env() -> dict | None:
+    """On a CPU-only machine vLLM starts much faster without multiprocessing and torch.compile."""
+    import torch
+
+    from cacher.engine_vllm import CPU_FAST_ENV
+
+    return None if torch.cuda.is_available() else dict(CPU_FAST_ENV)
+
+
 def _vllm_score(config, model_path, sequences, dtype, tick) -> list[dict]:
     from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
 
@@ -454,7 +464,8 @@ def _vllm_score(config, model_path, sequences, dtype, tick) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
         try:
-            for item in run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work):
+            for item in run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work,
+                                            env=_vllm_env()):
                 results.append(item)
                 tick(1, len(item["target_logprob"]))
         except RuntimeError as exc:
