@@ -273,7 +273,8 @@ def stages_of(plan: Plan) -> list[Stage]:
             run=model_dir_of(plan, node))
     for node in [TEACHER] + nodes_of(plan) + [f"ce:{s}" for s in _baseline_students(plan)]:
         out_file = os.path.join(plan.out, "eval", f"{_slug(node)}.json")
-        add("eval", node, _eval_command(plan, model_dir_of(plan, node), out_file), eval=out_file)
+        model = TEACHER_FOLDER if node == TEACHER and not os.path.isdir(plan.teacher["model"]) else model_dir_of(plan, node)
+        add("eval", node, _eval_command(plan, model, out_file), eval=out_file)
     return stages
 
 
@@ -309,12 +310,14 @@ def _train_command(plan: Plan, student: str, cache: str, out: str, loss: str | N
 
 
 def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
+    """ppl and agreement default to the teacher cache's held-out sequences (the same text for every
+    stage, never trained on); generation metrics read eval.dataset (default: the plan's data)."""
     settings = {k: v for k, v in plan.eval.items()}
-    for key in ("dataset", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"):
-        if key not in settings and key in plan.data and key != "limit":
-            settings[key] = plan.data[key]
-    settings.setdefault("dataset", plan.data.get("dataset"))
     metrics = settings.pop("metrics")
+    if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")):
+        for key in ("dataset", "split", "prompt_field", "response_field"):
+            if key not in settings and key in plan.data:
+                settings[key] = plan.data[key]
     cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file]
     if "agreement" in metrics:
         cmd += ["--cache", cache_dir_of(plan, TEACHER)]
