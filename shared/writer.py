@@ -65,8 +65,28 @@ from shared.store import Store, open_store
 
 TOOL_VERSION = "0.1.0"
 DEFAULT_CHUNK_ROWS = 8192
-# Blosc with zstd and byte shuffle: measured in BENCHMARKS.md (P4) against other codecs.
-BLOSC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
+# Blosc with zstd at its highest level and byte shuffle: measured in BENCHMARKS.md (P4) against other
+# levels and shuffles. Compression runs on the background writer thread, never in the teacher's way.
+BLOSC = {"cname": "zstd", "clevel": 9, "shuffle": "shuffle"}
+# topk_logprobs: ranks 1..EXACT_RANKS keep every float16 bit; lower ranks are rounded to
+# TRIMMED_MANTISSA_BITS mantissa bits (relative error <= 2^-8 of the log-prob), which zstd then
+# packs much better (storage_layout.md 3.1; BENCHMARKS.md P4).
+EXACT_RANKS = 16
+TRIMMED_MANTISSA_BITS = 7
+
+
+def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
+    """Round float16 values to `keep_bits` of their 10 mantissa bits (round half to even)."""
+    x = np.ascontiguousarray(values, dtype=np.float16)
+    drop = 10 - keep_bits
+    if drop <= 0:
+        return x
+    bits = x.view(np.uint16).astype(np.uint32)
+    finite = np.isfinite(x)
+    half = 1 << (drop - 1)
+    rounded = ((bits + half - 1 + ((bits >> drop) & 1)) >> drop) << drop
+    out = np.where(finite, rounded, bits).astype(np.uint16).view(np.float16)
+    return out
 
 
 def utc_now() -> str:
@@ -116,7 +136,7 @@ class BuildHeader:
         }
 
     @classmethod
-    def from_json(cls, obj: dict) -> "BuildHeader":
+    def from_json(cls, obj: dict) -> BuildHeader:
         try:
             return cls(
                 teacher=obj["teacher"],
@@ -227,6 +247,11 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
             )
         a = np.minimum(a, 0.0) if name != "target_logprob" else a
         stored = a.astype(LOGPROB_DTYPE)
+        if name == "topk_logprobs" and stored.shape[1] > EXACT_RANKS:
+            stored[:, EXACT_RANKS:] = round_mantissa(stored[:, EXACT_RANKS:], TRIMMED_MANTISSA_BITS)
+            # rounding is monotonic within the trimmed ranks; where it lifted one above the last exact
+            # rank, clamp (a running minimum keeps the order most likely first)
+            stored[:, EXACT_RANKS - 1:] = np.minimum.accumulate(stored[:, EXACT_RANKS - 1:], axis=1)
         if name == "target_logprob":
             stored[last_rows] = TARGET_SENTINEL
             mask = np.ones(num_rows, dtype=bool)
@@ -325,7 +350,7 @@ class CacheWriter:
         self._lock_token = uuid.uuid4().hex
 
     # -- opening -----------------------------------------------------------------------------
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         store = self.store
         if store.local and os.path.exists(store.root) and not os.path.isdir(store.root):
             raise CacheError(f"--out {store.root} is a file, not a directory; pass a new folder path")
@@ -445,7 +470,7 @@ class CacheWriter:
         done = self.committed_shards()
         return [i for i in self.my_shards() if i not in done]
 
-    def shard(self, index: int) -> "_ShardContext":
+    def shard(self, index: int) -> _ShardContext:
         """`with writer.shard(i) as buf: buf.add_sequence(...)`: committed on a clean exit only."""
         return _ShardContext(self, index)
 
@@ -522,6 +547,13 @@ def read_commits(store: Store, num_shards: int, cache_key: str | None) -> tuple[
     return entries, missing
 
 
+def array_descriptions(vocab_size: int) -> dict:
+    """manifest.arrays: each array's dtype, and how topk_logprobs were rounded."""
+    out = {name: {"dtype": dtype} for name, dtype in array_dtypes(vocab_size).items()}
+    out["topk_logprobs"]["rounding"] = {"exact_ranks": EXACT_RANKS, "mantissa_bits": TRIMMED_MANTISSA_BITS}
+    return out
+
+
 def finalize_cache(store: Store | str, header: BuildHeader | None = None) -> Manifest | None:
     """Assemble and write manifest.json from the shards' commit files (`kdcache finalize`)."""
     if isinstance(store, str):
@@ -543,7 +575,7 @@ def finalize_cache(store: Store | str, header: BuildHeader | None = None) -> Man
         tokenizer=header.tokenizer,
         dataset=header.dataset,
         settings=header.settings,
-        arrays={name: {"dtype": dtype} for name, dtype in array_dtypes(header.tokenizer["vocab_size"]).items()},
+        arrays=array_descriptions(header.tokenizer["vocab_size"]),
         shards=entries,
         totals=make_totals(entries),
         extensions={},
@@ -574,6 +606,12 @@ def lock_is_live(held: dict, stale_after_s: float = 3600.0) -> bool:
 
 
 __all__ = [
-    "BuildHeader", "CacheWriter", "ShardBuffer", "finalize_cache", "header_differences", "id_dtype",
-    "validate_shard_arrays", "TOOL_VERSION",
+    "TOOL_VERSION",
+    "BuildHeader",
+    "CacheWriter",
+    "ShardBuffer",
+    "finalize_cache",
+    "header_differences",
+    "id_dtype",
+    "validate_shard_arrays",
 ]

@@ -61,3 +61,27 @@ def test_tail_mass_in_stored_dtype_is_within_1e3():
 def test_missing_cache_folder_is_clear(tmp_path):
     with pytest.raises(CacheError, match="does not exist"):
         CacheReader(str(tmp_path / "nope"))
+
+
+def test_low_ranks_rounded_within_bound_and_order_kept(tmp_path):
+    """Ranks > 16 keep 7 mantissa bits: relative error <= 2^-8, still sorted (storage_layout.md 3.1)."""
+    from shared.writer import CacheWriter, round_mantissa
+    from tests.shared.fakes import header, random_sequence
+
+    rng = np.random.default_rng(1)
+    url = str(tmp_path / "c")
+    seq = random_sequence(rng, 50, top_k=64)
+    with CacheWriter(url, header(1, top_k=64)) as w:
+        with w.shard(0) as buf:
+            buf.add_sequence(**seq, source_index=0)
+        w.finalize()
+    r = CacheReader(url)
+    got = r.shard(0).read_sequence(0)["topk_logprobs"].astype(np.float64)
+    want = seq["topk_logprobs"]
+    np.testing.assert_allclose(got[:, :16], want[:, :16], rtol=2**-11, atol=1e-7)
+    rel = np.abs(got[:, 16:] - want[:, 16:]) / np.abs(want[:, 16:])
+    assert rel.max() <= 2**-8 + 2**-11
+    assert np.all(np.diff(got, axis=1) <= 0)
+    assert r.manifest.arrays["topk_logprobs"]["rounding"] == {"exact_ranks": 16, "mantissa_bits": 7}
+    x = np.array([-1.0009765625, -np.inf], dtype=np.float16)
+    assert round_mantissa(x, 10).tolist() == x.tolist() and np.isneginf(round_mantissa(x, 7)[1])
