@@ -21,10 +21,10 @@ from trainer.chain import load_plan, run_plan
 DEMO_PLAN = {
     "name": "demo",
     "teacher": {"model": "smollm2-135m"},
-    "data": {"dataset": "builtin:pydoc-topics", "max_length": 128, "limit": 192},
+    "data": {"dataset": "builtin:pydoc-topics", "max_length": 128, "limit": 96},
     "cache": {"top_k": 64, "engine": "hf", "dtype": "bfloat16", "batch_tokens": 2048},
-    "train": {"loss": "fkl", "alpha": 0.0, "temperature": 1.0, "steps": 30, "lr": 0.0005, "batch_tokens": 1024,
-              "warmup_steps": 3, "eval_every": 10, "eval_fraction": 0.1, "seed": 0},
+    "train": {"loss": "fkl", "alpha": 0.0, "temperature": 1.0, "steps": 60, "lr": 0.001, "batch_tokens": 512,
+              "warmup_steps": 5, "eval_every": 20, "eval_fraction": 0.1, "seed": 0},
     "students": {"assistant": {"keep_layers": 8}, "student": {"keep_layers": 4}},
     "paths": [["assistant", "student"], ["student"]],
     "baselines": ["student"],
