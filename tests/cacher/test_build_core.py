@@ -225,3 +225,54 @@ def test_build_config_errors():
     with pytest.raises(BuildError, match="--worker 2"):
         BuildConfig(worker=2, num_workers=2)
     assert BuildConfig(model="org/gpt2-xl").out == os.path.join("cache", "gpt2-xl")
+
+
+def test_write_error_mid_shard_then_resume(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """A store that fails mid-write (disk full): nothing half-committed; the rerun resumes to a clean result."""
+    from shared.store import Store
+
+    common = dict(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), max_length=32, limit=20, top_k=4,
+                  shard_tokens=100, reuse=False)
+    clean = str(tmp_path / "clean")
+    build(BuildConfig(out=clean, **common), **QUIET)
+    out = str(tmp_path / "flaky")
+    real = Store.write_bytes
+    calls = {"n": 0}
+
+    def flaky(self, key, data):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise OSError(28, "No space left on device")
+        return real(self, key, data)
+
+    monkeypatch.setattr(Store, "write_bytes", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        build(BuildConfig(out=out, **common), **QUIET)
+    monkeypatch.setattr(Store, "write_bytes", real)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    committed = [d for d in os.listdir(os.path.join(out, "shards"))
+                 if os.path.exists(os.path.join(out, "shards", d, "commit.json"))]
+    assert 0 < len(committed) < len(CacheReader(clean).manifest.shards)
+    assert build(BuildConfig(out=out, **common), **QUIET).status == "built"
+    assert [s.objects for s in CacheReader(clean).manifest.shards] == [s.objects for s in CacheReader(out).manifest.shards]
+
+
+@pytest.mark.vllm
+def test_vllm_build_equals_hf_build(tiny_gpt2_dir, tmp_path):
+    from cacher.engine_vllm import find_vllm_python
+
+    if find_vllm_python() is None:
+        pytest.skip("no vLLM interpreter (set KDCACHE_VLLM_PYTHON or run bash .ci/install --vllm)")
+    common = dict(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), max_length=64, limit=12, top_k=8, reuse=False,
+                  dtype="float32")
+    hf, vl = str(tmp_path / "hf"), str(tmp_path / "vllm")
+    build(BuildConfig(out=hf, engine="hf", **common), **QUIET)
+    build(BuildConfig(out=vl, engine="vllm", **common), **QUIET)
+    assert CacheReader(vl).manifest.teacher["engine"] == "vllm"
+    for a, b in zip(arrays(hf), arrays(vl)):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        la, lb = a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32)
+        same = a["topk_ids"] == b["topk_ids"]
+        assert same.mean() > 0.99
+        assert np.abs(la - lb)[same].max() < 1e-3 + 2**-8 * np.abs(la[same]).max()  # float16/rounding of storage
+        np.testing.assert_allclose(a["target_logprob"].astype(np.float32), b["target_logprob"].astype(np.float32), atol=2e-3)

@@ -143,3 +143,26 @@ def test_ddp_two_processes(tiny_cache, tmp_path):
     assert rows[-1]["step"] == 6 and all(torch.isfinite(torch.tensor(r.get("loss", 0.0))) for r in rows)
     state = json.load(open(os.path.join(out, "checkpoints", "step-000006", "state.json")))
     assert len(state["cursors"]) == 2  # each rank's own position in its own stripe
+
+
+def test_cache_without_loss_tokens_refused(tiny_gpt2_dir, tmp_path):
+    """A cache whose loss_mask is false everywhere (nothing to distill) is refused before training."""
+    import numpy as np
+
+    from shared.writer import BuildHeader, CacheWriter
+
+    url = str(tmp_path / "nomask")
+    header = BuildHeader(teacher={"name": "t", "dtype": "float32", "engine": "hf", "engine_version": "x",
+                                  "path": str(tiny_gpt2_dir)},
+                         tokenizer={"name": "t", "vocab_size": 384, "vocab_sha256": "0" * 64},
+                         dataset={"name": "d", "fingerprint": "f", "num_sequences": 1},
+                         settings={"mode": "score", "top_k": 2, "max_length": 8}, num_shards=1)
+    with CacheWriter(url, header) as w:
+        with w.shard(0) as buf:
+            buf.add_sequence(input_ids=np.arange(5), loss_mask=np.zeros(5, bool), topk_ids=np.tile([1, 2], (5, 1)),
+                             topk_logprobs=np.tile([-1.0, -2.0], (5, 1)), target_logprob=np.full(5, -1.0),
+                             tail_logprob=np.full(5, -1.0), source_index=0)
+        w.finalize()
+    with pytest.raises(TrainError, match="no rows with loss_mask set"):
+        train(TrainConfig(out=str(tmp_path / "o"), cache=url, student_from_teacher=True, keep_layers=1, steps=1),
+              log=lambda m: None)
