@@ -137,6 +137,7 @@ def eval_(
     greedy: bool = typer.Option(False, "--greedy", help="rouge: greedy decoding."),
     batch_size: int = typer.Option(8, "--batch-size"),
     all_rows: bool = typer.Option(False, "--all-rows", help="agreement/ppl on every cache row, not only held-out ones."),
+    eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction the student was trained with."),
 ):
     """Evaluate a model: perplexity, agreement with a teacher cache, ROUGE-L, GSM8K, ..."""
     from shared.data import DataError
@@ -149,7 +150,8 @@ def eval_(
                             response_field=response_field, input_field=input_field, max_length=max_length,
                             max_prompt_length=max_prompt_length, limit=limit,
                             seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), greedy=greedy,
-                            batch_size=batch_size, heldout_only=not all_rows, out=out)
+                            batch_size=batch_size, heldout_only=not all_rows, eval_fraction=eval_fraction,
+                            out=out)
         result = evaluate(config, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     except (EvalError, CacheError, DataError, ValueError, OSError) as exc:
         fail(str(exc))

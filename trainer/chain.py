@@ -318,7 +318,8 @@ def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
         for key in ("dataset", "split", "prompt_field", "response_field"):
             if key not in settings and key in plan.data:
                 settings[key] = plan.data[key]
-    cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file]
+    cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file,
+                                        "--eval-fraction", str(plan.train.get("eval_fraction", 0.05))]
     if "agreement" in metrics:
         cmd += ["--cache", cache_dir_of(plan, TEACHER)]
     return cmd + _options(settings)

@@ -86,6 +86,8 @@ class EvalConfig:
     """Sequences per forward / generation batch."""
     heldout_only: bool = True
     """agreement: only the cache's held-out rows (the trainer's held-out rule)."""
+    eval_fraction: float = 0.05
+    """The held-out fraction the student was trained with (kdtrain run --eval-fraction)."""
     out: str | None = None
     """Write all numbers to this JSON file."""
 
@@ -159,12 +161,13 @@ def perplexity(model, sequences, batch_size: int = 8) -> dict:
 
 
 @torch.no_grad()
-def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None = None, batch_size: int = 8) -> dict:
+def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None = None, batch_size: int = 8,
+              eval_fraction: float = 0.05) -> dict:
     """Top-1 agreement and mean KL(teacher || student) over the cache's K+1 buckets, per loss token."""
     from trainer.losses import divergence, student_bucket_logprobs, teacher_bucket_logprobs
 
     reader = CacheReader(cache, verify_on_read=True)
-    selected = cache_sequences(reader, heldout_only=heldout_only, limit=limit)
+    selected = cache_sequences(reader, heldout_only=heldout_only, limit=limit, eval_fraction=eval_fraction)
     if not selected:
         raise EvalError(f"cache {cache} has no {'held-out ' if heldout_only else ''}sequences to compare with")
     emb = model.get_output_embeddings().weight.shape[0]
@@ -198,12 +201,12 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
     return {"top1_agreement": agree / count, "kl": kl_sum / count, "num_tokens": count, "cache": cache}
 
 
-def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None) -> list[dict]:
+def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None, eval_fraction: float = 0.05) -> list[dict]:
     """The cache's sequences to evaluate on (held-out ones by the trainer's rule, if asked)."""
     from trainer.data import heldout_sequences
 
     out = []
-    picks = heldout_sequences(reader) if heldout_only else [
+    picks = heldout_sequences(reader, eval_fraction) if heldout_only else [
         (s, i) for s in range(reader.num_shards) for i in range(reader.shard(s).num_sequences)]
     for shard, index in picks:
         out.append(reader.shard(shard).read_sequence(index))
@@ -368,7 +371,8 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
         t0 = time.time()
         if metric == "ppl" and not config.dataset:
             seqs = [_as_sequence(d) for d in cache_sequences(CacheReader(config.cache, verify_on_read=True),
-                                                             heldout_only=config.heldout_only, limit=config.limit)]
+                                                             heldout_only=config.heldout_only, limit=config.limit,
+                                                             eval_fraction=config.eval_fraction)]
             value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs), "source": "cache held-out"}
         elif metric == "ppl":
             seqs, _ = load_sequences(config.dataset, tokenizer, split=config.split, text_field=config.text_field,
@@ -377,7 +381,7 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
             value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs)}
         elif metric == "agreement":
             value = agreement(model, config.cache, heldout_only=config.heldout_only, limit=config.limit,
-                              batch_size=config.batch_size)
+                              batch_size=config.batch_size, eval_fraction=config.eval_fraction)
         elif metric == "rouge":
             value = rouge_metric(model, tokenizer, config)
         elif metric == "gsm8k":
