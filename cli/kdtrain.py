@@ -71,12 +71,12 @@ def run(
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Padded tokens per micro-batch per rank."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Padded tokens (rows x longest) per micro-batch per rank."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
     clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clip (0 = off)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
     seed: int = typer.Option(0, "--seed", help="Data order and init seed."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: at the end)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps and at step 0 (0: only at the end)."),
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction of sequences."),
     log_every: int = typer.Option(1, "--log-every", help="Metrics line every N steps."),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps."),
@@ -88,8 +88,11 @@ def run(
     prompt_field: str = typer.Option(None, "--prompt-field", help="No-cache path: prompt field."),
     response_field: str = typer.Option(None, "--response-field", help="No-cache path: response field."),
     max_length: int = typer.Option(256, "--max-length", help="No-cache path: window length."),
-    limit: int = typer.Option(None, "--limit", help="No-cache path: first N sequences."),
-    stop_after: int = typer.Option(None, "--stop-after", help="Checkpoint and stop after this step (as if killed)."),
+    limit: int = typer.Option(None, "--limit", help="No-cache path: first N source rows."),
+    eval_max_sequences: int = typer.Option(64, "--eval-max-sequences", help="Held-out sequences per evaluation, at most."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard scalars to <out>/tensorboard."),
+    stop_after: int = typer.Option(None, "--stop-after", hidden=True, help="Checkpoint and stop after this step (as if killed)."),
+    trace_data: bool = typer.Option(False, "--trace-data", hidden=True, help="Write each rank's sequence ids to <out>/trace/."),
 ):
     """Train a student from a teacher cache with a sparse KD loss (or plain CE on a data set)."""
     from shared.data import DataError
@@ -104,7 +107,8 @@ def run(
             batch_tokens=batch_tokens, grad_accum=grad_accum, clip=clip, bf16=bf16, seed=seed, eval_every=eval_every,
             eval_fraction=eval_fraction, log_every=log_every, save_every=save_every, resume=resume, overwrite=overwrite,
             dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-            max_length=max_length, limit=limit, stop_after=stop_after,
+            max_length=max_length, limit=limit, eval_max_sequences=eval_max_sequences, tensorboard=tensorboard,
+            stop_after=stop_after, trace_data=trace_data,
         )
         bar, progress = _progress_factory()
         with bar:
@@ -114,7 +118,8 @@ def run(
     if summary.get("status") == "complete":
         final = summary["final"]
         shown = ", ".join(f"{k}={final[k]:.4g}" for k in ("loss", "eval_kl", "eval_top1_agreement", "eval_ppl") if k in final)
-        stdout.print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; {shown}; student saved to {out}",
+        stdout.print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
+                     f"{shown}; student saved to {out}",
                      highlight=False, soft_wrap=True)
 
 

@@ -1,13 +1,15 @@
 """Checkpoints: everything a run needs to continue bit for bit, written atomically.
 
 `<out>/checkpoints/step-NNNNNN/` holds:
-- `model.safetensors` (+ config.json): the student's weights (save_pretrained, safetensors);
-- `optimizer.pt`: optimizer and scheduler state dicts and torch's RNG state, only tensors and plain
-  containers, loaded with `torch.load(weights_only=True)` (no pickle of arbitrary objects);
-- `state.json`: step, the data cursor of every rank, numpy's and Python's RNG states.
-A checkpoint is written into a temporary folder and renamed into place; the last `keep` stay.
+- `model.safetensors` + `config.json`: the student's weights (save_pretrained, safetensors);
+- `optimizer.pt`: the optimizer's and the scheduler's state dicts and torch's RNG states (CPU, and
+  CUDA when present): only tensors and plain containers, loaded with `torch.load(weights_only=True)`;
+- `state.json`: a small JSON dict: `step`, `cursors` (the data cursor `{"epoch", "position"}` of each
+  rank), numpy's and Python's RNG states, and the settings the data order depends on (`data`).
+A checkpoint is written into `.tmp-step-NNNNNN/` and renamed into place, so a folder named `step-*`
+is always complete; the last `keep` stay.
 
-Knows torch and safetensors; nothing about the cache or the losses.
+Knows torch and safetensors; nothing about the cache, the losses or the loop.
 """
 
 from __future__ import annotations
@@ -21,47 +23,59 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def checkpoint_dir(out: str, step: int) -> str:
-    return os.path.join(out, "checkpoints", f"step-{step:06d}")
+    return os.path.join(out, CHECKPOINTS_DIR, f"step-{step:06d}")
+
+
+def list_checkpoints(out: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    root = os.path.join(out, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, STATE_FILE)))
+    return [os.path.join(root, d) for d in names]
 
 
 def latest_checkpoint(out: str) -> str | None:
-    root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, STATE_FILE)))
-    return os.path.join(root, done[-1]) if done else None
+    done = list_checkpoints(out)
+    return done[-1] if done else None
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, scheduler, cursors: list[dict], extra: dict | None = None,
-                    keep: int = 2) -> str:
+def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> str:
+    """Write checkpoint `step` (state: JSON-able, e.g. cursors and data settings); keep the last `keep`."""
     final = checkpoint_dir(out, step)
-    tmp = final + ".tmp"
+    tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+               os.path.join(tmp, "optimizer.pt"))
     np_state = np.random.get_state()
     py_state = random.getstate()
-    state = {
+    body = {
         "step": step,
-        "cursors": cursors,
+        **state,
         "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-        **(extra or {}),
     }
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump(state, f)
+        json.dump(body, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    root = os.path.dirname(final)
-    old = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
-    for d in old[:-keep]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    for old in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
@@ -71,13 +85,14 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"checkpoint {path} has no model.safetensors; delete it to fall back to an older one")
-    load_model(model, weights, strict=False)
+    load_model(model, weights, strict=False)  # strict=False: tied weights are stored once
     blob = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    state = read_state(path)
     n = state["numpy_rng"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     p = state["python_rng"]

@@ -1,21 +1,34 @@
 """The trainer's data path: which sequences, in which order, in which batches.
 
-- `heldout_mask`: a sequence is held out for evaluation iff
-  `int(sha256(f"{text_sha256}:{window_index}")[:8], 16) % 10_000 < eval_fraction * 10_000`
-  (at least one sequence is held out when there are two or more: the one with the smallest hash).
-  The rule reads only the source text's hash and the window index from the meta parquet, so caches of
-  the same data built by different teachers (a distillation chain) hold out the same sequences.
-- `epoch_order(num_items, seed, epoch, rank, world_size, blocks=None)`: a pure function. Blocks are
-  groups of sequences stored next to each other (one Zarr chunk span); their order is shuffled and
-  the sequences inside each block are shuffled, so a reader decompresses each chunk once per epoch
-  instead of once per sequence. Rank r takes every world_size-th block of the shuffled order
-  (disjoint stripes that together cover every item).
-- `Batcher`: fills a token budget (`batch_tokens` = rows x padded width) from the stream, keeping
-  the sequences' order; a background thread prefetches and collates the next batches.
-- Resume state is the cursor `{"epoch": e, "position": p}`: the first p items of rank r's order for
-  epoch e have been consumed.
+Held-out rule (`heldout_mask`). A sequence is held out for evaluation iff
+    int(sha256(f"{text_sha256}:{window_index}")[:8], 16) % 10_000 < round(eval_fraction * 10_000)
+with two guards: when that holds out nothing (and there are >= 2 sequences) the one with the smallest
+value is held out, and when it holds out everything the one with the largest value is trained on.
+The rule reads only the meta parquet's `text_sha256` and `window_index` (`source_index` stands in for
+an empty hash), never the teacher's arrays or the storage order, so caches of the same data built by
+different teachers (a distillation chain) hold out exactly the same sequences.
 
-Knows the cache format's reader and numpy/torch tensors; nothing about models or losses.
+Order (`epoch_order`, pure). Reading one random sequence of a Zarr shard decompresses the whole chunk
+around it, so the order is built from *blocks*: the sequences whose first row lies in one chunk of
+`chunk_rows` rows of one shard (the no-cache path, already in memory, uses one block per sequence).
+For epoch e the blocks are permuted with `default_rng([seed, e])`; rank r of world_size takes the
+blocks at positions r, r + world_size, ... of that permutation (disjoint stripes that together
+cover every sequence); its blocks are taken `window_blocks` at a time, and the sequences of each such
+window are shuffled together by a random key per sequence. A reader therefore keeps at most two
+windows of decoded blocks (`BlockCache`) and decompresses each chunk about once per epoch, while a
+batch still mixes sequences of `window_blocks` distant places of the data.
+
+Batches (`pack_batches`, `collate`). Sequences keep their order and are right-padded, not packed
+into one row (packing would let attention cross document boundaries): a batch is the longest run of
+consecutive sequences whose rows x longest length stays within `batch_tokens`; a longer sequence is
+a batch of its own. Cache windows mostly share one length, so little is padding. Row t's target is
+token t+1 of its own sequence; the last row of each sequence has none and its loss mask is False.
+
+`Batcher` runs a background thread that reads, collates and queues the next batches so the step does
+not wait on I/O. Resume state is the cursor `{"epoch": e, "position": p}`: the first p items of this
+rank's order for epoch e were consumed; batch boundaries restart from the cursor exactly as before.
+
+Knows the cache reader, numpy and torch tensors; nothing about models, losses or the cacher.
 """
 
 from __future__ import annotations
@@ -23,14 +36,18 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from shared.format import CacheCorruptError
 from shared.reader import CacheReader
 
-IGNORE = -100
+IGNORE = -100  # target id of rows without a next token (and of padding)
+HASH_BUCKETS = 10_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,65 +55,105 @@ IGNORE = -100
 
 
 def heldout_hash(text_sha256: str, window_index: int, source_index: int = 0) -> int:
+    """The number the held-out rule looks at (see the module docstring)."""
     key = f"{text_sha256 or source_index}:{window_index}".encode()
     return int(hashlib.sha256(key).hexdigest()[:8], 16)
 
 
 def heldout_mask(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
     """Boolean mask of held-out items from their heldout_hash values (see the module docstring)."""
-    hashes = np.asarray(hashes, dtype=np.int64)
-    mask = (hashes % 10_000) < int(round(eval_fraction * 10_000))
-    if eval_fraction > 0 and len(hashes) >= 2 and not mask.any():
-        mask[int(np.argmin(hashes % 10_000))] = True
-    if mask.all() and len(hashes) >= 2:
-        mask[int(np.argmax(hashes % 10_000))] = False
+    buckets = np.asarray(hashes, dtype=np.int64) % HASH_BUCKETS
+    mask = buckets < round(eval_fraction * HASH_BUCKETS)
+    if eval_fraction > 0 and len(buckets) >= 2 and not mask.any():
+        mask[int(np.argmin(buckets))] = True
+    if mask.all() and len(buckets) >= 2:
+        mask[int(np.argmax(buckets))] = False
     return mask
 
 
-def cache_items(reader: CacheReader) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray]:
-    """Every sequence of a cache as (shard, index), with its length, held-out hash and block id."""
-    items, lengths, hashes, blocks = [], [], [], []
+# ---------------------------------------------------------------------------------------------
+# What a cache holds (from the small meta tables; no row array is read)
+
+
+@dataclass
+class CacheIndex:
+    """Every sequence of a cache in storage order, planned from the meta tables alone."""
+
+    shard_of: np.ndarray  # (S,) shard index of each sequence
+    index_of: np.ndarray  # (S,) its index inside the shard
+    lengths: np.ndarray  # (S,) rows
+    row_starts: np.ndarray  # (S,) first row inside its shard
+    hashes: np.ndarray  # (S,) heldout_hash
+    blocks: np.ndarray  # (S,) global block id: (shard, chunk of its first row)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def cache_index(reader: CacheReader) -> CacheIndex:
+    """Index a cache from its meta parquet files (a few KB per shard)."""
     chunk_rows = int(reader.manifest.settings.get("chunk_rows") or 8192)
+    shard_of, index_of, lengths, starts, hashes, blocks = [], [], [], [], [], []
     block_base = 0
-    for s in range(reader.num_shards):
-        view = reader.shard(s)
-        meta = reader.meta(s).to_pydict()
-        offsets = view.offsets
-        for i in range(view.num_sequences):
-            items.append((s, i))
-            lengths.append(int(offsets[i + 1] - offsets[i]))
-            hashes.append(heldout_hash(meta["text_sha256"][i], meta["window_index"][i], meta["source_index"][i]))
-            blocks.append(block_base + int(offsets[i]) // chunk_rows)
-        block_base += int(offsets[-1]) // chunk_rows + 1
-    return items, np.asarray(lengths), np.asarray(hashes), np.asarray(blocks)
+    for s, entry in enumerate(reader.shards):
+        try:
+            meta = reader.meta(s).to_pydict()
+            num_tokens = np.asarray(meta["num_tokens"], dtype=np.int64)
+            keys = [heldout_hash(h, w, i) for h, w, i in zip(meta["text_sha256"], meta["window_index"], meta["source_index"])]
+        except Exception as exc:  # a damaged parquet file raises pyarrow's own errors
+            raise CacheCorruptError(f"{entry.name}: cannot read {entry.meta_path} ({exc}); run `kdcache verify` "
+                                    "and rebuild the shard", [(entry.name, entry.meta_path, str(exc))]) from exc
+        if len(num_tokens) != entry.num_sequences or int(num_tokens.sum()) != entry.num_tokens:
+            raise CacheCorruptError(f"{entry.name}: {entry.meta_path} lists {len(num_tokens)} sequences of "
+                                    f"{int(num_tokens.sum())} tokens, the manifest {entry.num_sequences} of "
+                                    f"{entry.num_tokens}; rebuild the shard", [(entry.name, entry.meta_path, "counts")])
+        row_starts = np.concatenate([[0], np.cumsum(num_tokens)[:-1]])
+        shard_of.append(np.full(len(num_tokens), s))
+        index_of.append(np.arange(len(num_tokens)))
+        lengths.append(num_tokens)
+        starts.append(row_starts)
+        hashes.append(np.asarray(keys, dtype=np.int64))
+        blocks.append(block_base + row_starts // chunk_rows)
+        block_base += entry.num_tokens // chunk_rows + 1
+    cat = np.concatenate
+    return CacheIndex(cat(shard_of), cat(index_of), cat(lengths), cat(starts), cat(hashes), cat(blocks))
 
 
 def heldout_sequences(reader: CacheReader, eval_fraction: float = 0.05) -> list[tuple[int, int]]:
     """The cache's held-out sequences as (shard, index) pairs, in storage order."""
-    items, _, hashes, _ = cache_items(reader)
-    mask = heldout_mask(hashes, eval_fraction)
-    return [it for it, m in zip(items, mask) if m]
+    index = cache_index(reader)
+    mask = heldout_mask(index.hashes, eval_fraction)
+    return [(int(s), int(i)) for s, i in zip(index.shard_of[mask], index.index_of[mask])]
 
 
 # ---------------------------------------------------------------------------------------------
-# Order
+# Order and batches
 
 
-def epoch_order(num_items: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                blocks: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the items rank `rank` visits in `epoch` (pure; see the module docstring)."""
+def epoch_order(num_items: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, *,
+                blocks: np.ndarray | None = None, window_blocks: int = 1) -> np.ndarray:
+    """Indices of the items rank `rank` visits in `epoch`, a pure function (see the module docstring).
+
+    blocks: (num_items,) block id of each item (default: one block per item, a plain shuffle).
+    window_blocks: blocks whose items are shuffled together.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, {world_size})")
+    if window_blocks < 1:
+        raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
     rng = np.random.default_rng([seed, epoch])
-    if blocks is None:
-        blocks = np.arange(num_items)
-    blocks = np.asarray(blocks)
-    unique = np.unique(blocks)
-    block_order = unique[rng.permutation(len(unique))]
-    mine = block_order[rank::world_size]
-    by_block = {b: np.flatnonzero(blocks == b) for b in mine}
-    parts = [by_block[b][rng.permutation(len(by_block[b]))] if len(by_block[b]) > 1 else by_block[b] for b in mine]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    blocks = np.arange(num_items) if blocks is None else np.asarray(blocks)
+    if len(blocks) != num_items:
+        raise ValueError(f"blocks has {len(blocks)} entries for {num_items} items")
+    unique, block_of_item = np.unique(blocks, return_inverse=True)
+    permuted = rng.permutation(len(unique))  # permuted[j] = the block visited j-th (all ranks)
+    item_keys = rng.random(num_items)  # drawn for every item, so they do not depend on rank or world_size
+    position = np.empty(len(unique), dtype=np.int64)
+    position[permuted] = np.arange(len(unique))
+    item_position = position[block_of_item]  # (num_items,) where the item's block comes in the permutation
+    mine = np.flatnonzero(item_position % world_size == rank)
+    window = (item_position[mine] // world_size) // window_blocks
+    return mine[np.lexsort((item_keys[mine], window))].astype(np.int64)
 
 
 def pack_batches(lengths: np.ndarray, batch_tokens: int) -> list[tuple[int, int]]:
@@ -118,52 +175,100 @@ def pack_batches(lengths: np.ndarray, batch_tokens: int) -> list[tuple[int, int]
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources and batches
+# Sources: what the batcher streams
 
 
 @dataclass
 class Source:
-    """What the batcher streams: items with lengths and blocks, and a function that reads a block."""
+    """Items with lengths and blocks, and a function that reads some of them as numpy arrays."""
 
-    items: list  # opaque item ids
+    ids: list  # an opaque id per item, for traces: (shard, index) or a data set position
     lengths: np.ndarray
     blocks: np.ndarray
-    read: callable  # read(list of item indices) -> list of dict arrays (input_ids, loss_mask, [teacher arrays])
+    read: Callable[[list[int]], list[dict]]  # item positions -> dicts of input_ids, loss_mask[, teacher arrays]
     has_teacher: bool
+    window_blocks: int = 1
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
 
-def cache_source(reader: CacheReader, indices: list[int], items, lengths, blocks) -> Source:
-    chosen = [items[i] for i in indices]
+class BlockCache:
+    """The last `capacity` decoded blocks of a cache: each block's rows are read with one range read."""
+
+    def __init__(self, reader: CacheReader, capacity: int, fields: tuple[str, ...]):
+        self.reader = reader
+        self.capacity = capacity
+        self.fields = fields
+        self._blocks: OrderedDict = OrderedDict()
+
+    def get(self, shard: int, first_row: int, stop_row: int) -> dict[str, np.ndarray]:
+        key = (shard, first_row)
+        block = self._blocks.get(key)
+        if block is None:
+            block = self.reader.shard(shard).read_rows(first_row, stop_row, self.fields)
+            self._blocks[key] = block
+            if len(self._blocks) > self.capacity:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(key)
+        return block
+
+
+def cache_source(reader: CacheReader, index: CacheIndex, positions: list[int], *, has_teacher: bool,
+                 window_blocks: int = 4) -> Source:
+    """A source over some sequences of a cache; reads go block by block through a BlockCache."""
+    positions = np.asarray(positions, dtype=np.int64)
+    fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob") if has_teacher else (
+        "input_ids", "loss_mask")
+    # the row span of every block: from its first sequence's start to its last sequence's end
+    span: dict[int, tuple[int, int, int]] = {}
+    for b, s, start, n in zip(index.blocks, index.shard_of, index.row_starts, index.lengths):
+        lo = span.get(int(b), (int(s), int(start), int(start + n)))
+        span[int(b)] = (lo[0], min(lo[1], int(start)), max(lo[2], int(start + n)))
+    cache = BlockCache(reader, 2 * window_blocks + 1, fields)
+    checked: set[int] = set()
 
     def read(which: list[int]) -> list[dict]:
-        # group by shard so each shard's contiguous span is read once
-        out: dict[int, dict] = {}
-        by_shard: dict[int, list[int]] = {}
+        out = []
         for w in which:
-            by_shard.setdefault(chosen[w][0], []).append(w)
-        for shard, ws in by_shard.items():
-            seqs = reader.shard(shard).read_sequences([chosen[w][1] for w in ws])
-            for w, seq in zip(ws, seqs):
-                out[w] = seq
-        return [out[w] for w in which]
+            g = int(positions[w])
+            shard, start, length = int(index.shard_of[g]), int(index.row_starts[g]), int(index.lengths[g])
+            if shard not in checked:  # the meta plan must agree with the (now verified) offsets
+                offsets = reader.shard(shard).offsets
+                mine = index.shard_of == shard
+                if not np.array_equal(np.diff(offsets), index.lengths[mine]):
+                    name = reader.shards[shard].name
+                    raise CacheCorruptError(f"{name}: its meta parquet disagrees with its offsets; rebuild the shard",
+                                            [(name, "offsets", "meta mismatch")])
+                checked.add(shard)
+            block_shard, lo, hi = span[int(index.blocks[g])]
+            rows = cache.get(block_shard, lo, hi)
+            out.append({k: v[start - lo: start - lo + length] for k, v in rows.items()})
+        return out
 
-    return Source(chosen, np.asarray(lengths)[indices], np.asarray(blocks)[indices], read, True)
+    ids = [(int(index.shard_of[g]), int(index.index_of[g])) for g in positions]
+    return Source(ids, index.lengths[positions], index.blocks[positions], read, has_teacher, window_blocks)
 
 
-def sequence_source(sequences: list, indices: list[int]) -> Source:
-    """A source over shared.data.Sequence objects (the no-cache cross-entropy path)."""
-    chosen = [sequences[i] for i in indices]
+def sequence_source(sequences: list, positions: list[int]) -> Source:
+    """A source over in-memory shared.data.Sequence objects (the no-cache cross-entropy path)."""
+    chosen = [sequences[i] for i in positions]
 
     def read(which: list[int]) -> list[dict]:
         return [{"input_ids": chosen[w].input_ids, "loss_mask": chosen[w].loss_mask} for w in which]
 
-    lengths = np.asarray([len(s.input_ids) for s in chosen])
-    return Source(chosen, lengths, np.arange(len(chosen)) // 64, read, False)
+    lengths = np.asarray([len(s.input_ids) for s in chosen], dtype=np.int64)
+    return Source(list(positions), lengths, np.arange(len(chosen)), read, False, 1)
 
 
-def collate(seqs: list[dict], has_teacher: bool) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids (B, L), attention_mask, target_ids (B, L) (-100 where none),
-    loss_mask (B, L) bool, and with a teacher topk_ids (B, L, K), topk_logprobs, tail_logprob (B, L)."""
+def collate(seqs: list[dict], has_teacher: bool) -> dict:
+    """Right-padded tensors of B sequences padded to length L.
+
+    input_ids, attention_mask: (B, L) int64. target_ids: (B, L) int64, token t+1, IGNORE where none.
+    loss_mask: (B, L) bool. With a teacher: topk_ids (B, L, K) int64, topk_logprobs (B, L, K) float32,
+    tail_logprob (B, L) float32. num_tokens: real (unpadded) tokens.
+    """
     width = max(len(s["input_ids"]) for s in seqs)
     num = len(seqs)
     input_ids = torch.zeros((num, width), dtype=torch.long)
@@ -182,21 +287,21 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict[str, torch.Tensor]:
         input_ids[r, :n] = ids
         attention[r, :n] = 1
         targets[r, : n - 1] = ids[1:]
-        mask[r, :n] = torch.as_tensor(np.asarray(s["loss_mask"], dtype=bool))
+        mask[r, : n - 1] = torch.as_tensor(np.asarray(s["loss_mask"][: n - 1], dtype=bool))  # last row: no target
         if has_teacher:
             out["topk_ids"][r, :n] = torch.as_tensor(s["topk_ids"].astype(np.int64))
             out["topk_logprobs"][r, :n] = torch.as_tensor(s["topk_logprobs"].astype(np.float32))
             out["tail_logprob"][r, :n] = torch.as_tensor(s["tail_logprob"].astype(np.float32))
-    mask[:, -1] = mask[:, -1] & (targets[:, -1] != IGNORE)
     out["num_tokens"] = int(attention.sum())
+    out["num_loss_tokens"] = int(mask.sum())
     return out
 
 
 class Batcher:
     """Batches of one rank, epoch after epoch, from a cursor; a thread prefetches `prefetch` batches.
 
-    Each yielded batch carries its cursor after consumption (`cursor`), which is what a checkpoint
-    stores: resuming from it yields exactly the batches an uninterrupted run would have.
+    Each batch carries the cursor after it (`cursor`) and the ids of its items (`ids`). The cursor is
+    what a checkpoint stores: resuming from it yields exactly the batches an uninterrupted run would.
     """
 
     def __init__(self, source: Source, *, batch_tokens: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -212,30 +317,38 @@ class Batcher:
         self._thread = threading.Thread(target=self._produce, daemon=True, name="kdtrain-prefetch")
         self._thread.start()
 
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(len(self.source), self.seed, epoch, self.rank, self.world_size,
+                           blocks=self.source.blocks, window_blocks=self.source.window_blocks)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self):
         try:
             epoch, position = self.cursor["epoch"], self.cursor["position"]
             while not self._stop.is_set():
-                order = epoch_order(len(self.source.items), self.seed, epoch, self.rank, self.world_size,
-                                    self.source.blocks)
+                order = self.order(epoch)
                 if len(order) == 0:
-                    raise RuntimeError(f"rank {self.rank} has no training sequences (too few sequences for {self.world_size} ranks?)")
-                if position >= len(order):
-                    epoch, position = epoch + 1, 0
-                    continue
+                    raise ValueError(f"rank {self.rank} of {self.world_size} has no training sequences: the data has "
+                                     "fewer blocks than ranks; use fewer processes or more data")
                 # the cursor is always at a batch boundary of this epoch's packing
-                rebased = pack_batches(self.source.lengths[order[position:]], self.batch_tokens)
-                for start, stop in rebased:
-                    if self._stop.is_set():
-                        return
+                for start, stop in pack_batches(self.source.lengths[order[position:]], self.batch_tokens):
                     which = order[position + start: position + stop].tolist()
                     batch = collate(self.source.read(which), self.source.has_teacher)
                     batch["cursor"] = {"epoch": epoch, "position": position + stop}
-                    batch["epoch_done"] = position + stop >= len(order)
-                    self._queue.put(batch)
+                    batch["ids"] = [self.source.ids[w] for w in which]
+                    if not self._put(batch):
+                        return
                 epoch, position = epoch + 1, 0
-        except BaseException as exc:  # noqa: BLE001 - hand it to the consumer
-            self._queue.put(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(exc)
 
     def __iter__(self):
         return self
@@ -249,8 +362,4 @@ class Batcher:
 
     def close(self):
         self._stop.set()
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
+        self._thread.join(timeout=5)

@@ -1,15 +1,26 @@
-"""A real (tiny) teacher cache for trainer tests, built once per session with the cacher."""
+"""Teacher caches for trainer tests, written once per session without the cacher (teacher_cache.py).
+
+- `tiny_cache`: the random tiny GPT-2 (`tiny_gpt2_dir`) as teacher, 120 windows of 64 tokens, top-16,
+  shards of ~2000 tokens in chunks of 512 rows.
+- `trained_teacher_dir` / `trained_cache`: a GPT-2 of another seed trained 40 steps on Shakespeare,
+  so a student has something better than noise to learn from.
+"""
 
 import pytest
 
-from tests.conftest import SHAKESPEARE
+from tests.trainer.teacher_cache import train_tiny_teacher, write_teacher_cache
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_gpt2_dir):
-    from cacher.build import BuildConfig, build
+    return write_teacher_cache(str(tmp_path_factory.mktemp("cache") / "tiny"), tiny_gpt2_dir)
 
-    out = tmp_path_factory.mktemp("cache") / "tiny"
-    build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), max_length=64, limit=120, top_k=16,
-                      shard_tokens=2000, chunk_rows=512, out=str(out), reuse=False), log=lambda m: None)
-    return str(out)
+
+@pytest.fixture(scope="session")
+def trained_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return train_tiny_teacher(tmp_path_factory.mktemp("trained-teacher"), tiny_tokenizer_dir, seed=1, steps=40)
+
+
+@pytest.fixture(scope="session")
+def trained_cache(tmp_path_factory, trained_teacher_dir):
+    return write_teacher_cache(str(tmp_path_factory.mktemp("cache") / "trained"), trained_teacher_dir)

@@ -1,0 +1,125 @@
+"""`kdtrain run` through typer's CliRunner: a run with non-TTY output, and every refused input.
+
+Each refusal exits with code 2 and a message that names the problem and the fix.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.kdtrain import app
+from tests.trainer.teacher_cache import write_teacher_cache
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_gpt2_dir):
+    return write_teacher_cache(str(tmp_path_factory.mktemp("cli-cache") / "c"), tiny_gpt2_dir, num_sequences=40,
+                               shard_tokens=800)
+
+
+def run(*args):
+    res = runner.invoke(app, ["run", *map(str, args)])
+    return res.exit_code, " ".join(res.output.split())  # rich wraps long lines
+
+
+def test_run_without_a_tty_prints_progress_and_summary(cache, tmp_path):
+    out = tmp_path / "o"
+    code, text = run("--cache", cache, "--student-from-teacher", "--keep-layers", 1, "--steps", 3, "--batch-tokens",
+                     256, "--eval-every", 2, "--out", out)
+    assert code == 0, text
+    assert "step 3/3" in text and "done: 3 steps" in text and "eval_kl=" in text
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "complete" and run_json["config"]["keep_layers"] == 1
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss", "kl2"], "--loss 'kl2' is unknown; choose one of fkl, rkl, jsd, skl, srkl, tvd, ce"),
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--loss", "jsd", "--beta", "1"], "--beta must be in (0, 1)"),
+    ([], "give exactly one of --student, --student-from-teacher (with --keep-layers), --student-config; got none"),
+    (["--student", "x", "--student-config", "y.json"], "got --student and --student-config"),
+    (["--student-from-teacher"], "--student-from-teacher needs --keep-layers N"),
+])
+def test_bad_arguments(cache, tmp_path, args, message):
+    code, text = run("--cache", cache, "--out", tmp_path / "o", *args)
+    assert code == 2 and message in text, text
+    assert not (tmp_path / "o").exists()
+
+
+def test_dataset_path_needs_ce(tmp_path, tiny_gpt2_dir):
+    code, text = run("--dataset", "builtin:pydoc-topics", "--student", tiny_gpt2_dir, "--out", tmp_path / "o")
+    assert code == 2 and "without --cache there is no teacher: use --loss ce" in text
+
+
+def test_nonempty_out_refused_without_resume_or_overwrite(cache, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("keep")
+    code, text = run("--cache", cache, "--out", tmp_path / "o", "--student-from-teacher", "--keep-layers", 1,
+                     "--steps", 1)
+    assert code == 2 and "is not empty; pass --resume" in text and "--overwrite" in text
+    assert (tmp_path / "o" / "x").exists()
+
+
+def test_incomplete_and_corrupt_cache_refused(cache, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    chunk = broken / "shards" / "shard-00001" / "topk_ids" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x55  # same size: only hashing finds it
+    chunk.write_bytes(bytes(data))
+    common = ("--student-from-teacher", "--keep-layers", 1, "--steps", 1)
+    code, text = run("--cache", broken, "--out", tmp_path / "o", *common)
+    assert code == 2 and "damaged" in text and "shard-00001" in text and "topk_ids" in text and "Rebuild" in text
+    os.remove(broken / "manifest.json")
+    code, text = run("--cache", broken, "--out", tmp_path / "o2", *common)
+    assert code == 2 and "incomplete cache" in text and "Rerun the same `kdcache build`" in text
+
+
+def test_student_with_other_tokenizer_refused(cache, tmp_path):
+    from tests.conftest import build_tiny_model, train_tokenizer
+
+    train_tokenizer(tmp_path / "tok", vocab_size=300)
+    other = build_tiny_model(tmp_path / "other-student", "gpt2", tmp_path / "tok")
+    code, text = run("--cache", cache, "--student", other, "--out", tmp_path / "o", "--steps", 1)
+    assert code == 2 and "other-student" in text and "differs from that of teacher" in text
+
+
+def test_cache_built_elsewhere_needs_teacher(cache, tmp_path, tiny_gpt2_dir):
+    moved = tmp_path / "moved"
+    shutil.copytree(cache, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["teacher"]["path"] = "/nowhere/teacher"  # descriptive key: not part of the checksums
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    common = ("--cache", moved, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--batch-tokens", 256)
+    code, text = run(*common, "--out", tmp_path / "o")
+    assert code == 2 and "'/nowhere/teacher' is not on this machine" in text and "--teacher FOLDER" in text
+    code, text = run(*common, "--teacher", tiny_gpt2_dir, "--out", tmp_path / "o2")
+    assert code == 0, text
+
+
+def test_cache_without_loss_tokens_refused(tiny_gpt2_dir, tmp_path):
+    import numpy as np
+
+    from shared.writer import BuildHeader, CacheWriter
+
+    url = str(tmp_path / "nomask")
+    header = BuildHeader(teacher={"name": "t", "dtype": "float32", "engine": "hf", "engine_version": "x",
+                                  "path": str(tiny_gpt2_dir)},
+                         tokenizer={"name": "t", "vocab_size": 384, "vocab_sha256": "0" * 64},
+                         dataset={"name": "d", "fingerprint": "f", "num_sequences": 1},
+                         settings={"mode": "score", "top_k": 2, "max_length": 8}, num_shards=1)
+    with CacheWriter(url, header) as w:
+        with w.shard(0) as buf:
+            buf.add_sequence(input_ids=np.arange(5), loss_mask=np.zeros(5, bool), topk_ids=np.tile([1, 2], (5, 1)),
+                             topk_logprobs=np.tile([-1.0, -2.0], (5, 1)), target_logprob=np.full(5, -1.0),
+                             tail_logprob=np.full(5, -1.0), source_index=0)
+        w.finalize()
+    code, text = run("--cache", url, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--out", tmp_path / "o")
+    assert code == 2 and "no rows with loss_mask set" in text
