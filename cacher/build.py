@@ -11,6 +11,7 @@ Knows models, engines and the data; the cache files themselves are shared/'s bus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -141,7 +142,11 @@ class BuildConfig:
 
 
 def default_out_name(model: str) -> str:
-    return model.rstrip("/").rsplit("/", 1)[-1] or "teacher"
+    """The last path component of --model ('org/name' -> 'name'; '.' -> the current folder's name)."""
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        name = os.path.basename(os.path.abspath(os.path.expanduser(model)))
+    return name or "teacher"
 
 
 @dataclass
@@ -213,11 +218,15 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
     if context is not None and config.max_length > context:
         raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
     if engine_name == "vllm":
-        from cacher.engine_vllm import find_vllm_python
+        from cacher.engine_vllm import PYTHON_ENV_VAR, find_vllm_python
 
-        if find_vllm_python() is None:
+        python = find_vllm_python()
+        if python is None:
             raise BuildError("--engine vllm: vLLM is not installed here (pip install 'kdcache[vllm]', or set "
-                             "KDCACHE_VLLM_PYTHON to a Python that has vLLM); or use --engine hf")
+                             f"{PYTHON_ENV_VAR} to a Python that has vLLM); or use --engine hf")
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise BuildError(f"--engine vllm: {PYTHON_ENV_VAR}={python} is not an executable file; point it at the "
+                             "python of a venv that has vLLM, or use --engine hf")
 
     # -- data ----------------------------------------------------------------------------------
     if config.mode == "score":
@@ -265,7 +274,7 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
     )
 
     # -- an identical cache elsewhere under the same root? ----------------------------------------
-    if config.reuse and not config.overwrite:
+    if config.reuse and not config.overwrite and not _complete_with_key(config.out, header.cache_key):
         root = os.path.dirname(os.path.abspath(config.out)) if "://" not in config.out else config.out.rsplit("/", 1)[0]
         found = find_by_key(root, header.cache_key)
         if found and os.path.abspath(found) != os.path.abspath(config.out):
@@ -286,8 +295,6 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
         log(f"worker {config.worker}/{config.num_workers} done; {len(missing)} shards still owed by other workers "
             f"(the last to finish writes the manifest, or run `kdcache finalize {config.out}`)")
         return BuildResult(config.out, header.cache_key, "partial", len(plan), written, 0, 0, 0, time.time() - started)
-    if manifest.totals["num_sequences"] == 0:
-        raise BuildError("no generated sample passed --filter; nothing to distill (more --num-samples, or no filter)")
     return BuildResult(config.out, header.cache_key, "built", len(plan), written, manifest.totals["num_sequences"],
                        manifest.totals["num_tokens"], manifest.totals["num_bytes"], time.time() - started)
 
@@ -304,10 +311,21 @@ def engine_version(engine: str) -> str:
 
     try:
         out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-                             capture_output=True, text=True, timeout=120)
+                             check=False, capture_output=True, text=True, timeout=120)
         return f"vllm {out.stdout.strip() or 'unknown'}"
     except (OSError, subprocess.SubprocessError):
         return "vllm unknown"
+
+
+def _complete_with_key(url: str, cache_key: str) -> bool:
+    """True when url already holds a complete cache with this key (then it is 'already built', not 'reused')."""
+    from shared.format import CacheError
+    from shared.reader import CacheReader
+
+    try:
+        return CacheReader(url, check_sizes=False).manifest.cache_key == cache_key
+    except CacheError:
+        return False
 
 
 def _result_from_manifest(url: str, header: BuildHeader, status: str, started: float, info) -> BuildResult:
@@ -327,122 +345,151 @@ def _run_shards(config: BuildConfig, writer: CacheWriter, model_path: str, token
     """Score every pending shard and commit it in the background; returns the number written."""
     if not pending:
         return 0
-    total_seqs = sum(len(plan[s]) for s in pending)
+    samples = config.num_samples if config.mode == "generate" else 1
+    total_seqs = samples * sum(len(plan[s]) for s in pending)
     total_tokens = sum(len(sequences[i].input_ids) for s in pending for i in plan[s])
+    if config.mode == "generate":
+        total_tokens += total_seqs * config.max_new_tokens  # at most; responses stop at EOS
     tick = progress(total_seqs, total_tokens) if progress else (lambda n, t: None)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
-    inflight: Future | None = None
+    inflight: tuple[int, Future] | None = None
     written = 0
+    shards = _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype, tick)
     try:
-        for shard_index, items in _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name,
-                                                 dtype, tick):
-            buffer = ShardBuffer(shard_index)
-            for seq, result in items:
-                target = result["target_logprob"].copy()
-                buffer.add_sequence(
-                    input_ids=seq.input_ids, loss_mask=seq.loss_mask, topk_ids=result["topk_ids"],
-                    topk_logprobs=result["topk_logprobs"], target_logprob=target, tail_logprob=result["tail_logprob"],
-                    **seq.meta(), **({"sample_index": result["sample_index"]} if "sample_index" in result else {}),
-                )
+        with contextlib.closing(shards):  # stops a vLLM subprocess if a shard fails
+            for shard_index, items in shards:
+                buffer = ShardBuffer(shard_index)
+                for seq, result in items:
+                    buffer.add_sequence(
+                        input_ids=seq.input_ids, loss_mask=seq.loss_mask, topk_ids=result["topk_ids"],
+                        topk_logprobs=result["topk_logprobs"], target_logprob=result["target_logprob"],
+                        tail_logprob=result["tail_logprob"], **seq.meta(), sample_index=result["sample_index"],
+                    )
+                if inflight is not None:
+                    _wait_for_commit(*inflight, config.out)  # at most one shard waits for the writer: memory stays bounded
+                    written += 1
+                inflight = (shard_index, pool.submit(writer.write_shard, buffer))
             if inflight is not None:
-                inflight.result()  # at most one shard waits for the writer: memory stays bounded
+                _wait_for_commit(*inflight, config.out)
                 written += 1
-            inflight = pool.submit(writer.write_shard, buffer)
-        if inflight is not None:
-            inflight.result()
-            written += 1
     finally:
         pool.shutdown(wait=True)
     return written
 
 
+def _wait_for_commit(shard_index: int, future: Future, out: str) -> None:
+    """The writer's result; an I/O error is re-raised (same errno) saying which shard failed and how to resume."""
+    try:
+        future.result()
+    except OSError as exc:
+        message = (f"writing shard {shard_index} to {out} failed ({exc.strerror or exc}); that shard is not committed, the "
+                   "ones before it are kept: fix the cause (disk space, permissions) and rerun the same command to resume")
+        raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from exc
+
+
 def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype, tick):
-    """Yield (shard index, [(Sequence, result dict)]) for each pending shard, in order."""
-    if config.mode == "score":
-        if engine_name == "hf":
-            teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
-            for s in pending:
-                seqs = [sequences[i] for i in plan[s]]
-                results = engines.score_hf(teacher, [q.input_ids for q in seqs], top_k=config.top_k,
-                                           batch_tokens=config.batch_tokens, on_batch=tick)
-                yield s, list(zip(seqs, results))
-        else:
-            flat = [i for s in pending for i in plan[s]]
-            results = _vllm_score(config, model_path, [sequences[i].input_ids for i in flat], dtype, tick)
-            pos = 0
-            for s in pending:
-                n = len(plan[s])
-                yield s, list(zip([sequences[i] for i in plan[s]], results[pos:pos + n]))
-                pos += n
-        return
-    # generate mode: the teacher writes responses, then scores prompt + response like any sequence.
-    generated = _generate(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype)
-    teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code) if engine_name == "hf" else None
-    full_by_shard = {}
-    for s in pending:
-        full_by_shard[s] = generated[s]
-    if engine_name == "hf":
-        for s in pending:
-            items = full_by_shard[s]
-            results = engines.score_hf(teacher, [q.input_ids for q, _ in items], top_k=config.top_k,
-                                       batch_tokens=config.batch_tokens, on_batch=tick) if items else []
-            yield s, [(q, {**r, "sample_index": k}) for (q, k), r in zip(items, results)]
-    else:
-        flat = [(s, q, k) for s in pending for q, k in full_by_shard[s]]
-        results = _vllm_score(config, model_path, [q.input_ids for _, q, _ in flat], dtype, tick) if flat else []
-        by_shard = {s: [] for s in pending}
-        for (s, q, k), r in zip(flat, results):
-            by_shard[s].append((q, {**r, "sample_index": k}))
-        for s in pending:
-            yield s, by_shard[s]
+    """Yield (shard index, [(Sequence, result dict with sample_index)]) for each pending shard, in order.
 
-
-def _generate(config, model_path, tokenizer, prompts, plan, pending, engine_name, dtype) -> dict[int, list]:
-    """Per pending shard, the kept (Sequence of prompt + response, sample index) pairs."""
-    eos = tokenizer.eos_token_id
-    flat = [i for s in pending for i in plan[s]]
-    responses: dict[int, list[np.ndarray]] = {}
+    In generate mode `sequences` are the prompts; each yielded Sequence is prompt + response.
+    hf: one teacher, shard by shard (generate, filter, then score each shard), so every shard is
+    committed as soon as it is scored. vllm: one subprocess for all pending shards (one more before
+    it to generate), whose results stream in and are cut into shards as they arrive.
+    """
     if engine_name == "hf":
         teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
         for s in pending:
-            out = engines.generate_hf(teacher, [prompts[i].input_ids for i in plan[s]], max_new_tokens=config.max_new_tokens,
-                                      temperature=config.temperature, num_samples=config.num_samples,
-                                      seed=config.seed + s, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            for i, samples in zip(plan[s], out):
-                responses[i] = samples
+            seqs = [sequences[i] for i in plan[s]]
+            if config.mode == "generate":
+                responses = engines.generate_hf(
+                    teacher, [q.input_ids for q in seqs], max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, num_samples=config.num_samples, seed=config.seed,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    max_length=config.max_length, prompt_indices=plan[s],  # samples independent of the shard plan
+                )
+                pairs = _kept_samples(config, tokenizer, s, seqs, responses)
+            else:
+                pairs = [(q, 0) for q in seqs]
+            try:
+                results = engines.score_hf(teacher, [q.input_ids for q, _ in pairs], top_k=config.top_k,
+                                           batch_tokens=config.batch_tokens, on_batch=tick)
+            except engines.EngineError as exc:
+                raise engines.EngineError(f"shard {s}: {exc}") from exc
+            yield s, [(q, {**r, "sample_index": k}) for (q, k), r in zip(pairs, results)]
+        return
+    if config.mode == "generate":
+        responses = _generate_vllm(config, model_path, tokenizer, sequences, plan, pending, dtype)
+        by_shard = {s: _kept_samples(config, tokenizer, s, [sequences[i] for i in plan[s]],
+                                     [responses.get(i, []) for i in plan[s]]) for s in pending}
     else:
-        from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
+        by_shard = {s: [(sequences[i], 0) for i in plan[s]] for s in pending}
+    scored = _vllm_score(config, model_path, [q.input_ids for s in pending for q, _ in by_shard[s]], dtype, tick)
+    with contextlib.closing(scored):
+        for s in pending:
+            yield s, [(q, {**next(scored), "sample_index": k}) for q, k in by_shard[s]]
 
-        settings = {"mode": "generate", "top_k": config.top_k, "max_length": config.max_length, "dtype": dtype,
-                    "tensor_parallel_size": config.tensor_parallel_size,
-                    "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
-                    "seed": config.seed, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                    "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None}
-        with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
-            for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids for i in flat], settings, work,
-                                            env=_vllm_env()):
-                responses.setdefault(flat[item["sequence_index"]], []).append(np.asarray(item["response_ids"], dtype=np.int64))
-    out: dict[int, list] = {}
-    for s in pending:
-        kept = []
-        for i in plan[s]:
-            prompt = prompts[i]
-            for k, response in enumerate(responses.get(i, [])):
-                response = response[: config.max_length - len(prompt.input_ids)]
-                if len(response) == 0:
+
+def _kept_samples(config, tokenizer, shard_index: int, prompts: list[Sequence],
+                  responses: list[list[np.ndarray]]) -> list[tuple[Sequence, int]]:
+    """(prompt + response as a Sequence, sample index) for every response that --filter keeps.
+
+    loss_mask is true exactly on the rows whose next token is a response token. A shard holds at
+    least one sequence (storage_layout.md 6.3), so a shard whose samples all fail --filter stops the build.
+    """
+    kept = []
+    for prompt, samples in zip(prompts, responses):
+        for k, response in enumerate(samples):
+            response = np.asarray(response, dtype=np.int64)[: config.max_length - len(prompt.input_ids)]
+            if len(response) == 0:
+                continue
+            if config.filter == "gsm8k-answer":
+                text = tokenizer.decode(response, skip_special_tokens=True)
+                want = extract_gsm8k_answer(prompt.reference or "")
+                if want is None or extract_gsm8k_answer(text) != want:
                     continue
-                if config.filter == "gsm8k-answer":
-                    text = tokenizer.decode(response, skip_special_tokens=True)
-                    want = extract_gsm8k_answer(prompt.reference or "")
-                    if want is None or extract_gsm8k_answer(text) != want:
-                        continue
-                ids = np.concatenate([prompt.input_ids, response]).astype(np.int64)
-                mask = np.zeros(len(ids), dtype=bool)
-                mask[len(prompt.input_ids) - 1 : len(ids) - 1] = True
-                kept.append((Sequence(ids, mask, source_index=prompt.source_index, prompt_length=len(prompt.input_ids),
-                                      text_sha256=prompt.text_sha256), k))
-        out[s] = kept
-    return out
+            ids = np.concatenate([prompt.input_ids, response]).astype(np.int64)
+            mask = np.zeros(len(ids), dtype=bool)
+            mask[len(prompt.input_ids) - 1 : len(ids) - 1] = True
+            kept.append((Sequence(ids, mask, source_index=prompt.source_index, prompt_length=len(prompt.input_ids),
+                                  text_sha256=prompt.text_sha256, reference=prompt.reference), k))
+    if not kept:
+        why = (f"none of the {len(prompts) * config.num_samples} samples of its {len(prompts)} prompts passed "
+               f"--filter {config.filter}" if config.filter else f"its {len(prompts)} prompts got only empty responses")
+        raise BuildError(
+            f"shard {shard_index}: {why}, and a shard holds at least one sequence. Use more --num-samples, a larger "
+            "--shard-tokens (more prompts per shard) or no --filter (with --overwrite, since the settings change)"
+        )
+    return kept
+
+
+def _generate_vllm(config, model_path, tokenizer, prompts, plan, pending, dtype) -> dict[int, list[np.ndarray]]:
+    """Responses (sample order) per prompt index of the pending shards, from one vLLM subprocess."""
+    from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
+
+    flat = [i for s in pending for i in plan[s]]
+    lengths = [len(prompts[i].input_ids) for i in flat]
+    # Response tokens past --max-length are cut anyway; vLLM also refuses a prompt whose length plus
+    # max_new_tokens exceeds its max_model_len, which must stay within the model's context.
+    max_new_tokens = min(config.max_new_tokens, config.max_length - min(lengths))
+    max_length = max(lengths) + max_new_tokens
+    context = model_context(model_path)
+    if context is not None and max_length > context:
+        max_new_tokens -= max_length - context
+        max_length = context
+    eos = tokenizer.eos_token_id
+    settings = {"mode": "generate", "top_k": config.top_k, "max_length": max_length, "dtype": dtype,
+                "tensor_parallel_size": config.tensor_parallel_size,
+                "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
+                "seed": config.seed, "max_new_tokens": max_new_tokens, "temperature": config.temperature,
+                "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None}
+    responses: dict[int, list[np.ndarray]] = {}
+    with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
+        try:
+            for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids.tolist() for i in flat],
+                                            settings, work, env=_vllm_env()):
+                responses.setdefault(flat[item["sequence_index"]], []).append(np.asarray(item["response_ids"], dtype=np.int64))
+        except RuntimeError as exc:
+            raise engines.EngineError(str(exc)) from exc
+    return responses
 
 
 def _vllm_env() -> dict | None:
@@ -454,20 +501,28 @@ def _vllm_env() -> dict | None:
     return None if torch.cuda.is_available() else dict(CPU_FAST_ENV)
 
 
-def _vllm_score(config, model_path, sequences, dtype, tick) -> list[dict]:
+def _vllm_score(config, model_path, sequences, dtype, tick):
+    """Yield the vLLM engine's result for each sequence, in input order, as the subprocess writes them."""
     from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
 
+    if not sequences:
+        return
     settings = {"mode": "score", "top_k": config.top_k, "max_length": max(config.max_length, max(len(s) for s in sequences)),
                 "dtype": dtype, "tensor_parallel_size": config.tensor_parallel_size,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
                 "seed": config.seed}
-    results = []
     with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
+        items = run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work,
+                                    env=_vllm_env())
         try:
-            for item in run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work,
-                                            env=_vllm_env()):
-                results.append(item)
-                tick(1, len(item["target_logprob"]))
+            with contextlib.closing(items):  # an early close stops the subprocess
+                for position, item in enumerate(items):
+                    if item["sequence_index"] != position:
+                        raise engines.EngineError(f"the vLLM engine returned sequence {item['sequence_index']} "
+                                                  f"where {position} was due")
+                    tick(1, len(item["target_logprob"]))
+                    yield item
         except RuntimeError as exc:
+            if isinstance(exc, engines.EngineError):
+                raise
             raise engines.EngineError(str(exc)) from exc
-    return results

@@ -173,7 +173,7 @@ def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, bat
                 attention[row, : len(seq)] = 1
                 targets[row, : len(seq) - 1] = seq[1:]
             valid = attention.bool().to(teacher.device)
-            kwargs = dict(input_ids=input_ids.to(teacher.device), attention_mask=attention.to(teacher.device))
+            kwargs = {"input_ids": input_ids.to(teacher.device), "attention_mask": attention.to(teacher.device)}
             if teacher.head_weight is not None:
                 rows = teacher.model.base_model(**kwargs).last_hidden_state[valid]  # (R, H) real rows only
                 head = (teacher.head_weight, teacher.head_bias)
@@ -201,18 +201,31 @@ def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, bat
 
 
 def generate_hf(teacher: HFTeacher, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float,
-                num_samples: int, seed: int, eos_token_id: int | None, pad_token_id: int | None) -> list[list[np.ndarray]]:
-    """Sample num_samples responses per prompt (greedy when temperature == 0); ids of the responses only."""
+                num_samples: int, seed: int, eos_token_id: int | None, pad_token_id: int | None,
+                max_length: int | None = None, prompt_indices: list[int] | None = None) -> list[list[np.ndarray]]:
+    """Sample num_samples responses per prompt (greedy when temperature == 0); ids of the responses only.
+
+    Each response stops at its first EOS (kept), after max_new_tokens, or when prompt + response reach
+    max_length tokens (default: the model's positions; generating past them would index outside the
+    position table). Prompt p is sampled from seed `seed * 1_000_003 + prompt_indices[p]` (default: p),
+    so passing each prompt's index in the whole data set makes its samples independent of batching.
+    """
     import torch
 
+    limits = [x for x in (max_length, teacher.max_positions) if x is not None]
+    limit = min(limits) if limits else None
     out = []
     with torch.inference_mode():
-        for p_index, prompt in enumerate(prompts):
+        for p_index, prompt in zip(prompt_indices if prompt_indices is not None else range(len(prompts)), prompts):
+            new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - len(prompt))
+            if new_tokens < 1:
+                out.append([])
+                continue
             torch.manual_seed(seed * 1_000_003 + p_index)
             ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64)).unsqueeze(0).to(teacher.device)
-            kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                          pad_token_id=pad_token_id if pad_token_id is not None else (eos_token_id or 0),
-                          eos_token_id=eos_token_id, attention_mask=torch.ones_like(ids))
+            kwargs = {"max_new_tokens": new_tokens, "num_return_sequences": num_samples,
+                      "pad_token_id": pad_token_id if pad_token_id is not None else (eos_token_id or 0),
+                      "eos_token_id": eos_token_id, "attention_mask": torch.ones_like(ids)}
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
             else:

@@ -106,11 +106,14 @@ def load_rows(dataset: str, split: str | None = None):
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     path = os.path.expanduser(dataset)
+    local = os.path.isfile(path) or os.path.isdir(path)
     try:
         if os.path.isfile(path):
             suffix = os.path.splitext(path)[1].lower()
             if suffix not in LOCAL_SUFFIXES:
                 raise DataError(f"--dataset {dataset}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}")
+            if os.path.getsize(path) == 0:
+                raise DataError(f"--dataset {dataset} is an empty file (0 bytes): there is nothing to build a cache from")
             kwargs = {"sample_by": "document"} if suffix == ".txt" else {}  # a .txt file is one document
             ds = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train", **kwargs)
         elif os.path.isdir(path):
@@ -125,14 +128,26 @@ def load_rows(dataset: str, split: str | None = None):
         raise DataError(f"--dataset {dataset}: not found ({exc}). Pass a local .jsonl/.json/.parquet/.csv/.txt file or folder, "
                         f"{DEFAULT_DATASET}, or a hub data set on a machine with hub access") from exc
     except ValueError as exc:
+        if local and "corresponds to no data" in str(exc):  # datasets' words for a file without rows
+            raise DataError(f"--dataset {dataset} has no rows: there is nothing to build a cache from") from exc
         if "split" in str(exc).lower():
             raise DataError(f"--dataset {dataset}: {exc}") from exc
         raise DataError(f"--dataset {dataset}: could not be loaded ({exc})") from exc
-    except Exception as exc:  # datasets raises many types for offline/missing hub data sets
+    except Exception as exc:  # datasets raises many types for malformed files and offline/missing hub data sets
+        if local:
+            root = exc
+            while root.__cause__ is not None:  # datasets wraps the parser's own error, which names the bad row
+                root = root.__cause__
+            raise DataError(
+                f"--dataset {dataset}: could not be read ({type(root).__name__}: {str(root)[:200]}); check that the file "
+                f"is well-formed {'/'.join(sorted(LOCAL_SUFFIXES))} data"
+            ) from exc
         raise DataError(
             f"--dataset {dataset}: could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). It is not a local file or "
             f"folder; a hub data set needs network access. Pass a local file or {DEFAULT_DATASET}."
         ) from exc
+    if len(ds) == 0:
+        raise DataError(f"--dataset {dataset} has no rows: there is nothing to build a cache from")
     return ds, list(ds.column_names)
 
 

@@ -1,0 +1,396 @@
+"""cacher/build.py: what `build()` stores equals what the teacher computes, for every kind of data.
+
+Tiny 2-layer GPT-2 and Llama teachers (conftest), a few Shakespeare speeches or GSM8K rows, small
+--max-length. Each cache is read back through CacheReader, so the checks include the float16
+storage and the rounding of ranks past 16 (storage_layout.md 3.1). The vLLM test starts vLLM once
+(~30-60 s on CPU) and is marked `vllm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cacher import engines
+from cacher.build import BuildConfig, BuildError, build, default_out_name
+from shared.data import PLAIN_TEMPLATE, extract_gsm8k_answer, prompt_only_ids
+from shared.format import CacheMismatchError
+from shared.reader import CacheReader
+from shared.writer import EXACT_RANKS, TRIMMED_MANTISSA_BITS
+from tests.conftest import GSM8K, shakespeare_text
+
+QUIET = {"log": lambda message: None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (also used by test_build_faults.py and tests/cli/test_kdcache_build.py)
+
+
+def write_speeches(path: Path, num_rows: int = 40, field: str = "text") -> Path:
+    """Shakespeare speeches, one per .jsonl row: from a handful of tokens to several windows long."""
+    speeches = [s.strip() for s in shakespeare_text(40_000).split("\n\n") if s.strip()]
+    assert len(speeches) >= num_rows
+    path.write_text("".join(json.dumps({field: s, "n": i}) + "\n" for i, s in enumerate(speeches[:num_rows])))
+    return path
+
+
+def read_cache(url) -> tuple[CacheReader, list[dict]]:
+    """The reader and, in storage order, every sequence's arrays merged with its meta row and its shard index."""
+    reader = CacheReader(str(url))
+    sequences = []
+    for s in range(reader.num_shards):
+        meta = reader.meta(s).to_pylist()
+        view = reader.shard(s)
+        sequences += [{"shard": s, **meta[i], **view.read_sequence(i)} for i in range(view.num_sequences)]
+    return reader, sequences
+
+
+def stored_objects(root) -> dict[str, bytes]:
+    """Every object under a cache folder by key; build.json and manifest.json without created_at.
+
+    Leaves out `.tmp-` objects and locks, which the format allows a killed writer to leave behind.
+    """
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_dir() or path.name.startswith(".tmp-") or key.startswith("locks/"):
+            continue
+        data = path.read_bytes()
+        if key in ("build.json", "manifest.json"):
+            obj = json.loads(data)
+            obj.pop("created_at")
+            data = json.dumps(obj, sort_keys=True).encode()
+        out[key] = data
+    return out
+
+
+def float16_tolerance(reference: np.ndarray) -> np.ndarray:
+    """Largest storage error of each top-K log-prob (K last): float16 rounding, then 7 mantissa bits past rank 16."""
+    relative = np.full(reference.shape[-1], 2.0**-11)
+    relative[EXACT_RANKS:] = 2.0 ** -(TRIMMED_MANTISSA_BITS + 1) + 2.0**-11
+    return np.abs(reference) * relative + 1e-5
+
+
+def float16_spacing(values: np.ndarray) -> np.ndarray:
+    """One unit in the last stored place of each top-K log-prob (K last), ranks past 16 having 7 mantissa bits."""
+    spacing = np.spacing(np.abs(values).astype(np.float16)).astype(np.float64)
+    spacing[..., EXACT_RANKS:] *= 2 ** (10 - TRIMMED_MANTISSA_BITS)
+    return spacing
+
+
+def reference_logprobs(model, ids: np.ndarray) -> np.ndarray:
+    """log_softmax of one plain transformers float32 forward over one sequence: (T, V)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids.astype(np.int64))[None]).logits[0]  # (T, V)
+    return torch.log_softmax(logits.float(), dim=-1).double().numpy()
+
+
+def assert_matches_reference(seq: dict, reference: np.ndarray) -> None:
+    """One stored sequence against the (T, V) reference log-probs of its tokens."""
+    top_k = seq["topk_ids"].shape[1]
+    ref_ids = np.argsort(-reference, axis=-1, kind="stable")[:, :top_k]  # (T, K)
+    ref_values = np.take_along_axis(reference, ref_ids, -1)  # (T, K) most likely first
+    ids = seq["topk_ids"].astype(np.int64)
+    swapped = ids != ref_ids
+    at_ids = np.take_along_axis(reference, ids, -1)  # the reference's log-probs of the stored ids
+    assert swapped.mean() < 0.01 and np.all(np.abs(at_ids - ref_values)[swapped] < 1e-4), "ids differ beyond near-ties"
+    stored = seq["topk_logprobs"].astype(np.float64)
+    assert np.all(np.abs(stored - ref_values) <= float16_tolerance(ref_values))
+    target = reference[np.arange(len(ids) - 1), seq["input_ids"][1:].astype(np.int64)]
+    assert np.all(np.abs(seq["target_logprob"][:-1] - target) <= np.abs(target) * 2.0**-11 + 1e-5)
+    assert seq["target_logprob"][-1] == 1.0  # the sentinel of the last row
+    tail_mass = 1.0 - np.exp(ref_values).sum(-1)
+    assert np.abs(np.exp(seq["tail_logprob"].astype(np.float64)) - tail_mass).max() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def speeches(tmp_path_factory) -> Path:
+    return write_speeches(tmp_path_factory.mktemp("data") / "speeches.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines against a reference
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_engine_equals_direct_reference(family, request, speeches, tmp_path):
+    """Windows of different lengths in padded, length-sorted batches; K = 24 covers exact and trimmed ranks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    out = tmp_path / "cache"
+    build(BuildConfig(model=str(model_dir), dataset=str(speeches), max_length=40, top_k=24, limit=12,
+                      batch_tokens=96, out=str(out), reuse=False), **QUIET)
+    reader, sequences = read_cache(out)
+    assert reader.manifest.teacher["engine"] == "hf" and reader.manifest.teacher["dtype"] == "float32"
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line)["text"] for line in speeches.read_text().splitlines()]
+    windows = [ids[i : i + 40] for ids in tokenizer(rows)["input_ids"] for i in range(0, len(ids), 40)]
+    windows = [w for w in windows if len(w) > 1][:12]
+    assert [s["input_ids"].tolist() for s in sequences] == windows
+    assert len({len(w) for w in windows}) > 3  # padding is exercised
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    for seq in sequences:
+        assert seq["loss_mask"].tolist() == [True] * (len(seq["input_ids"]) - 1) + [False]
+        assert_matches_reference(seq, reference_logprobs(model, seq["input_ids"]))
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_vllm_build_equals_hf_build(tiny_llama_dir, speeches, tmp_path):
+    """The whole build path with --engine vllm against --engine hf: same sequences, same distributions."""
+    from cacher.engine_vllm import find_vllm_python
+
+    if find_vllm_python() is None:
+        pytest.skip("no vLLM interpreter: set KDCACHE_VLLM_PYTHON to a python with vllm (docs/vllm-cpu.md)")
+    common = {"model": str(tiny_llama_dir), "dataset": str(speeches), "max_length": 64, "top_k": 20, "limit": 10,
+              "shard_tokens": 200, "dtype": "float32", "reuse": False}
+    build(BuildConfig(out=str(tmp_path / "hf"), engine="hf", **common), **QUIET)
+    result = build(BuildConfig(out=str(tmp_path / "vllm"), engine="vllm", **common), **QUIET)
+    assert result.status == "built" and result.num_shards > 1  # results are cut into several shards
+
+    hf_reader, hf = read_cache(tmp_path / "hf")
+    vllm_reader, vl = read_cache(tmp_path / "vllm")
+    assert vllm_reader.manifest.teacher["engine"] == "vllm"
+    assert vllm_reader.manifest.dataset["fingerprint"] == hf_reader.manifest.dataset["fingerprint"]
+    assert len(hf) == len(vl) == 10
+    for a, b in zip(hf, vl):
+        assert a["input_ids"].tolist() == b["input_ids"].tolist()
+        assert a["loss_mask"].tolist() == b["loss_mask"].tolist()
+        la, lb = a["topk_logprobs"].astype(np.float64), b["topk_logprobs"].astype(np.float64)
+        # 1e-3 between two float32 teachers, plus one unit in the last stored place (each side rounds alone)
+        tolerance = 1e-3 + np.maximum(float16_spacing(la), float16_spacing(lb))
+        assert np.all(np.abs(la - lb) <= tolerance)
+        swapped = a["topk_ids"] != b["topk_ids"]
+        assert swapped.mean() < 0.01
+        for row, rank in zip(*np.nonzero(swapped)):  # a swap only between near-equal log-probs
+            others = np.flatnonzero(a["topk_ids"][row] == b["topk_ids"][row, rank])
+            hf_value = la[row, others[0]] if len(others) else la[row, -1]
+            assert abs(hf_value - lb[row, rank]) <= 2e-3 + tolerance[row, rank]
+        ta, tb = a["target_logprob"][:-1].astype(np.float64), b["target_logprob"][:-1].astype(np.float64)
+        assert np.all(np.abs(ta - tb) <= 1e-3 + np.spacing(np.abs(ta).astype(np.float16)))
+        assert a["target_logprob"][-1] == b["target_logprob"][-1] == 1.0
+        tail_a, tail_b = np.exp(a["tail_logprob"].astype(np.float64)), np.exp(b["tail_logprob"].astype(np.float64))
+        assert np.abs(tail_a - tail_b).max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: windows, prompt/response masks
+
+
+def test_text_field_windows_keep_every_token(tiny_gpt2_dir, tiny_tokenizer_dir, tmp_path):
+    """--text-field NAME: consecutive windows; a 1-token remainder is counted as dropped, never lost silently."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    lines = [line for line in shakespeare_text(20_000).splitlines() if line.strip()]
+    # texts of 16k + 1 tokens (one dropped token each), of other lengths, and an empty one
+    ones = [line for line in lines if len(tokenizer(line)["input_ids"]) % 16 == 1][:3]
+    texts = ones + ["\n".join(lines[i : i + 9]) for i in range(0, 45, 9)] + [""]
+    data = tmp_path / "body.jsonl"
+    data.write_text("".join(json.dumps({"title": str(i), "body": t}) + "\n" for i, t in enumerate(texts)))
+    printed = []
+    build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(data), text_field="body", max_length=16, top_k=4,
+                      out=str(tmp_path / "c"), reuse=False), log=printed.append)
+    reader, sequences = read_cache(tmp_path / "c")
+
+    doc_ids = [tokenizer(t)["input_ids"] for t in texts]
+    dropped = reader.manifest.dataset["num_dropped"]
+    assert dropped == len(ones) > 0
+    assert sum(len(s["input_ids"]) for s in sequences) + dropped == sum(len(ids) for ids in doc_ids)
+    assert reader.manifest.dataset["num_skipped_rows"] == 1  # the empty text
+    for row, ids in enumerate(doc_ids):  # each document's windows, in order, are its tokens
+        windows = sorted((s["window_index"], s["input_ids"].tolist()) for s in sequences if s["source_index"] == row)
+        joined = [t for _, w in windows for t in w]
+        assert joined == ids[: len(joined)] and len(ids) - len(joined) in (0, 1)
+    assert any(f"{len(sequences)} sequences" in m and f"dropped tokens: {dropped}" in m for m in printed), printed
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_gsm8k_masks_in_score_mode(template, tiny_gpt2_dir, gsm8k_rows, tmp_path):
+    """loss_mask is true exactly on rows whose next token is a response token; chat template if the tokenizer has one."""
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_gpt2_dir
+    if template == "plain":
+        model_dir = tmp_path / "no-chat-template"
+        shutil.copytree(tiny_gpt2_dir, model_dir)
+        os.remove(model_dir / "chat_template.jinja")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert bool(tokenizer.chat_template) == (template == "chat")
+    build(BuildConfig(model=str(model_dir), dataset=str(GSM8K), prompt_field="question", response_field="answer",
+                      max_length=300, limit=4, top_k=4, out=str(tmp_path / "c"), reuse=False), **QUIET)
+    reader, sequences = read_cache(tmp_path / "c")
+    assert reader.manifest.settings["template"] == template
+    assert len(sequences) == 4
+    truncated = 0
+    for seq in sequences:
+        row = gsm8k_rows[seq["source_index"]]
+        ids, p = seq["input_ids"].tolist(), seq["prompt_length"]
+        if template == "chat":
+            want_prompt = f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n"
+            want_response = f"{row['answer']}<|im_end|>\n"
+        else:
+            want_prompt, want_response = PLAIN_TEMPLATE.format(prompt=row["question"]), row["answer"] + "<|endoftext|>"
+        assert tokenizer.decode(ids[:p]) == want_prompt
+        response = tokenizer.decode(ids[p:])
+        assert want_response.startswith(response)
+        truncated += response != want_response
+        rows = np.arange(len(ids))
+        assert seq["loss_mask"].tolist() == ((rows + 1 >= p) & (rows + 1 < len(ids))).tolist()
+        assert seq["num_loss_tokens"] == len(ids) - p
+    assert truncated > 0 and reader.manifest.dataset["num_truncated"] > 0  # --max-length 300 cuts some answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Generate mode
+
+
+def gsm8k_generate_config(model_dir, out, **settings) -> BuildConfig:
+    base = {"model": str(model_dir), "dataset": str(GSM8K), "prompt_field": "question", "response_field": "answer",
+            "mode": "generate", "max_length": 200, "top_k": 4, "out": str(out), "reuse": False}
+    return BuildConfig(**{**base, **settings})
+
+
+def test_generate_mode_masks_the_responses(tiny_gpt2_dir, gsm8k_rows, tmp_path):
+    """The teacher writes each response; the rows that predict a response token are the distilled ones."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    settings = {"limit": 4, "num_samples": 2, "max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+    result = build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "one", **settings), **QUIET)
+    reader, sequences = read_cache(tmp_path / "one")
+    assert result.num_sequences == len(sequences) == 8  # no filter: every sample is kept
+    assert reader.manifest.settings["mode"] == "generate" and reader.manifest.settings["num_samples"] == 2
+    assert sorted((s["source_index"], s["sample_index"]) for s in sequences) == [(r, k) for r in range(4) for k in (0, 1)]
+    for seq in sequences:
+        ids, p = seq["input_ids"].tolist(), seq["prompt_length"]
+        assert ids[:p] == prompt_only_ids(tokenizer, gsm8k_rows[seq["source_index"]]["question"])
+        response = ids[p:]
+        assert 1 <= len(response) <= 6
+        assert len(response) == 6 or response[-1] == tokenizer.eos_token_id
+        rows = np.arange(len(ids))
+        assert seq["loss_mask"].tolist() == ((rows >= p - 1) & (rows < len(ids) - 1)).tolist()
+    assert len({tuple(s["input_ids"].tolist()) for s in sequences}) == 8  # each sample has its own seed
+
+    # A prompt's samples depend on the seed and the prompt, not on which shard it landed in (the
+    # cache_key leaves --shard-tokens out, so both builds must hold the same content).
+    build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "many", shard_tokens=150, **settings), **QUIET)
+    many_reader, many = read_cache(tmp_path / "many")
+    assert many_reader.num_shards > 1 and many_reader.manifest.cache_key == reader.manifest.cache_key
+    for a, b in zip(sequences, many):
+        assert all(np.array_equal(a[name], b[name]) for name in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs"))
+
+
+def test_generate_stops_at_the_model_context(tiny_gpt2_dir):
+    """A prompt near the 512 positions of the tiny GPT-2 gets a response that fits, not an IndexError."""
+    teacher = engines.load_hf_teacher(str(tiny_gpt2_dir))
+    prompt = np.arange(505) % 300
+    (samples,) = engines.generate_hf(teacher, [prompt], max_new_tokens=64, temperature=1.0, num_samples=2, seed=0,
+                                     eos_token_id=None, pad_token_id=0)
+    assert [len(s) for s in samples] == [7, 7]
+    (samples,) = engines.generate_hf(teacher, [prompt[:100]], max_new_tokens=64, temperature=0.0, num_samples=1,
+                                     seed=0, eos_token_id=None, pad_token_id=0, max_length=110)
+    assert [len(s) for s in samples] == [10]
+
+
+def fake_generation(tiny_gpt2_dir, gsm8k_rows, responses_of_row):
+    """A stand-in for engines.generate_hf: responses_of_row(row index, reference answer) -> texts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    row_of_prompt = {tuple(prompt_only_ids(tokenizer, row["question"])): i for i, row in enumerate(gsm8k_rows)}
+
+    def generate(teacher, prompts, *, num_samples, eos_token_id, **settings):
+        out = []
+        for prompt in prompts:
+            row = row_of_prompt[tuple(int(t) for t in prompt)]
+            texts = responses_of_row(row, gsm8k_rows[row]["answer"])
+            assert len(texts) == num_samples
+            out.append([np.asarray(tokenizer(t)["input_ids"] + [eos_token_id]) for t in texts])
+        return out
+
+    return generate
+
+
+def test_filter_keeps_only_right_answers(tiny_gpt2_dir, gsm8k_rows, tmp_path, monkeypatch):
+    """--filter gsm8k-answer keeps exactly the samples whose final '#### N' equals the reference's."""
+    from transformers import AutoTokenizer
+
+    def wrong(answer: str) -> str:
+        return answer.rsplit("####", 1)[0] + f"#### {int(extract_gsm8k_answer(answer)) + 1}"
+
+    def responses(row: int, answer: str) -> list[str]:
+        return [[answer, wrong(answer)], [wrong(answer), answer], [wrong(answer), wrong(answer)]][row % 3]
+
+    monkeypatch.setattr(engines, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, responses))
+    build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", limit=6, num_samples=2, max_length=512,
+                                filter="gsm8k-answer"), **QUIET)
+    reader, sequences = read_cache(tmp_path / "c")
+    assert [(s["source_index"], s["sample_index"]) for s in sequences] == [(0, 0), (1, 1), (3, 0), (4, 1)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    for seq in sequences:
+        response = seq["input_ids"][seq["prompt_length"]:].tolist()
+        assert tokenizer.decode(response) == gsm8k_rows[seq["source_index"]]["answer"] + "<|endoftext|>"
+    assert reader.manifest.settings["filter"] == "gsm8k-answer"
+
+
+def test_filter_that_empties_a_shard_is_a_clear_error(tiny_gpt2_dir, gsm8k_rows, tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, lambda row, a: ["#### x"]))
+    with pytest.raises(BuildError, match=r"shard 0: none of the 3 samples of its 3 prompts passed --filter gsm8k-answer"):
+        build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", limit=3, filter="gsm8k-answer"), **QUIET)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not (tmp_path / "c" / "shards").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding, reusing and refusing
+
+
+def test_same_settings_are_found_not_rebuilt(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    common = {"model": str(tiny_gpt2_dir), "dataset": str(speeches), "max_length": 32, "limit": 6, "top_k": 4}
+    a, b, c = (tmp_path / "root" / name for name in "abc")
+    built = build(BuildConfig(out=str(a), **common), **QUIET)
+    assert built.status == "built" and built.num_shards_written == 1
+    twin = build(BuildConfig(out=str(b), reuse=False, **common), **QUIET)
+    assert twin.cache_key == built.cache_key and stored_objects(a) == stored_objects(b)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although an identical cache exists")
+
+    monkeypatch.setattr(engines, "load_hf_teacher", no_teacher)
+    monkeypatch.setattr(engines, "score_hf", no_teacher)
+    for folder in (a, b):  # the folder asked for wins over an identical cache beside it
+        again = build(BuildConfig(out=str(folder), **common), **QUIET)
+        assert (again.status, Path(again.url), again.num_shards_written) == ("already built", folder, 0)
+        assert again.cache_key == built.cache_key and again.num_sequences == 6
+
+    printed = []
+    reused = build(BuildConfig(out=str(c), **common), log=printed.append)
+    assert reused.status == "reused" and Path(reused.url) == a and reused.cache_key == built.cache_key
+    assert not c.exists()  # nothing written for a reused cache
+    assert any("reusing" in m and str(a) in m for m in printed), printed
+
+    with pytest.raises(CacheMismatchError, match=r"settings\.top_k: 4 -> 5") as refused:
+        build(BuildConfig(out=str(a), **{**common, "top_k": 5}), **QUIET)
+    assert "--overwrite" in str(refused.value)
+    assert CacheReader(str(a)).manifest.top_k == 4  # untouched
+    monkeypatch.undo()
+    replaced = build(BuildConfig(out=str(a), overwrite=True, **{**common, "top_k": 5}), **QUIET)
+    assert replaced.status == "built" and CacheReader(str(a)).manifest.top_k == 5
+
+
+def test_default_out_is_the_last_component_of_model():
+    assert BuildConfig(model="org/gpt2-xl").out == os.path.join("cache", "gpt2-xl")
+    assert BuildConfig(model="/models/tiny-llama/").out == os.path.join("cache", "tiny-llama")
+    assert default_out_name(".") == os.path.basename(os.getcwd())
+    assert default_out_name("./") == os.path.basename(os.getcwd())

@@ -1,0 +1,253 @@
+"""`kdcache build` (and `kdcache finalize`) through the command line, in-process with typer's CliRunner.
+
+Every bad input must end with one red `error:` line that says what to change, exit code 2, and
+nothing written at --out. The default teacher (SmolLM2-135M from its GGUF) runs for real in a test
+marked `slow`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cacher import engines
+from cli.kdcache import app
+from shared.reader import CacheReader
+from tests.cacher.test_build import read_cache, stored_objects, write_speeches
+from tests.conftest import GSM8K
+
+runner = CliRunner()
+
+
+def one_line(output: str) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def speeches(tmp_path_factory) -> Path:
+    return write_speeches(tmp_path_factory.mktemp("data") / "speeches.jsonl", num_rows=20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _no_tokenizer(model: Path, tmp: Path) -> list[str]:
+    bare = tmp / "no-tokenizer"
+    shutil.copytree(model, bare, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    return ["--model", str(bare)]
+
+
+def _no_config(model: Path, tmp: Path) -> list[str]:
+    bare = tmp / "no-config"
+    shutil.copytree(model, bare, ignore=shutil.ignore_patterns("config.json"))
+    return ["--model", str(bare)]
+
+
+def _empty_file(model: Path, tmp: Path) -> list[str]:
+    (tmp / "empty.jsonl").write_text("")
+    return ["--dataset", str(tmp / "empty.jsonl")]
+
+
+def _no_rows(model: Path, tmp: Path) -> list[str]:
+    (tmp / "blank.jsonl").write_text("\n\n")
+    return ["--dataset", str(tmp / "blank.jsonl")]
+
+
+def _malformed(model: Path, tmp: Path) -> list[str]:
+    (tmp / "broken.jsonl").write_text('{"text": "to be or"}\n{"text": \n')
+    return ["--dataset", str(tmp / "broken.jsonl")]
+
+
+def _unsupported(model: Path, tmp: Path) -> list[str]:
+    (tmp / "speech.pdf").write_text("%PDF-1.4")
+    return ["--dataset", str(tmp / "speech.pdf")]
+
+
+def _empty_texts(model: Path, tmp: Path) -> list[str]:
+    (tmp / "texts.jsonl").write_text('{"text": ""}\n{"text": null}\n')
+    return ["--dataset", str(tmp / "texts.jsonl")]
+
+
+BAD_INPUTS = {
+    "missing data set": (lambda m, t: ["--dataset", str(t / "nope" / "missing.jsonl")], ["no such file or folder"]),
+    "unknown text field": (lambda m, t: ["--dataset", str(GSM8K), "--text-field", "body"],
+                           ["--text-field 'body' is not a field of", "its fields are: question, answer"]),
+    "no text field": (lambda m, t: ["--dataset", str(GSM8K)],
+                      ["--text-field 'text' is not a field of", "its fields are: question, answer", "--prompt-field"]),
+    "unknown prompt field": (lambda m, t: ["--dataset", str(GSM8K), "--prompt-field", "q", "--response-field", "answer"],
+                             ["--prompt-field 'q' is not a field of", "its fields are: question, answer"]),
+    "empty file": (_empty_file, ["is an empty file (0 bytes)"]),
+    "file without rows": (_no_rows, ["has no rows"]),
+    "malformed file": (_malformed, ["broken.jsonl: could not be read", "well-formed"]),
+    "unsupported file type": (_unsupported, ["unsupported file type '.pdf'"]),
+    "only empty texts": (_empty_texts, ["gave no sequences to train on (2 rows read, 2 skipped)"]),
+    "top-k 0": (lambda m, t: ["--top-k", "0"], ["--top-k must be >= 1, got 0"]),
+    "top-k above vocab": (lambda m, t: ["--top-k", "385"],
+                          ["--top-k 385 is larger than the teacher's vocabulary (384); use at most 384"]),
+    "max-length above context": (lambda m, t: ["--max-length", "513"],
+                                 ["--max-length 513 exceeds the model's context of 512 tokens; use --max-length 512"]),
+    "max-length 1": (lambda m, t: ["--max-length", "1"], ["--max-length must be >= 2"]),
+    "model without tokenizer": (_no_tokenizer, ["has no tokenizer", "save_pretrained"]),
+    "model without config": (_no_config, ["has no config.json"]),
+    "hub id offline": (lambda m, t: ["--model", "kdcache-tests/no-such-model"],
+                       ["'kdcache-tests/no-such-model' is not a local folder", "HF_HUB_OFFLINE", "pass a local folder"]),
+    "unknown engine": (lambda m, t: ["--engine", "tpu"], ["--engine must be auto, hf or vllm, got 'tpu'"]),
+    "unknown mode": (lambda m, t: ["--mode", "sample"], ["--mode must be 'score' or 'generate', got 'sample'"]),
+    "generate without prompts": (lambda m, t: ["--mode", "generate"], ["--mode generate needs --prompt-field"]),
+    "filter in score mode": (lambda m, t: ["--filter", "gsm8k-answer"], ["--filter applies to --mode generate only"]),
+    "unknown filter": (lambda m, t: ["--mode", "generate", "--dataset", str(GSM8K), "--prompt-field", "question",
+                                     "--response-field", "answer", "--filter", "exact"], ["--filter must be one of"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_args, messages = BAD_INPUTS[case]
+    out = tmp_path / "root" / "cache"
+    args = ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32", "--limit", "2",
+            "--out", str(out), *make_args(tiny_gpt2_dir, tmp_path)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    text = one_line(res.output)
+    assert "error:" in text and "Traceback" not in text
+    for message in messages:
+        assert message in text
+    assert not (tmp_path / "root").exists()
+
+
+def test_out_that_is_a_file(tiny_gpt2_dir, speeches, tmp_path):
+    out = tmp_path / "a-file"
+    out.write_text("keep me")
+    res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32",
+                              "--limit", "2", "--out", str(out)])
+    assert res.exit_code == 2
+    assert f"error: --out {out} is a file, not a directory; pass a new folder path" in one_line(res.output)
+    assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("python", ["", "/nonexistent/bin/python"])
+def test_engine_vllm_without_vllm(python, tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    if python == "" and importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is importable in this interpreter")
+    monkeypatch.setenv("KDCACHE_VLLM_PYTHON", python)
+    res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32",
+                              "--limit", "2", "--engine", "vllm", "--out", str(tmp_path / "cache")])
+    assert res.exit_code == 2, res.output
+    text = one_line(res.output)
+    assert ("vLLM is not installed here" if python == "" else f"KDCACHE_VLLM_PYTHON={python} is not an executable") in text
+    assert "--engine hf" in text and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the cache goes, what is printed, what is found again
+
+
+def test_default_out_and_printed_counts(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    """--out defaults to ./cache/<last path component of --model>; the data line gives every count."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["build", "--model", f"{tiny_gpt2_dir}/", "--dataset", str(speeches), "--text-field", "text",
+                              "--max-length", "24", "--top-k", "4"])
+    assert res.exit_code == 0, res.output
+    out = Path("cache") / tiny_gpt2_dir.name
+    reader, sequences = read_cache(out)
+    m = reader.manifest
+    num_tokens = sum(len(s["input_ids"]) for s in sequences)
+    text = one_line(res.output)
+    assert (f"data: 20 rows -> {len(sequences)} sequences, {num_tokens:,} tokens in 1 shards (dropped tokens: "
+            f"{m.dataset['num_dropped']}, truncated: 0, skipped rows: 0)") in text
+    assert f"built: {out}" in text and f"sequences {len(sequences)}" in text and f"cache_key {m.cache_key[:12]}" in text
+    assert m.dataset["fields"] == {"text": "text"} and m.dataset["num_source_rows"] == 20
+
+
+def test_found_again_refused_and_overwritten(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    args = ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32", "--limit", "4",
+            "--top-k", "4"]
+    a, b = tmp_path / "root" / "a", tmp_path / "root" / "b"
+    first = runner.invoke(app, [*args, "--out", str(a)])
+    assert first.exit_code == 0 and "built: " in first.output
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although an identical cache exists")
+
+    monkeypatch.setattr(engines, "load_hf_teacher", no_teacher)
+    again = runner.invoke(app, [*args, "--out", str(a)])
+    assert again.exit_code == 0 and f"already built: {a}" in one_line(again.output)
+    reused = runner.invoke(app, [*args, "--out", str(b)])
+    assert reused.exit_code == 0, reused.output
+    assert f"reused: {a}" in one_line(reused.output) and not b.exists()
+
+    refused = runner.invoke(app, [*args, "--top-k", "5", "--out", str(a)])
+    assert refused.exit_code == 2
+    text = one_line(refused.output)
+    assert "already holds a complete cache with another cache_key" in text and "settings.top_k: 4 -> 5" in text
+    assert "--overwrite" in text and CacheReader(str(a)).manifest.top_k == 4
+    monkeypatch.undo()
+    replaced = runner.invoke(app, [*args, "--top-k", "5", "--out", str(a), "--overwrite"])
+    assert replaced.exit_code == 0 and CacheReader(str(a)).manifest.top_k == 5
+
+
+def test_two_workers_equal_one_and_finalize(tiny_gpt2_dir, speeches, tmp_path):
+    """--num-workers 2 into one folder holds the same bytes as one worker; the last worker writes the manifest."""
+    args = ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32", "--limit", "10",
+            "--top-k", "4", "--shard-tokens", "70", "--no-reuse"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert runner.invoke(app, [*args, "--out", str(one)]).exit_code == 0
+    num_shards = len(CacheReader(str(one)).shards)
+    assert num_shards >= 4
+
+    worker0 = runner.invoke(app, [*args, "--out", str(two), "--num-workers", "2", "--worker", "0"])
+    assert worker0.exit_code == 0 and "partial:" in worker0.output
+    assert "shards still owed by other workers" in one_line(worker0.output)
+    assert not (two / "manifest.json").exists()
+    assert sorted(int(p.parent.name[-5:]) for p in two.glob("shards/*/commit.json")) == list(range(0, num_shards, 2))
+    early = runner.invoke(app, ["finalize", str(two)])
+    assert early.exit_code == 2 and "not every planned shard is committed yet" in one_line(early.output)
+    assert not (two / "manifest.json").exists()
+
+    worker1 = runner.invoke(app, [*args, "--out", str(two), "--num-workers", "2", "--worker", "1"])
+    assert worker1.exit_code == 0 and f"built: {two}" in one_line(worker1.output)
+    assert stored_objects(one) == stored_objects(two)  # every array, meta table and commit file, byte for byte
+    _, a = read_cache(one)
+    _, b = read_cache(two)
+    assert [(s["source_index"], s["window_index"]) for s in a] == [(s["source_index"], s["window_index"]) for s in b]
+
+    manifest = (two / "manifest.json").read_bytes()
+    (two / "manifest.json").unlink()
+    finalized = runner.invoke(app, ["finalize", str(two)])
+    assert finalized.exit_code == 0 and f"complete: {num_shards} shards" in finalized.output
+    assert (two / "manifest.json").read_bytes() == manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# The default teacher, for real
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_default_smollm2_on_the_builtin_corpus(tmp_path_factory, tmp_path, monkeypatch):
+    """`kdcache build --limit 4 --max-length 64`: SmolLM2-135M (converted once into KDCACHE_HOME) over pydoc topics."""
+    if not os.environ.get("KDCACHE_HOME"):
+        monkeypatch.setenv("KDCACHE_HOME", str(tmp_path_factory.getbasetemp() / "kdcache-home"))
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["build", "--limit", "4", "--max-length", "64"])
+    assert res.exit_code == 0, res.output
+    assert "built: cache/smollm2-135m" in one_line(res.output)
+    reader, sequences = read_cache(tmp_path / "cache" / "smollm2-135m")
+    m = reader.manifest
+    assert (m.vocab_size, m.top_k, m.settings["max_length"]) == (49152, 64, 64)
+    assert m.dataset["name"] == "builtin:pydoc-topics" and m.teacher["engine"] == "hf" and m.teacher["dtype"] == "float32"
+    assert len(sequences) == 4 and all(len(s["input_ids"]) <= 64 for s in sequences)
+    assert 0.5 < m.totals["mean_topk_mass"] < 1.0
+    targets = np.concatenate([s["target_logprob"][:-1][s["loss_mask"][:-1]] for s in sequences]).astype(np.float64)
+    assert np.exp(-targets.mean()) < 60  # a working language model on English prose, not a broken conversion
+    assert json.loads((tmp_path / "cache" / "smollm2-135m" / "build.json").read_text())["teacher"]["name"] == "smollm2-135m"
