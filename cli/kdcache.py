@@ -139,8 +139,8 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
         return
     t = Table(show_header=False, title=f"kdcache {cache}")
     rows = [
-        ("teacher", f"{d['teacher'].get('name')} ({d['teacher'].get('dtype')}, {d['teacher'].get('engine')} "
-                    f"{d['teacher'].get('engine_version')})"),
+        ("teacher", (f"{d['teacher'].get('name')} ({d['teacher'].get('dtype')}, {d['teacher'].get('engine')} "
+                     f"{d['teacher'].get('engine_version')})")),
         ("tokenizer", f"{d['tokenizer'].get('name')} (vocab {d['tokenizer']['vocab_size']})"),
         ("dataset", f"{d['dataset'].get('name')} split={d['dataset'].get('split')} mode={d['settings']['mode']}"),
         ("top_k / max_length", f"{d['settings']['top_k']} / {d['settings']['max_length']}"),
@@ -163,14 +163,19 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")):
     """Recompute every checksum. Exit 0 when good; exit 1 naming every bad shard and object."""
     try:
         reader = CacheReader(cache, check_sizes=False)
-        problems = reader.verify()
+        problems = reader.verify(bookkeeping=True)
     except CacheError as exc:
         fail(str(exc), code=1)
     if problems:
         for p in problems:
             console.print(f"[red]BAD[/] {p}", highlight=False, soft_wrap=True)
         bad = sorted({p.shard for p in problems})
-        console.print(f"[bold red]{len(problems)} problem(s) in {len(bad)} shard(s): {', '.join(bad)}[/]")
+        console.print(f"[bold red]{len(problems)} problem(s) in {len(bad)} shard(s): {', '.join(bad)}[/]", soft_wrap=True)
+        content = sorted({p.shard for p in problems if not p.object.endswith(("commit.json", "build.json"))})
+        if content:
+            console.print(f"To repair: delete {cache}/manifest.json and the commit.json of {', '.join(content)}, then "
+                          "rerun the same `kdcache build` command; it rewrites only those shards.",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     m = reader.manifest
     stdout.print(f"OK: {len(m.shards)} shards, {sum(len(s.objects) for s in m.shards)} objects, "

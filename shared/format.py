@@ -30,6 +30,18 @@ TARGET_SENTINEL = 1.0
 # Tolerance for log-probs slightly above 0 after rounding (log_softmax of a near-one-hot row).
 LOGPROB_MAX = 1e-3
 
+# Limits that keep hostile or damaged metadata from making a reader allocate absurd amounts of memory
+# (storage_layout.md 3.1 and 6.3). A real cache is far below both.
+MAX_CHUNK_BYTES = 2**30  # decoded size of one Zarr chunk
+MAX_SHARD_SEQUENCES = 2**24  # sequences in one shard (offsets and the meta table are read whole)
+
+# Zarr v3 codecs a reader accepts: decoders that cannot run code or reinterpret values, and whose
+# decoded size is checked before decoding (blosc announces it in its header). Anything else (object
+# codecs, numcodecs value filters, sharding, zstd/gzip whose frames may announce any size) is refused
+# before Zarr sees the array.
+ARRAY_TO_BYTES_CODECS = ("bytes",)
+BYTES_TO_BYTES_CODECS = ("blosc", "crc32c")
+
 LOGPROB_DTYPE = np.dtype("float16")
 OFFSETS_DTYPE = np.dtype("int64")
 MASK_DTYPE = np.dtype("bool")

@@ -19,8 +19,10 @@ from shared.format import (
     ARRAY_NDIM,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_SHARD_SEQUENCES,
     SHARD_NAME_RE,
     CacheFormatError,
+    array_dtypes,
     check_object_key,
     meta_path,
     shard_path,
@@ -190,6 +192,14 @@ def _sha(value, where: str) -> str:
     return value
 
 
+def _key(key, where: str) -> str:
+    """check_object_key, with the manifest field named in the message."""
+    try:
+        return check_object_key(key)
+    except CacheFormatError as exc:
+        raise CacheFormatError(f"manifest: {where}: {exc}") from exc
+
+
 def parse_shard(obj, position: int) -> ShardEntry:
     where = f"shards[{position}]"
     if not isinstance(obj, dict):
@@ -203,7 +213,7 @@ def parse_shard(obj, position: int) -> ShardEntry:
         raise CacheFormatError(f"manifest: {where}.name {name!r} is not of the form shard-NNNNN")
     index = int(name.split("-", 1)[1])
     path = _need(obj, "path", (str,), where)
-    check_object_key(path)
+    _key(path, f"{where}.path")
     if path != shard_path(index):
         raise CacheFormatError(
             f"manifest: {where}.path {path!r} must be {shard_path(index)!r} (shards live under shards/, "
@@ -215,6 +225,9 @@ def parse_shard(obj, position: int) -> ShardEntry:
     num_sequences = _count(obj, "num_sequences", where)
     num_tokens = _count(obj, "num_tokens", where)
     num_loss_tokens = _count(obj, "num_loss_tokens", where)
+    if num_sequences > MAX_SHARD_SEQUENCES:
+        raise CacheFormatError(f"manifest: {where}.num_sequences = {num_sequences} exceeds the format's limit of "
+                               f"{MAX_SHARD_SEQUENCES} sequences per shard")
     if num_sequences < 1 or num_tokens < num_sequences or num_loss_tokens > num_tokens:
         raise CacheFormatError(
             f"manifest: {where} counts are inconsistent (num_sequences={num_sequences}, "
@@ -228,7 +241,7 @@ def parse_shard(obj, position: int) -> ShardEntry:
         raise CacheFormatError(f"manifest: {where}.objects lists {len(objects_raw)} objects; refusing")
     objects = {}
     for key, info in objects_raw.items():
-        check_object_key(key)
+        _key(key, f"{where}.objects")
         if not (key.startswith(path + "/") or key == mpath):
             raise CacheFormatError(f"manifest: {where} lists object {key!r} outside its shard {path!r}")
         if not isinstance(info, dict) or set(info) != {"size", "sha256"}:
@@ -291,9 +304,13 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     arrays = _need(obj, "arrays", (dict,), "manifest")
     if set(arrays) != set(ARRAY_NDIM):
         raise CacheFormatError(f"manifest: arrays must describe exactly {sorted(ARRAY_NDIM)}, got {sorted(arrays)}")
+    expected_dtypes = array_dtypes(vocab_size)
     for name, desc in arrays.items():
         if not isinstance(desc, dict) or not isinstance(desc.get("dtype"), str):
             raise CacheFormatError(f"manifest: arrays.{name} must be an object with a string dtype")
+        if desc["dtype"] != expected_dtypes[name]:
+            raise CacheFormatError(f"manifest: arrays.{name}.dtype is {desc['dtype']!r:.40}; the format stores it as "
+                                   f"{expected_dtypes[name]!r} for a vocabulary of {vocab_size}")
     shards_raw = _need(obj, "shards", (list,), "manifest")
     if not shards_raw:
         raise CacheFormatError("manifest: shards is empty; a complete cache has at least one shard")

@@ -2,9 +2,16 @@
 
 Opening reads and strictly validates manifest.json (missing manifest -> IncompleteCacheError with
 the number of committed shards) and, by default, checks that every listed object exists with its
-recorded size (one listing per shard, cheap). `verify()` recomputes every sha256. With
-`verify_on_read=True` each shard's objects are hashed the first time that shard is opened, so a
-trainer never consumes a flipped byte.
+recorded size and that no unlisted object hides in a shard (one listing per shard, cheap).
+`verify()` recomputes every sha256. With `verify_on_read=True` each shard's objects are hashed the
+first time that shard is opened, so a trainer never consumes a flipped byte.
+
+A cache may come from someone else, so nothing in it is trusted beyond the format's rules: each
+array's `zarr.json` is checked against the manifest (shape, dtype, chunk size, an allow-list of
+codecs) before Zarr sees it, a chunk whose compressed header promises more bytes than its chunk
+holds is refused before it is decompressed, every row range read is checked (ids < V, no NaN or
+positive log-probs), and the meta Parquet file's schema and row count are checked before it is
+read. Each refusal is a CacheError subclass naming the shard and the object.
 
 A reader never writes. Knows the format and numpy; nothing about models or training.
 """
@@ -13,17 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from shared.format import (
     ARRAY_NDIM,
+    ARRAY_TO_BYTES_CODECS,
     BUILD_FILE,
+    BYTES_TO_BYTES_CODECS,
     COMMIT_FILE,
+    LOGPROB_MAX,
     MANIFEST_FILE,
+    MAX_CHUNK_BYTES,
+    META_COLUMNS,
     ROW_ARRAYS,
     SHARDS_DIR,
+    TARGET_SENTINEL,
     CacheCorruptError,
     CacheError,
     CacheFormatError,
@@ -32,6 +46,9 @@ from shared.format import (
 )
 from shared.manifest import Manifest, ShardEntry, parse_manifest
 from shared.store import Store, open_store
+
+MAX_METADATA_BYTES = 2**20  # a zarr.json is a few hundred bytes; refuse to parse megabytes
+HASH_BATCH_BYTES = 256 * 2**20  # objects read at once while hashing (concurrently on object stores)
 
 
 @dataclass
@@ -44,23 +61,94 @@ class Problem:
         return f"{self.shard}: {self.object}: {self.message}"
 
 
+def _is_temporary(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(".tmp-")
+
+
 def check_objects(store: Store, entry: ShardEntry, *, hashes: bool) -> list[Problem]:
-    """Compare the stored objects of one shard with the manifest (sizes, and sha256 if hashes)."""
+    """Compare the stored objects of one shard with the manifest (sizes, and sha256 if hashes).
+
+    Also reports objects inside the shard's folder that the manifest does not list (besides
+    commit.json and `.tmp-` leftovers): Zarr would read such a chunk without any checksum.
+    """
     problems = []
     listed = store.list_files(entry.path)
     meta_size = store.size(entry.meta_path)
+    to_hash = []
     for key, info in sorted(entry.objects.items()):
         size = listed.get(key) if key.startswith(entry.path + "/") else meta_size
         if size is None:
             problems.append(Problem(entry.name, key, "missing"))
             continue
+        if store.local:
+            odd = store.local_file_problem(key)
+            if odd is not None:
+                problems.append(Problem(entry.name, key, odd))
+                continue
         if size != info.size:
             problems.append(Problem(entry.name, key, f"size {size} bytes, manifest says {info.size} (truncated or replaced)"))
             continue
-        if hashes:
-            digest = hashlib.sha256(store.read_bytes(key)).hexdigest()
-            if digest != info.sha256:
-                problems.append(Problem(entry.name, key, f"sha256 {digest[:12]}... does not match the manifest's {info.sha256[:12]}..."))
+        to_hash.append(key)
+    for batch in _batches(to_hash, entry, HASH_BATCH_BYTES) if hashes else []:
+        for key, data in store.read_many(batch).items():
+            if isinstance(data, Exception):
+                problems.append(Problem(entry.name, key, f"cannot be read ({data})"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            expected = entry.objects[key].sha256
+            if digest != expected:
+                problems.append(Problem(entry.name, key, f"sha256 {digest[:12]}... does not match the manifest's {expected[:12]}..."))
+    commit = f"{entry.path}/{COMMIT_FILE}"
+    for key in sorted(set(listed) - set(entry.objects)):
+        if key != commit and not _is_temporary(key):
+            problems.append(Problem(entry.name, key, "is not listed in the manifest (a reader would use it unchecked); "
+                                                     "remove it or rebuild the shard"))
+    return problems
+
+
+def _batches(keys: list[str], entry: ShardEntry, max_bytes: int) -> list[list[str]]:
+    """Keys in groups of at most max_bytes (by their manifest sizes): what one concurrent read holds."""
+    out, size = [[]], 0
+    for key in keys:
+        if out[-1] and size + entry.objects[key].size > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(key)
+        size += entry.objects[key].size
+    return [b for b in out if b]
+
+
+def check_bookkeeping(store: Store, manifest: Manifest) -> list[Problem]:
+    """build.json and the shards' commit.json files against the manifest (storage_layout.md 7).
+
+    Readers never read them once manifest.json exists, so damage here does not affect training;
+    it would mislead a later writer (`kdcache finalize`, a resumed build), so `kdcache verify`
+    reports it. A missing commit file is fine after completion: the manifest is authoritative.
+    """
+    problems = []
+    fix = "readers do not use it once the cache is complete; delete it (the manifest is authoritative)"
+    if store.exists(BUILD_FILE):
+        try:
+            build = json.loads(store.read_bytes(BUILD_FILE))
+            ok = isinstance(build, dict) and build.get("cache_key") == manifest.cache_key
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            problems.append(Problem("cache", BUILD_FILE, f"damaged or from another build: {fix}"))
+    for entry in manifest.shards:
+        key = f"{entry.path}/{COMMIT_FILE}"
+        try:
+            raw = store.read_bytes(key)
+        except FileNotFoundError:
+            continue
+        try:
+            commit = json.loads(raw)
+            ok = (isinstance(commit, dict) and commit.pop("cache_key", None) == manifest.cache_key
+                  and commit == json.loads(json.dumps(entry.to_json())))
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            problems.append(Problem(entry.name, key, f"does not match the manifest's entry (damaged): {fix}"))
     return problems
 
 
@@ -68,50 +156,183 @@ def count_committed(store: Store) -> int:
     return sum(1 for n in store.list_dir(SHARDS_DIR) if store.exists(f"{SHARDS_DIR}/{n}/{COMMIT_FILE}"))
 
 
+# ---------------------------------------------------------------------------------------------
+# Zarr metadata, checked before Zarr reads it
+
+
+def check_array_metadata(raw: bytes, *, key: str, where: str, shape: tuple[int, ...], dtype: str) -> tuple[int, bool]:
+    """Validate one array's zarr.json against what the manifest implies.
+
+    Returns (a chunk's decoded size in bytes, whether the chunks are blosc-compressed).
+
+    Refuses (CacheFormatError naming `where` and `key`): malformed JSON, another shape or dtype
+    than the manifest's counts give, an irregular grid, a chunk over MAX_CHUNK_BYTES decoded, a
+    codec outside the allow-list, storage transformers.
+    """
+    def bad(message: str) -> CacheFormatError:
+        return CacheFormatError(f"{where}: {key}: {message}")
+
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise bad("is not Zarr v3 array metadata (zarr_format 3, node_type 'array')")
+    stored_shape = meta.get("shape")
+    if (not isinstance(stored_shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in stored_shape)
+            or tuple(stored_shape) != tuple(shape)):
+        raise bad(f"claims shape {stored_shape!r:.80}, the manifest's counts give {list(shape)}")
+    if meta.get("data_type") != dtype:
+        raise bad(f"claims data_type {meta.get('data_type')!r:.40}, the format says {dtype!r}")
+    grid = meta.get("chunk_grid")
+    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    if (not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list)
+            or len(chunks) != len(shape)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in chunks)):
+        raise bad(f"needs a regular chunk grid of {len(shape)} positive sizes, got {grid!r:.120}")
+    chunk_bytes = math.prod(chunks) * np.dtype(dtype).itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        raise bad(f"chunks of {chunks} decode to {chunk_bytes:,} bytes; the format's limit is {MAX_CHUNK_BYTES:,}")
+    if meta.get("storage_transformers") not in (None, []):
+        raise bad("uses storage transformers, which the format does not allow")
+    codecs = meta.get("codecs")
+    if not isinstance(codecs, list) or not codecs:
+        raise bad("has no codecs list")
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
+    if (names[0] not in ARRAY_TO_BYTES_CODECS
+            or any(n not in BYTES_TO_BYTES_CODECS for n in names[1:])):
+        raise bad(f"uses codecs {names!r:.120}; allowed: {ARRAY_TO_BYTES_CODECS[0]} then any of "
+                  f"{', '.join(BYTES_TO_BYTES_CODECS)}")
+    return chunk_bytes, "blosc" in names
+
+
+def _blosc_header_problem(head: bytes, length: int, chunk_bytes: int) -> str | None:
+    """A blosc frame announces its decoded size (bytes 4..8) and its own length (12..16): check both."""
+    if len(head) < 16:
+        return f"a compressed chunk of {length} bytes is too short for a blosc header"
+    nbytes = int.from_bytes(head[4:8], "little")
+    cbytes = int.from_bytes(head[12:16], "little")
+    if nbytes > chunk_bytes:
+        return f"a compressed chunk announces {nbytes:,} decoded bytes, more than a chunk's {chunk_bytes:,}"
+    if cbytes > length:
+        return f"a compressed chunk announces {cbytes:,} bytes but holds {length:,}"
+    return None
+
+
+def _guarded(store, name: str, chunk_bytes: int, where: str):
+    """Wrap a read-only Zarr store so that no blosc chunk of array `name` decodes to more than chunk_bytes.
+
+    The header is checked before the decoder allocates what it announces. Subclassing zarr's
+    WrapperStore is Zarr's own hook for this; only `get` is changed.
+    """
+    from zarr.storage import WrapperStore
+
+    class ChunkSizeGuard(WrapperStore):
+        def _with_store(self, inner):
+            return _guarded(inner, name, chunk_bytes, where)
+
+        async def get(self, key, prototype, byte_range=None):
+            buf = await self._store.get(key, prototype, byte_range)
+            if buf is not None and byte_range is None and key.startswith(f"{name}/") and key != f"{name}/zarr.json":
+                problem = _blosc_header_problem(buf.as_numpy_array()[:16].tobytes(), len(buf), chunk_bytes)
+                if problem is not None:
+                    raise CacheFormatError(f"{where}: {name}: chunk {key[len(name) + 1:]}: {problem}")
+            return buf
+
+    return ChunkSizeGuard(store)
+
+
 class ShardView:
     """Lazy access to one shard's arrays; row ranges read only the chunks they touch."""
 
-    def __init__(self, reader: "CacheReader", entry: ShardEntry):
+    def __init__(self, reader: CacheReader, entry: ShardEntry):
         import zarr
 
         self.entry = entry
-        self._group = zarr.open_group(store=reader.store.zarr_store(entry.path), mode="r", zarr_format=3)
+        self.vocab_size = reader.manifest.vocab_size
+        where = entry.name
+        dtypes = array_dtypes(reader.manifest.vocab_size)
+        top_k = reader.manifest.top_k
+        shapes = {name: ((entry.num_tokens, top_k) if ARRAY_NDIM[name] == 2 else (entry.num_tokens,))
+                  for name in ROW_ARRAYS}
+        shapes["offsets"] = (entry.num_sequences + 1,)
+
+        group_meta = self._metadata(reader.store, f"{entry.path}/zarr.json")
+        try:
+            group_ok = json.loads(group_meta).get("node_type") == "group"
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            group_ok = False
+        if not group_ok:
+            raise CacheFormatError(f"{where}: {entry.path}/zarr.json is not Zarr v3 group metadata")
         self._arrays = {}
-        expected = array_dtypes(reader.manifest.vocab_size)
-        for name, ndim in ARRAY_NDIM.items():
+        for name in ARRAY_NDIM:
+            key = f"{entry.path}/{name}/zarr.json"
+            chunk_bytes, blosc = check_array_metadata(self._metadata(reader.store, key), key=key, where=where,
+                                                      shape=shapes[name], dtype=dtypes[name])
             try:
-                arr = self._group[name]
-            except KeyError as exc:
-                raise CacheCorruptError(f"{entry.name}: array {name!r} is missing", [(entry.name, name, "missing")]) from exc
-            if arr.ndim != ndim or str(arr.dtype) != expected[name]:
-                raise CacheFormatError(
-                    f"{entry.name}: array {name} is {arr.dtype}{arr.shape}, the format says {expected[name]} with {ndim} dims"
-                )
+                store = reader.store.zarr_store(entry.path)
+                if blosc:
+                    store = _guarded(store, name, chunk_bytes, where)
+                arr = zarr.open_array(store=store, path=name, mode="r", zarr_format=3)
+            except CacheError:
+                raise
+            except Exception as exc:  # zarr's own errors on metadata it cannot use
+                raise CacheFormatError(f"{where}: {key}: Zarr cannot open it ({type(exc).__name__}: {exc})") from exc
+            if arr.shape != shapes[name] or str(arr.dtype) != dtypes[name]:  # after Zarr's own parsing
+                raise CacheFormatError(f"{where}: array {name} is {arr.dtype}{arr.shape}, the format says "
+                                       f"{dtypes[name]}{shapes[name]}")
             self._arrays[name] = arr
-        offsets = np.asarray(self._arrays["offsets"][:])
+        offsets = self._read("offsets", slice(None))
         if (len(offsets) != entry.num_sequences + 1 or offsets[0] != 0 or offsets[-1] != entry.num_tokens
                 or np.any(np.diff(offsets) < 1)):
             raise CacheCorruptError(
-                f"{entry.name}: offsets are inconsistent with the manifest ({entry.num_sequences} sequences, {entry.num_tokens} tokens)",
+                f"{entry.name}: offsets are inconsistent with the manifest ({entry.num_sequences} sequences, "
+                f"{entry.num_tokens} tokens): they must start at 0, grow strictly and end at {entry.num_tokens}",
                 [(entry.name, "offsets", "inconsistent")],
             )
-        top_k = reader.manifest.top_k
-        for name in ROW_ARRAYS:
-            shape = self._arrays[name].shape
-            want = (entry.num_tokens, top_k) if ARRAY_NDIM[name] == 2 else (entry.num_tokens,)
-            if shape != want:
-                raise CacheCorruptError(f"{entry.name}: {name} has shape {shape}, expected {want}", [(entry.name, name, "shape")])
         self.offsets = offsets
+
+    def _metadata(self, store: Store, key: str) -> bytes:
+        """A zarr.json the manifest lists, read after checking its listed size."""
+        info = self.entry.objects.get(key)
+        if info is None:
+            raise CacheFormatError(f"{self.entry.name}: {key} is not listed in the manifest; a shard's metadata "
+                                   "must be covered by its checksums")
+        if info.size > MAX_METADATA_BYTES:
+            raise CacheFormatError(f"{self.entry.name}: {key} is {info.size:,} bytes; metadata over "
+                                   f"{MAX_METADATA_BYTES:,} bytes is refused")
+        try:
+            raw = store.read_bytes(key)
+        except FileNotFoundError as exc:
+            raise CacheCorruptError(f"{self.entry.name}: {key} is missing", [(self.entry.name, key, "missing")]) from exc
+        if len(raw) != info.size:
+            raise CacheCorruptError(f"{self.entry.name}: {key} is {len(raw)} bytes, the manifest says {info.size}",
+                                    [(self.entry.name, key, "size")])
+        return raw
+
+    def _read(self, name: str, rows: slice) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[name][rows])
+        except CacheError:
+            raise
+        except Exception as exc:  # a chunk Zarr cannot decode (hostile or damaged, checksums notwithstanding)
+            raise CacheCorruptError(f"{self.entry.name}: array {name}: cannot decode its chunks "
+                                    f"({type(exc).__name__}: {exc})", [(self.entry.name, name, "decode")]) from exc
 
     @property
     def num_sequences(self) -> int:
         return len(self.offsets) - 1
 
     def read_rows(self, start: int, stop: int, fields: tuple[str, ...] = ROW_ARRAYS) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of the row arrays, as numpy."""
+        """Rows [start, stop) of the row arrays, as numpy; values outside the format's ranges are refused."""
         if not 0 <= start <= stop <= int(self.offsets[-1]):
             raise IndexError(f"{self.entry.name}: rows [{start}, {stop}) outside [0, {int(self.offsets[-1])})")
-        return {name: np.asarray(self._arrays[name][start:stop]) for name in fields}
+        out = {}
+        for name in fields:
+            values = self._read(name, slice(start, stop))
+            _check_values(self.entry.name, name, values, start, self.vocab_size)
+            out[name] = values
+        return out
 
     def read_sequence(self, i: int, fields: tuple[str, ...] = ROW_ARRAYS) -> dict[str, np.ndarray]:
         return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]), fields)
@@ -131,6 +352,24 @@ class ShardView:
         return out
 
 
+def _check_values(shard: str, name: str, values: np.ndarray, first_row: int, vocab_size: int) -> None:
+    """Refuse ids >= V and NaN / positive log-probs (storage_layout.md 3) in rows just read."""
+    if values.size == 0:
+        return
+    if name in ("input_ids", "topk_ids"):
+        top = values.max()
+        if top >= vocab_size:
+            row = first_row + int(np.argwhere(values >= vocab_size)[0][0])
+            raise CacheFormatError(f"{shard}: {name} row {row} holds id {int(top)}, outside the vocabulary of {vocab_size}")
+    elif name in ("topk_logprobs", "tail_logprob", "target_logprob"):
+        bad = np.isnan(values)
+        bad |= (values > LOGPROB_MAX) & (values != TARGET_SENTINEL) if name == "target_logprob" else values > LOGPROB_MAX
+        if bad.any():
+            row = first_row + int(np.argwhere(bad)[0][0])
+            raise CacheFormatError(f"{shard}: {name} row {row} holds NaN or a positive log-probability; "
+                                   "the format forbids both (rebuild the shard)")
+
+
 class CacheReader:
     """Open a cache for reading. Raises IncompleteCacheError, CacheFormatError, CacheCorruptError."""
 
@@ -147,14 +386,18 @@ class CacheReader:
             planned = ""
             if self.store.exists(BUILD_FILE):
                 try:
-                    planned = f" of {json.loads(self.store.read_bytes(BUILD_FILE))['plan']['num_shards']}"
-                except (ValueError, KeyError, TypeError):
+                    planned = f" of {int(json.loads(self.store.read_bytes(BUILD_FILE))['plan']['num_shards'])}"
+                except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                     planned = ""
             raise IncompleteCacheError(
                 f"incomplete cache at {url}: no {MANIFEST_FILE}, {n}{planned} shards committed. Rerun the same "
                 "`kdcache build` command to resume it (or `kdcache finalize` if all workers have finished)."
             )
-        self.manifest: Manifest = parse_manifest(self.store.read_bytes(MANIFEST_FILE))
+        try:
+            raw = self.store.read_bytes(MANIFEST_FILE)
+        except FileNotFoundError as exc:  # deleted between the check and the read
+            raise IncompleteCacheError(f"incomplete cache at {url}: {MANIFEST_FILE} disappeared while opening") from exc
+        self.manifest: Manifest = parse_manifest(raw)
         self.verify_on_read = verify_on_read
         self._verified: set[str] = set()
         self._views: dict[int, ShardView] = {}
@@ -164,7 +407,7 @@ class CacheReader:
                 raise CacheCorruptError(
                     f"cache {url} is damaged: " + "; ".join(str(p) for p in problems[:10])
                     + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
-                    + ". Run `kdcache verify` for the full list; rebuild the named shards.",
+                    + f". Run `kdcache verify {url}` for the full list and how to repair it.",
                     [(p.shard, p.object, p.message) for p in problems],
                 )
 
@@ -198,12 +441,40 @@ class CacheReader:
         return [np.diff(self.shard(i).offsets) for i in range(self.num_shards)]
 
     def meta(self, index: int):
-        """The shard's meta table (pyarrow.Table)."""
+        """The shard's meta table (pyarrow.Table), after checking its schema and row count."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         entry = self.manifest.shards[index]
-        with self.store.fs.open(self.store.path(entry.meta_path), "rb") as f:
-            return pq.read_table(f)
+        where = f"{entry.name}: {entry.meta_path}"
+        try:
+            with self.store.fs.open(self.store.path(entry.meta_path), "rb") as f:
+                parquet = pq.ParquetFile(f)
+                num_rows = parquet.metadata.num_rows
+                if num_rows != entry.num_sequences:
+                    raise CacheFormatError(f"{where} has {num_rows} rows, the manifest {entry.num_sequences} sequences")
+                schema = parquet.schema_arrow
+                for column, type_name in META_COLUMNS.items():
+                    if column not in schema.names:
+                        raise CacheFormatError(f"{where} lacks the mandatory column {column!r}")
+                    got = schema.field(column).type
+                    if got != getattr(pa, type_name)():
+                        raise CacheFormatError(f"{where}: column {column!r} is {got}, the format says {type_name}")
+                table = parquet.read()
+        except CacheError:
+            raise
+        except FileNotFoundError as exc:
+            raise CacheCorruptError(f"{where} is missing", [(entry.name, entry.meta_path, "missing")]) from exc
+        except Exception as exc:  # pyarrow's own errors on a damaged file
+            raise CacheCorruptError(f"{where} cannot be read as Parquet ({type(exc).__name__}: {exc})",
+                                    [(entry.name, entry.meta_path, "unreadable")]) from exc
+        num_tokens = table.column("num_tokens").to_numpy(zero_copy_only=False)
+        order = table.column("sequence_index").to_numpy(zero_copy_only=False)
+        if (np.any(num_tokens < 1) or int(num_tokens.sum()) != entry.num_tokens
+                or not np.array_equal(order, np.arange(entry.num_sequences))):
+            raise CacheFormatError(f"{where}: sequence_index must be 0..{entry.num_sequences - 1} and num_tokens "
+                                   f"positive, summing to the manifest's {entry.num_tokens}")
+        return table
 
     def iter_sequences(self, fields: tuple[str, ...] = ROW_ARRAYS):
         """Every sequence in storage order as (shard index, sequence index, arrays)."""
@@ -212,15 +483,35 @@ class CacheReader:
             for i in range(view.num_sequences):
                 yield s, i, view.read_sequence(i, fields)
 
-    def verify(self) -> list[Problem]:
-        """Recompute every object's sha256 and check every shard's structure; [] when all is well."""
+    def verify(self, *, bookkeeping: bool = False) -> list[Problem]:
+        """Recompute every object's sha256 and check every shard's structure; [] when all is well.
+
+        Structure: each shard's arrays open as section 3.1 demands, offsets agree with the manifest,
+        and the meta table's schema, row count and num_tokens agree with them. Values (ids < V, no
+        NaN) are checked as rows are read, not here: verify does not decode every chunk.
+
+        bookkeeping: also check build.json and the commit files (check_bookkeeping), as `kdcache
+        verify` does; training leaves them out since it never reads them.
+        """
         problems = []
         for entry in self.manifest.shards:
             found = check_objects(self.store, entry, hashes=True)
             problems.extend(found)
             if not found:
                 try:
-                    ShardView(self, entry)
+                    view = ShardView(self, entry)
+                    self._verified.add(entry.name)
+                    self._views.setdefault(entry.index, view)
                 except CacheError as exc:
                     problems.append(Problem(entry.name, "arrays", str(exc)))
+                    continue
+                try:
+                    lengths = self.meta(entry.index).column("num_tokens").to_numpy(zero_copy_only=False)
+                except CacheError as exc:
+                    problems.append(Problem(entry.name, entry.meta_path, str(exc)))
+                    continue
+                if not np.array_equal(lengths, np.diff(view.offsets)):
+                    problems.append(Problem(entry.name, entry.meta_path, "num_tokens disagrees with the offsets array"))
+        if bookkeeping:
+            problems.extend(check_bookkeeping(self.store, self.manifest))
         return problems

@@ -7,13 +7,23 @@ Atomicity: on a local filesystem every object is written to a temporary name in 
 and renamed into place (os.replace), so an object is either absent or whole. Object stores (S3, GCS)
 make a single PUT atomic on their own. Shard-level atomicity (all objects of a shard, or none) is
 the commit rule of writer.py, not this module's.
+
+Exclusive creation (build.json, locks): local files are written to a temporary name and hard-linked
+into place (link fails if the name exists, so the winner's content is whole when a loser reads it);
+object stores use a conditional PUT (`If-None-Match: *`, S3 since 2024). Local locks are also held
+with flock(2) on the lock file, so the kernel releases them when the holder dies, however it dies.
+
+Object stores are opened without fsspec's listings cache: other processes write to a shared cache
+while we read it, and a cached listing would hide their objects.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
@@ -36,6 +46,7 @@ class Store:
     fs: fsspec.AbstractFileSystem
     root: str
     local: bool
+    storage_options: dict = field(default_factory=dict)
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, key: str = "") -> str:
@@ -53,6 +64,23 @@ class Store:
 
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | Exception]:
+        """Several objects at once: concurrent requests on object stores, plain reads locally.
+
+        A key that cannot be read maps to its exception (FileNotFoundError, ...), not raised.
+        """
+        if self.local or len(keys) < 2:
+            out: dict[str, bytes | Exception] = {}
+            for key in keys:
+                try:
+                    out[key] = self.read_bytes(key)
+                except OSError as exc:
+                    out[key] = exc
+            return out
+        paths = {self.fs._strip_protocol(self.path(key)): key for key in keys}
+        got = self.fs.cat(list(paths), on_error="return")
+        return {paths[self.fs._strip_protocol(path)]: data for path, data in got.items()}
 
     def size(self, key: str) -> int | None:
         try:
@@ -112,25 +140,122 @@ class Store:
             self.fs.pipe_file(target, data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        """Create an object only if absent; True if this call created it.
+        """Create an object only if absent, whole; True if this call created it.
 
-        Local: O_EXCL, race-free. Object stores: check then write then read back (best effort; the
-        content carries a unique token so the caller can confirm it owns what it wrote).
+        Local: written to a temporary name, then hard-linked to the key (link refuses an existing
+        name), so a concurrent reader never sees it half written. Object stores: a conditional PUT
+        (`mode="create"`); where the backend has none, check then write then read back (best effort).
         """
         target = self.path(key)
         if self.local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            folder = os.path.dirname(target)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
             try:
-                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, target)
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            except OSError as exc:  # a filesystem without hard links: O_EXCL (a loser may read it half written)
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                try:
+                    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return True
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        parent = target.rsplit("/", 1)[0]
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+        except (OSError, NotImplementedError):
+            pass
+        try:
+            self.fs.pipe_file(target, data, mode="create")
             return True
-        if self.fs.exists(target):
+        except FileExistsError:
             return False
-        self.write_bytes(key, data)
-        return self.read_bytes(key) == data
+        except (TypeError, NotImplementedError):  # a backend without conditional writes
+            if self.fs.exists(target):
+                return False
+            self.write_bytes(key, data)
+            return self.read_bytes(key) == data
+
+    # -- local locks (flock) --------------------------------------------------------------------
+    def lock_local(self, key: str, data: bytes) -> int | None:
+        """Take an exclusive flock on the local file `key` and write `data` into it.
+
+        Returns the open descriptor (keep it open while holding the lock), or None when another open
+        file description (another process, or another writer in this one) holds the lock. A lock
+        file whose holder died is simply locked again: the kernel dropped the dead holder's flock.
+        Raises NotImplementedError where the filesystem has no flock (some network filesystems).
+        """
+        import fcntl
+
+        target = self.path(key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        while True:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise NotImplementedError(f"no flock on {target}: {exc}") from exc
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(target).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder unlinked it between our open and flock: start over
+                break
+            os.close(fd)
+        self.rewrite_local_lock(fd, data)
+        return fd
+
+    @staticmethod
+    def rewrite_local_lock(fd: int, data: bytes) -> None:
+        """Replace the content of a held lock file in place (its inode carries the flock)."""
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+
+    def unlock_local(self, key: str, fd: int) -> None:
+        """Remove the lock file, then drop the flock (unlink first: see lock_local's inode check)."""
+        try:
+            os.unlink(self.path(key))
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+    def local_file_problem(self, key: str) -> str | None:
+        """Local stores: why `key` is not a plain file inside the cache (a symlink, a FIFO...), else None."""
+        path = self.path(key)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return "missing"
+        if stat.S_ISLNK(st.st_mode):
+            return "is a symbolic link; a cache holds plain files only (a link could point outside it)"
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        real_root = os.path.realpath(self.root)
+        if not os.path.realpath(path).startswith(real_root.rstrip("/") + "/"):
+            return "resolves outside the cache (a folder on its path is a symbolic link)"
+        return None
 
     def delete(self, key: str) -> None:
         target = self.path(key)
@@ -144,16 +269,21 @@ class Store:
 
         if self.local:
             return LocalStore(self.path(prefix), read_only=True)
-        return FsspecStore.from_url(f"{self.url.rstrip('/')}/{prefix}", read_only=True)
+        return FsspecStore.from_url(f"{self.url.rstrip('/')}/{prefix}", read_only=True,
+                                    storage_options=self.storage_options or None)
 
 
 def open_store(url: str, *, storage_options: dict | None = None) -> Store:
     """Open a cache root given as a local path or an fsspec URL. Does not create anything."""
     protocol, full = _split_url(url)
+    options = dict(storage_options or {})
+    if protocol not in ("file", "local", "memory"):
+        options.setdefault("use_listings_cache", False)  # others write to a shared cache while we read it
     try:
-        fs, root = fsspec.core.url_to_fs(full, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(full, **options)
     except (ImportError, ValueError) as exc:
         hint = " (pip install 'kdcache[s3]')" if protocol == "s3" else ""
         raise CacheError(f"cannot open cache location {url!r}: {exc}{hint}") from exc
     local = protocol in ("file", "local")
-    return Store(url=full if not local else root, fs=fs, root=root.rstrip("/") or "/", local=local)
+    return Store(url=full if not local else root, fs=fs, root=root.rstrip("/") or "/", local=local,
+                 storage_options={} if local else options)

@@ -37,6 +37,8 @@ from shared.format import (
     LOGPROB_DTYPE,
     LOGPROB_MAX,
     MANIFEST_FILE,
+    MAX_CHUNK_BYTES,
+    MAX_SHARD_SEQUENCES,
     META_COLUMNS,
     META_DIR,
     SHARDS_DIR,
@@ -73,6 +75,8 @@ BLOSC = {"cname": "zstd", "clevel": 9, "shuffle": "shuffle"}
 # packs much better (storage_layout.md 3.1; BENCHMARKS.md P4).
 EXACT_RANKS = 16
 TRIMMED_MANTISSA_BITS = 7
+# float16 rounding can lift a top-K mass of 1 by up to about K * 2^-11 * max(p |ln p|); allow that, refuse more.
+MAX_MASS_EXCESS = 0.02
 
 
 def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
@@ -136,6 +140,16 @@ class BuildHeader:
         }
 
     @classmethod
+    def from_bytes(cls, raw: bytes) -> BuildHeader:
+        """Parse build.json; a damaged one is a CacheFormatError naming it, never a bare ValueError."""
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CacheFormatError(f"{BUILD_FILE} is not valid JSON ({exc}); it was damaged after it was written. "
+                                   "Rerun with --overwrite to start the build again, or choose another --out") from exc
+        return cls.from_json(obj)
+
+    @classmethod
     def from_json(cls, obj: dict) -> BuildHeader:
         try:
             return cls(
@@ -147,7 +161,7 @@ class BuildHeader:
                 created_at=obj["created_at"],
                 tool_version=obj["tool_version"],
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, CacheError) as exc:
             raise CacheFormatError(f"{BUILD_FILE} is malformed ({exc!r}); delete the directory or use --overwrite") from exc
 
 
@@ -259,6 +273,11 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
             stored[mask] = np.minimum(stored[mask], 0)
         out[name] = stored
     topk = out["topk_logprobs"].astype(np.float32)
+    mass = np.exp(topk.astype(np.float64)).sum(axis=1)
+    if np.any(mass > 1.0 + MAX_MASS_EXCESS):
+        row = int(np.argmax(mass > 1.0 + MAX_MASS_EXCESS))
+        raise CacheFormatError(f"{where}: topk_logprobs row {row} sums to probability {mass[row]:.4f} > 1; they must be "
+                               "log-probabilities (log_softmax over the vocabulary), not logits")
     if top_k > 1 and np.any(topk[:, 1:] > topk[:, :-1]):
         row = int(np.argwhere(topk[:, 1:] > topk[:, :-1])[0][0])
         raise CacheFormatError(f"{where}: topk_logprobs row {row} is not sorted most likely first")
@@ -337,6 +356,13 @@ class CacheWriter:
                  num_workers: int = 1, chunk_rows: int = DEFAULT_CHUNK_ROWS, storage_options: dict | None = None):
         if not (num_workers >= 1 and 0 <= worker < num_workers):
             raise CacheError(f"--worker {worker} must be in [0, --num-workers {num_workers})")
+        top_k, vocab_size = header.settings["top_k"], header.tokenizer["vocab_size"]
+        chunk_bytes = chunk_rows * top_k * max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
+        if chunk_rows < 1 or chunk_bytes > MAX_CHUNK_BYTES:
+            raise CacheError(
+                f"--chunk-rows {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse chunks "
+                f"over {MAX_CHUNK_BYTES:,} bytes (storage_layout.md 3.1): use --chunk-rows "
+                f"{max(1, MAX_CHUNK_BYTES // (chunk_bytes // max(chunk_rows, 1)))} or less")
         self.url = url
         self.header = header
         self.overwrite = overwrite
@@ -347,10 +373,12 @@ class CacheWriter:
         self.complete = False
         self.manifest: Manifest | None = None
         self._lock_key: str | None = None
+        self._lock_fd: int | None = None
         self._lock_token = uuid.uuid4().hex
+        self._lock_since = utc_now()
 
     # -- opening -----------------------------------------------------------------------------
-    def __enter__(self) -> CacheWriter:
+    def __enter__(self) -> CacheWriter:  # noqa: PYI034 (typing.Self needs Python 3.11; 3.10 is supported)
         store = self.store
         if store.local and os.path.exists(store.root) and not os.path.isdir(store.root):
             raise CacheError(f"--out {store.root} is a file, not a directory; pass a new folder path")
@@ -372,7 +400,7 @@ class CacheWriter:
                 )
             self._wipe()
         elif store.exists(BUILD_FILE):
-            old = BuildHeader.from_json(json.loads(store.read_bytes(BUILD_FILE)))
+            old = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE))
             diffs = header_differences(old, self.header)
             if diffs and not self.overwrite:
                 raise CacheMismatchError(
@@ -394,11 +422,15 @@ class CacheWriter:
         if not store.exists(BUILD_FILE):
             data = json.dumps(self.header.to_json(), indent=1).encode()
             if not store.create_exclusive(BUILD_FILE, data):
-                old = BuildHeader.from_json(json.loads(store.read_bytes(BUILD_FILE)))
+                old = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE))
                 if header_differences(old, self.header):
                     raise CacheMismatchError(f"another builder started a different build in {self.url} at the same time")
                 self.header.created_at = old.created_at
         self._acquire_lock()
+        if store.exists(MANIFEST_FILE):  # a builder that held the lock before us finished the cache meanwhile
+            existing = self._read_manifest_or_none()
+            if existing is not None and existing.cache_key == self.header.cache_key:
+                self.complete, self.manifest = True, existing
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -412,47 +444,89 @@ class CacheWriter:
             return None
 
     def _wipe(self, require_kdcache: bool = True) -> None:
-        """--overwrite: remove the previous build (only kdcache's own names)."""
+        """--overwrite: remove the previous build (only kdcache's own names), unless someone is building it."""
+        for name in self.store.list_dir(LOCKS_DIR):
+            key = f"{LOCKS_DIR}/{name}"
+            held = read_lock(self.store, key)
+            if lock_holder_live(self.store, key, held):
+                raise CacheLockedError(
+                    f"--overwrite: {self.url} is being built by pid {held.get('pid')} on host {held.get('host')} "
+                    f"since {held.get('since')} ({key}); stop that build first, then rerun with --overwrite")
         for key in (MANIFEST_FILE, SHARDS_DIR, META_DIR, LOCKS_DIR, BUILD_FILE):
             self.store.delete(key)
 
     # -- locking -----------------------------------------------------------------------------
     def _lock_body(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now(), "heartbeat": time.time(),
+        return {"host": socket.gethostname(), "pid": os.getpid(), "since": self._lock_since, "heartbeat": time.time(),
                 "worker": self.worker, "num_workers": self.num_workers, "token": self._lock_token}
 
     def _acquire_lock(self) -> None:
+        """Hold locks/worker-w-of-W.json while building (storage_layout.md 5, "Locks").
+
+        Local: flock on the file (the kernel frees it when the holder dies, so a dead holder's lock
+        is recovered without guessing); the JSON body says who holds it. A lock whose body names
+        another host with a fresh heartbeat is respected even if flock was granted (NFS without
+        lock support). Object stores: conditional create; a lock whose holder is dead (same host
+        and no such pid, or heartbeat older than an hour) is deleted and created again.
+        """
         key = f"{LOCKS_DIR}/worker-{self.worker:05d}-of-{self.num_workers:05d}.json"
-        body = self._lock_body()
-        if self.store.create_exclusive(key, json.dumps(body).encode()):
+        store = self.store
+        fd = None
+        if store.local:
+            previous = read_lock(store, key)
+            try:
+                fd = store.lock_local(key, json.dumps(self._lock_body()).encode())
+            except NotImplementedError:  # no flock here: the object-store rules below
+                fd = -1
+        if store.local and fd != -1:
+            if fd is None:
+                self._refuse_lock(key, read_lock(store, key, retries=20))
+            if previous.get("host") not in (None, socket.gethostname()) and lock_is_live(previous):
+                store.rewrite_local_lock(fd, json.dumps(previous).encode())
+                os.close(fd)
+                self._refuse_lock(key, previous)
+            self._lock_fd = fd
             self._lock_key = key
             return
-        try:
-            held = json.loads(self.store.read_bytes(key))
-        except (FileNotFoundError, ValueError):
-            held = {}
-        if lock_is_live(held):
-            raise CacheLockedError(
-                f"{self.url} (worker {self.worker} of {self.num_workers}) is being built by pid {held.get('pid')} on "
-                f"host {held.get('host')} since {held.get('since')}. Wait for it, or kill it and rerun to resume."
-            )
-        # A lock left by a dead process: take it over.
-        self.store.write_bytes(key, json.dumps(body).encode())
-        self._lock_key = key
+        for _ in range(2):
+            if store.create_exclusive(key, json.dumps(self._lock_body()).encode()):
+                self._lock_key = key
+                return
+            held = read_lock(store, key, retries=3)
+            if lock_is_live(held):
+                self._refuse_lock(key, held)
+            store.delete(key)  # a dead holder's lock: remove it and race for a fresh one (best effort)
+        self._refuse_lock(key, read_lock(store, key))
+
+    def _refuse_lock(self, key: str, held: dict) -> None:
+        raise CacheLockedError(
+            f"{self.url} (worker {self.worker} of {self.num_workers}) is being built by pid {held.get('pid')} on "
+            f"host {held.get('host')} since {held.get('since')} (lock {key}). Wait for it, or stop it and rerun "
+            "the same command to resume; to split the work instead, give each builder --num-workers N --worker I."
+        )
 
     def heartbeat(self) -> None:
-        if self._lock_key:
-            self.store.write_bytes(self._lock_key, json.dumps(self._lock_body()).encode())
+        if not self._lock_key:
+            return
+        body = json.dumps(self._lock_body()).encode()
+        if self._lock_fd is not None:
+            self.store.rewrite_local_lock(self._lock_fd, body)
+        else:
+            self.store.write_bytes(self._lock_key, body)
 
     def _release_lock(self) -> None:
-        if self._lock_key:
+        if not self._lock_key:
+            return
+        if self._lock_fd is not None:
+            self.store.unlock_local(self._lock_key, self._lock_fd)
+            self._lock_fd = None
+        else:
             try:
-                held = json.loads(self.store.read_bytes(self._lock_key))
-                if held.get("token") == self._lock_token:
+                if read_lock(self.store, self._lock_key).get("token") == self._lock_token:
                     self.store.delete(self._lock_key)
-            except (FileNotFoundError, ValueError, OSError):
+            except OSError:
                 pass
-            self._lock_key = None
+        self._lock_key = None
 
     # -- shards ------------------------------------------------------------------------------
     def my_shards(self) -> list[int]:
@@ -460,10 +534,14 @@ class CacheWriter:
         return [i for i in range(self.header.num_shards) if i % self.num_workers == self.worker]
 
     def committed_shards(self) -> set[int]:
+        """Shards whose commit file exists and parses (a damaged one counts as not committed: rewritten)."""
         done = set()
         for name in self.store.list_dir(SHARDS_DIR):
-            if name.startswith("shard-") and self.store.exists(f"{SHARDS_DIR}/{name}/{COMMIT_FILE}"):
-                done.add(int(name.split("-", 1)[1]))
+            if not (name.startswith("shard-") and name[6:].isdigit()):
+                continue
+            index = int(name.split("-", 1)[1])
+            if index < self.header.num_shards and read_commit(self.store, index, self.header.cache_key) is not None:
+                done.add(index)
         return done
 
     def pending_shards(self) -> list[int]:
@@ -480,6 +558,9 @@ class CacheWriter:
         if not 0 <= index < self.header.num_shards:
             raise CacheError(f"shard {index} is outside the plan of {self.header.num_shards} shards")
         where = f"shard {shard_name(index)}"
+        if buffer.num_sequences > MAX_SHARD_SEQUENCES:
+            raise CacheError(f"{where} holds {buffer.num_sequences:,} sequences; a shard holds at most "
+                             f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller --shard-tokens")
         arrays = validate_shard_arrays(
             buffer.arrays(), vocab_size=self.header.tokenizer["vocab_size"], top_k=self.header.settings["top_k"], where=where
         )
@@ -496,6 +577,7 @@ class CacheWriter:
             topk_mass_sum=float(probs.sum()),
             objects={k: ObjectInfo(len(v), sha256_hex(v)) for k, v in objects.items()},
         )
+        parse_shard(entry.to_json(), index)  # never commit what a reader would refuse
         # Leftovers of an earlier, uncommitted attempt at this shard go first.
         self.store.delete(shard_path(index))
         self.store.delete(meta_path(index))
@@ -531,19 +613,41 @@ class _ShardContext:
         return False
 
 
+def read_commit(store: Store, index: int, cache_key: str | None) -> ShardEntry | None:
+    """Shard `index`'s commit file as a manifest entry; None if absent or damaged (then it is not committed).
+
+    A commit file is written atomically, so only damage after the fact makes one unreadable; the
+    shard is then treated as uncommitted and a resumed build writes it again.
+    """
+    key = f"{shard_path(index)}/{COMMIT_FILE}"
+    try:
+        raw = json.loads(store.read_bytes(key))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if cache_key is not None and raw.get("cache_key") != cache_key:
+        if isinstance(raw.get("cache_key"), str) and len(raw["cache_key"]) == 64:
+            raise CacheMismatchError(f"{key} belongs to another build (cache_key differs); rerun with --overwrite")
+        return None
+    raw.pop("cache_key", None)
+    try:
+        return parse_shard(raw, index)
+    except CacheError:
+        return None
+
+
 def read_commits(store: Store, num_shards: int, cache_key: str | None) -> tuple[list[ShardEntry], list[int]]:
     """The committed shards' entries and the indices still missing."""
     entries, missing = [], []
     for index in range(num_shards):
-        key = f"{shard_path(index)}/{COMMIT_FILE}"
-        if not store.exists(key):
+        entry = read_commit(store, index, cache_key)
+        if entry is None or entry.name != shard_name(index):
             missing.append(index)
-            continue
-        raw = json.loads(store.read_bytes(key))
-        if cache_key is not None and raw.pop("cache_key", None) != cache_key:
-            raise CacheMismatchError(f"{key} belongs to another build (cache_key differs); rerun with --overwrite")
-        raw.pop("cache_key", None)
-        entries.append(parse_shard(raw, index))
+        else:
+            entries.append(entry)
     return entries, missing
 
 
@@ -561,7 +665,14 @@ def finalize_cache(store: Store | str, header: BuildHeader | None = None) -> Man
     if header is None:
         if not store.exists(BUILD_FILE):
             raise CacheError(f"{store.url} has no {BUILD_FILE}: it is not a kdcache build")
-        header = BuildHeader.from_json(json.loads(store.read_bytes(BUILD_FILE)))
+        header = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE))
+    if store.exists(MANIFEST_FILE):  # a complete cache is never changed (storage_layout.md 5.1)
+        try:
+            existing = parse_manifest(store.read_bytes(MANIFEST_FILE))
+        except CacheError:
+            existing = None
+        if existing is not None and existing.cache_key == header.cache_key:
+            return existing
     entries, missing = read_commits(store, header.num_shards, header.cache_key)
     if missing:
         return None
@@ -584,6 +695,51 @@ def finalize_cache(store: Store | str, header: BuildHeader | None = None) -> Man
     parse_manifest(data)  # never write a manifest this reader would refuse
     store.write_bytes(MANIFEST_FILE, data)
     return manifest
+
+
+def read_lock(store: Store, key: str, retries: int = 0) -> dict:
+    """A lock file's JSON body ({} if absent or unreadable; retried while a holder may be writing it)."""
+    for attempt in range(retries + 1):
+        try:
+            held = json.loads(store.read_bytes(key))
+            if isinstance(held, dict):
+                return held
+        except (FileNotFoundError, ValueError, UnicodeDecodeError, OSError):
+            pass
+        if attempt < retries:
+            time.sleep(0.05)
+    return {}
+
+
+def lock_holder_live(store: Store, key: str, held: dict) -> bool:
+    """Whether lock file `key` (body `held`) belongs to a live builder.
+
+    Local stores: its flock is held, or its body names another host with a fresh heartbeat (a
+    filesystem whose locks do not reach other hosts). Object stores: lock_is_live(held).
+    """
+    flocked = _flock_held(store, key) if store.local else None
+    if flocked is None:  # an object store, or a filesystem without flock
+        return lock_is_live(held)
+    return flocked or (held.get("host") not in (None, socket.gethostname()) and lock_is_live(held))
+
+
+def _flock_held(store: Store, key: str) -> bool | None:
+    """Local stores: whether some open file description holds the flock of lock file `key` (None: no flock here)."""
+    import fcntl
+
+    try:
+        fd = os.open(store.path(key), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def lock_is_live(held: dict, stale_after_s: float = 3600.0) -> bool:

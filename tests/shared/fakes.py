@@ -33,8 +33,8 @@ def random_sequence(rng: np.random.Generator, length: int, *, top_k: int = TOP_K
     tail = np.log1p(-np.exp(topk).sum(-1))
     mask = np.ones(length, dtype=bool)
     mask[-1] = False
-    return dict(input_ids=input_ids, loss_mask=mask, topk_ids=order, topk_logprobs=topk,
-                target_logprob=target, tail_logprob=tail)
+    return {"input_ids": input_ids, "loss_mask": mask, "topk_ids": order, "topk_logprobs": topk,
+                "target_logprob": target, "tail_logprob": tail}
 
 
 def write_cache(url: str, *, num_shards: int = 3, seqs_per_shard: int = 3, seed: int = 0, **kw):

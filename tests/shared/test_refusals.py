@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,9 +29,11 @@ def cache(tmp_path):
 
 def edit_manifest(url, fn):
     path = os.path.join(url, "manifest.json")
-    m = json.load(open(path))
+    with open(path) as f:
+        m = json.load(f)
     fn(m)
-    json.dump(m, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(m, f)
 
 
 def test_unknown_version_refused(cache):
@@ -85,7 +88,7 @@ def test_totals_must_add_up(cache):
 
 
 def test_not_json(cache):
-    open(os.path.join(cache, "manifest.json"), "w").write("{not json")
+    Path(cache, "manifest.json").write_text("{not json")
     with pytest.raises(CacheFormatError, match="not valid JSON"):
         CacheReader(cache)
 
@@ -99,9 +102,9 @@ def test_missing_manifest_is_incomplete_with_count(cache):
 def test_flipped_byte_named_by_verify(cache):
     key = "shards/shard-00001/topk_logprobs/c/0/0"
     path = os.path.join(cache, key)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     reader = CacheReader(cache)  # sizes still match: opening is fine
     problems = reader.verify()
     assert [(p.shard, p.object) for p in problems] == [("shard-00001", key)]
@@ -111,8 +114,8 @@ def test_flipped_byte_named_by_verify(cache):
 
 def test_truncated_object_refused_at_open(cache):
     path = os.path.join(cache, "meta/shard-00000.parquet")
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:-10])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-10])
     with pytest.raises(CacheCorruptError, match="shard-00000.*meta/shard-00000.parquet.*truncated"):
         CacheReader(cache)
 
@@ -128,9 +131,8 @@ def test_nan_logprobs_never_committed(tmp_path):
     with CacheWriter(url, header(1)) as w:
         seq = random_sequence(rng, 10)
         seq["topk_logprobs"][3, 2] = np.nan
-        with pytest.raises(CacheFormatError, match="NaN"):
-            with w.shard(0) as buf:
-                buf.add_sequence(**seq, source_index=0)
+        with pytest.raises(CacheFormatError, match="NaN"), w.shard(0) as buf:
+            buf.add_sequence(**seq, source_index=0)
         assert w.committed_shards() == set()
         assert w.finalize() is None
     assert not os.path.exists(os.path.join(url, "shards", "shard-00000"))
@@ -141,14 +143,12 @@ def test_nan_logprobs_never_committed(tmp_path):
 def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
     url = str(tmp_path / "c")
     rng = np.random.default_rng(0)
-    with CacheWriter(url, header(3)) as w:
-        with w.shard(1) as buf:
-            buf.add_sequence(**random_sequence(rng, 7), source_index=0)
+    with CacheWriter(url, header(3)) as w, w.shard(1) as buf:
+        buf.add_sequence(**random_sequence(rng, 7), source_index=0)
     with CacheWriter(url, header(3)) as w:
         assert w.pending_shards() == [0, 2]
-    with pytest.raises(CacheMismatchError, match="settings.top_k: 8 -> 4"):
-        with CacheWriter(url, header(3, top_k=4)):
-            pass
+    with pytest.raises(CacheMismatchError, match="settings.top_k: 8 -> 4"), CacheWriter(url, header(3, top_k=4)):
+        pass
     with CacheWriter(url, header(3, top_k=4), overwrite=True) as w:
         assert w.pending_shards() == [0, 1, 2]
 
@@ -161,25 +161,22 @@ def test_complete_cache_with_same_key_is_reported_complete(cache):
 def test_out_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(CacheError, match="is a file"):
-        with CacheWriter(str(f), header(1)):
-            pass
+    with pytest.raises(CacheError, match="is a file"), CacheWriter(str(f), header(1)):
+        pass
 
 
 def test_non_kdcache_folder_not_touched(tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
-    with pytest.raises(CacheMismatchError, match="not a kdcache build"):
-        with CacheWriter(str(tmp_path), header(1)):
-            pass
+    with pytest.raises(CacheMismatchError, match="not a kdcache build"), CacheWriter(str(tmp_path), header(1)):
+        pass
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
 def test_live_lock_refused_dead_lock_recovered(tmp_path):
     url = str(tmp_path / "c")
-    with CacheWriter(url, header(1)):
-        with pytest.raises(CacheLockedError, match=f"pid {os.getpid()}"):
-            with CacheWriter(url, header(1)):
-                pass
+    held = f"pid {os.getpid()}"
+    with CacheWriter(url, header(1)), pytest.raises(CacheLockedError, match=held), CacheWriter(url, header(1)):
+        pass
     # a lock left by a process that no longer exists is taken over
     lock = tmp_path / "c" / "locks" / "worker-00000-of-00001.json"
     import socket

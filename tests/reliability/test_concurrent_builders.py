@@ -1,0 +1,100 @@
+"""Two `kdcache build` processes on one folder: refused with who holds it, or cooperating on disjoint shards.
+
+- Same command twice: the second refuses (exit 2) naming the first's host, pid and start time; the
+  first finishes a cache that verifies and equals a clean build.
+- `--num-workers 2 --worker 0/1` started together: each writes its own shards, whichever finishes
+  last writes the manifest, and the cache equals the one-process build byte for byte.
+- A lock left by a killed builder: two builders started at the same moment race for it; exactly one
+  builds, the other refuses (or, arriving after the end, finds the cache already built).
+Locks on a local folder are flock(2) locks, released by the kernel when a holder dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from shared.reader import CacheReader
+from tests.reliability.common import REPO, committed, contents
+
+LOCK_MESSAGE = re.compile(r"is being built by pid (\d+) on host (\S+) since (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, " ".join((out + err).split())
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_second_builder_refuses_naming_the_holder(build_command, clean_build, tmp_path):
+    """The first builder is paused (SIGSTOP) after its first commit, so it surely still holds the folder."""
+    out = tmp_path / "cache"
+    first = start([*build_command, "--out", str(out)])
+    deadline = time.time() + 180
+    while not committed(out):
+        assert first.poll() is None and time.time() < deadline, "the first build ended before its first commit"
+        time.sleep(0.002)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        code, text = finish(start([*build_command, "--out", str(out)]))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert code == 2, text
+    held = LOCK_MESSAGE.search(text)
+    assert held and (int(held[1]), held[2]) == (first.pid, socket.gethostname()), text
+    assert "(worker 0 of 1)" in text and "rerun the same command to resume" in text
+    code, text = finish(first)
+    assert code == 0 and "built:" in text, text
+    assert contents(out) == contents(clean_build)
+    assert not list((out / "locks").iterdir())  # released
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_two_workers_cooperate_on_disjoint_shards(build_command, clean_build, tmp_path):
+    out = tmp_path / "cache"
+    procs = [start([*build_command, "--out", str(out), "--num-workers", 2, "--worker", w]) for w in (0, 1)]
+    results = [finish(p) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    statuses = sorted(text.split(":")[0].rsplit(" ", 1)[-1] for _, text in results)
+    assert "built" in statuses, results  # the last to finish wrote the manifest
+    assert contents(out) == contents(clean_build)
+    assert CacheReader(str(out)).verify(bookkeeping=True) == []
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_dead_builders_lock_is_recovered_by_exactly_one(build_command, clean_build, tmp_path):
+    out = tmp_path / "cache"
+    victim = start([*build_command, "--out", str(out)])
+    deadline = time.time() + 180
+    while not committed(out):
+        assert victim.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    lock = out / "locks" / "worker-00000-of-00001.json"
+    assert json.loads(lock.read_text())["pid"] == victim.pid  # left behind by the dead process
+
+    racers = [start([*build_command, "--out", str(out)]) for _ in range(2)]
+    results = [finish(p) for p in racers]
+    builders = [text for code, text in results if code == 0 and text.startswith("built:")]
+    refused = [text for code, text in results if code == 2]
+    late = [text for code, text in results if code == 0 and "already built" in text]
+    assert len(builders) == 1 and len(refused) + len(late) == 1, results
+    for text in refused:
+        held = LOCK_MESSAGE.search(text)
+        assert held and int(held[1]) in {p.pid for p in racers} and int(held[1]) != victim.pid, text
+    assert contents(out) == contents(clean_build)

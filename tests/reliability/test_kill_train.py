@@ -1,0 +1,85 @@
+"""SIGKILL `kdtrain run`, twice, at seeded points; `--resume` ends with the weights of an uninterrupted run.
+
+The uninterrupted run and the run to be killed start together. The latter is killed a seeded
+moment after a seeded checkpoint appears (mid-step, mid-checkpoint or mid-log), resumed with
+`--resume`, killed again, and resumed to the end. Its final model.safetensors equals the
+uninterrupted run's tensor for tensor, and metrics.jsonl reads as one run (every step once, the
+same losses). Bit-exact resume itself (RNG, optimizer, data cursor) is tested in-process in
+tests/trainer/test_train.py::test_resume_is_bit_exact; this test adds real processes and SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.common import REPO, command
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_gpt2_dir) -> str:
+    from tests.trainer.teacher_cache import write_teacher_cache
+
+    return write_teacher_cache(str(tmp_path_factory.mktemp("kill-train") / "cache"), tiny_gpt2_dir, num_sequences=120)
+
+
+def checkpoints(out: Path) -> list[str]:
+    folder = out / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(cache, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.metrics import read_metrics
+
+    steps, save_every = 32, 4
+    train = command("kdtrain", "run", "--cache", cache, "--student-from-teacher", "--keep-layers", 1, "--steps", steps,
+                    "--batch-tokens", 384, "--seed", 3, "--lr", 2e-3, "--warmup-steps", 3, "--grad-accum", 2,
+                    "--save-every", save_every)
+    full, part = tmp_path / "full", tmp_path / "part"
+    uninterrupted = subprocess.Popen([*train, "--out", str(full)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    rng = random.Random(SEED)
+    kills = []
+    for attempt in range(2):
+        wanted = f"step-{(attempt * 3 + rng.randint(1, 2)) * save_every:06d}"
+        delay = rng.uniform(0.0, 0.2)
+        proc = subprocess.Popen([*train, "--out", str(part), *(["--resume"] if attempt else [])], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while wanted not in checkpoints(part) and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.002)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err  # still training when killed
+        kills.append((wanted, round(delay, 3), checkpoints(part)))
+    resumed = subprocess.run([*train, "--out", str(part), "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    _, err = uninterrupted.communicate(timeout=240)
+    assert uninterrupted.returncode == 0, err
+    print(f"killed after (checkpoint, delay s, checkpoints on disk): {kills}")
+
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_full = [r for r in read_metrics(str(full)) if "loss" in r]
+    rows_part = [r for r in read_metrics(str(part)) if "loss" in r]
+    assert [r["step"] for r in rows_part] == list(range(1, steps + 1))
+    assert [r["loss"] for r in rows_part] == [r["loss"] for r in rows_full]

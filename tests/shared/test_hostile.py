@@ -1,0 +1,316 @@
+"""A cache made by someone else is checked, not trusted: hostile metadata and arrays get clear errors.
+
+Every case rewrites one object of a valid cache *and* its size and sha256 in the manifest, so the
+checksums pass and only the reader's own checks stand between the input and numpy, Zarr or pyarrow.
+Each refusal is a CacheError subclass whose message names the shard and the object; none of them
+allocates what the input claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.format import CacheCorruptError, CacheError, CacheFormatError
+from shared.reader import CacheReader
+from shared.writer import encode_zarr_group
+from tests.shared.fakes import write_cache
+
+ARRAY = "shards/shard-00001/topk_ids"
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    root = tmp_path / "c"
+    write_cache(str(root), num_shards=2)
+    return root
+
+
+def load_manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def save_manifest(root: Path, manifest: dict) -> None:
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def replace_object(root: Path, key: str, data: bytes) -> None:
+    """Write `data` as object `key` and record its size and sha256 in the manifest (and totals) and commit file."""
+    (root / key).parent.mkdir(parents=True, exist_ok=True)
+    (root / key).write_bytes(data)
+    manifest = load_manifest(root)
+    info = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for shard in manifest["shards"]:
+        if key.startswith(shard["path"] + "/") or key == shard["meta_path"]:
+            shard["objects"][key] = info
+            commit_file = root / shard["path"] / "commit.json"
+            if commit_file.exists():
+                commit = json.loads(commit_file.read_text())
+                commit["objects"][key] = info
+                commit_file.write_text(json.dumps(commit))
+    manifest["totals"]["num_bytes"] = sum(o["size"] for s in manifest["shards"] for o in s["objects"].values())
+    save_manifest(root, manifest)
+
+
+def edit_zarr_json(root: Path, key: str, fn) -> None:
+    meta = json.loads((root / key).read_text())
+    fn(meta)
+    replace_object(root, key, json.dumps(meta).encode())
+
+
+def open_shard_1(root: Path):
+    """What a trainer does: open (sizes), hash shard 1, open its arrays, read every row."""
+    reader = CacheReader(str(root), verify_on_read=True)
+    view = reader.shard(1)
+    return view.read_rows(0, int(view.offsets[-1]))
+
+
+def refused(root: Path, error=CacheError, match: str = "") -> str:
+    with pytest.raises(error, match=match) as info:
+        open_shard_1(root)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# zarr.json
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(shape=[2**40, 8]), r"shard-00001: shards/shard-00001/topk_ids/zarr.json: claims shape \[1099511627776, 8\]"),
+    (lambda m: m.update(shape=["77", 8]), "claims shape"),
+    (lambda m: m.update(data_type="float64"), "claims data_type 'float64', the format says 'uint16'"),
+    (lambda m: m.update(data_type="object"), "claims data_type 'object'"),
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[2**31, 8]), "decode to 34,359,738,368 bytes"),
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[0, 8]), "regular chunk grid of 2 positive sizes"),
+    (lambda m: m.update(chunk_grid={"name": "rectilinear"}), "regular chunk grid"),
+    (lambda m: m["codecs"].append({"name": "numcodecs.pickle"}), "uses codecs .*numcodecs.pickle"),
+    (lambda m: m["codecs"].insert(0, {"name": "numcodecs.astype", "configuration": {"encode_dtype": "f8"}}), "uses codecs"),
+    (lambda m: m.update(codecs=[{"name": "bytes"}, {"name": "zstd"}]), "uses codecs"),
+    (lambda m: m.update(storage_transformers=[{"name": "x"}]), "storage transformers"),
+    (lambda m: m.update(node_type="group"), "is not Zarr v3 array metadata"),
+    (lambda m: m.update(zarr_format=2), "is not Zarr v3 array metadata"),
+], ids=['huge-shape', 'shape-of-strings', 'dtype-float64', 'dtype-object', 'huge-chunks', 'zero-chunk', 'irregular-grid', 'pickle-codec', 'astype-filter', 'zstd-codec', 'storage-transformer', 'group-as-array', 'zarr-v2'])
+def test_hostile_array_metadata(cache, edit, match):
+    edit_zarr_json(cache, f"{ARRAY}/zarr.json", edit)
+    message = refused(cache, CacheFormatError, match)
+    assert "shard-00001" in message
+
+
+def test_array_metadata_not_json(cache):
+    replace_object(cache, f"{ARRAY}/zarr.json", b"\xff{not json")
+    refused(cache, CacheFormatError, "shard-00001: shards/shard-00001/topk_ids/zarr.json: is not valid JSON")
+
+
+def test_group_metadata_that_is_not_a_group(cache):
+    edit_zarr_json(cache, "shards/shard-00001/zarr.json", lambda m: m.update(node_type="array"))
+    refused(cache, CacheFormatError, "shard-00001: shards/shard-00001/zarr.json is not Zarr v3 group metadata")
+
+
+def test_huge_counts_everywhere_allocate_nothing(cache):
+    """Manifest and zarr.json agree on 2^40 rows: refused at the offsets, without reading 2^40 of anything."""
+    manifest = load_manifest(cache)
+    manifest["shards"][1]["num_tokens"] = 2**40
+    manifest["totals"]["num_tokens"] = sum(s["num_tokens"] for s in manifest["shards"])
+    save_manifest(cache, manifest)
+    for name in ("input_ids", "loss_mask", "target_logprob", "tail_logprob", "topk_ids", "topk_logprobs"):
+        edit_zarr_json(cache, f"shards/shard-00001/{name}/zarr.json", lambda m: m["shape"].__setitem__(0, 2**40))
+    tracemalloc.start()
+    try:
+        refused(cache, CacheCorruptError, "shard-00001: offsets are inconsistent with the manifest")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+
+
+def test_too_many_sequences_per_shard_refused_before_anything_is_read(cache):
+    manifest = load_manifest(cache)
+    for key in ("num_sequences", "num_tokens"):
+        manifest["shards"][1][key] = 2**30
+        manifest["totals"][key] = sum(s[key] for s in manifest["shards"])
+    save_manifest(cache, manifest)
+    with pytest.raises(CacheFormatError, match=r"shards\[1\].num_sequences = 1073741824 exceeds the format's limit"):
+        CacheReader(str(cache))
+
+
+# ---------------------------------------------------------------------------------------------
+# chunks and values
+
+
+def reencode(cache: Path, name: str, fn) -> None:
+    """Replace array `name` of shard 1 by fn(its values), encoded as the writer does (valid checksums)."""
+    view = CacheReader(str(cache)).shard(1)
+    values = np.asarray(view._arrays[name][:]).copy()
+    values = fn(values)
+    encoded = encode_zarr_group({name: values}, chunk_rows=8192)
+    for key, data in encoded.items():
+        if key.startswith(name + "/"):
+            replace_object(cache, f"shards/shard-00001/{key}", data)
+
+
+def test_ids_beyond_the_vocabulary(cache):
+    def poison(ids):
+        ids[3, 2] = 5000  # V = 1000, still a valid uint16
+        return ids
+
+    reencode(cache, "topk_ids", poison)
+    refused(cache, CacheFormatError, "shard-00001: topk_ids row 3 holds id 5000, outside the vocabulary of 1000")
+
+
+def test_nan_and_positive_logprobs(cache):
+    reencode(cache, "topk_logprobs", lambda lp: np.where(np.arange(lp.shape[0])[:, None] == 4, np.float16("nan"), lp))
+    refused(cache, CacheFormatError, "shard-00001: topk_logprobs row 4 holds NaN or a positive log-probability")
+
+
+def test_positive_tail(cache):
+    reencode(cache, "tail_logprob", lambda lp: np.where(np.arange(len(lp)) == 2, np.float16(3.0), lp))
+    refused(cache, CacheFormatError, "shard-00001: tail_logprob row 2 holds NaN or a positive")
+
+
+@pytest.mark.parametrize("offsets_of,match", [
+    (lambda o: np.concatenate([[0], -o[1:]]), "offsets are inconsistent"),  # negative offsets
+    (lambda o: np.concatenate([o[:-1], [o[-1] + 1000]]), "offsets are inconsistent"),  # beyond the arrays
+    (lambda o: o[[0, 2, 1, 3]], "offsets are inconsistent"),  # not increasing
+], ids=['negative', 'beyond-the-arrays', 'not-increasing'])
+def test_hostile_offsets(cache, offsets_of, match):
+    reencode(cache, "offsets", lambda o: offsets_of(o).astype(np.int64))
+    refused(cache, CacheCorruptError, "shard-00001: " + match)
+
+
+def test_decompression_bomb_refused_before_decoding(cache):
+    """A blosc chunk whose header announces 2 GiB is refused before the decoder allocates it."""
+    key = f"{ARRAY}/c/0/0"
+    data = bytearray((cache / key).read_bytes())
+    data[4:8] = (2**31 - 1).to_bytes(4, "little")
+    replace_object(cache, key, bytes(data))
+    tracemalloc.start()
+    try:
+        refused(cache, CacheFormatError, r"shard-00001: topk_ids: chunk c/0/0: a compressed chunk announces 2,147,483,647 "
+                                         r"decoded bytes, more than a chunk's")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+
+
+def test_garbage_chunk_with_valid_checksum(cache):
+    key = f"{ARRAY}/c/0/0"
+    size = (cache / key).stat().st_size
+    replace_object(cache, key, bytes([2, 1, 33, 2]) + (64).to_bytes(4, "little") + bytes(8) + os.urandom(size - 16))
+    refused(cache, CacheCorruptError, "shard-00001: array topk_ids: cannot decode its chunks")
+
+
+def test_unlisted_chunk_is_refused(cache):
+    """An object in a shard's folder that the manifest does not list would be read by Zarr unchecked."""
+    extra = cache / ARRAY / "c" / "1" / "0"
+    extra.parent.mkdir(parents=True, exist_ok=True)
+    extra.write_bytes(b"x" * 100)
+    with pytest.raises(CacheCorruptError, match="shard-00001: shards/shard-00001/topk_ids/c/1/0: is not listed in the manifest"):
+        CacheReader(str(cache))
+
+
+def test_symlinked_object_refused(cache, tmp_path):
+    key = f"{ARRAY}/c/0/0"
+    outside = tmp_path / "outside"
+    outside.write_bytes((cache / key).read_bytes())
+    (cache / key).unlink()
+    (cache / key).symlink_to(outside)
+    with pytest.raises(CacheCorruptError, match=f"shard-00001: {key}: is a symbolic link"):
+        CacheReader(str(cache))
+
+
+# ---------------------------------------------------------------------------------------------
+# the meta Parquet file
+
+
+def rewrite_meta(cache: Path, fn) -> None:
+    import pyarrow.parquet as pq
+
+    key = "meta/shard-00001.parquet"
+    table = fn(pq.read_table(cache / key))
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    replace_object(cache, key, sink.getvalue())
+
+
+def cast_column(name, type_):
+    import pyarrow as pa
+
+    def fn(table):
+        i = table.schema.get_field_index(name)
+        return table.set_column(i, pa.field(name, type_), table.column(name).cast(type_))
+    return fn
+
+
+@pytest.mark.parametrize("fn,match", [
+    (cast_column("num_tokens", "string"), "column 'num_tokens' is string, the format says int64"),
+    (cast_column("window_index", "int64"), "column 'window_index' is int64, the format says int32"),
+    (lambda t: t.slice(0, 2), "has 2 rows, the manifest 3 sequences"),
+    (lambda t: t.drop_columns(["text_sha256"]), "lacks the mandatory column 'text_sha256'"),
+    (lambda t: t.concat_batches(t.to_batches() * 2) if hasattr(t, "concat_batches") else __import__("pyarrow").concat_tables([t, t]),
+     "has 6 rows, the manifest 3 sequences"),
+], ids=['num_tokens-as-string', 'window_index-as-int64', 'too-few-rows', 'missing-column', 'too-many-rows'])
+def test_hostile_meta(cache, fn, match):
+    rewrite_meta(cache, fn)
+    with pytest.raises(CacheFormatError, match="shard-00001: meta/shard-00001.parquet.*" + match):
+        CacheReader(str(cache)).meta(1)
+
+
+def test_meta_counts_that_do_not_add_up(cache):
+    import pyarrow as pa
+
+    def fn(table):
+        wrong = pa.array([0] + table.column("num_tokens").to_pylist()[1:], pa.int64())
+        return table.set_column(table.schema.get_field_index("num_tokens"), "num_tokens", wrong)
+
+    rewrite_meta(cache, fn)
+    with pytest.raises(CacheFormatError, match="shard-00001: meta/shard-00001.parquet: sequence_index must be 0..2 and "
+                                               "num_tokens positive"):
+        CacheReader(str(cache)).meta(1)
+
+
+def test_meta_that_is_not_parquet(cache):
+    replace_object(cache, "meta/shard-00001.parquet", b"PAR1" + os.urandom(200) + b"PAR1")
+    with pytest.raises(CacheCorruptError, match="shard-00001: meta/shard-00001.parquet cannot be read as Parquet"):
+        CacheReader(str(cache)).meta(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest (see also test_refusals.py)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["arrays"]["topk_ids"].update(dtype="uint64"), "arrays.topk_ids.dtype is 'uint64'; the format stores it as 'uint16'"),
+    (lambda m: m["shards"][1]["objects"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}), "leaves the cache"),
+    (lambda m: m["shards"][1]["objects"].update({"/etc/passwd": {"size": 1, "sha256": "0" * 64}}), "absolute or a URL"),
+    (lambda m: m["shards"][1]["objects"].update({"s3://evil/x": {"size": 1, "sha256": "0" * 64}}), "absolute or a URL"),
+    (lambda m: m["shards"][1]["objects"].update({"shards/shard-00000/x": {"size": 1, "sha256": "0" * 64}}),
+     "lists object 'shards/shard-00000/x' outside its shard"),
+    (lambda m: m["shards"][1].update(meta_path="../meta/shard-00001.parquet"), "meta_path"),
+    (lambda m: m["shards"][1].update(topk_mass_sum=float("nan")), "topk_mass_sum = nan"),
+    (lambda m: m["shards"][1]["objects"][next(iter(m["shards"][1]["objects"]))].update(size=-1), "outside"),
+    (lambda m: m["shards"][1]["objects"][next(iter(m["shards"][1]["objects"]))].update(sha256="XYZ"), "64-character"),
+    (lambda m: m.update(shards={"a": 1}), "shards must be list"),
+    (lambda m: m.update(totals="all"), "totals must be dict"),
+    (lambda m: m["tokenizer"].update(vocab_size=2**40), "vocab_size"),
+    (lambda m: m["settings"].update(top_k=0), "settings.top_k = 0"),
+], ids=['array-dtype', 'object-key-dotdot', 'object-key-absolute', 'object-key-url', 'object-of-another-shard', 'meta-path-outside', 'mass-nan', 'object-size-negative', 'object-sha-not-hex', 'shards-not-a-list', 'totals-not-an-object', 'vocab-size-huge', 'top-k-zero'])
+def test_hostile_manifest(cache, edit, match):
+    manifest = load_manifest(cache)
+    edit(manifest)
+    save_manifest(cache, manifest)
+    with pytest.raises(CacheFormatError, match=match):
+        CacheReader(str(cache))
+
+
+def test_manifest_that_is_a_list(cache):
+    (cache / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(CacheFormatError, match="manifest.json must hold a JSON object"):
+        CacheReader(str(cache))
