@@ -1,8 +1,37 @@
-"""Each benchmark at its smallest size on a tiny model: it runs and reports its ratio (no timing asserts)."""
+"""Each benchmark at its smallest size on a tiny model: it runs and reports its figure (no timing asserts)."""
 
 import json
 
+import numpy as np
 import pytest
+
+from tests.conftest import SHAKESPEARE
+
+
+def _row(path):
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_p1_kd_overhead_smoke(tiny_gpt2_dir, tmp_path):
+    from bench.p1_kd_overhead import main
+
+    out = tmp_path / "r.jsonl"
+    main(["--model", str(tiny_gpt2_dir), "--keep-layers", "1", "--batch-size", "2", "--max-length", "32",
+          "--top-k", "8", "--repeats", "1", "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P1" and row["ratio_kd_over_ce"] > 0 and row["student_layers"] == 1
+
+
+def test_p2_online_vs_offline_smoke(tiny_gpt2_dir, tmp_path):
+    from bench.p2_online_vs_offline import main
+
+    out = tmp_path / "r.jsonl"
+    main(["--model", str(tiny_gpt2_dir), "--batch-size", "2", "--max-length", "32", "--top-k", "8", "--repeats", "1",
+          "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P2" and row["ratio_online_over_offline"] > 0 and row["param_ratio"] > 1
 
 
 @pytest.mark.slow
@@ -12,7 +41,7 @@ def test_p3_capture_speed_smoke(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "r.jsonl"
     main(["--model", str(tiny_gpt2_dir), "--tokens", "256", "--max-length", "64", "--repeats", "1", "--top-k", "8",
           "--json", str(out)])
-    row = json.loads(out.read_text())
+    row = _row(out)
     assert row["id"] == "P3" and row["ratio_capture_over_bare"] > 0
 
 
@@ -21,7 +50,128 @@ def test_p4_storage_smoke(tiny_gpt2_dir, tmp_path):
     from bench.p4_storage import main
 
     out = tmp_path / "r.jsonl"
-    main(["--model", str(tiny_gpt2_dir), "--tokens", "512", "--max-length", "64", "--json", str(out)])
-    row = json.loads(out.read_text())
-    ks = sorted({r["K"] for r in row["rows"]})
-    assert ks == [16, 64, 128] and all(r["bytes_per_token_k"] > 0 for r in row["rows"])
+    main(["--model", str(tiny_gpt2_dir), "--tokens", "512", "--max-length", "64", "--rs-tokens", "128",
+          "--rs-samples", "8", "--json", str(out)])
+    row = _row(out)
+    assert sorted({r["K"] for r in row["rows"]}) == [16, 64, 128]
+    assert all(r["bytes_per_token_k"] > 0 for r in row["rows"])
+    assert row["rs_kd"][0]["mean_distinct_ids"] <= 8
+
+
+def test_p4_code_encoding_roundtrip():
+    """The 8-bit code encoding decodes within half a step of the float32 log-probs."""
+    from bench.p4_storage import encode_codes
+
+    rng = np.random.default_rng(0)
+    lp = -np.sort(rng.exponential(0.5, (50, 32)).cumsum(1), axis=1)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True)) + np.log(0.9)
+    arrays = {"input_ids": rng.integers(0, 100, 50), "offsets": np.array([0, 50]), "loss_mask": np.r_[np.ones(49, bool), [False]],
+              "topk_ids": np.tile(np.arange(32), (50, 1)), "topk_logprobs": lp, "target_logprob": lp[:, 0],
+              "tail_logprob": np.full(50, np.log(0.1))}
+    size, decoded = encode_codes(arrays, 100, 32, 256)
+    step = (lp[:, 15] - lp[:, -1]) / 255
+    assert size > 0 and np.all(np.abs(decoded[:, 16:] - lp[:, 16:]) <= step[:, None] * 0.51 + 2**-10 * np.abs(lp[:, 15:16]))
+
+
+@pytest.mark.slow
+def test_p5_memory_streaming_smoke(tiny_gpt2_dir, tmp_path, monkeypatch):
+    from bench.p5_memory_streaming import main
+
+    monkeypatch.setenv("KDCACHE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.jsonl"
+    main(["--student", str(tiny_gpt2_dir), "--tokens", "2048", "--scale", "2", "--seq-length", "64",
+          "--shard-tokens", "1024", "--steps", "2", "--batch-tokens", "256", "--repeats", "1", "--stream-batches", "1",
+          "--top-k", "8", "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P5" and row["ratio_rss_10x_over_1x"] > 0 and row["ratio_data_path_over_trainer"] > 0
+
+
+def test_p5_random_rows_are_valid():
+    from bench.p5_memory_streaming import random_rows
+    from shared.writer import validate_shard_arrays
+
+    rng = np.random.default_rng(0)
+    for vocab in (64, 50_000):
+        seq = random_rows(rng, 40, vocab, 16)
+        arrays = {**seq, "offsets": np.array([0, 40])}
+        validate_shard_arrays(arrays, vocab_size=vocab, top_k=16, where="test")
+        assert all(len(set(r)) == 16 for r in seq["topk_ids"])
+
+
+def test_p6_quality_smoke(tiny_gpt2_dir, tmp_path):
+    from bench.p6_quality import main
+
+    out = tmp_path / "r.jsonl"
+    main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--student", "drop:1", "--ks", "8,16",
+          "--rs", "8", "--steps", "2", "--batch-tokens", "256", "--max-length", "32", "--eval-sequences", "4",
+          "--json", str(out)])
+    row = _row(out)
+    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "rs-8"}
+    assert all(v["eval_ppl"] > 1 for v in row["variants"].values())
+
+
+def test_rs_kd_loss_is_the_sampled_cross_entropy():
+    """sparse_kd_loss on log(count/N) with an empty tail has the gradient of -sum count/N log q(id)."""
+    import torch
+
+    from bench.p6_quality import rs_logprobs, rs_sample
+    from trainer.losses import sparse_kd_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 20)
+    ids, counts = rs_sample(teacher, 8, torch.Generator().manual_seed(0))
+    assert (counts.sum(1) == 8).all() and all(len(set(r)) == 8 for r in ids)
+    z = torch.randn(6, 20, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(6, dtype=torch.bool)
+    loss, _ = sparse_kd_loss(z, torch.as_tensor(ids), torch.as_tensor(rs_logprobs(counts)),
+                             torch.full((6,), -np.inf), torch.zeros(6, dtype=torch.long), mask)
+    (grad,) = torch.autograd.grad(loss, z)
+    weights = torch.zeros(6, 20, dtype=torch.float64).scatter_(1, torch.as_tensor(ids),
+                                                               torch.as_tensor(counts / 8.0, dtype=torch.float64))
+    ref = -(weights * torch.log_softmax(z, -1)).sum(-1).mean()
+    (ref_grad,) = torch.autograd.grad(ref, z)
+    assert torch.allclose(grad, ref_grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss,top_k,alpha,temperature", [("fkl", 8, 0.0, 1.0), ("fkl", 40, 0.3, 2.0), ("jsd", 16, 0.1, 1.0),
+                                                          ("rkl", 16, 0.0, 1.5), ("tvd", 4, 0.5, 1.0)])
+def test_fast_sparse_kd_matches_the_trainer_loss(loss, top_k, alpha, temperature):
+    """bench.fast_sparse_kd (the P1 candidate) gives sparse_kd_loss's value and gradient (K = V included)."""
+    import torch
+
+    from bench.fast_sparse_kd import fast_sparse_kd_loss
+    from trainer.losses import sparse_kd_loss
+
+    torch.manual_seed(0)
+    vocab = 40
+    z = (torch.randn(12, vocab, dtype=torch.float64) * 4).requires_grad_()
+    teacher = torch.log_softmax(torch.randn(12, vocab, dtype=torch.float64) * 3, -1)
+    lp, ids = teacher.topk(top_k, -1)
+    tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1))
+    target, mask = torch.randint(0, vocab, (12,)), torch.rand(12) > 0.3
+    kw = {"loss": loss, "alpha": alpha, "temperature": temperature}
+    ref, _ = sparse_kd_loss(z, ids, lp, tail, target, mask, **kw)
+    mine, _ = fast_sparse_kd_loss(z, ids, lp, tail, target, mask, chunk_tokens=5, **kw)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    (g_mine,) = torch.autograd.grad(mine, z)
+    assert torch.allclose(ref, mine, atol=1e-12) and torch.allclose(g_ref, g_mine, atol=1e-12)
+
+
+def test_fast_sparse_kd_rest_underflow_falls_back():
+    """A student sure of the K ids beyond float32's range: the rest bucket is still finite, as in the trainer."""
+    import math
+
+    import torch
+
+    from bench.fast_sparse_kd import fast_sparse_kd_loss
+    from trainer.losses import sparse_kd_loss
+
+    z = torch.zeros(2, 20)
+    z[:, :4] = 200.0
+    z.requires_grad_()
+    args = (torch.arange(4).repeat(2, 1), torch.full((2, 4), math.log(0.2)), torch.full((2,), math.log(0.2)),
+            torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.bool))
+    ref, _ = sparse_kd_loss(z, *args)
+    mine, _ = fast_sparse_kd_loss(z, *args)
+    assert torch.isfinite(mine) and torch.allclose(ref, mine)
+    assert torch.allclose(torch.autograd.grad(ref, z)[0], torch.autograd.grad(mine, z)[0])

@@ -1,0 +1,260 @@
+"""P5: trainer peak RSS on a 10x larger cache / on a 1x cache (target <= 1.10), and reader rows/s /
+trainer rows/s (target >= 20).
+
+Two caches of random but valid teacher rows (distinct ids, sorted log-probs, a tail, real lengths)
+are written with shared.writer.CacheWriter, 1x and 10x the tokens, same K, chunking and shard size;
+they are kept under $KDCACHE_HOME/bench (a rerun finds them complete by cache_key). Their header
+carries the student's tokenizer fingerprint, so `kdtrain run` accepts them.
+
+- Memory: `kdtrain run` (the real CLI, `python -m cli.kdtrain run`) trains the same student for the
+  same steps on each cache in a child process; its peak RSS is the child's own ru_maxrss (os.wait4).
+  The runs alternate 1x, 10x; medians.
+- Streaming: in this process, alternately, (a) the trainer's data path reads and collates batches of
+  the 10x cache (trainer.data.cache_source + collate, what the prefetch thread does; also the bare
+  CacheReader.read_rows over the same chunks), and (b) the trainer's step (student forward,
+  sparse_kd_loss, backward, clip, AdamW) runs on batches of the same size. Rows per second of each,
+  median of the per-pair ratios.
+
+  python -m bench.p5_memory_streaming --quick   # tiny Shakespeare GPT-2 student, 48k / 480k tokens, K=64
+  python -m bench.p5_memory_streaming           # SmolLM2-135M student, 1M / 10M tokens (a GPU box)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import alternate, bench_home, device, emit, median, model_path, paired_ratio, tiny_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Random but valid rows
+
+
+def random_distinct_ids(rng: np.random.Generator, num_rows: int, vocab_size: int, top_k: int) -> np.ndarray:
+    """(num_rows, top_k) ids, distinct within each row, uniformly random."""
+    if top_k * top_k > vocab_size // 4:  # collisions likely: take the first K of a random order per row
+        out = np.empty((num_rows, top_k), dtype=np.int64)
+        for start in range(0, num_rows, 2048):
+            n = min(2048, num_rows - start)
+            out[start:start + n] = np.argpartition(rng.random((n, vocab_size)), top_k, axis=1)[:, :top_k]
+        return out
+    out = rng.integers(0, vocab_size, (num_rows, top_k))
+    while True:  # redraw the rows that hold a repeated id
+        srt = np.sort(out, axis=1)
+        bad = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(1))
+        if not len(bad):
+            return out
+        out[bad] = rng.integers(0, vocab_size, (len(bad), top_k))
+
+
+def random_rows(rng: np.random.Generator, length: int, vocab_size: int, top_k: int) -> dict:
+    """One sequence's cache rows: sorted top-K log-probs with a mass in [0.5, 0.99] and its tail."""
+    raw = -np.cumsum(rng.exponential(0.15, (length, top_k)), axis=1)  # (T, K) decreasing
+    mass = rng.uniform(0.5, 0.99, length)
+    lp = raw - np.log(np.exp(raw).sum(1, keepdims=True)) + np.log(mass)[:, None]
+    target = lp[:, 0].copy()
+    target[-1] = np.nan
+    return {"input_ids": rng.integers(0, vocab_size, length), "loss_mask": np.r_[np.ones(length - 1, bool), [False]],
+            "topk_ids": random_distinct_ids(rng, length, vocab_size, top_k), "topk_logprobs": lp,
+            "target_logprob": target, "tail_logprob": np.log1p(-mass)}
+
+
+def write_random_cache(url: str, *, num_tokens: int, seq_length: int, top_k: int, vocab_size: int, vocab_sha256: str,
+                       shard_tokens: int, seed: int = 0) -> str:
+    """A complete cache of random rows (shared.writer.CacheWriter); returns url. Idempotent by cache_key."""
+    from shared.writer import BuildHeader, CacheWriter
+
+    num_seqs = max(2, num_tokens // seq_length)
+    per_shard = max(1, shard_tokens // seq_length)
+    num_shards = -(-num_seqs // per_shard)
+    header = BuildHeader(
+        teacher={"name": "random", "dtype": "float32", "engine": "bench-random", "engine_version": "0"},
+        tokenizer={"name": "bench", "vocab_size": vocab_size, "vocab_sha256": vocab_sha256},
+        dataset={"name": "random", "fingerprint": f"random-{seed}-{num_seqs}-{seq_length}", "num_sequences": num_seqs},
+        settings={"mode": "score", "top_k": top_k, "max_length": seq_length, "shard_tokens": shard_tokens},
+        num_shards=num_shards)
+    with CacheWriter(url, header) as writer:
+        if writer.complete:
+            return url
+        for s in writer.pending_shards():
+            rng = np.random.default_rng([seed, s])
+            with writer.shard(s) as buf:
+                for i in range(s * per_shard, min(num_seqs, (s + 1) * per_shard)):
+                    buf.add_sequence(**random_rows(rng, seq_length, vocab_size, top_k), source_index=i,
+                                     text_sha256=f"{i:08x}")
+        writer.finalize()
+    return url
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak RSS of `kdtrain run` in a child
+
+
+def kdtrain_peak_rss(cache: str, student: str, steps: int, batch_tokens: int, out: str) -> tuple[int, float]:
+    """Run `python -m cli.kdtrain run` to completion; (its peak RSS in bytes, its wall seconds)."""
+    cmd = [sys.executable, "-m", "cli.kdtrain", "run", "--cache", cache, "--student", student, "--steps", str(steps),
+           "--batch-tokens", str(batch_tokens), "--out", out, "--overwrite", "--eval-max-sequences", "8",
+           "--log-every", "1000"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"kdtrain run failed ({proc.returncode}):\n{output.decode(errors='replace')[-3000:]}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - started  # Linux: ru_maxrss is in KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader vs trainer throughput
+
+
+def streaming_ratio(cache: str, student_path: str, *, batch_tokens: int, num_batches: int, repeats: int) -> dict:
+    from shared.reader import CacheReader
+    from trainer.data import cache_index, cache_source, collate, epoch_order, pack_batches
+    from trainer.losses import sparse_kd_loss
+    from trainer.student import load_student
+
+    reader = CacheReader(cache)
+    index = cache_index(reader)
+    source = cache_source(reader, index, list(range(len(index))), has_teacher=True, window_blocks=4)
+    order = epoch_order(len(source), 0, 0, blocks=source.blocks, window_blocks=source.window_blocks)
+    spans = pack_batches(source.lengths[order], batch_tokens)
+    cursor = {"i": 0}
+
+    def next_spans():
+        out = []
+        for _ in range(num_batches):
+            out.append(spans[cursor["i"] % len(spans)])
+            cursor["i"] += 1
+        return out
+
+    rows = {"data": 0, "reader": 0}
+
+    def data_path():  # what the Batcher's thread does for num_batches batches
+        for a, b in next_spans():
+            batch = collate(source.read(order[a:b].tolist()), True)
+            rows["data"] += batch["num_tokens"]
+
+    chunk_rows = int(reader.manifest.settings.get("chunk_rows") or 8192)
+    chunks = [(s, lo, min(lo + chunk_rows, e.num_tokens)) for s, e in enumerate(reader.shards)
+              for lo in range(0, e.num_tokens, chunk_rows)]
+    fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob")
+    chunk_cursor = {"i": 0}
+
+    def bare_reader():  # CacheReader alone: whole chunks, the same number of rows as one data_path call
+        done = 0
+        while done < num_batches * batch_tokens:
+            s, lo, hi = chunks[chunk_cursor["i"] % len(chunks)]
+            chunk_cursor["i"] += 1
+            reader.shard(s).read_rows(lo, hi, fields)
+            done += hi - lo
+        rows["reader"] += done
+
+    torch.manual_seed(0)
+    student = load_student(student_path).to(device()).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    train_batches = [collate(source.read(order[a:b].tolist()), True) for a, b in spans[:num_batches]]
+    train_rows = sum(b["num_tokens"] for b in train_batches)
+
+    def train_steps():
+        for batch in train_batches:
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+            vocab, k = logits.shape[-1], batch["topk_ids"].shape[-1]
+            loss, _ = sparse_kd_loss(logits.reshape(-1, vocab), batch["topk_ids"].reshape(-1, k),
+                                     batch["topk_logprobs"].reshape(-1, k), batch["tail_logprob"].reshape(-1),
+                                     batch["target_ids"].reshape(-1), batch["loss_mask"].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    rows["data"] = 0
+    t_data, t_train = alternate(data_path, train_steps, repeats)
+    data_rows_per_call = rows["data"] / (repeats + 1)
+    t_reader, t_train2 = alternate(bare_reader, train_steps, repeats)
+    reader_rows_per_call = rows["reader"] / (repeats + 1)
+    data_rps = [data_rows_per_call / t for t in t_data]
+    reader_rps = [reader_rows_per_call / t for t in t_reader]
+    train_rps = [train_rows / t for t in t_train]
+    train_rps2 = [train_rows / t for t in t_train2]
+    return {"data_path_rows_per_s": median(data_rps), "reader_rows_per_s": median(reader_rps),
+            "trainer_rows_per_s": median(train_rps + train_rps2),
+            "ratio_data_path_over_trainer": paired_ratio(data_rps, train_rps),
+            "ratio_reader_over_trainer": paired_ratio(reader_rps, train_rps2)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", default="smollm2-135m", help="student model folder; 'tiny' = the tiny Shakespeare GPT-2")
+    ap.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the 1x cache")
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--seq-length", type=int, default=512)
+    ap.add_argument("--shard-tokens", type=int, default=262_144)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3, help="child runs per cache; streaming pairs")
+    ap.add_argument("--stream-batches", type=int, default=4, help="batches per streaming measurement")
+    ap.add_argument("--quick", action="store_true", help="tiny student, 48k / 480k tokens, 128-token sequences")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.student, args.tokens, args.seq_length, args.shard_tokens = "tiny", 49_152, 128, 65_536
+        args.steps, args.batch_tokens, args.repeats, args.stream_batches = 30, 2048, 2, 4
+    from transformers import AutoConfig
+
+    from cacher.models import load_tokenizer
+    from trainer.student import vocab_fingerprint
+
+    student = tiny_teacher() if args.student == "tiny" else model_path(args.student)
+    tokenizer = load_tokenizer(student)
+    vocab_size = AutoConfig.from_pretrained(student).vocab_size
+    fingerprint = vocab_fingerprint(tokenizer)
+    tag = f"{fingerprint[:8]}-v{vocab_size}-k{args.top_k}-L{args.seq_length}-s{args.shard_tokens}"
+    caches = {}
+    started = time.perf_counter()
+    for scale in (1, args.scale):
+        url = str(bench_home() / f"p5-random-{tag}-{args.tokens * scale}")
+        caches[scale] = write_random_cache(url, num_tokens=args.tokens * scale, seq_length=args.seq_length,
+                                           top_k=args.top_k, vocab_size=vocab_size, vocab_sha256=fingerprint,
+                                           shard_tokens=args.shard_tokens)
+    write_s = time.perf_counter() - started
+
+    rss = {1: [], args.scale: []}
+    with tempfile.TemporaryDirectory(prefix="p5-") as tmp:
+        for r in range(args.repeats):
+            for scale in (1, args.scale):
+                peak, _ = kdtrain_peak_rss(caches[scale], student, args.steps, args.batch_tokens,
+                                           os.path.join(tmp, f"run-{scale}-{r}"))
+                rss[scale].append(peak)
+    rss_ratio = paired_ratio(rss[args.scale], rss[1])
+    stream = streaming_ratio(caches[args.scale], student, batch_tokens=args.batch_tokens,
+                             num_batches=args.stream_batches, repeats=max(3, args.repeats + 1))
+
+    def cache_bytes(url):
+        return sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file())
+
+    emit({"id": "P5", "student": args.student, "top_k": args.top_k, "tokens_1x": args.tokens,
+          "tokens_10x": args.tokens * args.scale, "bytes_1x": cache_bytes(caches[1]),
+          "bytes_10x": cache_bytes(caches[args.scale]), "write_s": write_s, "steps": args.steps,
+          "batch_tokens": args.batch_tokens, "peak_rss_1x": rss[1], "peak_rss_10x": rss[args.scale],
+          "ratio_rss_10x_over_1x": rss_ratio, **stream,
+          "target": "rss <= 1.10; data path (and reader) / trainer >= 20",
+          "met": bool(rss_ratio <= 1.10 and stream["ratio_data_path_over_trainer"] >= 20)}, args.json)
+
+
+if __name__ == "__main__":
+    main()
