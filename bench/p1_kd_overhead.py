@@ -6,8 +6,7 @@ fkl, or cross_entropy_loss for `--loss ce`), backward, gradient clip, AdamW step
 alternated on the same batch, median of the per-pair ratios. The student is a layer-dropped copy of
 the teacher (trainer.student.student_from_teacher) with ~param-ratio fewer parameters, the teacher's
 top-K are real (cacher.engines.score_hf on real text, stored through shared.writer's validation).
-The loss alone (forward + backward on fixed logits) is timed too, to say where an overhead comes from,
-and so is bench.fast_sparse_kd (a candidate fused loss with fewer passes over the logits, same result).
+The loss alone (forward + backward on fixed logits) is timed too, to say where an overhead comes from.
 
   python -m bench.p1_kd_overhead --quick       # SmolLM2-135M -> 1-layer student, 1 x 256 tokens, CPU
   python -m bench.p1_kd_overhead               # 8 x 512 tokens (a GPU)
@@ -40,16 +39,14 @@ def flat(batch: dict, name: str) -> torch.Tensor:
 
 
 def kd_or_ce(flat_logits: torch.Tensor, batch: dict, kind: str) -> torch.Tensor:
-    """The loss trainer/train.py computes: "ce", a KD loss name, or "fast-<name>" (the bench candidate)."""
-    from bench.fast_sparse_kd import fast_sparse_kd_loss
+    """The loss trainer/train.py computes: "ce" or a KD loss name."""
     from trainer.losses import cross_entropy_loss, sparse_kd_loss
 
     targets, mask = flat(batch, "target_ids"), flat(batch, "loss_mask")
     if kind == "ce":
         return cross_entropy_loss(flat_logits, targets, mask)
-    fn, name = (fast_sparse_kd_loss, kind[5:]) if kind.startswith("fast-") else (sparse_kd_loss, kind)
-    return fn(flat_logits, flat(batch, "topk_ids"), flat(batch, "topk_logprobs"), flat(batch, "tail_logprob"),
-              targets, mask, loss=name)[0]
+    return sparse_kd_loss(flat_logits, flat(batch, "topk_ids"), flat(batch, "topk_logprobs"),
+                          flat(batch, "tail_logprob"), targets, mask, loss=kind)[0]
 
 
 def make_step(model, optimizer, batch: dict, kind: str, bf16: bool = False):
@@ -122,14 +119,11 @@ def main(argv=None):
     kd_step = make_step(student, optimizer, batch, args.loss, args.bf16)
     t_ce, t_kd = alternate(ce_step, kd_step, args.repeats)
     ratio = paired_ratio(t_kd, t_ce)
-    t_ce2, t_fast = alternate(ce_step, make_step(student, optimizer, batch, "fast-" + args.loss, args.bf16), args.repeats)
 
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()
     l_ce, l_kd = alternate(make_loss_only(logits, batch, "ce"), make_loss_only(logits, batch, args.loss), args.repeats)
-    l_ce2, l_fast = alternate(make_loss_only(logits, batch, "ce"), make_loss_only(logits, batch, "fast-" + args.loss),
-                              args.repeats)
     emit({"id": "P1", "model": args.model, "student_layers": keep, "student_params": num_parameters(student),
           "teacher_params": teacher_params, "top_k": args.top_k, "loss": args.loss, "bf16": args.bf16,
           "batch": [args.batch_size, args.max_length], "tokens": int(batch["num_tokens"]), "repeats": args.repeats,
@@ -137,8 +131,6 @@ def main(argv=None):
           "ratio_kd_over_ce": ratio, "ratio_of_medians": median(t_kd) / median(t_ce),
           "loss_only_ratio_kd_over_ce": paired_ratio(l_kd, l_ce),
           "loss_only_extra_s_over_ce_step": (median(l_kd) - median(l_ce)) / median(t_ce),
-          "candidate_fast_ratio_kd_over_ce": paired_ratio(t_fast, t_ce2),
-          "candidate_fast_loss_only_ratio": paired_ratio(l_fast, l_ce2),
           "target": "<= 1.10", "met": ratio <= 1.10}, args.json)
 
 

@@ -384,7 +384,7 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None) -> dict:
         started = time.time()
         log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")
         with open(log_path, "w") as lf:
-            rc = subprocess.run(command, stdout=lf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
+            rc = subprocess.run(command, check=False, stdout=lf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
         if rc != 0:
             with open(log_path) as lf:
                 tail = lf.read()[-3000:]

@@ -31,6 +31,11 @@ LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "ce")
 # positive wherever the first argument is.
 TEACHER_LOGPROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
+# Below this student mass outside the teacher's K ids, the fused loss computes the rest bucket by an
+# exact logsumexp over the other logits instead of summing softmax terms, which float32 may have
+# rounded to subnormals or to 0 (docs/losses.md, "The fused loss").
+REST_EXACT_BELOW = 1e-30
+
 
 # ----------------------------------------------------------------------------------------------------
 # Divergences between log-distributions (pure, any number of outcomes M)
@@ -223,13 +228,26 @@ def _weights(loss: str, alpha: float, temperature: float) -> tuple[float, float]
 
 
 class _FusedSparseKD(torch.autograd.Function):
-    """Forward computes the loss and d(loss)/d(logits) chunk by chunk; backward scales the saved gradient."""
+    """Forward computes the loss and d(loss)/d(logits) chunk by chunk; backward scales the saved gradient.
+
+    One (n, V) temporary per chunk: the chunk's logits are copied once, turned into the softmax in
+    place, and that same tensor becomes the gradient. The rest bucket comes from the softmax too:
+
+        p = exp(z - lse);  p_ids = p[ids];  p[ids] = 0;  rest = sum(p)     (a sum of positive terms)
+        d loss / d z_j = p_j (c - G + g_tail / rest)   outside the ids
+                       = p_j (c - G) + g_k             at id_k;   and - c at the target
+    with c the CE weight per token, g = d loss / d buckets and G = sum(g). Rows whose rest mass is below
+    REST_EXACT_BELOW (a student all but certain of the teacher's K ids) take the exact logsumexp over the
+    other logits instead, so neither the loss nor the gradient loses precision to underflow.
+    """
 
     @staticmethod
     def forward(ctx, student_logits, topk_ids, topk_logprobs, tail_logprob, target_ids, rows, options):
         loss, temperature, beta, skew, ce_weight, kd_weight, chunk_tokens, compute_grad = options
         cdtype = _compute_dtype(student_logits.dtype)
+        vocab_size = student_logits.shape[1]
         denom = max(rows.numel(), 1)
+        ce_coeff = ce_weight / denom
         total = torch.zeros((), dtype=cdtype, device=student_logits.device)
         ce_sum = torch.zeros_like(total)
         kd_sum = torch.zeros_like(total)
@@ -244,40 +262,53 @@ class _FusedSparseKD(torch.autograd.Function):
             ce_sum += ce.sum()
             total += ce_weight * ce.sum()
 
+            if loss == "ce":
+                if compute_grad:
+                    grad = z.sub_(lse[:, None]).exp_().mul_(ce_coeff)  # (n, V) c * softmax, reuses z
+                    grad.scatter_add_(1, target, torch.full_like(target, -ce_coeff, dtype=cdtype))
+                    grad_buffer.index_copy_(0, idx, grad.to(grad_buffer.dtype))
+                continue
+
+            ids = topk_ids.index_select(0, idx)  # (n, K) int64
+            top = z.gather(1, ids) - lse[:, None]  # (n, K) student log-probs at the teacher's ids
+            p = z.sub_(lse[:, None]).exp_()  # (n, V) softmax, reuses z
+            p_ids = p.gather(1, ids)  # (n, K)
+            p.scatter_(1, ids, 0.0)  # the softmax outside the ids
+            rest = p.sum(-1)  # (n,) exactly 0 when K = V
+            rest_lse = rest.log()  # (n,) -inf when K = V
+            exact = None
+            if ids.shape[1] < vocab_size:
+                low = (rest < REST_EXACT_BELOW).nonzero().squeeze(1)
+                if low.numel():
+                    z_low = student_logits.index_select(0, idx[low]).to(cdtype).scatter(1, ids[low], -math.inf)
+                    low_lse = torch.logsumexp(z_low, dim=-1)  # (m,)
+                    rest_lse[low] = low_lse - lse[low]
+                    exact = (low, z_low.sub_(low_lse[:, None]).exp_())  # softmax over the rest, (m, V)
+            s = torch.cat([top, rest_lse[:, None]], dim=1)  # (n, K+1)
+            t = teacher_bucket_logprobs(topk_logprobs.index_select(0, idx), tail_logprob.index_select(0, idx))
+            t_temp = F.log_softmax(t.to(cdtype) / temperature, dim=-1)  # (n, K+1)
             g_buckets = None
-            z_rest = rest_lse = ids = None
-            if loss != "ce":
-                ids = topk_ids.index_select(0, idx)  # (n, K) int64
-                s, _, z_rest, rest_lse = _student_buckets(z, ids, lse)  # (n, K+1), _, (n, V), (n,)
-                t = teacher_bucket_logprobs(
-                    topk_logprobs.index_select(0, idx), tail_logprob.index_select(0, idx)
-                )  # (n, K+1)
-                t_temp = F.log_softmax(t.to(cdtype) / temperature, dim=-1)  # (n, K+1)
-                with torch.enable_grad():
-                    s = s.detach().requires_grad_(compute_grad and kd_weight > 0)
-                    kd = divergence(t_temp, F.log_softmax(s / temperature, dim=-1), loss, beta, skew)  # (n,)
-                    if s.requires_grad:
-                        (g_buckets,) = torch.autograd.grad(kd.sum() * (kd_weight / denom), s)  # (n, K+1)
-                kd = kd.detach()
-                kd_sum += kd.sum()
-                total += kd_weight * kd.sum()
+            with torch.enable_grad():
+                s = s.detach().requires_grad_(compute_grad and kd_weight > 0)
+                kd = divergence(t_temp, F.log_softmax(s / temperature, dim=-1), loss, beta, skew)  # (n,)
+                if s.requires_grad:
+                    (g_buckets,) = torch.autograd.grad(kd.sum() * (kd_weight / denom), s)  # (n, K+1)
+            kd = kd.detach()
+            kd_sum += kd.sum()
+            total += kd_weight * kd.sum()
 
             if not compute_grad:
                 continue
-            # d/dz_j of the chunk's share of the loss, with c = CE weight / num_tokens and g = d/d(buckets):
-            #   c * (softmax_j - [j = target])
-            #   + sum_k g_k [j = id_k] + g_tail * softmax_rest_j - (sum_k g_k + g_tail) * softmax_j
-            # where softmax_rest is the softmax over the V - K logits outside the ids (0 at the ids).
-            ce_coeff = ce_weight / denom
-            softmax = z.sub_(lse[:, None]).exp_()  # (n, V), reuses z
             if g_buckets is None:
-                grad = softmax.mul_(ce_coeff)
-            else:
-                g_top, g_tail = g_buckets[:, :-1], g_buckets[:, -1]  # (n, K), (n,)
-                finite_rest = torch.where(torch.isfinite(rest_lse), rest_lse, 0.0)  # K = V: rest is empty
-                grad = z_rest.sub_(finite_rest[:, None]).exp_().mul_(g_tail[:, None])  # (n, V), reuses z_rest
-                grad.addcmul_(softmax, (ce_coeff - g_buckets.sum(-1))[:, None])
-                grad.scatter_add_(1, ids, g_top)
+                g_buckets = torch.zeros_like(s)
+            g_top, g_tail = g_buckets[:, :-1], g_buckets[:, -1]  # (n, K), (n,)
+            keep = ce_coeff - g_buckets.sum(-1)  # (n,) c - G
+            per_rest = torch.where(rest >= REST_EXACT_BELOW, g_tail / rest.clamp_min(REST_EXACT_BELOW), 0.0)
+            grad = p.mul_((keep + per_rest)[:, None])  # (n, V), reuses p
+            if exact is not None:
+                low, softmax_rest = exact
+                grad[low] += softmax_rest * g_tail[low, None]
+            grad.scatter_(1, ids, p_ids * keep[:, None] + g_top)
             grad.scatter_add_(1, target, torch.full_like(target, -ce_coeff, dtype=cdtype))
             grad_buffer.index_copy_(0, idx, grad.to(grad_buffer.dtype))
 
@@ -320,7 +351,7 @@ def sparse_kd_loss(
     target_ids: (N,) integer real next tokens; any value (e.g. -100) where loss_mask is False.
     loss_mask: (N,) bool, the tokens that count.
     loss: one of LOSSES; "ce" is cross-entropy alone (KD weight 0 whatever alpha is).
-    chunk_tokens: masked tokens per chunk; per-chunk temporaries are about 3 x (chunk_tokens, V) floats.
+    chunk_tokens: masked tokens per chunk; per-chunk temporaries are about one (chunk_tokens, V) float tensor.
 
     Returns (loss, stats): loss is a float32 (float64 for float64 logits) scalar, 0 with a zero gradient
     when no token is masked in; stats holds detached "ce" and "kd" (masked means, KD without the T^2

@@ -131,6 +131,25 @@ def test_fused_equals_unfused_reference(loss, chunk_tokens):
     assert (fused_grad[~batch["loss_mask"]] == 0).all()
 
 
+@pytest.mark.parametrize("loss", DIVERGENCES)
+@pytest.mark.parametrize("gap", [30.0, 80.0, 200.0])  # rest mass ~e^-30 (sum path), ~e^-80 and 0 (exact path)
+def test_student_certain_of_the_ids_float32_matches_float64_reference(loss, gap):
+    """Rows whose student mass outside the K ids is tiny or underflows take the exact path; the rest sum elsewhere."""
+    batch = make_batch(num_tokens=13, vocab=29, num_topk=6, seed=2)
+    logits = batch["student_logits"].clone()
+    boost = torch.zeros_like(logits).scatter(1, batch["topk_ids"], gap)
+    logits[::2] += boost[::2]  # every other row: the student is all but certain of the teacher's ids
+    kwargs = {"loss": loss, "alpha": 0.2, "temperature": 1.0}
+    fused, _, fused_grad = run_sparse(batch, logits=logits.float(), chunk_tokens=4, **kwargs)
+
+    reference_logits = logits.detach().requires_grad_()
+    reference = unfused_sparse(reference_logits, batch, **kwargs)
+    (reference_grad,) = torch.autograd.grad(reference, reference_logits)
+    assert_finite(fused, fused_grad)
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad.double(), reference_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_grad_output_scales_gradient():
     batch = make_batch(vocab=29, num_topk=6)
     logits = batch["student_logits"].detach().requires_grad_()
