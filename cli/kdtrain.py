@@ -6,6 +6,7 @@ red one-line message and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -172,6 +173,26 @@ def eval_(
     stdout.print(table)
 
 
+@contextlib.contextmanager
+def _plan_progress():
+    """(log, progress) for run_plan: stage lines printed above a live bar of stages with the running
+    stage's latest log line (its own progress bar or training step) beside it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]stages"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=False) as bar:
+        task = bar.add_task("", total=None)
+
+        def log(message: str) -> None:
+            bar.console.print(message, highlight=False, soft_wrap=True, markup=False)
+
+        def progress(finished: int, total: int, stage_id: str, line: str) -> None:
+            bar.update(task, completed=finished, total=total,
+                       description=f"{stage_id}: {line[-90:]}" if line else stage_id)
+
+        yield log, progress
+
+
 @app.command()
 def chain(
     plan: str = typer.Argument(..., help="Plan file (YAML): teacher, data, cache, train, students, paths, eval."),
@@ -203,7 +224,8 @@ def chain(
                 table.add_row(r["stage"], state, r.get("cache", "") or r["command"][:80])
             stdout.print(table)
             return
-        report = run_plan(p, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        with _plan_progress() as (log, progress):
+            report = run_plan(p, log=log, progress=progress)
     except (PlanError, ValueError, OSError) as exc:
         fail(str(exc))
     with open(f"{p.out}/report.md") as f:
@@ -214,7 +236,7 @@ def chain(
 @app.command()
 def demo(out: str = typer.Option("runs/demo", "--out", help="Output folder of the demo plan."),
          dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages; run nothing.")):
-    """The embedded default: SmolLM2-135M teacher, built-in corpus, sequential vs parallel vs CE (~15 min on a CPU)."""
+    """The embedded default: SmolLM2-135M teacher, built-in corpus, sequential vs parallel vs CE (~8 min on a 2-core CPU)."""
     from trainer.chain import PlanError, describe_stages, load_plan
     from trainer.demo import run_demo, write_demo_plan
 
@@ -223,7 +245,8 @@ def demo(out: str = typer.Option("runs/demo", "--out", help="Output folder of th
             for r in describe_stages(load_plan(write_demo_plan(out), out=out)):
                 stdout.print(f"{r['stage']}: {'done' if r['done'] else 'to run'}", highlight=False)
             return
-        report = run_demo(out, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        with _plan_progress() as (log, progress):
+            report = run_demo(out, log=log, progress=progress)
     except (PlanError, ValueError, OSError) as exc:
         fail(str(exc))
     with open(f"{out}/report.md") as f:

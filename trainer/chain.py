@@ -366,8 +366,44 @@ def describe_stages(plan: Plan) -> list[dict]:
     return rows
 
 
-def run_plan(plan: Plan, *, log=print, env: dict | None = None) -> dict:
-    """Run every stage not yet done, in order; then write the report. Returns the report dict."""
+def _last_line(path: str) -> str:
+    """The last non-empty line (or carriage-return-separated progress update) of a growing log file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    parts = [p.strip() for p in tail.replace("\r", "\n").split("\n")]
+    return next((p for p in reversed(parts) if p), "")
+
+
+def _run_stage(command: list[str], log_path: str, env: dict, on_line=None, poll_s: float = 0.5) -> int:
+    """Run one stage's process with its output in log_path; call on_line(last log line) while it runs."""
+    with open(log_path, "w") as lf:
+        proc = subprocess.Popen(command, stdout=lf, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    if on_line is not None:
+                        on_line(_last_line(log_path))
+        except BaseException:  # Ctrl-C or an error in on_line: never leave the stage running alone
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+
+
+def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None) -> dict:
+    """Run every stage not yet done, in order; then write the report. Returns the report dict.
+
+    progress, if given, is called as progress(stages_finished, num_stages, stage_id, last_log_line) about
+    twice a second while a stage runs and once after each stage (the CLI draws it as a progress bar).
+    """
     os.makedirs(os.path.join(plan.out, "stages"), exist_ok=True)
     os.makedirs(os.path.join(plan.out, "logs"), exist_ok=True)
     with open(os.path.join(plan.out, "plan.json"), "w") as f:
@@ -383,8 +419,8 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None) -> dict:
         log(f"[{i}/{len(stages)}] {st.id}: " + " ".join(shlex.quote(c) for c in command[2:]))
         started = time.time()
         log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")
-        with open(log_path, "w") as lf:
-            rc = subprocess.run(command, check=False, stdout=lf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
+        on_line = None if progress is None else (lambda line, i=i, sid=st.id: progress(i - 1, len(stages), sid, line))
+        rc = _run_stage(command, log_path, {**os.environ, **(env or {})}, on_line)
         if rc != 0:
             with open(log_path) as lf:
                 tail = lf.read()[-3000:]
@@ -393,6 +429,8 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None) -> dict:
         with open(st.marker, "w") as f:
             json.dump({"stage": st.id, "seconds": round(time.time() - started, 1), "command": command}, f)
         log(f"    done in {time.time() - started:.0f}s")
+        if progress is not None:
+            progress(i, len(stages), st.id, "")
     from trainer.report import write_report
 
     return write_report(plan, stages)

