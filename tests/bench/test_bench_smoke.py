@@ -24,6 +24,17 @@ def test_p1_kd_overhead_smoke(tiny_gpt2_dir, tmp_path):
     assert row["id"] == "P1" and row["ratio_kd_over_ce"] > 0 and row["student_layers"] == 1
 
 
+def test_loss_memory_smoke(tmp_path):
+    from bench.loss_memory import main
+
+    out = tmp_path / "r.jsonl"
+    main(["--tokens", "256", "--vocab", "4096", "--top-k", "8", "--chunk-tokens", "64", "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P1-memory"
+    for name in ("ce", "sparse_kd", "dense_kd"):
+        assert row[f"{name}_extra_peak_in_logits"] >= 0
+
+
 def test_p2_online_vs_offline_smoke(tiny_gpt2_dir, tmp_path):
     from bench.p2_online_vs_offline import main
 
