@@ -6,12 +6,15 @@ in held-out cross-entropy (nats per token; the perplexity ratio in log space), a
 in perplexity. Every variant starts from the same student (trainer.student.student_from_teacher, a
 layer-dropped copy of a teacher that is really better), sees the same batches in the same order
 (trainer.data.epoch_order / pack_batches / collate over real text, the trainer's held-out rule), and
-takes the same AdamW steps:
+takes the same AdamW steps with the trainer's learning-rate schedule (warm-up, then cosine to 10%):
 
 - ce: trainer.losses.cross_entropy_loss on the real next token;
 - dense: the teacher runs on every batch, trainer.losses.dense_kd_loss (fkl, alpha 0);
 - topk-K: the teacher's top-K as a cache stores them (cacher.engines.score_hf -> shared.writer's
-  validation: float16, ranks > 16 trimmed, tail stored), trainer.losses.sparse_kd_loss (fkl, alpha 0);
+  validation: float16, ranks > 16 trimmed, tail and target_logprob stored), trainer.losses.sparse_kd_loss
+  (fkl, alpha 0) as `kdtrain run` calls it: K + 2 buckets (the real next token has its own bucket when it
+  is outside the top K);
+- topk-K-notarget: the same with K + 1 buckets (`kdtrain run --no-target-bucket`);
 - rs-N (random-sampled KD, "Sparse Logit Sampling", Anshumann et al. 2025): N ids drawn from the
   teacher's distribution per row, stored as the distinct ids with their counts. The empirical
   distribution count/N is an unbiased estimate of the teacher's, so the cross-entropy against it has
@@ -119,13 +122,14 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
                   warmup: int, eval_batches: list[dict]) -> dict:
     """Train a fresh layer-dropped student on `batches` with one variant's loss; held-out metrics after."""
     from trainer.losses import cross_entropy_loss, dense_kd_loss, sparse_kd_loss
-    from trainer.train import evaluate_heldout
+    from trainer.train import _schedule, evaluate_heldout
 
     torch.manual_seed(0)
     student = make_student(path, student_spec, teacher.config.vocab_size).to(device()).train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    total = len(batches)  # the schedule `kdtrain run` uses: linear warm-up, then cosine down to 10% of lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, warmup, total))
     started = time.perf_counter()
     for batch in batches:
         batch = {k: (v.to(device()) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -141,8 +145,10 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
             loss, _ = dense_kd_loss(flat_logits, t_logits.reshape(-1, t_logits.shape[-1])[:, :vocab], targets, mask)
         else:
             k = batch["topk_ids"].shape[-1]
+            target_lp = batch["target_logprob"].reshape(-1) if variant.startswith("topk-") and not variant.endswith(
+                "-notarget") else None
             loss, _ = sparse_kd_loss(flat_logits, batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k),
-                                     batch["tail_logprob"].reshape(-1), targets, mask)
+                                     batch["tail_logprob"].reshape(-1), targets, mask, target_logprob=target_lp)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -163,6 +169,8 @@ def variant_rows(variant: str, seqs, stored_by_k: dict, rs_by_n: dict) -> list[d
             a, b = stored["offsets"][i], stored["offsets"][i + 1]
             row.update(topk_ids=stored["topk_ids"][a:b], topk_logprobs=stored["topk_logprobs"][a:b],
                        tail_logprob=stored["tail_logprob"][a:b])
+            if not variant.endswith("-notarget"):
+                row["target_logprob"] = stored["target_logprob"][a:b]
         elif variant.startswith("rs-"):
             rs_ids, counts = rs_by_n[int(variant.split("-")[1])][i]
             row.update(topk_ids=rs_ids, topk_logprobs=rs_logprobs(counts),
@@ -178,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--student", default="drop:6",
                     help="drop:N = the teacher keeping N layers; else a JSON config file (random init)")
     ap.add_argument("--ks", default="8,32,64,256")
+    ap.add_argument("--notarget-ks", default="64", help="K values also trained with K + 1 buckets (no target bucket)")
     ap.add_argument("--rs", default="16,64", help="RS-KD sample counts (empty: none)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-tokens", type=int, default=8192)
@@ -218,6 +227,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(path)
     teacher = load_hf_teacher(path, dtype="float32")
     ks = [k for k in ks if k <= teacher.vocab_size]
+    notarget_ks = [int(k) for k in args.notarget_ks.split(",") if k and int(k) in ks]
 
     # -- data: the trainer's held-out rule, then enough training sequences for every seed's steps --
     need = args.steps * args.batch_tokens // args.max_length + 1
@@ -250,7 +260,8 @@ def main(argv=None):
                                 False)["eval_ppl"]
 
     # -- train every variant on the same batches, per seed --
-    variants = ["ce", "dense"] + [f"topk-{k}" for k in ks] + [f"rs-{n}" for n in rs]
+    variants = (["ce", "dense"] + [f"topk-{k}" for k in ks] + [f"topk-{k}-notarget" for k in notarget_ks]
+                + [f"rs-{n}" for n in rs])
     lengths = np.asarray([len(s) for s in train_seqs])
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for seed in seeds:

@@ -67,6 +67,8 @@ def run(
     temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature."),
     beta: float = typer.Option(0.5, "--beta", help="JSD mixing weight."),
     skew: float = typer.Option(0.1, "--skew", help="Skew of skl/srkl."),
+    target_bucket: bool = typer.Option(True, "--target-bucket/--no-target-bucket",
+                                       help="The real next token gets its own bucket when outside the top K."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs over the data)."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data when --steps is not given."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
@@ -104,7 +106,7 @@ def run(
         config = TrainConfig(
             out=out, cache=cache, student=student, student_from_teacher=student_from_teacher, keep_layers=keep_layers,
             student_config=student_config, teacher=teacher, loss=loss, alpha=alpha, temperature=temperature, beta=beta,
-            skew=skew, steps=steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+            skew=skew, target_bucket=target_bucket, steps=steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
             batch_tokens=batch_tokens, grad_accum=grad_accum, clip=clip, bf16=bf16, seed=seed, eval_every=eval_every,
             eval_fraction=eval_fraction, log_every=log_every, save_every=save_every, resume=resume, overwrite=overwrite,
             dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,

@@ -47,6 +47,7 @@ from shared.format import CacheCorruptError
 from shared.reader import CacheReader
 
 IGNORE = -100  # target id of rows without a next token (and of padding)
+TARGET_UNKNOWN = 1.0  # target_logprob where none is known (the cache's sentinel for "no next token")
 HASH_BUCKETS = 10_000
 
 
@@ -219,7 +220,7 @@ def cache_source(reader: CacheReader, index: CacheIndex, positions: list[int], *
                  window_blocks: int = 4) -> Source:
     """A source over some sequences of a cache; reads go block by block through a BlockCache."""
     positions = np.asarray(positions, dtype=np.int64)
-    fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob") if has_teacher else (
+    fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob", "target_logprob") if has_teacher else (
         "input_ids", "loss_mask")
     # the row span of every block: from its first sequence's start to its last sequence's end
     span: dict[int, tuple[int, int, int]] = {}
@@ -267,7 +268,8 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict:
 
     input_ids, attention_mask: (B, L) int64. target_ids: (B, L) int64, token t+1, IGNORE where none.
     loss_mask: (B, L) bool. With a teacher: topk_ids (B, L, K) int64, topk_logprobs (B, L, K) float32,
-    tail_logprob (B, L) float32. num_tokens: real (unpadded) tokens.
+    tail_logprob (B, L) float32, target_logprob (B, L) float32 (the teacher's log-prob of target_ids; +1.0,
+    "unknown", on padding, on last rows and where a sequence dict lacks it). num_tokens: real (unpadded) tokens.
     """
     width = max(len(s["input_ids"]) for s in seqs)
     num = len(seqs)
@@ -281,6 +283,7 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict:
         out["topk_ids"] = torch.zeros((num, width, top_k), dtype=torch.long)
         out["topk_logprobs"] = torch.zeros((num, width, top_k), dtype=torch.float32)
         out["tail_logprob"] = torch.full((num, width), float("-inf"), dtype=torch.float32)
+        out["target_logprob"] = torch.full((num, width), TARGET_UNKNOWN, dtype=torch.float32)
     for r, s in enumerate(seqs):
         ids = torch.as_tensor(np.asarray(s["input_ids"], dtype=np.int64))
         n = len(ids)
@@ -292,6 +295,8 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict:
             out["topk_ids"][r, :n] = torch.as_tensor(s["topk_ids"].astype(np.int64))
             out["topk_logprobs"][r, :n] = torch.as_tensor(s["topk_logprobs"].astype(np.float32))
             out["tail_logprob"][r, :n] = torch.as_tensor(s["tail_logprob"].astype(np.float32))
+            if "target_logprob" in s:
+                out["target_logprob"][r, : n - 1] = torch.as_tensor(s["target_logprob"][: n - 1].astype(np.float32))
     out["num_tokens"] = int(attention.sum())
     out["num_loss_tokens"] = int(mask.sum())
     return out

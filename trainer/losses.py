@@ -118,45 +118,72 @@ def divergence(
 
 
 # ----------------------------------------------------------------------------------------------------
-# The K + 1 buckets
+# The buckets: K ids, optionally the actual next token, and the rest
 
 
-def _student_buckets(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor | None = None):
-    """Student log-probs over the K ids plus the rest bucket, and the pieces the fused gradient reuses.
-
-    z: (N, V) float logits. ids: (N, K) int64, distinct per row. lse: (N,) logsumexp(z) if already known.
-    Returns buckets (N, K+1), lse (N,) = logsumexp of all logits, z_rest (N, V) = logits with the K ids
-    set to -inf, rest_lse (N,) = logsumexp(z_rest) (-inf when K = V).
-    """
-    lse = torch.logsumexp(z, dim=-1) if lse is None else lse  # (N,)
-    top = z.gather(1, ids) - lse[:, None]  # (N, K)
-    # The tail is logsumexp over the other V - K logits, not log(1 - sum(top)): stable when the top K
-    # hold almost all the mass, and exactly -inf (not rounding noise) when K = V.
-    z_rest = z.scatter(1, ids, -math.inf)  # (N, V)
-    rest_lse = torch.logsumexp(z_rest, dim=-1)  # (N,)
-    buckets = torch.cat([top, (rest_lse - lse)[:, None]], dim=1)  # (N, K+1)
-    return buckets, lse, z_rest, rest_lse
+def _target_outside(ids: torch.Tensor, target_ids: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool: the row's actual next token is not among its K ids (and, if given, its log-prob is known)."""
+    outside = ~(ids == target_ids[:, None]).any(-1)
+    return outside if known is None else outside & known
 
 
-def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The student's log-distribution over the teacher's K ids plus one bucket for every other token.
+def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor,
+                            target_ids: torch.Tensor | None = None,
+                            target_known: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's log-distribution over the teacher's K ids, [the actual next token,] and the rest.
 
     student_logits: (N, V) float. topk_ids: (N, K) integer, distinct per row.
-    Returns (N, K+1): log_softmax(logits) at topk_ids, then log of the mass outside them (last column).
-    Plain autograd; differentiable with finite gradients even when K = V (last column -inf).
+    target_ids: (N,) integer actual next tokens, or None. target_known: (N,) bool rows whose teacher
+    target log-prob is known (None: all).
+    Returns (N, K+1) without target_ids: log_softmax(logits) at topk_ids, then the log of the mass outside
+    them. With target_ids, (N, K+2): the K ids, the target's own bucket (-inf, i.e. empty, on rows where
+    the target is one of the ids or not known), then the rest without it.
+    Plain autograd (the reference the fused loss is tested against); finite gradients when a bucket is
+    empty, e.g. the rest when K = V.
     """
-    return _student_buckets(student_logits, topk_ids.long())[0]
+    z, ids = student_logits, topk_ids.long()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1)
+    top = z.gather(1, ids) - lse  # (N, K)
+    # The rest is a logsumexp over the other logits, not log(1 - sum(top)): stable when the named
+    # buckets hold almost all the mass, and exactly -inf (not rounding noise) when nothing is left.
+    z_rest = z.scatter(1, ids, -math.inf)  # (N, V)
+    if target_ids is None:
+        return torch.cat([top, torch.logsumexp(z_rest, dim=-1, keepdim=True) - lse], dim=1)
+    target = target_ids.long()[:, None]  # (N, 1)
+    outside = _target_outside(ids, target_ids.long(), target_known)[:, None]  # (N, 1)
+    own = torch.where(outside, z.gather(1, target) - lse, -math.inf)  # (N, 1)
+    z_rest = torch.where(outside & (torch.arange(z.shape[1], device=z.device) == target), -math.inf, z_rest)
+    return torch.cat([top, own, torch.logsumexp(z_rest, dim=-1, keepdim=True) - lse], dim=1)
 
 
-def teacher_bucket_logprobs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
-    """The teacher's cached log-distribution over K + 1 buckets, renormalized to sum to 1.
+def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) - exp(b)) elementwise; -inf where b >= a (nothing left, or rounding said so)."""
+    safe = b < a
+    diff = torch.where(safe, b - a, -1.0)
+    return torch.where(safe, a + torch.log1p(-torch.exp(diff)), -math.inf)
+
+
+def teacher_bucket_logprobs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
+                            target_logprob: torch.Tensor | None = None,
+                            target_outside: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's cached log-distribution over K + 1 (or K + 2) buckets, renormalized to sum to 1.
 
     topk_logprobs: (N, K) float16/32 raw (T = 1) log-probs. tail_logprob: (N,) log of the mass outside.
-    Returns (N, K+1) in float32 (float64 if either input is float64). float16 storage makes the stored
-    buckets sum to 1 only to about 1e-3; renormalizing makes every divergence a true one.
+    target_logprob: (N,) the teacher's log-prob of the actual next token, and target_outside: (N,) bool rows
+    where that token is not among the K ids (see student_bucket_logprobs); both or neither.
+    Returns (N, K+1): the K log-probs and the tail; or (N, K+2): the K log-probs, the target's own bucket
+    (target_logprob where target_outside, else -inf) and the tail less the target's mass. In float32
+    (float64 if an input is float64). float16 storage makes the stored buckets sum to 1 only to about
+    1e-3; renormalizing makes every divergence a true one.
     """
     dtype = torch.promote_types(torch.promote_types(topk_logprobs.dtype, tail_logprob.dtype), torch.float32)
-    t = torch.cat([topk_logprobs.to(dtype), tail_logprob.to(dtype)[:, None]], dim=1)  # (N, K+1)
+    tail = tail_logprob.to(dtype)  # (N,)
+    if target_logprob is None:
+        t = torch.cat([topk_logprobs.to(dtype), tail[:, None]], dim=1)  # (N, K+1)
+    else:
+        own = torch.where(target_outside, target_logprob.to(dtype), -math.inf)  # (N,)
+        rest = torch.where(target_outside, _log_sub_exp(tail, own), tail)  # (N,)
+        t = torch.cat([topk_logprobs.to(dtype), own[:, None], rest[:, None]], dim=1)  # (N, K+2)
     return t - torch.logsumexp(t, dim=-1, keepdim=True)
 
 
@@ -242,7 +269,8 @@ class _FusedSparseKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, topk_ids, topk_logprobs, tail_logprob, target_ids, rows, options):
+    def forward(ctx, student_logits, topk_ids, topk_logprobs, tail_logprob, target_ids, target_logprob, rows,
+                options):
         loss, temperature, beta, skew, ce_weight, kd_weight, chunk_tokens, compute_grad = options
         cdtype = _compute_dtype(student_logits.dtype)
         vocab_size = student_logits.shape[1]
@@ -274,25 +302,40 @@ class _FusedSparseKD(torch.autograd.Function):
             p = z.sub_(lse[:, None]).exp_()  # (n, V) softmax, reuses z
             p_ids = p.gather(1, ids)  # (n, K)
             p.scatter_(1, ids, 0.0)  # the softmax outside the ids
-            rest = p.sum(-1)  # (n,) exactly 0 when K = V
-            rest_lse = rest.log()  # (n,) -inf when K = V
+            named = torch.full_like(lse, ids.shape[1])  # (n,) tokens with their own bucket
+            if target_logprob is not None:  # the actual next token gets its own bucket where it is not an id
+                tlp = target_logprob.index_select(0, idx)  # (n,)
+                outside = _target_outside(ids, target[:, 0], tlp <= 0)  # (n,) sentinel +1.0 = unknown
+                p_tgt = torch.where(outside, p.gather(1, target)[:, 0], 0.0)  # (n,)
+                p.scatter_(1, target, torch.where(outside[:, None], 0.0, p.gather(1, target)))
+                named += outside
+            rest = p.sum(-1)  # (n,) exactly 0 when every token has its own bucket (K = V)
+            rest_lse = rest.log()  # (n,) -inf then
             exact = None
-            if ids.shape[1] < vocab_size:
-                low = (rest < REST_EXACT_BELOW).nonzero().squeeze(1)
-                if low.numel():
-                    z_low = student_logits.index_select(0, idx[low]).to(cdtype).scatter(1, ids[low], -math.inf)
-                    low_lse = torch.logsumexp(z_low, dim=-1)  # (m,)
-                    rest_lse[low] = low_lse - lse[low]
-                    exact = (low, z_low.sub_(low_lse[:, None]).exp_())  # softmax over the rest, (m, V)
-            s = torch.cat([top, rest_lse[:, None]], dim=1)  # (n, K+1)
-            t = teacher_bucket_logprobs(topk_logprobs.index_select(0, idx), tail_logprob.index_select(0, idx))
-            t_temp = F.log_softmax(t.to(cdtype) / temperature, dim=-1)  # (n, K+1)
+            low = ((rest < REST_EXACT_BELOW) & (named < vocab_size)).nonzero().squeeze(1)
+            if low.numel():
+                z_low = student_logits.index_select(0, idx[low]).to(cdtype).scatter(1, ids[low], -math.inf)
+                if target_logprob is not None:
+                    z_low = torch.where(outside[low, None] & (torch.arange(vocab_size, device=z_low.device)
+                                                              == target[low]), -math.inf, z_low)
+                low_lse = torch.logsumexp(z_low, dim=-1)  # (m,)
+                rest_lse[low] = low_lse - lse[low]
+                exact = (low, z_low.sub_(low_lse[:, None]).exp_())  # softmax over the rest, (m, V)
+            t_top, t_tail = topk_logprobs.index_select(0, idx), tail_logprob.index_select(0, idx)
+            if target_logprob is None:
+                s = torch.cat([top, rest_lse[:, None]], dim=1)  # (n, K+1)
+                t = teacher_bucket_logprobs(t_top, t_tail)  # (n, K+1)
+            else:
+                own = torch.where(outside, -ce, -math.inf)  # (n,) student log-prob of the target
+                s = torch.cat([top, own[:, None], rest_lse[:, None]], dim=1)  # (n, K+2)
+                t = teacher_bucket_logprobs(t_top, t_tail, tlp, outside)  # (n, K+2)
+            t_temp = F.log_softmax(t.to(cdtype) / temperature, dim=-1)  # (n, K+1) or (n, K+2)
             g_buckets = None
             with torch.enable_grad():
                 s = s.detach().requires_grad_(compute_grad and kd_weight > 0)
                 kd = divergence(t_temp, F.log_softmax(s / temperature, dim=-1), loss, beta, skew)  # (n,)
                 if s.requires_grad:
-                    (g_buckets,) = torch.autograd.grad(kd.sum() * (kd_weight / denom), s)  # (n, K+1)
+                    (g_buckets,) = torch.autograd.grad(kd.sum() * (kd_weight / denom), s)  # like s
             kd = kd.detach()
             kd_sum += kd.sum()
             total += kd_weight * kd.sum()
@@ -301,7 +344,7 @@ class _FusedSparseKD(torch.autograd.Function):
                 continue
             if g_buckets is None:
                 g_buckets = torch.zeros_like(s)
-            g_top, g_tail = g_buckets[:, :-1], g_buckets[:, -1]  # (n, K), (n,)
+            g_top, g_tail = g_buckets[:, : ids.shape[1]], g_buckets[:, -1]  # (n, K), (n,)
             keep = ce_coeff - g_buckets.sum(-1)  # (n,) c - G
             per_rest = torch.where(rest >= REST_EXACT_BELOW, g_tail / rest.clamp_min(REST_EXACT_BELOW), 0.0)
             grad = p.mul_((keep + per_rest)[:, None])  # (n, V), reuses p
@@ -309,6 +352,9 @@ class _FusedSparseKD(torch.autograd.Function):
                 low, softmax_rest = exact
                 grad[low] += softmax_rest * g_tail[low, None]
             grad.scatter_(1, ids, p_ids * keep[:, None] + g_top)
+            if target_logprob is not None:  # the target's own bucket; grad there is 0 so far on those rows
+                own_grad = torch.where(outside, p_tgt * keep + g_buckets[:, -2], 0.0)  # (n,)
+                grad.scatter_add_(1, target, own_grad[:, None])
             grad.scatter_add_(1, target, torch.full_like(target, -ce_coeff, dtype=cdtype))
             grad_buffer.index_copy_(0, idx, grad.to(grad_buffer.dtype))
 
@@ -324,7 +370,7 @@ class _FusedSparseKD(torch.autograd.Function):
         # In place: no second logits-sized tensor. The saved-tensor version check makes a second backward
         # through the same graph (retain_graph=True) fail loudly instead of scaling twice.
         grad_buffer.mul_(grad_loss.to(grad_buffer.dtype))
-        return grad_buffer, None, None, None, None, None, None
+        return grad_buffer, None, None, None, None, None, None, None
 
 
 def sparse_kd_loss(
@@ -341,6 +387,7 @@ def sparse_kd_loss(
     beta: float = 0.5,
     skew: float = 0.1,
     chunk_tokens: int = 1024,
+    target_logprob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """alpha * CE(next token) + (1 - alpha) * T^2 * KD(teacher buckets, student buckets), masked mean.
 
@@ -352,6 +399,10 @@ def sparse_kd_loss(
     loss_mask: (N,) bool, the tokens that count.
     loss: one of LOSSES; "ce" is cross-entropy alone (KD weight 0 whatever alpha is).
     chunk_tokens: masked tokens per chunk; per-chunk temporaries are about one (chunk_tokens, V) float tensor.
+    target_logprob: (N,) float, the teacher's log-prob of target_ids (the cache's `target_logprob`), or
+        None. When given, a row whose actual next token is not among its K ids splits the rest bucket in
+        two: that token's own bucket and everything else (K + 2 outcomes; docs/losses.md). Values > 0
+        (the cache's +1.0 sentinel) mean "unknown" and keep K + 1 buckets on that row.
 
     Returns (loss, stats): loss is a float32 (float64 for float64 logits) scalar, 0 with a zero gradient
     when no token is masked in; stats holds detached "ce" and "kd" (masked means, KD without the T^2
@@ -372,6 +423,9 @@ def sparse_kd_loss(
     if tail_logprob.shape != (num_rows,):
         raise ValueError(f"tail_logprob {tuple(tail_logprob.shape)} must be (N,) to match student_logits "
                          f"{tuple(student_logits.shape)}")
+    if target_logprob is not None and (target_logprob.shape != (num_rows,) or not target_logprob.is_floating_point()):
+        raise ValueError(f"target_logprob {tuple(target_logprob.shape)} {target_logprob.dtype} must be a float (N,) "
+                         f"tensor matching student_logits {tuple(student_logits.shape)}")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive int (e.g. 1024)")
 
@@ -393,7 +447,8 @@ def sparse_kd_loss(
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
     options = (loss, temperature, beta, skew, ce_weight, kd_weight, chunk_tokens, compute_grad)
     total, ce, kd = _FusedSparseKD.apply(
-        student_logits, topk_ids, topk_logprobs, tail_logprob, target_ids.long(), rows, options
+        student_logits, topk_ids, topk_logprobs, tail_logprob, target_ids.long(),
+        None if loss == "ce" else target_logprob, rows, options
     )
     stats = {"ce": ce.detach(), "kd": kd.detach(), "num_tokens": loss_mask.sum()}
     return total, stats

@@ -94,6 +94,9 @@ class TrainConfig:
     """JSD mixing weight, in (0, 1)."""
     skew: float = 0.1
     """Skew of skl / srkl (DistiLLM), in [0, 1)."""
+    target_bucket: bool = True
+    """Give the actual next token its own bucket where it is outside the teacher's top K (K + 2 outcomes;
+    uses the cache's target_logprob; docs/losses.md). Off: K + 1 buckets."""
     steps: int | None = None
     """Optimizer steps (default: --epochs over the training sequences)."""
     epochs: float = 1.0
@@ -301,7 +304,8 @@ def _loss(model, batch: dict, config: TrainConfig, has_teacher: bool) -> tuple[t
         return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
     return sparse_kd_loss(flat_logits, _flat(batch, "topk_ids"), _flat(batch, "topk_logprobs"),
                           _flat(batch, "tail_logprob"), targets, mask, loss=config.loss, alpha=config.alpha,
-                          temperature=config.temperature, beta=config.beta, skew=config.skew)
+                          temperature=config.temperature, beta=config.beta, skew=config.skew,
+                          target_logprob=_flat(batch, "target_logprob") if config.target_bucket else None)
 
 
 @torch.no_grad()
@@ -335,7 +339,8 @@ def evaluate_heldout(model, batches: list[dict], config: TrainConfig, has_teache
             agree += int((rows.argmax(-1) == ids[:, 0]).sum())
             objective, _ = sparse_kd_loss(rows, ids, top_lp, tail, targets, torch.ones_like(targets, dtype=torch.bool),
                                           loss=config.loss, alpha=config.alpha, temperature=config.temperature,
-                                          beta=config.beta, skew=config.skew)
+                                          beta=config.beta, skew=config.skew,
+                                          target_logprob=batch["target_logprob"][mask] if config.target_bucket else None)
             loss_sum += float(objective) * num
         else:
             loss_sum += ce

@@ -113,11 +113,11 @@ def test_p6_quality_smoke(tiny_gpt2_dir, tmp_path):
     from bench.p6_quality import main
 
     out = tmp_path / "r.jsonl"
-    main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--student", "drop:1", "--ks", "8,16",
+    main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--student", "drop:1", "--ks", "8,16", "--notarget-ks", "8",
           "--rs", "8", "--steps", "2", "--batch-tokens", "256", "--max-length", "32", "--eval-sequences", "4",
           "--json", str(out)])
     row = _row(out)
-    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "rs-8"}
+    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "topk-8-notarget", "rs-8"}
     assert all(v["eval_ppl"] > 1 for v in row["variants"].values())
 
 

@@ -73,6 +73,21 @@ def test_collate_targets_and_masks():
     assert b["num_tokens"] == 5 and b["num_loss_tokens"] == 3
 
 
+def test_collate_target_logprob_rows_follow_the_targets():
+    def seq(ids, target_lp):
+        n = len(ids)
+        return {"input_ids": np.array(ids), "loss_mask": np.r_[np.ones(n - 1, bool), [False]],
+                "topk_ids": np.zeros((n, 2), np.uint16), "topk_logprobs": np.full((n, 2), -1.0, np.float16),
+                "tail_logprob": np.full(n, -2.0, np.float16), "target_logprob": np.array(target_lp, np.float16)}
+
+    b = collate([seq([5, 6, 7], [-0.5, -1.5, 1.0]), seq([1, 2], [-3.0, 1.0])], has_teacher=True)
+    # row t holds the teacher's log-prob of target t (token t + 1); +1.0 = unknown on last rows and padding
+    assert b["target_logprob"].tolist() == [[-0.5, -1.5, 1.0], [-3.0, 1.0, 1.0]]
+    assert b["target_ids"].tolist() == [[6, 7, -100], [2, -100, -100]]
+    no_target = collate([{k: v for k, v in seq([5, 6, 7], [-0.5, -1.5, 1.0]).items() if k != "target_logprob"}], True)
+    assert no_target["target_logprob"].tolist() == [[1.0, 1.0, 1.0]]  # unknown: K + 1 buckets
+
+
 def test_heldout_rule_fraction_and_guards():
     hashes = np.array([heldout_hash(f"{i:064x}", 0) for i in range(2000)])
     mask = heldout_mask(hashes, 0.05)

@@ -440,3 +440,93 @@ def test_fused_loss_keeps_only_one_logits_sized_tensor_for_backward():
     expected = buffer.clone() * 2
     (2 * loss).backward()
     assert torch.equal(logits.grad, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The target's own bucket (target_logprob given): K + 2 outcomes
+
+
+def target_batch(num_topk=6, vocab=29, seed=3):
+    """make_batch plus the teacher's log-prob of each real next token; about half the targets outside the ids."""
+    batch = make_batch(num_tokens=13, vocab=vocab, num_topk=num_topk, seed=seed)
+    teacher_logp = batch["teacher_logits"].log_softmax(-1)
+    gen = torch.Generator().manual_seed(seed + 100)
+    inside = torch.rand(13, generator=gen) < 0.5
+    pick = batch["topk_ids"][torch.arange(13), torch.randint(0, num_topk, (13,), generator=gen)]
+    outside_ids = teacher_logp.scatter(1, batch["topk_ids"], -math.inf).argmax(-1)  # best token not in the ids
+    target = torch.where(inside, pick, outside_ids)
+    target[~batch["loss_mask"]] = 0
+    batch["target_ids"] = target
+    batch["target_logprob"] = teacher_logp.gather(1, target[:, None])[:, 0]
+    return batch
+
+
+def unfused_target_sparse(logits, batch, loss="fkl", alpha=0.0, temperature=1.0, beta=0.5, skew=0.1):
+    """The K + 2 bucket formula in plain autograd: the reference for the fused loss with target_logprob."""
+    mask = batch["loss_mask"]
+    ids, target, tlp = batch["topk_ids"][mask], batch["target_ids"][mask], batch["target_logprob"][mask]
+    known = tlp <= 0
+    outside = ~(ids == target[:, None]).any(-1) & known
+    s = student_bucket_logprobs(logits[mask], ids, target, known)  # (n, K+2)
+    t = teacher_bucket_logprobs(batch["topk_logprobs"][mask], batch["tail_logprob"][mask], tlp, outside)
+    kd = divergence(F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1), loss, beta, skew)
+    ce = F.cross_entropy(logits[mask], target, reduction="none")
+    return (alpha * ce + (1 - alpha) * temperature**2 * kd).mean()
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1024])
+def test_target_bucket_fused_equals_unfused_reference(loss, chunk_tokens):
+    batch = target_batch()
+    batch["target_logprob"][3] = 1.0  # the cache's sentinel: unknown, that row keeps K + 1 buckets
+    kwargs = {"loss": loss, "alpha": 0.25, "temperature": 1.5, "beta": 0.4, "skew": 0.1}
+    logits = batch["student_logits"].detach().requires_grad_()
+    fused, _ = sparse_kd_loss(logits, *cache_args(batch), chunk_tokens=chunk_tokens,
+                              target_logprob=batch["target_logprob"], **kwargs)
+    (fused_grad,) = torch.autograd.grad(fused, logits)
+    reference_logits = batch["student_logits"].detach().requires_grad_()
+    reference = unfused_target_sparse(reference_logits, batch, **kwargs)
+    (reference_grad,) = torch.autograd.grad(reference, reference_logits)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-9, atol=1e-12)
+    without, _, _ = run_sparse(batch, **kwargs)
+    assert not torch.isclose(fused.detach(), without)  # the extra bucket changes the loss
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+def test_target_bucket_with_the_only_missing_token_equals_dense(loss):
+    """K = V - 1 and every target the one token outside the ids: K + 2 buckets are the whole vocabulary."""
+    vocab = 11
+    batch = make_batch(num_tokens=9, vocab=vocab, num_topk=vocab - 1, seed=5, mask_prob=1.0)
+    teacher_logp = batch["teacher_logits"].log_softmax(-1)
+    missing = teacher_logp.argmin(-1)  # topk(V - 1) leaves out the least likely token
+    batch["target_ids"] = missing
+    batch["tail_logprob"] = teacher_logp.gather(1, missing[:, None])[:, 0]
+    kwargs = {"loss": loss, "alpha": 0.0, "temperature": 1.3, "beta": 0.3, "skew": 0.2}
+    logits = batch["student_logits"].detach().requires_grad_()
+    sparse, _ = sparse_kd_loss(logits, *cache_args(batch), target_logprob=batch["tail_logprob"], **kwargs)
+    (sparse_grad,) = torch.autograd.grad(sparse, logits)
+    dense_logits = batch["student_logits"].detach().requires_grad_()
+    dense, _ = dense_kd_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
+    (dense_grad,) = torch.autograd.grad(dense, dense_logits)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+@pytest.mark.parametrize("gap", [30.0, 200.0])
+def test_target_bucket_certain_student_float32_matches_float64(loss, gap):
+    batch = target_batch(seed=7)
+    logits = batch["student_logits"].clone()
+    logits[::2] += torch.zeros_like(logits).scatter(1, batch["topk_ids"], gap)[::2]
+    kwargs = {"loss": loss, "alpha": 0.2}
+    f32 = logits.float().requires_grad_()
+    fused, _ = sparse_kd_loss(f32, *cache_args(batch), chunk_tokens=4, target_logprob=batch["target_logprob"],
+                              **kwargs)
+    (fused_grad,) = torch.autograd.grad(fused, f32)
+    reference_logits = logits.detach().requires_grad_()
+    reference = unfused_target_sparse(reference_logits, batch, **kwargs)
+    (reference_grad,) = torch.autograd.grad(reference, reference_logits)
+    assert_finite(fused, fused_grad)
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad.double(), reference_grad, rtol=1e-4, atol=1e-6)

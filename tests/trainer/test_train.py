@@ -151,3 +151,15 @@ def test_trainer_never_imports_the_cacher():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cacher'))")
     res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert res.stdout.strip() == "[]"
+
+
+def test_target_bucket_reads_the_caches_target_logprob(trained_cache, tiny_gpt2_dir, tmp_path):
+    """With the target bucket (default) the first step's loss differs from --no-target-bucket's: the cache's
+    target_logprob reaches the loss (an all-unknown column would give identical K + 1 losses). K < V here."""
+    first = {}
+    for flag in (True, False):
+        out = str(tmp_path / f"tb{flag}")
+        train(TrainConfig(out=out, cache=trained_cache, student=str(tiny_gpt2_dir), steps=1, batch_tokens=512,
+                          target_bucket=flag), log=quiet)
+        first[flag] = next(m for m in read_metrics(out) if "loss" in m)["loss"]
+    assert first[True] != pytest.approx(first[False], rel=1e-6)
