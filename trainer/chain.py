@@ -50,7 +50,9 @@ CACHE_KEYS = {"top_k", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk
               "trust_remote_code"}
 TRAIN_KEYS = {"loss", "alpha", "temperature", "steps", "epochs", "lr", "batch_tokens", "seed", "eval_every",
               "warmup_steps", "weight_decay", "grad_accum", "clip", "bf16", "beta", "skew", "save_every", "log_every",
-              "eval_fraction"}
+              "eval_fraction", "target_bucket"}
+# Boolean train settings whose kdtrain flag defaults to on: false in a plan passes --no-<flag>.
+ON_BY_DEFAULT = {"target_bucket"}
 EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "response_field", "input_field", "limit",
              "max_length", "max_prompt_length", "greedy", "seeds", "batch_size"}
 STUDENT_KEYS = {"keep_layers", "model", "config"}
@@ -229,6 +231,8 @@ def _options(settings: dict, mapping: dict[str, str] | None = None) -> list[str]
         if isinstance(value, bool):
             if value:
                 args.append(flag)
+            elif key in ON_BY_DEFAULT:
+                args.append("--no-" + flag[2:])
             continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)

@@ -134,3 +134,11 @@ def test_stage_runner_stops_the_stage_when_the_caller_is_interrupted(tmp_path):
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # terminated and reaped, not left running
         os.kill(pid, 0)
+
+
+def test_plan_can_turn_the_target_bucket_off(tmp_path):
+    plan = parse_plan(base_plan(train={"target_bucket": False}), out=str(tmp_path))
+    train = next(s for s in stages_of(plan) if s.id == "train:teacher__s")
+    assert "--no-target-bucket" in train.command
+    default = parse_plan(base_plan(), out=str(tmp_path))
+    assert not any("target-bucket" in c for s in stages_of(default) for c in s.command)
