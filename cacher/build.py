@@ -33,6 +33,7 @@ from shared.data import (
     plan_shards,
     sequences_fingerprint,
 )
+from shared.format import MAX_TAIL_SAMPLES
 from shared.writer import BuildHeader, CacheWriter, ShardBuffer
 
 FILTERS = ("gsm8k-answer",)
@@ -62,6 +63,8 @@ class BuildConfig:
     """'score': teacher distributions over the data's tokens; 'generate': the teacher writes the responses."""
     top_k: int = 64
     """Number of most likely next tokens stored per position."""
+    tail_samples: int = 0
+    """Also store M ids drawn from the teacher's distribution outside the top K, with counts (hf engine)."""
     max_length: int = 256
     """Longest sequence in tokens (text is windowed to it; prompt + response are truncated to it)."""
     engine: str = "auto"
@@ -110,6 +113,11 @@ class BuildConfig:
             raise BuildError(f"--engine must be auto, hf or vllm, got {self.engine!r}")
         if self.top_k < 1:
             raise BuildError(f"--top-k must be >= 1, got {self.top_k}")
+        if not 0 <= self.tail_samples <= MAX_TAIL_SAMPLES:
+            raise BuildError(f"--tail-samples must be in [0, {MAX_TAIL_SAMPLES}] (0 = none), got {self.tail_samples}")
+        if self.tail_samples and self.engine == "vllm":
+            raise BuildError("--tail-samples needs the hf engine: vLLM returns only the top log-probs of a prompt, not "
+                             "its full distribution. Pass --engine hf, or drop --tail-samples")
         if self.max_length < 2:
             raise BuildError(f"--max-length must be >= 2, got {self.max_length}")
         if self.shard_tokens < 1 or self.batch_tokens < 1 or self.chunk_rows < 1:
@@ -207,13 +215,16 @@ def model_vocab(path: str, tokenizer) -> int:
 def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
     """Build (or resume, or find) the cache that `config` describes. See the module docstring."""
     started = time.time()
-    engine_name = choose_engine(config.engine)
+    engine_name = "hf" if config.tail_samples and config.engine == "auto" else choose_engine(config.engine)
     dtype = choose_dtype(config.dtype)
     resolved = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(resolved.path)
     vocab_size = model_vocab(resolved.path, tokenizer)
     if config.top_k > vocab_size:
         raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
+    if config.top_k + config.tail_samples > vocab_size:
+        raise BuildError(f"--top-k {config.top_k} + --tail-samples {config.tail_samples} exceeds the teacher's vocabulary "
+                         f"({vocab_size}); a row's K + M ids are distinct, so use at most {vocab_size - config.top_k} tail samples")
     context = model_context(resolved.path)
     if context is not None and config.max_length > context:
         raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
@@ -266,6 +277,7 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
         settings={
             "mode": config.mode, "top_k": config.top_k, "max_length": config.max_length, "template": info.template,
             "shard_tokens": config.shard_tokens, "chunk_rows": config.chunk_rows,
+            **({"tail_samples": config.tail_samples, "tail_seed": config.seed} if config.tail_samples else {}),
             **({"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
                 "num_samples": config.num_samples, "seed": config.seed, "filter": config.filter}
                if config.mode == "generate" else {}),
@@ -363,7 +375,8 @@ def _run_shards(config: BuildConfig, writer: CacheWriter, model_path: str, token
                     buffer.add_sequence(
                         input_ids=seq.input_ids, loss_mask=seq.loss_mask, topk_ids=result["topk_ids"],
                         topk_logprobs=result["topk_logprobs"], target_logprob=result["target_logprob"],
-                        tail_logprob=result["tail_logprob"], **seq.meta(), sample_index=result["sample_index"],
+                        tail_logprob=result["tail_logprob"], tail_ids=result.get("tail_ids"),
+                        tail_counts=result.get("tail_counts"), **seq.meta(), sample_index=result["sample_index"],
                     )
                 if inflight is not None:
                     _wait_for_commit(*inflight, config.out)  # at most one shard waits for the writer: memory stays bounded
@@ -407,11 +420,15 @@ def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engi
                     max_length=config.max_length, prompt_indices=plan[s],  # samples independent of the shard plan
                 )
                 pairs = _kept_samples(config, tokenizer, s, seqs, responses)
+                keys = [(q.source_index, k) for q, k in pairs]  # a prompt is one source row
             else:
                 pairs = [(q, 0) for q in seqs]
+                keys = [(i, 0) for i in plan[s]]
             try:
+                # tail draws are seeded per (sequence, sample) of the whole data set: independent of the plan
                 results = engines.score_hf(teacher, [q.input_ids for q, _ in pairs], top_k=config.top_k,
-                                           batch_tokens=config.batch_tokens, on_batch=tick)
+                                           batch_tokens=config.batch_tokens, on_batch=tick,
+                                           tail_samples=config.tail_samples, tail_seed=config.seed, sample_keys=keys)
             except engines.EngineError as exc:
                 raise engines.EngineError(f"shard {s}: {exc}") from exc
             yield s, [(q, {**r, "sample_index": k}) for (q, k), r in zip(pairs, results)]

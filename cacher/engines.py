@@ -12,6 +12,11 @@ Every result is a dict of numpy arrays for one sequence of T tokens:
   topk_ids (T, K) int64, most likely first; topk_logprobs (T, K) float32; target_logprob (T,) float32
   (NaN on the last row: there is no next token); tail_logprob (T,) float32 = log(1 - sum of the top-K
   probabilities), computed in float64 from float32 log-probs (error ~1e-6 in probability).
+With tail samples (hf engine only; storage_layout.md 3.3) a result also has tail_ids (T, M) int64 and
+tail_counts (T, M) int64: M ids drawn from the teacher's distribution restricted to the tokens outside
+the top K, as the distinct ids with their counts, most drawn first (ties: smaller id first); unused
+slots have count 0 and the smallest ids not otherwise in the row, so each row's K + M ids are distinct. The draws of a sequence come from its own seeded generator, so they do not
+depend on batching, shard plans or workers.
 
 Knows models and torch; nothing about the cache's files (that is shared/'s job).
 """
@@ -112,7 +117,60 @@ def length_sorted_batches(lengths: list[int], batch_tokens: int) -> list[list[in
     return batches
 
 
-def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None):
+def distinct_counts(draws: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(R, M) drawn ids -> the distinct ids (R, M) and their counts (R, M), most drawn first, ties by id.
+
+    Unused slots (a row with fewer than M distinct ids) hold id 0 and count 0 (fill_unused gives them
+    their stored ids).
+    """
+    num_rows, m = draws.shape
+    s = np.sort(draws, axis=1)
+    first = np.ones_like(s, dtype=bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    run = np.cumsum(first, axis=1) - 1  # (R, M) index of each draw's run
+    rows = np.repeat(np.arange(num_rows), m).reshape(num_rows, m)
+    counts = np.zeros((num_rows, m), dtype=np.int64)
+    np.add.at(counts, (rows, run), 1)
+    ids = np.zeros((num_rows, m), dtype=np.int64)
+    ids[rows[first], run[first]] = s[first]
+    key = counts * (vocab_size + 1) + (vocab_size - ids)  # unique per used slot; unused slots sort last
+    key[counts == 0] = -1
+    order = np.argsort(-key, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, 1)
+    counts = np.take_along_axis(counts, order, 1)
+    ids[counts == 0] = 0
+    return ids, counts
+
+
+def fill_unused(tail_ids: np.ndarray, counts: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
+    """Unused tail slots (count 0) get the smallest ids that are neither in the row's top K nor drawn,
+    in increasing order, so that every row's K + M ids are distinct (storage_layout.md 3.3).
+
+    The first K + M ids always hold enough free ones: at most K + (used slots) of them are taken.
+    """
+    num_rows, m = tail_ids.shape
+    width = topk_ids.shape[1] + m
+    taken = np.zeros((num_rows, width), dtype=bool)
+    for ids, keep in ((topk_ids, None), (tail_ids, counts > 0)):
+        hit = ids < width if keep is None else (ids < width) & keep
+        r, c = np.nonzero(hit)
+        taken[r, ids[r, c]] = True
+    free = np.argsort(taken, axis=1, kind="stable")[:, :m]  # free ids first, in increasing order
+    unused = counts == 0
+    slot_of_unused = np.cumsum(unused, axis=1) - 1  # j-th unused slot of its row takes the j-th free id
+    out = tail_ids.copy()
+    r, c = np.nonzero(unused)
+    out[r, c] = free[r, slot_of_unused[r, c]]
+    return out
+
+
+def sample_uniforms(keys: list, lengths: list[int], num_samples: int, seed: int) -> np.ndarray:
+    """(sum(lengths), M) uniforms in [0, 1): sequence i's rows come from a generator seeded (seed, *keys[i])."""
+    parts = [np.random.default_rng([seed, *key]).random((n, num_samples)) for key, n in zip(keys, lengths)]
+    return np.concatenate(parts) if parts else np.zeros((0, num_samples))
+
+
+def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=None):
     """Per-row top-K, target log-prob and tail, in float32 row chunks.
 
     logits: (R, V) any float dtype, or (R, H) hidden states when head = (weight (V, H), bias) is given
@@ -120,10 +178,20 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None):
     next token. Returns numpy (R, K) int64, (R, K) float32, (R,) float32 (NaN where target < 0),
     (R,) float32. The tail is log(1 - sum exp(top-K)) in float64: its error in probability is about
     1e-6, far inside the format's 1e-3.
+
+    uniforms: (R, M) numpy floats in [0, 1), or None. When given, row r also gets M draws from its
+    distribution outside the top K by inverse transform (draw = the first id whose cumulative tail
+    probability exceeds u * tail mass), returned as two more (R, M) int64 arrays of distinct ids
+    and counts (distinct_counts; unused slots filled by fill_unused). A row whose tail mass is 0 in
+    float32 gets no draws (counts 0).
     """
     import torch
 
     num_rows = logits.shape[0]
+    sampled = uniforms is not None
+    if sampled:
+        tail_ids = np.zeros((num_rows, uniforms.shape[1]), dtype=np.int64)
+        tail_counts = np.zeros((num_rows, uniforms.shape[1]), dtype=np.int64)
     ids = np.empty((num_rows, top_k), dtype=np.int64)
     lps = np.empty((num_rows, top_k), dtype=np.float32)
     target_lp = np.full(num_rows, np.nan, dtype=np.float32)
@@ -143,19 +211,52 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None):
         target_lp[start:stop] = torch.where(tgt >= 0, gathered, torch.full_like(gathered, float("nan"))).cpu().numpy()
         mass = torch.exp(topk_lp.double()).sum(-1)
         tail[start:stop] = torch.log1p(-mass.clamp(max=1.0)).float().cpu().numpy()
+        if sampled:
+            tail_ids[start:stop], tail_counts[start:stop] = _draw_tail(x, lse, indices, uniforms[start:stop])
+    if sampled:
+        return ids, lps, target_lp, tail, tail_ids, tail_counts
     return ids, lps, target_lp, tail
 
 
+def _draw_tail(x, lse, top_ids, uniforms: np.ndarray):
+    """M inverse-transform draws per row from softmax(x) with the top-K ids removed; (distinct ids, counts)."""
+    import torch
+
+    p = torch.exp(x - lse)  # (c, V) float32
+    p.scatter_(1, top_ids, 0.0)
+    cdf = torch.cumsum(p, dim=1)  # (c, V), non-decreasing; flat over zeroed ids
+    total = cdf[:, -1:]  # (c, 1) the tail mass
+    u = torch.as_tensor(uniforms, dtype=torch.float64).to(x.device)
+    draws = torch.searchsorted(cdf, (u * total.double()).to(cdf.dtype), right=True)  # (c, M): first cdf > u*total
+    draws.clamp_(max=x.shape[1] - 1)
+    # searchsorted(right=True) never lands on a zero-probability id inside the row; only u*total
+    # rounding up to the total can overshoot, clamped above. Send any such draw to the row's most
+    # likely tail id instead.
+    zero = p.gather(1, draws) <= 0
+    if zero.any():
+        draws = torch.where(zero, p.argmax(dim=1, keepdim=True).expand_as(draws), draws)
+    draws = draws.cpu().numpy()
+    ids, counts = distinct_counts(draws, x.shape[1])
+    empty = (total[:, 0] <= 0).cpu().numpy()
+    ids[empty], counts[empty] = 0, 0
+    return fill_unused(ids, counts, top_ids.cpu().numpy()), counts
+
+
 def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, batch_tokens: int = 8192,
-             on_batch=None) -> list[dict]:
+             on_batch=None, tail_samples: int = 0, tail_seed: int = 0, sample_keys: list | None = None) -> list[dict]:
     """Run the teacher over sequences (lists of token ids); results in input order.
 
     on_batch(num_sequences, num_tokens) is called after each batch (progress bars).
+    tail_samples = M > 0 adds tail_ids / tail_counts (see the module docstring); sequence i's draws are
+    seeded by (tail_seed, *sample_keys[i]) (default key: (i,)), so pass each sequence's place in the
+    whole data set to make them independent of how the sequences are split into calls.
     """
     import torch
 
     if top_k > teacher.vocab_size:
         raise EngineError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    if sample_keys is not None and len(sample_keys) != len(sequences):
+        raise ValueError(f"sample_keys has {len(sample_keys)} entries for {len(sequences)} sequences")
     lengths = [len(s) for s in sequences]
     results: list[dict | None] = [None] * len(sequences)
     # One float32 chunk of log-probs at most ~64 MiB besides the batch's logits.
@@ -181,13 +282,19 @@ def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, bat
                 rows = teacher.model(**kwargs).logits[valid]  # (R, V)
                 head = None
             flat_targets = targets.to(teacher.device)[valid]
-            ids, lps, tlp, tail = topk_rows(rows, top_k, flat_targets, chunk_rows, head)
+            uniforms = None
+            if tail_samples:
+                keys = [tuple(sample_keys[i]) if sample_keys is not None else (i,) for i in batch]
+                uniforms = sample_uniforms(keys, [lengths[i] for i in batch], tail_samples, tail_seed)
+            out = topk_rows(rows, top_k, flat_targets, chunk_rows, head, uniforms)
             del rows
             pos = 0
             for i in batch:
                 n = lengths[i]
-                results[i] = {"topk_ids": ids[pos:pos + n], "topk_logprobs": lps[pos:pos + n],
-                              "target_logprob": tlp[pos:pos + n], "tail_logprob": tail[pos:pos + n]}
+                results[i] = {"topk_ids": out[0][pos:pos + n], "topk_logprobs": out[1][pos:pos + n],
+                              "target_logprob": out[2][pos:pos + n], "tail_logprob": out[3][pos:pos + n]}
+                if tail_samples:
+                    results[i].update(tail_ids=out[4][pos:pos + n], tail_counts=out[5][pos:pos + n])
                 pos += n
             if on_batch is not None:
                 on_batch(len(batch), sum(lengths[i] for i in batch))

@@ -49,6 +49,9 @@ def build(
     response_field: str = typer.Option(None, "--response-field", help="Response field; only response tokens are distilled."),
     mode: str = typer.Option("score", "--mode", help="score | generate"),
     top_k: int = typer.Option(64, "--top-k", help="Most likely next tokens stored per position."),
+    tail_samples: int = typer.Option(
+        0, "--tail-samples", help="Also store M ids drawn from the teacher's distribution outside the top K, with "
+        "their counts (hf engine; docs/losses.md). E.g. --top-k 48 --tail-samples 16."),
     max_length: int = typer.Option(256, "--max-length", help="Longest sequence in tokens (text is windowed to it)."),
     engine: str = typer.Option("auto", "--engine", help="auto | vllm | hf"),
     out: str = typer.Option(None, "--out", help="Output folder or URL (default ./cache/<model name>)."),
@@ -66,7 +69,7 @@ def build(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generate mode: longest response."),
     temperature: float = typer.Option(1.0, "--temperature", help="Generate mode: sampling temperature (0 = greedy)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Generate mode: responses per prompt."),
-    seed: int = typer.Option(0, "--seed", help="Generate mode: sampling seed."),
+    seed: int = typer.Option(0, "--seed", help="Seed of generate mode's sampling and of --tail-samples' draws."),
     filter: str = typer.Option(None, "--filter", help="Generate mode: gsm8k-answer keeps samples with the right final answer."),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Return an identical complete cache (same cache_key) found beside --out."),
 ):
@@ -89,7 +92,7 @@ def build(
     try:
         config = BuildConfig(
             model=model or EMBEDDED_DEFAULT, dataset=dataset or DEFAULT_DATASET, split=split, text_field=text_field,
-            prompt_field=prompt_field, response_field=response_field, mode=mode, top_k=top_k, max_length=max_length,
+            prompt_field=prompt_field, response_field=response_field, mode=mode, top_k=top_k, tail_samples=tail_samples, max_length=max_length,
             engine=engine, out=out, shard_tokens=shard_tokens, worker=worker, num_workers=num_workers, limit=limit,
             dtype=dtype, overwrite=overwrite, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
@@ -144,11 +147,12 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
         ("tokenizer", f"{d['tokenizer'].get('name')} (vocab {d['tokenizer']['vocab_size']})"),
         ("dataset", f"{d['dataset'].get('name')} split={d['dataset'].get('split')} mode={d['settings']['mode']}"),
         ("top_k / max_length", f"{d['settings']['top_k']} / {d['settings']['max_length']}"),
+        ("tail samples per row", str(d["settings"].get("tail_samples", 0))),
         ("shards / sequences / tokens", f"{d['num_shards']} / {d['num_sequences']:,} / {d['num_tokens']:,}"),
         ("loss tokens", f"{d['num_loss_tokens']:,}"),
         ("bytes on disk", human_bytes(d["num_bytes"])),
         ("bytes per token", f"{d['bytes_per_token']:.2f}"),
-        ("bytes per token x K", f"{d['bytes_per_token_k']:.3f}"),
+        ("bytes per token x " + ("(K + M)" if d["settings"].get("tail_samples") else "K"), f"{d['bytes_per_token_k']:.3f}"),
         ("mean top-K mass", f"{d['mean_topk_mass']:.4f}"),
         ("cache_key", d["cache_key"]),
         ("created", f"{d['created_at']} by kdcache {d['tool_version']}"),

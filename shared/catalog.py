@@ -37,7 +37,8 @@ def describe(reader: CacheReader) -> dict:
         "num_loss_tokens": totals["num_loss_tokens"],
         "num_bytes": totals["num_bytes"],
         "bytes_per_token": totals["num_bytes"] / num_tokens if num_tokens else 0.0,
-        "bytes_per_token_k": totals["num_bytes"] / (num_tokens * m.top_k) if num_tokens else 0.0,
+        # per stored entry: K top-K entries plus M tail-sample slots per row
+        "bytes_per_token_k": totals["num_bytes"] / (num_tokens * (m.top_k + m.tail_samples)) if num_tokens else 0.0,
         "mean_topk_mass": totals["mean_topk_mass"],
     }
 

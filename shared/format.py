@@ -58,6 +58,15 @@ ARRAY_NDIM = {
 }
 ROW_ARRAYS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob")
 
+# The `tail_samples` extension (storage_layout.md 3.3): M ids drawn from the teacher's distribution
+# outside the top K, stored as the distinct ids with their counts. Present exactly when
+# settings.tail_samples = M >= 1; the manifest then lists the extension as must_understand.
+TAIL_SAMPLES_EXTENSION = "tail_samples"
+TAIL_ARRAYS = ("tail_ids", "tail_counts")
+COUNT_DTYPE = np.dtype("uint8")
+MAX_TAIL_SAMPLES = int(np.iinfo(COUNT_DTYPE).max)  # a count never exceeds M, and M fits a count
+ARRAY_NDIM.update({"tail_ids": 2, "tail_counts": 2})
+
 # Columns every meta/shard-NNNNN.parquet file MUST have, with their Arrow types.
 META_COLUMNS = {
     "sequence_index": "int64",  # index of the sequence inside its shard
@@ -124,10 +133,30 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def array_dtypes(vocab_size: int) -> dict[str, str]:
+def tail_samples_of(settings: dict) -> int:
+    """settings.tail_samples (0 when absent: a cache without the extension); refuses anything else."""
+    m = settings.get("tail_samples", 0)
+    if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= MAX_TAIL_SAMPLES:
+        raise CacheFormatError(f"settings.tail_samples must be an integer in [0, {MAX_TAIL_SAMPLES}], got {m!r:.40}")
+    return m
+
+
+def row_arrays(tail_samples: int) -> tuple[str, ...]:
+    """The row arrays a shard holds: ROW_ARRAYS, plus TAIL_ARRAYS when tail_samples >= 1."""
+    return ROW_ARRAYS + TAIL_ARRAYS if tail_samples else ROW_ARRAYS
+
+
+def row_width(name: str, top_k: int, tail_samples: int) -> int | None:
+    """Second dimension of a 2-D row array (K for top-K arrays, M for tail arrays); None for 1-D ones."""
+    if ARRAY_NDIM[name] == 1:
+        return None
+    return tail_samples if name in TAIL_ARRAYS else top_k
+
+
+def array_dtypes(vocab_size: int, tail_samples: int = 0) -> dict[str, str]:
     """The dtype of every shard array for a given vocabulary size (recorded in the manifest)."""
     ids = id_dtype(vocab_size).name
-    return {
+    base = {
         "input_ids": ids,
         "offsets": OFFSETS_DTYPE.name,
         "loss_mask": MASK_DTYPE.name,
@@ -136,6 +165,7 @@ def array_dtypes(vocab_size: int) -> dict[str, str]:
         "target_logprob": LOGPROB_DTYPE.name,
         "tail_logprob": LOGPROB_DTYPE.name,
     }
+    return base | {"tail_ids": ids, "tail_counts": COUNT_DTYPE.name} if tail_samples else base
 
 
 def check_object_key(key: str) -> str:

@@ -16,16 +16,17 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from shared.format import (
-    ARRAY_NDIM,
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_SHARD_SEQUENCES,
     SHARD_NAME_RE,
+    TAIL_SAMPLES_EXTENSION,
     CacheFormatError,
     array_dtypes,
     check_object_key,
     meta_path,
     shard_path,
+    tail_samples_of,
 )
 
 MAX_COUNT = 2**48  # any count above this is hostile input, not a real cache
@@ -61,7 +62,7 @@ TOP_LEVEL_KEYS = (
     "totals",
     "extensions",
 )
-KNOWN_EXTENSIONS: set[str] = set()
+KNOWN_EXTENSIONS: set[str] = {TAIL_SAMPLES_EXTENSION}
 
 
 def canonical_json(obj) -> bytes:
@@ -137,6 +138,11 @@ class Manifest:
     @property
     def top_k(self) -> int:
         return int(self.settings["top_k"])
+
+    @property
+    def tail_samples(self) -> int:
+        """M, the tail draws per row (storage_layout.md 3.3); 0 when the cache has no tail samples."""
+        return tail_samples_of(self.settings)
 
     @property
     def vocab_size(self) -> int:
@@ -301,10 +307,15 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         raise CacheFormatError(f"manifest: settings.top_k = {top_k} must be in [1, vocab_size={vocab_size}]")
     if sections["settings"]["mode"] not in ("score", "generate"):
         raise CacheFormatError(f"manifest: settings.mode must be 'score' or 'generate', got {sections['settings']['mode']!r}")
+    tail_samples = tail_samples_of(sections["settings"])
+    if bool(tail_samples) != (TAIL_SAMPLES_EXTENSION in extensions):
+        raise CacheFormatError(
+            f"manifest: settings.tail_samples = {tail_samples} but extensions "
+            f"{'lacks' if tail_samples else 'has'} {TAIL_SAMPLES_EXTENSION!r}; the two go together (storage_layout.md 3.3)")
     arrays = _need(obj, "arrays", (dict,), "manifest")
-    if set(arrays) != set(ARRAY_NDIM):
-        raise CacheFormatError(f"manifest: arrays must describe exactly {sorted(ARRAY_NDIM)}, got {sorted(arrays)}")
-    expected_dtypes = array_dtypes(vocab_size)
+    expected_dtypes = array_dtypes(vocab_size, tail_samples)
+    if set(arrays) != set(expected_dtypes):
+        raise CacheFormatError(f"manifest: arrays must describe exactly {sorted(expected_dtypes)}, got {sorted(arrays)}")
     for name, desc in arrays.items():
         if not isinstance(desc, dict) or not isinstance(desc.get("dtype"), str):
             raise CacheFormatError(f"manifest: arrays.{name} must be an object with a string dtype")

@@ -37,12 +37,15 @@ from shared.format import (
     META_COLUMNS,
     ROW_ARRAYS,
     SHARDS_DIR,
+    TAIL_ARRAYS,
     TARGET_SENTINEL,
     CacheCorruptError,
     CacheError,
     CacheFormatError,
     IncompleteCacheError,
     array_dtypes,
+    row_arrays,
+    row_width,
 )
 from shared.manifest import Manifest, ShardEntry, parse_manifest
 from shared.store import Store, open_store
@@ -251,10 +254,11 @@ class ShardView:
         self.entry = entry
         self.vocab_size = reader.manifest.vocab_size
         where = entry.name
-        dtypes = array_dtypes(reader.manifest.vocab_size)
-        top_k = reader.manifest.top_k
-        shapes = {name: ((entry.num_tokens, top_k) if ARRAY_NDIM[name] == 2 else (entry.num_tokens,))
-                  for name in ROW_ARRAYS}
+        top_k, tail_samples = reader.manifest.top_k, reader.manifest.tail_samples
+        self.tail_samples = tail_samples
+        dtypes = array_dtypes(reader.manifest.vocab_size, tail_samples)
+        shapes = {name: (entry.num_tokens,) + ((row_width(name, top_k, tail_samples),) if ARRAY_NDIM[name] == 2 else ())
+                  for name in row_arrays(tail_samples)}
         shapes["offsets"] = (entry.num_sequences + 1,)
 
         group_meta = self._metadata(reader.store, f"{entry.path}/zarr.json")
@@ -265,7 +269,7 @@ class ShardView:
         if not group_ok:
             raise CacheFormatError(f"{where}: {entry.path}/zarr.json is not Zarr v3 group metadata")
         self._arrays = {}
-        for name in ARRAY_NDIM:
+        for name in dtypes:
             key = f"{entry.path}/{name}/zarr.json"
             chunk_bytes, blosc = check_array_metadata(self._metadata(reader.store, key), key=key, where=where,
                                                       shape=shapes[name], dtype=dtypes[name])
@@ -329,8 +333,11 @@ class ShardView:
             raise IndexError(f"{self.entry.name}: rows [{start}, {stop}) outside [0, {int(self.offsets[-1])})")
         out = {}
         for name in fields:
+            if name not in self._arrays:
+                raise KeyError(f"{self.entry.name} has no array {name!r}" + (
+                    " (the cache was built without --tail-samples)" if name in TAIL_ARRAYS else ""))
             values = self._read(name, slice(start, stop))
-            _check_values(self.entry.name, name, values, start, self.vocab_size)
+            _check_values(self.entry.name, name, values, start, self.vocab_size, self.tail_samples)
             out[name] = values
         return out
 
@@ -352,11 +359,18 @@ class ShardView:
         return out
 
 
-def _check_values(shard: str, name: str, values: np.ndarray, first_row: int, vocab_size: int) -> None:
-    """Refuse ids >= V and NaN / positive log-probs (storage_layout.md 3) in rows just read."""
+def _check_values(shard: str, name: str, values: np.ndarray, first_row: int, vocab_size: int,
+                  tail_samples: int = 0) -> None:
+    """Refuse ids >= V, NaN / positive log-probs (storage_layout.md 3) and counts above M (3.3) in rows just read."""
     if values.size == 0:
         return
-    if name in ("input_ids", "topk_ids"):
+    if name == "tail_counts":
+        bad = values.sum(axis=1, dtype=np.int64) > tail_samples
+        if bad.any():
+            row = first_row + int(np.argmax(bad))
+            raise CacheFormatError(f"{shard}: tail_counts row {row} counts more than the {tail_samples} draws the "
+                                   "manifest says (rebuild the shard)")
+    elif name in ("input_ids", "topk_ids", "tail_ids"):
         top = values.max()
         if top >= vocab_size:
             row = first_row + int(np.argwhere(values >= vocab_size)[0][0])

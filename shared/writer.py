@@ -31,6 +31,7 @@ import numpy as np
 from shared.format import (
     BUILD_FILE,
     COMMIT_FILE,
+    COUNT_DTYPE,
     FORMAT_NAME,
     FORMAT_VERSION,
     LOCKS_DIR,
@@ -42,6 +43,7 @@ from shared.format import (
     META_COLUMNS,
     META_DIR,
     SHARDS_DIR,
+    TAIL_SAMPLES_EXTENSION,
     TARGET_SENTINEL,
     CacheError,
     CacheFormatError,
@@ -52,6 +54,7 @@ from shared.format import (
     meta_path,
     shard_name,
     shard_path,
+    tail_samples_of,
 )
 from shared.manifest import (
     SECTION_KEYS,
@@ -115,6 +118,7 @@ class BuildHeader:
             missing = [k for k in keys if k not in value]
             if missing:
                 raise CacheFormatError(f"build header: {section} is missing {missing}")
+        tail_samples_of(self.settings)
         if self.num_shards < 1:
             raise CacheError(
                 "the data set produced no sequences to cache (0 shards planned); check --dataset, "
@@ -191,9 +195,19 @@ class ShardBuffer:
         "input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob")})
     meta: list[dict] = field(default_factory=list)
 
-    def add_sequence(self, *, input_ids, loss_mask, topk_ids, topk_logprobs, target_logprob, tail_logprob, **meta):
-        """Append one sequence. Row t of every array describes the token at t+1 (see storage_layout.md)."""
+    def add_sequence(self, *, input_ids, loss_mask, topk_ids, topk_logprobs, target_logprob, tail_logprob,
+                     tail_ids=None, tail_counts=None, **meta):
+        """Append one sequence. Row t of every array describes the token at t+1 (see storage_layout.md).
+
+        tail_ids / tail_counts (T, M): the tail samples of storage_layout.md 3.3, for a build with
+        settings.tail_samples = M; every sequence of a shard has them or none does.
+        """
         n = len(input_ids)
+        if (tail_ids is None) != (tail_counts is None):
+            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: tail_ids and tail_counts go together")
+        if self.meta and (tail_ids is not None) != ("tail_ids" in self._rows):
+            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: every sequence of a shard has "
+                                   "tail samples or none does")
         arrays = {
             "input_ids": np.asarray(input_ids),
             "loss_mask": np.asarray(loss_mask, dtype=bool),
@@ -202,6 +216,10 @@ class ShardBuffer:
             "target_logprob": np.asarray(target_logprob, dtype=np.float32),
             "tail_logprob": np.asarray(tail_logprob, dtype=np.float32),
         }
+        if tail_ids is not None:
+            arrays.update(tail_ids=np.asarray(tail_ids), tail_counts=np.asarray(tail_counts))
+            for name in ("tail_ids", "tail_counts"):
+                self._rows.setdefault(name, [])
         for name, arr in arrays.items():
             if arr.shape[:1] != (n,):
                 raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: {name} has {arr.shape[:1]} rows, input_ids has {n}")
@@ -228,9 +246,15 @@ class ShardBuffer:
         return out
 
 
-def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top_k: int, where: str) -> dict[str, np.ndarray]:
+def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top_k: int, where: str,
+                          tail_samples: int = 0) -> dict[str, np.ndarray]:
     """Check every invariant of storage_layout.md and cast to the stored dtypes."""
-    dtypes = array_dtypes(vocab_size)
+    dtypes = array_dtypes(vocab_size, tail_samples)
+    if tail_samples and not {"tail_ids", "tail_counts"} <= set(arrays):
+        raise CacheFormatError(f"{where}: the build stores {tail_samples} tail samples per row (settings.tail_samples) "
+                               "but the shard has no tail_ids / tail_counts")
+    if not tail_samples and {"tail_ids", "tail_counts"} & set(arrays):
+        raise CacheFormatError(f"{where}: the shard has tail samples but the build's settings.tail_samples is 0")
     offsets = np.asarray(arrays["offsets"])
     num_rows = len(arrays["input_ids"])
     if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != num_rows or np.any(np.diff(offsets) < 1):
@@ -288,7 +312,49 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
         raise CacheFormatError(f"{where}: loss_mask is set on the last row of a sequence, which has no next token")
     out["loss_mask"] = mask
     out["offsets"] = offsets.astype(np.int64)
+    if tail_samples:
+        out["tail_ids"], out["tail_counts"] = _validate_tail_samples(
+            arrays["tail_ids"], arrays["tail_counts"], out["topk_ids"], out["tail_logprob"], tail_samples, vocab_size,
+            dtypes["tail_ids"], where)
     return out
+
+
+def _validate_tail_samples(ids, counts, topk_ids, tail_logprob, m: int, vocab_size: int, id_type: str, where: str):
+    """storage_layout.md 3.3: per row, the distinct ids drawn from the tail with their counts, most drawn first.
+
+    Counts sum to M on a row whose tail holds mass, or to 0 (no draw: an empty tail); ids are < V and
+    the row's K top-K ids and M tail ids are all distinct (unused slots, count 0, hold ids not otherwise
+    in the row, so that a consumer can treat the K + M ids as one set of outcomes).
+    """
+    ids, counts = np.asarray(ids), np.asarray(counts)
+    num_rows = len(topk_ids)
+    for name, a in (("tail_ids", ids), ("tail_counts", counts)):
+        if a.shape != (num_rows, m):
+            raise CacheFormatError(f"{where}: {name} has shape {a.shape}, expected ({num_rows}, {m})")
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise CacheFormatError(f"{where}: {name} must hold integers, got {a.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise CacheFormatError(f"{where}: tail_ids holds ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()})")
+    if counts.size and (counts.min() < 0 or counts.max() > m):
+        raise CacheFormatError(f"{where}: tail_counts must be in [0, {m}] (min {counts.min()}, max {counts.max()})")
+    counts = counts.astype(np.int64)
+    totals = counts.sum(1)
+    empty_tail = np.isneginf(tail_logprob.astype(np.float32))
+    bad = ~((totals == m) | (totals == 0)) | (empty_tail & (totals != 0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise CacheFormatError(f"{where}: tail_counts row {row} sums to {int(totals[row])}; it must be {m} (0 when the "
+                               "tail is empty)")
+    if m > 1 and np.any(counts[:, 1:] > counts[:, :-1]):
+        raise CacheFormatError(f"{where}: tail_counts row {int(np.argwhere(counts[:, 1:] > counts[:, :-1])[0][0])} is "
+                               "not sorted most drawn first")
+    both = np.concatenate([topk_ids.astype(np.int64), ids.astype(np.int64)], axis=1)  # (T, K + M)
+    both.sort(axis=1)
+    dup = (both[:, 1:] == both[:, :-1]).any(1)
+    if dup.any():
+        raise CacheFormatError(f"{where}: tail_ids row {int(np.argmax(dup))} repeats an id or holds one of the row's "
+                               "top-K ids; a row's K + M ids must be distinct (unused slots too)")
+    return ids.astype(id_type), counts.astype(COUNT_DTYPE)
 
 
 def encode_zarr_group(arrays: dict[str, np.ndarray], chunk_rows: int) -> dict[str, bytes]:
@@ -357,7 +423,8 @@ class CacheWriter:
         if not (num_workers >= 1 and 0 <= worker < num_workers):
             raise CacheError(f"--worker {worker} must be in [0, --num-workers {num_workers})")
         top_k, vocab_size = header.settings["top_k"], header.tokenizer["vocab_size"]
-        chunk_bytes = chunk_rows * top_k * max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
+        width = max(top_k, tail_samples_of(header.settings))
+        chunk_bytes = chunk_rows * width * max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
         if chunk_rows < 1 or chunk_bytes > MAX_CHUNK_BYTES:
             raise CacheError(
                 f"--chunk-rows {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse chunks "
@@ -562,7 +629,8 @@ class CacheWriter:
             raise CacheError(f"{where} holds {buffer.num_sequences:,} sequences; a shard holds at most "
                              f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller --shard-tokens")
         arrays = validate_shard_arrays(
-            buffer.arrays(), vocab_size=self.header.tokenizer["vocab_size"], top_k=self.header.settings["top_k"], where=where
+            buffer.arrays(), vocab_size=self.header.tokenizer["vocab_size"], top_k=self.header.settings["top_k"], where=where,
+            tail_samples=tail_samples_of(self.header.settings),
         )
         objects = {f"{shard_path(index)}/{k}": v for k, v in encode_zarr_group(arrays, self.chunk_rows).items()}
         objects[meta_path(index)] = encode_meta(buffer.meta, arrays["offsets"])
@@ -651,9 +719,9 @@ def read_commits(store: Store, num_shards: int, cache_key: str | None) -> tuple[
     return entries, missing
 
 
-def array_descriptions(vocab_size: int) -> dict:
+def array_descriptions(vocab_size: int, tail_samples: int = 0) -> dict:
     """manifest.arrays: each array's dtype, and how topk_logprobs were rounded."""
-    out = {name: {"dtype": dtype} for name, dtype in array_dtypes(vocab_size).items()}
+    out = {name: {"dtype": dtype} for name, dtype in array_dtypes(vocab_size, tail_samples).items()}
     out["topk_logprobs"]["rounding"] = {"exact_ranks": EXACT_RANKS, "mantissa_bits": TRIMMED_MANTISSA_BITS}
     return out
 
@@ -686,10 +754,10 @@ def finalize_cache(store: Store | str, header: BuildHeader | None = None) -> Man
         tokenizer=header.tokenizer,
         dataset=header.dataset,
         settings=header.settings,
-        arrays=array_descriptions(header.tokenizer["vocab_size"]),
+        arrays=array_descriptions(header.tokenizer["vocab_size"], tail_samples_of(header.settings)),
         shards=entries,
         totals=make_totals(entries),
-        extensions={},
+        extensions={TAIL_SAMPLES_EXTENSION: {"must_understand": True}} if tail_samples_of(header.settings) else {},
     )
     data = manifest.dumps()
     parse_manifest(data)  # never write a manifest this reader would refuse
