@@ -69,6 +69,9 @@ def run(
     skew: float = typer.Option(0.1, "--skew", help="Skew of skl/srkl."),
     target_bucket: bool = typer.Option(True, "--target-bucket/--no-target-bucket",
                                        help="The real next token gets its own bucket when outside the top K."),
+    tail_samples: bool = typer.Option(True, "--tail-samples/--no-tail-samples",
+                                      help="With --loss fkl, use the cache's tail samples (built with kdcache build "
+                                      "--tail-samples) in place of the rest bucket."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs over the data)."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data when --steps is not given."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
@@ -106,7 +109,7 @@ def run(
         config = TrainConfig(
             out=out, cache=cache, student=student, student_from_teacher=student_from_teacher, keep_layers=keep_layers,
             student_config=student_config, teacher=teacher, loss=loss, alpha=alpha, temperature=temperature, beta=beta,
-            skew=skew, target_bucket=target_bucket, steps=steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+            skew=skew, target_bucket=target_bucket, tail_samples=tail_samples, steps=steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
             batch_tokens=batch_tokens, grad_accum=grad_accum, clip=clip, bf16=bf16, seed=seed, eval_every=eval_every,
             eval_fraction=eval_fraction, log_every=log_every, save_every=save_every, resume=resume, overwrite=overwrite,
             dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,

@@ -45,14 +45,14 @@ PLAN_KEYS = {
     "out": "output folder (default runs/<name>)",
 }
 DATA_KEYS = {"dataset", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"}
-CACHE_KEYS = {"top_k", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
+CACHE_KEYS = {"top_k", "tail_samples", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
               "temperature", "num_samples", "seed", "filter", "tensor_parallel_size", "gpu_memory_utilization",
               "trust_remote_code"}
 TRAIN_KEYS = {"loss", "alpha", "temperature", "steps", "epochs", "lr", "batch_tokens", "seed", "eval_every",
               "warmup_steps", "weight_decay", "grad_accum", "clip", "bf16", "beta", "skew", "save_every", "log_every",
-              "eval_fraction", "target_bucket"}
+              "eval_fraction", "target_bucket", "tail_samples"}
 # Boolean train settings whose kdtrain flag defaults to on: false in a plan passes --no-<flag>.
-ON_BY_DEFAULT = {"target_bucket"}
+ON_BY_DEFAULT = {"target_bucket", "tail_samples"}
 EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "response_field", "input_field", "limit",
              "max_length", "max_prompt_length", "greedy", "seeds", "batch_size"}
 STUDENT_KEYS = {"keep_layers", "model", "config"}

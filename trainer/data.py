@@ -217,11 +217,16 @@ class BlockCache:
 
 
 def cache_source(reader: CacheReader, index: CacheIndex, positions: list[int], *, has_teacher: bool,
-                 window_blocks: int = 4) -> Source:
-    """A source over some sequences of a cache; reads go block by block through a BlockCache."""
+                 window_blocks: int = 4, tail_samples: bool = False) -> Source:
+    """A source over some sequences of a cache; reads go block by block through a BlockCache.
+
+    tail_samples: also read the cache's tail_ids / tail_counts (a cache built with --tail-samples).
+    """
     positions = np.asarray(positions, dtype=np.int64)
     fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob", "target_logprob") if has_teacher else (
         "input_ids", "loss_mask")
+    if has_teacher and tail_samples:
+        fields += ("tail_ids", "tail_counts")
     # the row span of every block: from its first sequence's start to its last sequence's end
     span: dict[int, tuple[int, int, int]] = {}
     for b, s, start, n in zip(index.blocks, index.shard_of, index.row_starts, index.lengths):
@@ -269,7 +274,9 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict:
     input_ids, attention_mask: (B, L) int64. target_ids: (B, L) int64, token t+1, IGNORE where none.
     loss_mask: (B, L) bool. With a teacher: topk_ids (B, L, K) int64, topk_logprobs (B, L, K) float32,
     tail_logprob (B, L) float32, target_logprob (B, L) float32 (the teacher's log-prob of target_ids; +1.0,
-    "unknown", on padding, on last rows and where a sequence dict lacks it). num_tokens: real (unpadded) tokens.
+    "unknown", on padding, on last rows and where a sequence dict lacks it); when the sequences carry tail
+    samples also tail_ids (B, L, M) int64 and tail_counts (B, L, M) float32 (0 on padding).
+    num_tokens: real (unpadded) tokens.
     """
     width = max(len(s["input_ids"]) for s in seqs)
     num = len(seqs)
@@ -284,6 +291,10 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict:
         out["topk_logprobs"] = torch.zeros((num, width, top_k), dtype=torch.float32)
         out["tail_logprob"] = torch.full((num, width), float("-inf"), dtype=torch.float32)
         out["target_logprob"] = torch.full((num, width), TARGET_UNKNOWN, dtype=torch.float32)
+        if "tail_ids" in seqs[0]:
+            num_samples = seqs[0]["tail_ids"].shape[1]
+            out["tail_ids"] = torch.zeros((num, width, num_samples), dtype=torch.long)
+            out["tail_counts"] = torch.zeros((num, width, num_samples), dtype=torch.float32)
     for r, s in enumerate(seqs):
         ids = torch.as_tensor(np.asarray(s["input_ids"], dtype=np.int64))
         n = len(ids)
@@ -297,6 +308,9 @@ def collate(seqs: list[dict], has_teacher: bool) -> dict:
             out["tail_logprob"][r, :n] = torch.as_tensor(s["tail_logprob"].astype(np.float32))
             if "target_logprob" in s:
                 out["target_logprob"][r, : n - 1] = torch.as_tensor(s["target_logprob"][: n - 1].astype(np.float32))
+            if "tail_ids" in out:
+                out["tail_ids"][r, :n] = torch.as_tensor(s["tail_ids"].astype(np.int64))
+                out["tail_counts"][r, :n] = torch.as_tensor(s["tail_counts"].astype(np.float32))
     out["num_tokens"] = int(attention.sum())
     out["num_loss_tokens"] = int(mask.sum())
     return out

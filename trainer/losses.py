@@ -454,6 +454,43 @@ def sparse_kd_loss(
     return total, stats
 
 
+def tail_sample_targets(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    tail_ids: torch.Tensor,
+    tail_counts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K exact top-K entries plus M importance-weighted tail draws, as one sparse target.
+
+    topk_ids (N, K) int, topk_logprobs (N, K) float, tail_logprob (N,) float: as in sparse_kd_loss.
+    tail_ids (N, M) int, tail_counts (N, M) int/float: the cache's tail samples (storage_layout.md 3.3):
+        M draws from the teacher's distribution outside the top K, as distinct ids with counts; a row's
+        K + M ids are distinct; a row without draws has counts 0.
+    Returns ids (N, K + M) int64, logprobs (N, K + M) and rest (N,) (float32, or float64 when
+    topk_logprobs is float64) for sparse_kd_loss:
+    a drawn id j gets log(tail mass * count_j / drawn), unused slots -inf; a row with draws has an empty
+    rest bucket (-inf), a row without draws keeps tail_logprob as its rest bucket.
+
+    Since E[count_j / M] = p_j / tail mass, each drawn id's weight is an unbiased estimate of the teacher's
+    p_j, and forward KL's gradient (student softmax - teacher weights) is linear in the weights: its
+    expectation over the draws is the dense forward KL's gradient (tested). For the other divergences it
+    is not, which is why the trainer uses tail samples with loss="fkl" only (docs/losses.md).
+    """
+    if tail_ids.shape != tail_counts.shape or tail_ids.dim() != 2 or tail_ids.shape[0] != topk_ids.shape[0]:
+        raise ValueError(f"tail_ids {tuple(tail_ids.shape)} and tail_counts {tuple(tail_counts.shape)} must both be "
+                         f"(N, M) with N = {topk_ids.shape[0]} rows like topk_ids")
+    dtype = torch.promote_types(topk_logprobs.dtype, torch.float32)
+    counts = tail_counts.to(dtype)  # (N, M)
+    drawn = counts.sum(-1, keepdim=True)  # (N, 1) M, or 0 on rows without draws
+    tail = tail_logprob.to(dtype)  # (N,)
+    slot_logprobs = tail.unsqueeze(1) + torch.log(counts) - torch.log(drawn.clamp(min=1.0))  # (N, M); log 0 = -inf
+    rest = torch.where(drawn.squeeze(1) > 0, torch.full_like(tail, -math.inf), tail)  # (N,)
+    ids = torch.cat([topk_ids.long(), tail_ids.long()], dim=1)  # (N, K + M)
+    logprobs = torch.cat([topk_logprobs.to(dtype), slot_logprobs], dim=1)  # (N, K + M)
+    return ids, logprobs, rest
+
+
 # ----------------------------------------------------------------------------------------------------
 # Dense references (plain autograd)
 

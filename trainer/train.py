@@ -50,6 +50,7 @@ from trainer.losses import (
     divergence,
     sparse_kd_loss,
     student_bucket_logprobs,
+    tail_sample_targets,
     teacher_bucket_logprobs,
 )
 from trainer.metrics import MetricsLog
@@ -96,7 +97,10 @@ class TrainConfig:
     """Skew of skl / srkl (DistiLLM), in [0, 1)."""
     target_bucket: bool = True
     """Give the actual next token its own bucket where it is outside the teacher's top K (K + 2 outcomes;
-    uses the cache's target_logprob; docs/losses.md). Off: K + 1 buckets."""
+    uses the cache's target_logprob; docs/losses.md). Off: K + 1 buckets. Not used with tail samples."""
+    tail_samples: bool = True
+    """Use the cache's tail samples (a cache built with --tail-samples) with loss fkl: the K top-K entries plus
+    M importance-weighted draws from the tail replace the rest bucket (docs/losses.md). Ignored otherwise."""
     steps: int | None = None
     """Optimizer steps (default: --epochs over the training sequences)."""
     epochs: float = 1.0
@@ -302,10 +306,25 @@ def _loss(model, batch: dict, config: TrainConfig, has_teacher: bool) -> tuple[t
     if not has_teacher:
         ce = cross_entropy_loss(flat_logits, targets, mask)
         return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
-    return sparse_kd_loss(flat_logits, _flat(batch, "topk_ids"), _flat(batch, "topk_logprobs"),
-                          _flat(batch, "tail_logprob"), targets, mask, loss=config.loss, alpha=config.alpha,
-                          temperature=config.temperature, beta=config.beta, skew=config.skew,
-                          target_logprob=_flat(batch, "target_logprob") if config.target_bucket else None)
+    return _sparse_loss(flat_logits, {k: _flat(batch, k) for k in batch if k in TEACHER_FIELDS}, targets, mask, config)
+
+
+TEACHER_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprob", "tail_ids", "tail_counts")
+
+
+def _sparse_loss(rows: torch.Tensor, teacher: dict, targets: torch.Tensor, mask: torch.Tensor, config: TrainConfig):
+    """sparse_kd_loss on (N, V) logits and the teacher's (N, ...) fields, as the config asks.
+
+    With tail samples in `teacher` (present only for loss fkl, see _split_data): K + M outcomes with an
+    empty rest bucket and no target bucket; else K + 2 (target bucket) or K + 1 outcomes.
+    """
+    ids, top_lp, tail = teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"]
+    target_lp = teacher["target_logprob"] if config.target_bucket else None
+    if "tail_ids" in teacher:
+        ids, top_lp, tail = tail_sample_targets(ids, top_lp, tail, teacher["tail_ids"], teacher["tail_counts"])
+        target_lp = None
+    return sparse_kd_loss(rows, ids, top_lp, tail, targets, mask, loss=config.loss, alpha=config.alpha,
+                          temperature=config.temperature, beta=config.beta, skew=config.skew, target_logprob=target_lp)
 
 
 @torch.no_grad()
@@ -337,10 +356,8 @@ def evaluate_heldout(model, batches: list[dict], config: TrainConfig, has_teache
             s_lp = student_bucket_logprobs(rows, ids)  # (M, K+1)
             kl_sum += float(divergence(t_lp, s_lp, "fkl").sum())
             agree += int((rows.argmax(-1) == ids[:, 0]).sum())
-            objective, _ = sparse_kd_loss(rows, ids, top_lp, tail, targets, torch.ones_like(targets, dtype=torch.bool),
-                                          loss=config.loss, alpha=config.alpha, temperature=config.temperature,
-                                          beta=config.beta, skew=config.skew,
-                                          target_logprob=batch["target_logprob"][mask] if config.target_bucket else None)
+            objective, _ = _sparse_loss(rows, {k: batch[k][mask] for k in batch if k in TEACHER_FIELDS}, targets,
+                                        torch.ones_like(targets, dtype=torch.bool), config)
             loss_sum += float(objective) * num
         else:
             loss_sum += ce
@@ -363,11 +380,13 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
             raise TrainError(f"cannot train from {config.cache}: {exc}") from exc
         held = heldout_mask(index.hashes, config.eval_fraction)
         has_teacher = config.loss != "ce"
+        tail = bool(reader.manifest.tail_samples and config.tail_samples and config.loss == "fkl")
         train_src = cache_source(reader, index, np.flatnonzero(~held).tolist(), has_teacher=has_teacher,
-                                 window_blocks=SHUFFLE_WINDOW_BLOCKS)
+                                 window_blocks=SHUFFLE_WINDOW_BLOCKS, tail_samples=tail)
         eval_src = cache_source(reader, index, np.flatnonzero(held)[: config.eval_max_sequences].tolist(),
-                                has_teacher=has_teacher)
-        info = {"num_sequences": len(index), "num_heldout": int(held.sum())}
+                                has_teacher=has_teacher, tail_samples=tail)
+        info = {"num_sequences": len(index), "num_heldout": int(held.sum()),
+                "teacher_outcomes": _outcomes_note(config, reader.manifest.top_k, reader.manifest.tail_samples, tail)}
     else:
         from shared.data import load_sequences
 
@@ -384,6 +403,21 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
         raise TrainError(f"no training sequences left after holding out {info['num_heldout']} of {info['num_sequences']} "
                          "for evaluation; use more data or a smaller --eval-fraction")
     return train_src, eval_src, info
+
+
+def _outcomes_note(config: TrainConfig, top_k: int, tail_samples: int, used: bool) -> str:
+    """One line on what the KD loss compares (logged at start, kept in run.json)."""
+    if config.loss == "ce":
+        return "cross-entropy only"
+    if used:
+        return f"top-{top_k} + {tail_samples} importance-weighted tail samples (forward KL)"
+    why = ""
+    if tail_samples and config.tail_samples:
+        why = f"; the cache's {tail_samples} tail samples are unused: they estimate forward KL only (--loss fkl)"
+    elif tail_samples:
+        why = f"; the cache's {tail_samples} tail samples are unused (--no-tail-samples)"
+    buckets = f"top-{top_k} + rest bucket" + (" + target bucket" if config.target_bucket else "")
+    return buckets + why
 
 
 def _check_resume_state(state: dict, data_state: dict, path: str) -> None:
@@ -429,6 +463,8 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
             raise TrainError(str(exc)) from exc
     train_src, eval_src, data_info = _split_data(config, reader, tokenizer)
     has_teacher = train_src.has_teacher
+    if "teacher_outcomes" in data_info:
+        log(f"teacher targets: {data_info['teacher_outcomes']}")
     eval_batches = [collate(eval_src.read(list(range(a, b))), has_teacher)
                     for a, b in pack_batches(eval_src.lengths, config.batch_tokens)]
     data_state = {"seed": config.seed, "batch_tokens": config.batch_tokens, "eval_fraction": config.eval_fraction,

@@ -24,3 +24,10 @@ def trained_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def trained_cache(tmp_path_factory, trained_teacher_dir):
     return write_teacher_cache(str(tmp_path_factory.mktemp("cache") / "trained"), trained_teacher_dir)
+
+
+@pytest.fixture(scope="session")
+def tail_cache(tmp_path_factory, trained_teacher_dir):
+    """trained_cache's teacher with top-8 and 8 tail samples per row (kdcache build --top-k 8 --tail-samples 8)."""
+    return write_teacher_cache(str(tmp_path_factory.mktemp("cache") / "tail"), trained_teacher_dir, num_sequences=60,
+                               top_k=8, tail_samples=8)

@@ -61,9 +61,28 @@ def train_tiny_teacher(out_dir: Path, tokenizer_dir: Path, *, seed: int = 1, ste
     return out_dir
 
 
+def draw_tail(logp: torch.Tensor, top_ids: torch.Tensor, num_samples: int, generator: torch.Generator):
+    """storage_layout.md 3.3 by hand: num_samples draws per row outside the top K, as distinct ids with
+    counts (most drawn first, ties by id), unused slots holding the smallest ids not otherwise in the row."""
+    p = logp.double().exp()
+    p.scatter_(1, top_ids, 0.0)
+    draws = torch.multinomial(p, num_samples, replacement=True, generator=generator).numpy()  # (T, M)
+    ids = np.zeros(draws.shape, dtype=np.int64)
+    counts = np.zeros(draws.shape, dtype=np.int64)
+    for r, row in enumerate(draws):
+        uniq, cnt = np.unique(row, return_counts=True)
+        order = np.lexsort((uniq, -cnt))
+        used = len(uniq)
+        ids[r, :used], counts[r, :used] = uniq[order], cnt[order]
+        taken = set(top_ids[r].tolist()) | set(uniq.tolist())
+        ids[r, used:] = [i for i in range(p.shape[1]) if i not in taken][: num_samples - used]
+    return ids, counts
+
+
 @torch.no_grad()
-def teacher_rows(model, input_ids: np.ndarray, top_k: int) -> dict:
-    """The cache arrays of one sequence from a direct forward pass."""
+def teacher_rows(model, input_ids: np.ndarray, top_k: int, tail_samples: int = 0,
+                 generator: torch.Generator | None = None) -> dict:
+    """The cache arrays of one sequence from a direct forward pass (plus tail samples if asked)."""
     ids = torch.as_tensor(input_ids)[None]  # (1, T)
     logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)  # (T, V)
     top_lp, top_ids = torch.topk(logp, top_k, dim=-1)  # (T, K)
@@ -73,12 +92,15 @@ def teacher_rows(model, input_ids: np.ndarray, top_k: int) -> dict:
     target[:-1] = logp[torch.arange(len(input_ids) - 1), ids[0, 1:]].double()
     loss_mask = np.ones(len(input_ids), dtype=bool)
     loss_mask[-1] = False
-    return {"topk_ids": top_ids.numpy(), "topk_logprobs": top_lp.numpy(), "tail_logprob": tail.numpy(),
-            "target_logprob": target.numpy(), "loss_mask": loss_mask}
+    out = {"topk_ids": top_ids.numpy(), "topk_logprobs": top_lp.numpy(), "tail_logprob": tail.numpy(),
+           "target_logprob": target.numpy(), "loss_mask": loss_mask}
+    if tail_samples:
+        out["tail_ids"], out["tail_counts"] = draw_tail(logp, top_ids, tail_samples, generator)
+    return out
 
 
 def write_teacher_cache(url: str, teacher_dir: Path, *, num_sequences: int = 120, max_length: int = 64,
-                        top_k: int = 16, shard_tokens: int = 2000, chunk_rows: int = 512) -> str:
+                        top_k: int = 16, shard_tokens: int = 2000, chunk_rows: int = 512, tail_samples: int = 0) -> str:
     """Run the teacher over Shakespeare windows and write a complete cache at url; returns url."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,15 +123,17 @@ def write_teacher_cache(url: str, teacher_dir: Path, *, num_sequences: int = 120
         tokenizer={"name": Path(teacher_dir).name, "vocab_size": model.config.vocab_size,
                    "vocab_sha256": vocab_fingerprint(tokenizer)},
         dataset={"name": "tinyshakespeare-paragraphs", "fingerprint": fingerprint, "num_sequences": len(sequences)},
-        settings={"mode": "score", "top_k": top_k, "max_length": max_length, "chunk_rows": chunk_rows},
+        settings={"mode": "score", "top_k": top_k, "max_length": max_length, "chunk_rows": chunk_rows,
+                  **({"tail_samples": tail_samples} if tail_samples else {})},
         num_shards=len(shards),
     )
+    generator = torch.Generator().manual_seed(0)
     with CacheWriter(url, header, chunk_rows=chunk_rows) as writer:
         for s in writer.pending_shards():
             with writer.shard(s) as buf:
                 for i in shards[s]:
                     seq = sequences[i]
-                    buf.add_sequence(input_ids=seq["input_ids"], **teacher_rows(model, seq["input_ids"], top_k),
+                    buf.add_sequence(input_ids=seq["input_ids"], **teacher_rows(model, seq["input_ids"], top_k, tail_samples, generator),
                                      source_index=seq["source_index"], window_index=seq["window_index"],
                                      text_sha256=seq["text_sha256"])
         writer.finalize()

@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from shared.reader import CacheReader
 from trainer.data import (
@@ -86,6 +87,23 @@ def test_collate_target_logprob_rows_follow_the_targets():
     assert b["target_ids"].tolist() == [[6, 7, -100], [2, -100, -100]]
     no_target = collate([{k: v for k, v in seq([5, 6, 7], [-0.5, -1.5, 1.0]).items() if k != "target_logprob"}], True)
     assert no_target["target_logprob"].tolist() == [[1.0, 1.0, 1.0]]  # unknown: K + 1 buckets
+
+
+def test_collate_and_cache_source_carry_tail_samples(tail_cache):
+    reader = CacheReader(tail_cache)
+    index = cache_index(reader)
+    src = cache_source(reader, index, [0, 1, 2], has_teacher=True, tail_samples=True)
+    seqs = src.read([0, 1, 2])
+    assert {"tail_ids", "tail_counts"} <= set(seqs[0])
+    b = collate(seqs, has_teacher=True)
+    width = max(len(s["input_ids"]) for s in seqs)
+    assert b["tail_ids"].shape == (3, width, 8) and b["tail_counts"].dtype == torch.float32
+    for r, s in enumerate(seqs):
+        n = len(s["input_ids"])
+        assert b["tail_ids"][r, :n].tolist() == s["tail_ids"].astype(np.int64).tolist()
+        assert (b["tail_counts"][r, :n].sum(-1) == 8).all() and (b["tail_counts"][r, n:] == 0).all()
+    plain = cache_source(reader, index, [0], has_teacher=True).read([0])[0]
+    assert "tail_ids" not in plain and "tail_ids" not in collate([plain], True)
 
 
 def test_heldout_rule_fraction_and_guards():

@@ -18,6 +18,7 @@ from trainer.losses import (
     divergence,
     sparse_kd_loss,
     student_bucket_logprobs,
+    tail_sample_targets,
     teacher_bucket_logprobs,
 )
 
@@ -530,3 +531,78 @@ def test_target_bucket_certain_student_float32_matches_float64(loss, gap):
     assert_finite(fused, fused_grad)
     torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tail samples (storage_layout.md 3.3): top-K plus importance-weighted draws from the tail
+
+
+def _one_draw_targets(batch, choice):
+    """Every row's tail sample is its choice[n]-th tail id (M = 1, count 1): the union target."""
+    vocab = batch["student_logits"].shape[1]
+    in_top = torch.zeros_like(batch["student_logits"], dtype=torch.bool).scatter_(1, batch["topk_ids"], True)
+    tail_ids = torch.stack([(~row).nonzero().squeeze(1) for row in in_top])  # (N, V - K), ascending
+    drawn = tail_ids.gather(1, choice.unsqueeze(1))  # (N, 1)
+    return tail_ids, tail_sample_targets(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], drawn,
+                                         torch.ones_like(drawn)), vocab
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_tail_samples_expected_gradient_is_the_dense_gradient(alpha):
+    """E over the draw of the sparse forward-KL gradient equals the dense forward-KL gradient, exactly.
+
+    With M = 1, row n draws tail id j with probability p_j / tail mass; summing the gradients of every
+    outcome with those weights must give dense_kd_loss's gradient (float64).
+    """
+    batch = make_batch(num_tokens=9, vocab=17, num_topk=5)
+    logits = batch["student_logits"].detach().requires_grad_()
+    dense, _ = dense_kd_loss(logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], alpha=alpha)
+    (dense_grad,) = torch.autograd.grad(dense, logits)
+
+    teacher_p = batch["teacher_logits"].softmax(-1)
+    expected_grad = torch.zeros_like(dense_grad)
+    for c in range(17 - 5):
+        choice = torch.full((9,), c, dtype=torch.long)
+        tail_ids, (ids, lps, rest), _ = _one_draw_targets(batch, choice)
+        assert torch.isneginf(rest).all()  # every row has a draw: no rest bucket
+        loss, _ = sparse_kd_loss(logits, ids, lps, rest, batch["target_ids"], batch["loss_mask"], alpha=alpha)
+        (grad,) = torch.autograd.grad(loss, logits)
+        weight = teacher_p.gather(1, tail_ids[:, c:c + 1]) / batch["tail_logprob"].exp().unsqueeze(1)  # (N, 1)
+        expected_grad += weight * grad
+    torch.testing.assert_close(expected_grad, dense_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_tail_sample_targets_values():
+    ids = torch.tensor([[3, 1], [0, 2]])
+    lps = torch.log(torch.tensor([[0.5, 0.3], [0.6, 0.1]], dtype=torch.float64))
+    tail = torch.log(torch.tensor([0.2, 0.3], dtype=torch.float64))
+    tail_ids = torch.tensor([[4, 0, 2], [1, 3, 4]])
+    counts = torch.tensor([[3, 1, 0], [0, 0, 0]], dtype=torch.uint8)  # row 1: no draws
+    u_ids, u_lps, rest = tail_sample_targets(ids, lps, tail, tail_ids, counts)
+    assert u_ids.tolist() == [[3, 1, 4, 0, 2], [0, 2, 1, 3, 4]]
+    probs = u_lps.exp()
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(probs[1], torch.tensor([0.6, 0.1, 0.0, 0.0, 0.0], dtype=torch.float64))
+    assert rest[0] == -math.inf and rest[1] == pytest.approx(math.log(0.3))
+    with pytest.raises(ValueError, match="must both be \\(N, M\\)"):
+        tail_sample_targets(ids, lps, tail, tail_ids, counts[:, :2])
+
+
+def test_tail_samples_in_the_fused_loss_match_a_dense_reference():
+    """The union target through the fused loss equals plain cross-entropy against the sparse weights."""
+    batch = make_batch(num_tokens=11, vocab=17, num_topk=4)
+    gen = torch.Generator().manual_seed(3)
+    choice = torch.randint(0, 13, (11,), generator=gen)
+    _, (ids, lps, rest), vocab = _one_draw_targets(batch, choice)
+    logits = batch["student_logits"].detach().requires_grad_()
+    loss, _ = sparse_kd_loss(logits, ids, lps, rest, batch["target_ids"], batch["loss_mask"], chunk_tokens=3)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    ref_logits = batch["student_logits"].detach().requires_grad_()
+    mask = batch["loss_mask"]
+    q = torch.zeros(11, vocab, dtype=torch.float64).scatter_(1, ids, lps.double().exp())  # the sparse target
+    log_s = ref_logits.log_softmax(-1)
+    ref = (q * (torch.log(q.clamp(min=1e-300)) - log_s)).sum(-1)[mask].mean()  # KL(q || student)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)

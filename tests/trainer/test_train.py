@@ -163,3 +163,20 @@ def test_target_bucket_reads_the_caches_target_logprob(trained_cache, tiny_gpt2_
                           target_bucket=flag), log=quiet)
         first[flag] = next(m for m in read_metrics(out) if "loss" in m)["loss"]
     assert first[True] != pytest.approx(first[False], rel=1e-6)
+
+
+def test_tail_samples_reach_the_loss(tail_cache, trained_teacher_dir, tmp_path):
+    """A cache with tail samples: fkl trains on top-K + draws (its first loss differs from
+    --no-tail-samples'), run.json says which targets were used, other losses fall back with a note."""
+    first, notes = {}, {}
+    for name, kwargs in {"tail": {}, "no-tail": {"tail_samples": False}, "rkl": {"loss": "rkl"}}.items():
+        out = str(tmp_path / name)
+        train(TrainConfig(out=out, cache=tail_cache, student=str(trained_teacher_dir), steps=2, batch_tokens=512,
+                          eval_every=2, **kwargs), log=quiet)
+        first[name] = next(m for m in read_metrics(out) if "loss" in m)["loss"]
+        notes[name] = read_run(out)["teacher_outcomes"]
+    assert notes["tail"] == "top-8 + 8 importance-weighted tail samples (forward KL)"
+    assert "unused (--no-tail-samples)" in notes["no-tail"]
+    assert "they estimate forward KL only" in notes["rkl"]
+    assert first["tail"] != pytest.approx(first["no-tail"], rel=1e-6)
+    assert all(m == m for m in first.values())  # finite, not NaN
