@@ -100,6 +100,22 @@ def rs_storage(teacher, seqs, num_samples: int) -> dict:
     return {"bytes": size, "rows": num_rows, "mean_distinct_ids": float((counts > 0).sum(1).mean())}
 
 
+def tail_storage(teacher, seqs, top_k: int, num_samples: int) -> dict:
+    """Bytes of a shard of top-K + M tail samples (kdcache build --top-k K --tail-samples M), as written."""
+    import shared.writer as W
+    from cacher.engines import score_hf
+
+    results = score_hf(teacher, seqs, top_k=top_k, tail_samples=num_samples, tail_seed=0,
+                       sample_keys=[(i, 0) for i in range(len(seqs))])
+    arrays = raw_rows(seqs, results, top_k)
+    arrays.update(tail_ids=np.concatenate([r["tail_ids"] for r in results]),
+                  tail_counts=np.concatenate([r["tail_counts"] for r in results]))
+    stored = W.validate_shard_arrays(arrays, vocab_size=teacher.vocab_size, top_k=top_k, where="bench",
+                                     tail_samples=num_samples)
+    size = sum(len(b) for b in W.encode_zarr_group(stored, W.DEFAULT_CHUNK_ROWS).values())
+    return {"bytes": size, "mean_distinct_ids": float((stored["tail_counts"] > 0).sum(1).mean())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -107,6 +123,7 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--rs-tokens", type=int, default=4096, help="tokens for the RS-KD rows (0: skip)")
     ap.add_argument("--rs-samples", default="16,64")
+    ap.add_argument("--tail", default="48+16", help="K+M: top-K plus M tail samples, on the RS-KD rows (empty: none)")
     ap.add_argument("--quick", action="store_true", help="4096 tokens, RS-KD on 1024")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -155,6 +172,13 @@ def main(argv=None):
             info = rs_storage(teacher, sub, n)
             rs.append({"num_samples": n, "tokens": sub_rows, "bytes_per_token": info["bytes"] / sub_rows,
                        "bytes_per_token_slot": info["bytes"] / (sub_rows * n),
+                       "mean_distinct_ids": info["mean_distinct_ids"],
+                       "shipped_top64_bytes_per_token_same_rows": ref_size / sub_rows})
+        for spec in [t for t in args.tail.split(",") if t]:
+            k, m = (int(x) for x in spec.split("+"))
+            info = tail_storage(teacher, sub, k, m)
+            rs.append({"tail_samples": spec, "tokens": sub_rows, "bytes_per_token": info["bytes"] / sub_rows,
+                       "bytes_per_token_slot": info["bytes"] / (sub_rows * (k + m)),
                        "mean_distinct_ids": info["mean_distinct_ids"],
                        "shipped_top64_bytes_per_token_same_rows": ref_size / sub_rows})
     at64 = [r for r in rows if r["K"] == 64 and r["encoding"].startswith("shipped:")]

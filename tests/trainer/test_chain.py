@@ -142,3 +142,12 @@ def test_plan_can_turn_the_target_bucket_off(tmp_path):
     assert "--no-target-bucket" in train.command
     default = parse_plan(base_plan(), out=str(tmp_path))
     assert not any("target-bucket" in c for s in stages_of(default) for c in s.command)
+
+
+def test_plan_cache_tail_samples_reach_kdcache_build(tmp_path):
+    plan = parse_plan(base_plan(cache={"top_k": 48, "tail_samples": 16}, train={"tail_samples": False}),
+                      out=str(tmp_path))
+    build = next(s for s in stages_of(plan) if s.kind == "cache")
+    assert build.command[build.command.index("--tail-samples") + 1] == "16"
+    train = next(s for s in stages_of(plan) if s.id == "train:teacher__s")
+    assert "--no-tail-samples" in train.command
