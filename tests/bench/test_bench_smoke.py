@@ -67,6 +67,8 @@ def test_p4_storage_smoke(tiny_gpt2_dir, tmp_path):
     assert sorted({r["K"] for r in row["rows"]}) == [16, 64, 128]
     assert all(r["bytes_per_token_k"] > 0 for r in row["rows"])
     assert row["rs_kd"][0]["mean_distinct_ids"] <= 8
+    tail = next(r for r in row["rs_kd"] if r.get("tail_samples") == "48+16")
+    assert 0 < tail["mean_distinct_ids"] <= 16 and tail["bytes_per_token_slot"] > 0
 
 
 def test_p4_code_encoding_roundtrip():
@@ -114,10 +116,10 @@ def test_p6_quality_smoke(tiny_gpt2_dir, tmp_path):
 
     out = tmp_path / "r.jsonl"
     main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--student", "drop:1", "--ks", "8,16", "--notarget-ks", "8",
-          "--rs", "8", "--steps", "2", "--batch-tokens", "256", "--max-length", "32", "--eval-sequences", "4",
-          "--json", str(out)])
+          "--rs", "8", "--tail", "12+4", "--steps", "2", "--batch-tokens", "256", "--max-length", "32",
+          "--eval-sequences", "4", "--json", str(out)])
     row = _row(out)
-    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "topk-8-notarget", "rs-8"}
+    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "topk-8-notarget", "rs-8", "tail-12+4"}
     assert all(v["eval_ppl"] > 1 for v in row["variants"].values())
 
 
