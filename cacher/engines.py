@@ -211,15 +211,20 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=
         target_lp[start:stop] = torch.where(tgt >= 0, gathered, torch.full_like(gathered, float("nan"))).cpu().numpy()
         mass = torch.exp(topk_lp.double()).sum(-1)
         tail[start:stop] = torch.log1p(-mass.clamp(max=1.0)).float().cpu().numpy()
-        if sampled:
-            tail_ids[start:stop], tail_counts[start:stop] = _draw_tail(x, lse, indices, uniforms[start:stop])
+        if sampled:  # rows whose stored tail is -inf (the top K hold all the mass in float64) get no draws
+            tail_ids[start:stop], tail_counts[start:stop] = _draw_tail(x, lse, indices, uniforms[start:stop],
+                                                                       np.isneginf(tail[start:stop]))
     if sampled:
         return ids, lps, target_lp, tail, tail_ids, tail_counts
     return ids, lps, target_lp, tail
 
 
-def _draw_tail(x, lse, top_ids, uniforms: np.ndarray):
-    """M inverse-transform draws per row from softmax(x) with the top-K ids removed; (distinct ids, counts)."""
+def _draw_tail(x, lse, top_ids, uniforms: np.ndarray, no_tail: np.ndarray):
+    """M inverse-transform draws per row from softmax(x) with the top-K ids removed; (distinct ids, counts).
+
+    Rows where no_tail is set, or whose tail mass is 0 in float32, get no draws (the format ties draws to
+    a stored tail_logprob > -inf; the two masses can disagree by rounding on a near-certain row).
+    """
     import torch
 
     p = torch.exp(x - lse)  # (c, V) float32
@@ -237,7 +242,7 @@ def _draw_tail(x, lse, top_ids, uniforms: np.ndarray):
         draws = torch.where(zero, p.argmax(dim=1, keepdim=True).expand_as(draws), draws)
     draws = draws.cpu().numpy()
     ids, counts = distinct_counts(draws, x.shape[1])
-    empty = (total[:, 0] <= 0).cpu().numpy()
+    empty = (total[:, 0] <= 0).cpu().numpy() | no_tail
     ids[empty], counts[empty] = 0, 0
     return fill_unused(ids, counts, top_ids.cpu().numpy()), counts
 

@@ -340,11 +340,16 @@ def _validate_tail_samples(ids, counts, topk_ids, tail_logprob, m: int, vocab_si
     counts = counts.astype(np.int64)
     totals = counts.sum(1)
     empty_tail = np.isneginf(tail_logprob.astype(np.float32))
-    bad = ~((totals == m) | (totals == 0)) | (empty_tail & (totals != 0))
+    bad = ~((totals == m) | (totals == 0))
     if bad.any():
         row = int(np.argmax(bad))
         raise CacheFormatError(f"{where}: tail_counts row {row} sums to {int(totals[row])}; it must be {m} (0 when the "
                                "tail is empty)")
+    bad = empty_tail & (totals != 0)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise CacheFormatError(f"{where}: tail_counts row {row} has {int(totals[row])} draws but its tail_logprob is "
+                               "-inf; a row whose tail is empty has no draws")
     if m > 1 and np.any(counts[:, 1:] > counts[:, :-1]):
         raise CacheFormatError(f"{where}: tail_counts row {int(np.argwhere(counts[:, 1:] > counts[:, :-1])[0][0])} is "
                                "not sorted most drawn first")

@@ -98,3 +98,20 @@ def test_tail_samples_refusals(tiny_gpt2_dir, tmp_path):
         build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), limit=2, max_length=16,
                           top_k=vocab - 3, tail_samples=4, out=str(tmp_path / "x"), reuse=False), **QUIET)
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_near_certain_rows_whose_stored_tail_is_empty_get_no_draws():
+    """Regression (found by the demo on a peaked student): the float64 top-K mass can round to >= 1, so the
+    stored tail is -inf, while the float32 sampler still sees a positive tail; such rows must get no draws."""
+    vocab, top_k, m = 40, 5, 4
+    logits = torch.zeros(3, vocab)
+    logits[0, 7] = 30.0  # near-certain: the rest has mass ~4e-12
+    logits[1] = torch.linspace(0, 3, vocab)  # an ordinary row
+    logits[2, 3] = 30.0
+    uniforms = np.random.default_rng(0).random((3, m))
+    ids, _, _, tail, tail_ids, tail_counts = engines.topk_rows(logits, top_k, torch.full((3,), -1), 4096,
+                                                               uniforms=uniforms)
+    assert np.isneginf(tail[0]) and np.isneginf(tail[2]) and np.isfinite(tail[1])
+    assert tail_counts[0].sum() == 0 and tail_counts[2].sum() == 0 and tail_counts[1].sum() == m
+    for r in range(3):  # unused slots are filled with ids not otherwise in the row
+        assert len(set(ids[r]) | set(tail_ids[r])) == top_k + m

@@ -170,7 +170,7 @@ def test_writer_refuses_missing_or_unexpected_tail_arrays():
 def test_empty_tail_row_has_no_draws():
     arrays = _arrays()
     arrays["tail_logprob"][0] = -np.inf
-    with pytest.raises(CacheFormatError, match="0 when the tail is empty"):
+    with pytest.raises(CacheFormatError, match="row 0 has 6 draws but its tail_logprob is -inf"):
         _validate(arrays)
     arrays["tail_counts"][0] = 0
     _validate(arrays)
