@@ -27,7 +27,7 @@ DEMO_PLAN = {
     "name": "demo",
     "teacher": {"model": "smollm2-135m"},
     "data": {"dataset": "builtin:pydoc-topics", "max_length": 128, "limit": 48},
-    "cache": {"top_k": 64, "engine": "hf", "dtype": "bfloat16", "batch_tokens": 2048},
+    "cache": {"top_k": 48, "tail_samples": 16, "engine": "hf", "dtype": "bfloat16", "batch_tokens": 2048},
     "train": {"loss": "fkl", "alpha": 0.0, "temperature": 1.0, "steps": 88, "lr": 0.001, "batch_tokens": 256,
               "warmup_steps": 5, "eval_every": 22, "eval_fraction": 0.15, "seed": 0},
     "students": {"assistant": {"keep_layers": 8}, "student": {"keep_layers": 4}},
