@@ -5,7 +5,9 @@
 - `optimizer.pt`: the optimizer's and the scheduler's state dicts and torch's RNG states (CPU, and
   CUDA when present): only tensors and plain containers, loaded with `torch.load(weights_only=True)`;
 - `state.json`: a small JSON dict: `step`, `cursors` (the data cursor `{"epoch", "position"}` of each
-  rank), numpy's and Python's RNG states, and the settings the data order depends on (`data`).
+  rank), numpy's and Python's RNG states, and what the caller passes besides (the trainer: the settings
+  the data order depends on, `data`, those the optimization depends on, `train`, and `schedule_steps`).
+Loading refuses weights that do not fit the model key for key and shape for shape (another architecture).
 A checkpoint is written into `.tmp-step-NNNNNN/` and renamed into place, so a folder named `step-*`
 is always complete; the last `keep` stay.
 
@@ -78,14 +80,46 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
+def _check_weights_fit(path: str, weights: str, model) -> None:
+    """Raise ValueError naming the keys and shapes where the checkpoint's weights and the model's differ.
+
+    Weights the model ties (one tensor under two names) are stored once, under either name.
+    """
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    wanted = model.state_dict()
+    names_of: dict[tuple, list[str]] = {}  # one entry per tensor (tied names share it)
+    for name, tensor in wanted.items():
+        names_of.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    missing = [names[0] for names in names_of.values() if not any(n in stored for n in names)]
+    unexpected = sorted(set(stored) - set(wanted))
+    shapes = [f"{k} {list(stored[k])} (model {list(wanted[k].shape)})" for k in stored
+              if k in wanted and stored[k] != tuple(wanted[k].shape)]
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    problems = ([f"missing {some(sorted(missing))}"] if missing else []) + (
+        [f"unexpected {some(unexpected)}"] if unexpected else []) + ([f"other shapes: {some(shapes)}"] if shapes else [])
+    if problems:
+        raise ValueError(f"checkpoint {path} holds the weights of another architecture than this student's "
+                         f"({'; '.join(problems)})")
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states; returns state.json's dict."""
+    """Restore weights, optimizer, scheduler and RNG states; returns state.json's dict.
+
+    Raises ValueError, before changing anything, when the weights do not fit the model (_check_weights_fit).
+    """
     from safetensors.torch import load_model
 
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"checkpoint {path} has no model.safetensors; delete it to fall back to an older one")
-    load_model(model, weights, strict=False)  # strict=False: tied weights are stored once
+    _check_weights_fit(path, weights, model)
+    load_model(model, weights, strict=True)  # tied weights are stored once; load_model knows that
     blob = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

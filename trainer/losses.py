@@ -165,26 +165,52 @@ def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def teacher_bucket_logprobs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
                             target_logprob: torch.Tensor | None = None,
-                            target_outside: torch.Tensor | None = None) -> torch.Tensor:
+                            target_outside: torch.Tensor | None = None, *,
+                            vocab_size: int | None = None) -> torch.Tensor:
     """The teacher's cached log-distribution over K + 1 (or K + 2) buckets, renormalized to sum to 1.
 
     topk_logprobs: (N, K) float16/32 raw (T = 1) log-probs. tail_logprob: (N,) log of the mass outside.
     target_logprob: (N,) the teacher's log-prob of the actual next token, and target_outside: (N,) bool rows
     where that token is not among the K ids (see student_bucket_logprobs); both or neither.
+    vocab_size: V, the width of the student's logits. On rows whose named buckets cover all V ids (K = V,
+    or K = V - 1 and the target outside the ids) the rest bucket is empty, as the student's is: its true
+    mass is 0 and a stored remainder is float rounding noise, which would make forward KL infinite against
+    the student's empty bucket. Pass it wherever the student's buckets are built from V logits; None
+    trusts the stored tail.
     Returns (N, K+1): the K log-probs and the tail; or (N, K+2): the K log-probs, the target's own bucket
     (target_logprob where target_outside, else -inf) and the tail less the target's mass. In float32
     (float64 if an input is float64). float16 storage makes the stored buckets sum to 1 only to about
-    1e-3; renormalizing makes every divergence a true one.
+    1e-3; renormalizing makes every divergence a true one. A row whose entries are all -inf (no mass) comes
+    out NaN; sparse_kd_loss refuses such rows (EmptyTeacherRowError).
     """
     dtype = torch.promote_types(torch.promote_types(topk_logprobs.dtype, tail_logprob.dtype), torch.float32)
-    tail = tail_logprob.to(dtype)  # (N,)
-    if target_logprob is None:
-        t = torch.cat([topk_logprobs.to(dtype), tail[:, None]], dim=1)  # (N, K+1)
-    else:
+    buckets = [topk_logprobs.to(dtype)]  # (N, K)
+    rest = tail_logprob.to(dtype)  # (N,)
+    num_named = torch.full_like(rest, topk_logprobs.shape[1], dtype=torch.long)  # (N,) ids with their own bucket
+    if target_logprob is not None:
         own = torch.where(target_outside, target_logprob.to(dtype), -math.inf)  # (N,)
-        rest = torch.where(target_outside, _log_sub_exp(tail, own), tail)  # (N,)
-        t = torch.cat([topk_logprobs.to(dtype), own[:, None], rest[:, None]], dim=1)  # (N, K+2)
+        rest = torch.where(target_outside, _log_sub_exp(rest, own), rest)  # (N,) the rest without the target
+        num_named = num_named + target_outside.long()
+        buckets.append(own[:, None])
+    if vocab_size is not None:
+        rest = torch.where(num_named >= vocab_size, -math.inf, rest)  # nothing is left outside the named ids
+    t = torch.cat([*buckets, rest[:, None]], dim=1)  # (N, K+1) or (N, K+2)
     return t - torch.logsumexp(t, dim=-1, keepdim=True)
+
+
+class EmptyTeacherRowError(ValueError):
+    """A masked-in row whose teacher buckets hold no probability (every entry -inf, or NaN).
+
+    `row` is its index among the N rows given to sparse_kd_loss, so a caller can name the cache row.
+    """
+
+    def __init__(self, row: int, num_rows: int):
+        self.row = row
+        super().__init__(
+            f"row {row} of {num_rows}: the teacher's stored log-probs hold no probability (the top-K entries and "
+            "tail_logprob are all -inf, or NaN), so no divergence is defined there; a cache writer must never "
+            "store such a row: rebuild the cache (or the shard holding it)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,11 +350,14 @@ class _FusedSparseKD(torch.autograd.Function):
             t_top, t_tail = topk_logprobs.index_select(0, idx), tail_logprob.index_select(0, idx)
             if target_logprob is None:
                 s = torch.cat([top, rest_lse[:, None]], dim=1)  # (n, K+1)
-                t = teacher_bucket_logprobs(t_top, t_tail)  # (n, K+1)
+                t = teacher_bucket_logprobs(t_top, t_tail, vocab_size=vocab_size)  # (n, K+1)
             else:
                 own = torch.where(outside, -ce, -math.inf)  # (n,) student log-prob of the target
                 s = torch.cat([top, own[:, None], rest_lse[:, None]], dim=1)  # (n, K+2)
-                t = teacher_bucket_logprobs(t_top, t_tail, tlp, outside)  # (n, K+2)
+                t = teacher_bucket_logprobs(t_top, t_tail, tlp, outside, vocab_size=vocab_size)  # (n, K+2)
+            empty = t[:, 0].isnan()  # (n,) rows without any teacher mass: every entry NaN after normalizing
+            if bool(empty.any()):
+                raise EmptyTeacherRowError(int(idx[empty.nonzero()[0, 0]]), student_logits.shape[0])
             t_temp = F.log_softmax(t.to(cdtype) / temperature, dim=-1)  # (n, K+1) or (n, K+2)
             g_buckets = None
             with torch.enable_grad():
@@ -394,7 +423,8 @@ def sparse_kd_loss(
     student_logits: (N, V) float32/bf16/float16/float64 logits (flatten batch and time first).
     topk_ids: (N, K) any integer dtype (uint16 included), the teacher's top-K ids, distinct per row.
     topk_logprobs: (N, K) float16/32 raw (T = 1) teacher log-probs; -inf allowed.
-    tail_logprob: (N,) float, log of the teacher mass outside topk_ids; -inf allowed.
+    tail_logprob: (N,) float, log of the teacher mass outside topk_ids; -inf allowed. Ignored (taken as
+        -inf) on rows whose named buckets cover all V ids (teacher_bucket_logprobs, vocab_size).
     target_ids: (N,) integer real next tokens; any value (e.g. -100) where loss_mask is False.
     loss_mask: (N,) bool, the tokens that count.
     loss: one of LOSSES; "ce" is cross-entropy alone (KD weight 0 whatever alpha is).
@@ -407,6 +437,8 @@ def sparse_kd_loss(
     Returns (loss, stats): loss is a float32 (float64 for float64 logits) scalar, 0 with a zero gradient
     when no token is masked in; stats holds detached "ce" and "kd" (masked means, KD without the T^2
     factor; "kd" is 0 for loss="ce") and "num_tokens".
+    Raises EmptyTeacherRowError (a ValueError, with the row's index) when a masked-in row's teacher entries
+    are all -inf or NaN: there is no teacher distribution to compare with, and the loss would be NaN.
     """
     _check_options(loss, alpha, temperature, beta, skew)
     _check_common(student_logits, target_ids, loss_mask)
@@ -438,11 +470,6 @@ def sparse_kd_loss(
             raise ValueError(
                 f"topk_ids under loss_mask must be in [0, {vocab_size}) (the student's vocab size)"
             )
-    if num_topk == vocab_size:
-        # The rest bucket is empty, so its true mass is 0; a stored value is float rounding noise, and
-        # keeping it would make forward KL infinite against the student's empty bucket.
-        tail_logprob = torch.full_like(tail_logprob, -math.inf)
-
     ce_weight, kd_weight = _weights(loss, alpha, temperature)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
     options = (loss, temperature, beta, skew, ce_weight, kd_weight, chunk_tokens, compute_grad)

@@ -8,10 +8,16 @@ then save the student as a plain Hugging Face folder in --out with run.json besi
 - Loss per micro-batch is the masked mean over its loss tokens (trainer/losses.py); with --grad-accum
   the micro-batches are averaged, and under DDP the ranks are.
 - `--loss ce` with a cache trains on the cache's tokens in the same order and ignores the teacher's
-  log-probs (the fair baseline). Without a cache, `--dataset` is tokenized with the student's
-  tokenizer (shared.data.load_sequences) and the same loop trains cross-entropy.
+  log-probs (the fair baseline); its held-out metrics still include eval_kl and eval_top1_agreement
+  against the cache's teacher, so it compares with the KD runs. Without a cache, `--dataset` is tokenized
+  with the student's tokenizer (shared.data.load_sequences) and the same loop trains cross-entropy.
 - Under `torchrun` every rank trains on its own stripe of blocks (trainer/data.py) with DDP (gloo on
-  CPU, nccl on CUDA); rank 0 logs, evaluates and saves.
+  CPU; nccl on CUDA, rank r of a node on cuda:LOCAL_RANK); rank 0 logs, evaluates and saves.
+- `--resume` continues from the latest checkpoint only under the settings it was written with (data
+  order, loss, optimizer, schedule; the student's weights must fit the checkpoint key for key). A larger
+  --steps is allowed: the learning-rate schedule keeps the horizon the run started with, so the extra
+  steps run at its final value (10% of --lr). Without a complete checkpoint, `--resume` on a run folder
+  starts over from step 0, first deleting what this tool wrote there (RESTART_CLEARS), and says so.
 
 Knows models, losses, the cache reader and the data path; never imports the cacher.
 """
@@ -31,7 +37,13 @@ import torch
 
 from shared.format import CacheError
 from shared.reader import CacheReader
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from trainer.checkpoint import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from trainer.data import (
     Batcher,
     Source,
@@ -46,14 +58,12 @@ from trainer.data import (
 )
 from trainer.losses import (
     LOSSES,
+    EmptyTeacherRowError,
     cross_entropy_loss,
-    divergence,
     sparse_kd_loss,
-    student_bucket_logprobs,
     tail_sample_targets,
-    teacher_bucket_logprobs,
 )
-from trainer.metrics import MetricsLog
+from trainer.metrics import METRICS_FILE, MetricsLog
 
 # Caches up to this size are hashed completely before training starts (a few seconds per GiB);
 # larger ones are hashed shard by shard the first time a shard is read (CacheReader verify_on_read),
@@ -61,6 +71,11 @@ from trainer.metrics import MetricsLog
 VERIFY_ALL_BYTES = 4 * 2**30
 # Chunk-aligned blocks whose sequences are shuffled together (trainer/data.py).
 SHUFFLE_WINDOW_BLOCKS = 4
+# Any of these in --out marks it as a kdtrain run folder (the only kind --overwrite deletes or --resume enters).
+RUN_MARKERS = ("run.json", METRICS_FILE, CHECKPOINTS_DIR, "model.safetensors", "model.safetensors.index.json")
+# What `--resume` without a complete checkpoint deletes before starting over: everything a run writes as it
+# goes (the final model files are written only at the end and are replaced then).
+RESTART_CLEARS = (METRICS_FILE, "run.json", CHECKPOINTS_DIR, "trace", "tensorboard")
 
 
 class TrainError(ValueError):
@@ -102,7 +117,8 @@ class TrainConfig:
     """Use the cache's tail samples (a cache built with --tail-samples) with loss fkl: the K top-K entries plus
     M importance-weighted draws from the tail replace the rest bucket (docs/losses.md). Ignored otherwise."""
     steps: int | None = None
-    """Optimizer steps (default: --epochs over the training sequences)."""
+    """Optimizer steps (default: --epochs over the training sequences). With --resume it may grow: the extra
+    steps run at the schedule's final learning rate."""
     epochs: float = 1.0
     """Passes over the training sequences when --steps is not given."""
     lr: float = 5e-4
@@ -132,9 +148,9 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: none besides the final model)."""
     resume: bool = False
-    """Continue from the latest checkpoint in --out."""
+    """Continue from the latest checkpoint in --out (same settings); without one, start the run in --out over."""
     overwrite: bool = False
-    """Replace a non-empty --out."""
+    """Replace a non-empty --out that holds a kdtrain run."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to <out>/tensorboard (needs the tensorboard package)."""
     dataset: str | None = None
@@ -206,24 +222,76 @@ class TrainConfig:
 # setup helpers
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world_size); joins the process group under torchrun."""
+def select_device(env, *, cuda_available: bool, num_cuda_devices: int) -> torch.device:
+    """This process's device: cuda:LOCAL_RANK on a CUDA machine (torchrun sets LOCAL_RANK; alone it is 0), else cpu.
+
+    env: the environment (os.environ). A pure function of its arguments, so tests can call it directly.
+    """
+    if not cuda_available:
+        return torch.device("cpu")
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if not 0 <= local_rank < num_cuda_devices:
+        raise TrainError(f"LOCAL_RANK={local_rank} but this machine shows {num_cuda_devices} CUDA device(s), so that "
+                         f"rank has no GPU of its own: start at most {num_cuda_devices} processes per node "
+                         "(torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank)
+
+
+def _dist() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); binds the process to its GPU, then joins the process group under torchrun."""
+    device = select_device(os.environ, cuda_available=torch.cuda.is_available(),
+                           num_cuda_devices=torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: nccl uses the current device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, device
 
 
-def _prepare_out(config: TrainConfig, rank: int) -> None:
-    """Refuse a non-empty --out without --resume/--overwrite (every rank checks; rank 0 acts)."""
+def _ddp(model, device: torch.device):
+    """The model wrapped in DistributedDataParallel, on its own GPU on CUDA (else every rank would use cuda:0)."""
+    if device.type == "cuda":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def _prepare_out(config: TrainConfig, rank: int, log) -> None:
+    """Check --out against --resume/--overwrite (every rank checks; rank 0 acts).
+
+    A non-empty --out is used only when it holds a kdtrain run (RUN_MARKERS): --overwrite deletes it,
+    --resume continues it, or, without a complete checkpoint, clears RESTART_CLEARS and starts over.
+    """
     if os.path.isfile(config.out):
         raise TrainError(f"--out {config.out} is a file; pass a folder")
-    if os.path.isdir(config.out) and os.listdir(config.out) and not (config.resume or config.overwrite):
+    entries = set(os.listdir(config.out)) if os.path.isdir(config.out) else set()
+    is_run = bool(entries & set(RUN_MARKERS))
+    if entries and not is_run:
+        markers = ", ".join(RUN_MARKERS)
+        if config.overwrite:
+            raise TrainError(f"--overwrite: --out {config.out} does not look like a kdtrain run folder (none of {markers}), "
+                             f"so kdtrain will not delete it; delete {config.out} by hand if you mean to replace it, "
+                             "or pass another --out")
+        raise TrainError(f"--out {config.out} is not empty and holds no kdtrain run (none of {markers}); pass a new or "
+                         "empty folder")
+    if entries and not (config.resume or config.overwrite):
         raise TrainError(f"--out {config.out} is not empty; pass --resume to continue the run in it or --overwrite "
                          "to replace it")
     if rank == 0:
-        if config.overwrite and os.path.isdir(config.out):
+        if config.overwrite and entries:
             shutil.rmtree(config.out)
+        elif config.resume and entries and latest_checkpoint(config.out) is None:
+            removed = sorted(entries & set(RESTART_CLEARS))
+            for name in removed:
+                path = os.path.join(config.out, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+            log(f"--resume: {config.out} holds no complete checkpoint (the run there stopped before its first one, "
+                f"or saved none); starting over from step 0 (deleted {', '.join(removed) or 'nothing'})")
+        elif config.resume and not entries:
+            log(f"--resume: no checkpoint in {config.out} yet; starting from step 0")
         os.makedirs(config.out, exist_ok=True)
 
 
@@ -298,18 +366,38 @@ def _flat(batch: dict, key: str) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])  # (B, L, ...) -> (B*L, ...)
 
 
-def _loss(model, batch: dict, config: TrainConfig, has_teacher: bool) -> tuple[torch.Tensor, dict]:
-    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=config.bf16):
+def _loss(model, batch: dict, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
     targets, mask = _flat(batch, "target_ids"), _flat(batch, "loss_mask")
-    if not has_teacher:
+    if config.loss == "ce":
         ce = cross_entropy_loss(flat_logits, targets, mask)
         return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
-    return _sparse_loss(flat_logits, {k: _flat(batch, k) for k in batch if k in TEACHER_FIELDS}, targets, mask, config)
+    teacher = {k: _flat(batch, k) for k in batch if k in TEACHER_FIELDS}
+    with _naming_rows(batch, torch.arange(mask.numel()), config.cache):
+        return _sparse_loss(flat_logits, teacher, targets, mask, config)
 
 
 TEACHER_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprob", "tail_ids", "tail_counts")
+
+
+@contextlib.contextmanager
+def _naming_rows(batch: dict, positions: torch.Tensor, cache: str | None):
+    """Turn an EmptyTeacherRowError of the loss into a TrainError naming the cache sequence and token.
+
+    positions: (N,) the flattened (B*L) index in `batch` of each of the N rows given to the loss.
+    """
+    try:
+        yield
+    except EmptyTeacherRowError as exc:
+        b, t = divmod(int(positions[exc.row]), batch["loss_mask"].shape[1])
+        ids = batch.get("ids")
+        where = f"shard {ids[b][0]} sequence {ids[b][1]}" if ids else f"batch row {b}"
+        raise TrainError(f"cache {cache}, {where}, token {t}: the teacher's stored log-probs hold no "
+                         "probability (all -inf, or NaN), so there is nothing to distill there; a cache writer must "
+                         "never store such a row: rebuild the cache (or that shard) with `kdcache build`") from exc
 
 
 def _sparse_loss(rows: torch.Tensor, teacher: dict, targets: torch.Tensor, mask: torch.Tensor, config: TrainConfig):
@@ -327,13 +415,22 @@ def _sparse_loss(rows: torch.Tensor, teacher: dict, targets: torch.Tensor, mask:
                           temperature=config.temperature, beta=config.beta, skew=config.skew, target_logprob=target_lp)
 
 
+def _heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) over the K + 1 buckets at T = 1: sparse_kd_loss's KD term, rules and all."""
+    everything = torch.ones_like(targets, dtype=torch.bool)
+    _, stats = sparse_kd_loss(rows, teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"], targets,
+                              everything, loss="fkl")
+    return stats["kd"]
+
+
 @torch.no_grad()
-def evaluate_heldout(model, batches: list[dict], config: TrainConfig, has_teacher: bool) -> dict:
+def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has_teacher: bool) -> dict:
     """Held-out metrics over the loss rows of `batches`, one mean per token.
 
     eval_loss: the training objective. eval_ppl: exp(mean CE of the real next tokens).
-    With a teacher: eval_kl = KL(teacher || student) over the K+1 buckets at T=1, and
-    eval_top1_agreement = fraction of rows where the student's argmax is the teacher's top-1.
+    With a teacher (whatever the training loss, --loss ce included): eval_kl = KL(teacher || student) over
+    the K+1 buckets at T=1, and eval_top1_agreement = fraction of rows where the student's argmax is the
+    teacher's top-1. config may be None without a teacher.
     """
     device = next(model.parameters()).device
     model.eval()
@@ -350,17 +447,17 @@ def evaluate_heldout(model, batches: list[dict], config: TrainConfig, has_teache
         targets = batch["target_ids"][mask]  # (M,)
         ce = float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
         ce_sum += ce
+        objective_sum = ce
         if has_teacher:
-            ids, top_lp, tail = batch["topk_ids"][mask], batch["topk_logprobs"][mask], batch["tail_logprob"][mask]
-            t_lp = teacher_bucket_logprobs(top_lp, tail)  # (M, K+1)
-            s_lp = student_bucket_logprobs(rows, ids)  # (M, K+1)
-            kl_sum += float(divergence(t_lp, s_lp, "fkl").sum())
-            agree += int((rows.argmax(-1) == ids[:, 0]).sum())
-            objective, _ = _sparse_loss(rows, {k: batch[k][mask] for k in batch if k in TEACHER_FIELDS}, targets,
-                                        torch.ones_like(targets, dtype=torch.bool), config)
-            loss_sum += float(objective) * num
-        else:
-            loss_sum += ce
+            teacher = {k: batch[k][mask] for k in batch if k in TEACHER_FIELDS}
+            with _naming_rows(batch, mask.reshape(-1).nonzero().squeeze(1).cpu(), config.cache):
+                kl_sum += float(_heldout_kl(rows, teacher, targets)) * num
+                if config.loss != "ce":
+                    objective, _ = _sparse_loss(rows, teacher, targets, torch.ones_like(targets, dtype=torch.bool),
+                                                config)
+                    objective_sum = float(objective) * num
+            agree += int((rows.argmax(-1) == teacher["topk_ids"][:, 0]).sum())
+        loss_sum += objective_sum
         count += num
     model.train()
     if count == 0:
@@ -379,12 +476,12 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
         except CacheError as exc:
             raise TrainError(f"cannot train from {config.cache}: {exc}") from exc
         held = heldout_mask(index.hashes, config.eval_fraction)
-        has_teacher = config.loss != "ce"
-        tail = bool(reader.manifest.tail_samples and config.tail_samples and config.loss == "fkl")
-        train_src = cache_source(reader, index, np.flatnonzero(~held).tolist(), has_teacher=has_teacher,
+        tail = _uses_tail_samples(config, reader)
+        # --loss ce trains without the teacher's arrays, but is evaluated against them like every KD run
+        train_src = cache_source(reader, index, np.flatnonzero(~held).tolist(), has_teacher=config.loss != "ce",
                                  window_blocks=SHUFFLE_WINDOW_BLOCKS, tail_samples=tail)
         eval_src = cache_source(reader, index, np.flatnonzero(held)[: config.eval_max_sequences].tolist(),
-                                has_teacher=has_teacher, tail_samples=tail)
+                                has_teacher=True, tail_samples=tail)
         info = {"num_sequences": len(index), "num_heldout": int(held.sum()),
                 "teacher_outcomes": _outcomes_note(config, reader.manifest.top_k, reader.manifest.tail_samples, tail)}
     else:
@@ -405,6 +502,11 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
     return train_src, eval_src, info
 
 
+def _uses_tail_samples(config: TrainConfig, reader: CacheReader | None) -> bool:
+    """Whether the loss trains on the cache's tail samples: a cache that has them, --tail-samples, --loss fkl."""
+    return bool(reader is not None and reader.manifest.tail_samples and config.tail_samples and config.loss == "fkl")
+
+
 def _outcomes_note(config: TrainConfig, top_k: int, tail_samples: int, used: bool) -> str:
     """One line on what the KD loss compares (logged at start, kept in run.json)."""
     if config.loss == "ce":
@@ -420,14 +522,44 @@ def _outcomes_note(config: TrainConfig, top_k: int, tail_samples: int, used: boo
     return buckets + why
 
 
-def _check_resume_state(state: dict, data_state: dict, path: str) -> None:
-    """The data cursor only means something under the same order settings."""
-    saved = state.get("data", {})
-    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in data_state.items() if k in saved and saved[k] != v]
+def _training_settings(config: TrainConfig, reader: CacheReader | None) -> dict:
+    """The settings besides the data order that a bit-exact resume depends on (kept in each checkpoint)."""
+    return {"loss": config.loss, "alpha": config.alpha, "temperature": config.temperature,
+            "beta": config.beta if config.loss == "jsd" else None,
+            "skew": config.skew if config.loss in ("skl", "srkl") else None,
+            "target_bucket": config.target_bucket, "tail_samples": _uses_tail_samples(config, reader),
+            "lr": config.lr, "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
+            "clip": config.clip, "grad_accum": config.grad_accum, "bf16": config.bf16}
+
+
+def _check_resume_state(state: dict, data_state: dict, training: dict, total_steps: int, path: str) -> int:
+    """Refuse a checkpoint written under other settings; returns the LR schedule's horizon in steps.
+
+    The data cursor only means something under the same order settings, the optimizer and scheduler
+    states only under the same loss and optimizer settings. --steps may grow (the schedule keeps its
+    horizon, so the extra steps run at its final LR) but not shrink. Keys a checkpoint lacks (written
+    by an older kdtrain) are not checked.
+    """
+    def differing(saved: dict, now: dict) -> str:
+        return "; ".join(f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v)
+
+    diffs = differing(state.get("data", {}), data_state)
     if diffs:
-        raise TrainError(f"checkpoint {path} was written with other data settings ({'; '.join(diffs)}); resume with "
+        raise TrainError(f"checkpoint {path} was written with other data settings ({diffs}); resume with "
                          "the same --seed/--batch-tokens/--eval-fraction/data and number of processes, or start over "
                          "with --overwrite")
+    diffs = differing(state.get("train", {}), training)
+    if diffs:
+        raise TrainError(f"checkpoint {path} was written with other training settings ({diffs}); a resumed run "
+                         "continues the same run only with the same loss, --alpha, --temperature, --beta/--skew, target "
+                         "bucket, tail samples, --lr, --warmup-steps, --weight-decay, --clip, --grad-accum and --bf16: "
+                         "resume with the values the run started with, or start over with --overwrite")
+    horizon = state.get("schedule_steps", total_steps)
+    if total_steps < horizon:
+        raise TrainError(f"checkpoint {path} belongs to a run of {horizon} steps; {total_steps} steps would cut its "
+                         f"learning-rate schedule short: pass --steps {horizon} or more (steps past {horizon} run at "
+                         "the final learning rate), or start over with --overwrite")
+    return horizon
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,11 +574,11 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    rank, world = _dist()
-    _prepare_out(config, rank)
+    rank, world, device = _dist()
+    log = log if rank == 0 else (lambda message: None)
+    _prepare_out(config, rank, log)
     if world > 1:
         torch.distributed.barrier()
-    log = log if rank == 0 else (lambda message: None)
 
     # -- cache, student, data ------------------------------------------------------------------
     reader = _open_cache(config, log) if config.cache else None
@@ -462,13 +594,14 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
         except ValueError as exc:
             raise TrainError(str(exc)) from exc
     train_src, eval_src, data_info = _split_data(config, reader, tokenizer)
-    has_teacher = train_src.has_teacher
     if "teacher_outcomes" in data_info:
         log(f"teacher targets: {data_info['teacher_outcomes']}")
-    eval_batches = [collate(eval_src.read(list(range(a, b))), has_teacher)
+    eval_batches = [{**collate(eval_src.read(list(range(a, b))), eval_src.has_teacher), "ids": eval_src.ids[a:b]}
                     for a, b in pack_batches(eval_src.lengths, config.batch_tokens)]
     data_state = {"seed": config.seed, "batch_tokens": config.batch_tokens, "eval_fraction": config.eval_fraction,
-                  "num_train_sequences": len(train_src), "world_size": world}
+                  "num_train_sequences": len(train_src), "world_size": world,
+                  "cache_key": reader.manifest.cache_key if reader else None}
+    training = _training_settings(config, reader)
 
     # -- steps ---------------------------------------------------------------------------------
     if config.steps is not None:
@@ -480,30 +613,33 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
         total_steps = max(1, int(config.epochs * per_epoch / config.grad_accum))
 
     # -- model, optimizer, checkpoint ----------------------------------------------------------
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = latest_checkpoint(config.out) if config.resume else None
+    schedule_steps = total_steps  # the LR schedule's horizon; a resumed run keeps the one it started with
+    if ckpt is not None:
+        schedule_steps = _check_resume_state(read_state(ckpt), data_state, training, total_steps, ckpt)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.warmup_steps, schedule_steps))
     step, cursors = 0, [None] * world
-    ckpt = latest_checkpoint(config.out) if config.resume else None
-    if config.resume and ckpt is None:
-        log(f"--resume: no checkpoint in {config.out} yet; starting from step 0")
     if ckpt is not None:
-        _check_resume_state(read_state(ckpt), data_state, ckpt)
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        try:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        except ValueError as exc:
+            raise TrainError(f"{exc}; resume with the student the run started with, or start over with --overwrite") from exc
         step, cursors = state["step"], state["cursors"]
-        log(f"resumed from {ckpt} at step {step}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        log(f"resumed from {ckpt} at step {step}" + (f"; steps {schedule_steps + 1}-{total_steps} run at the final "
+            "learning rate (the schedule keeps the run's first horizon)" if total_steps > schedule_steps else ""))
+    ddp = _ddp(model, device) if world > 1 else model
     batcher = Batcher(train_src, batch_tokens=config.batch_tokens, seed=config.seed, rank=rank, world_size=world,
                       cursor=cursors[rank])
 
     # -- outputs -------------------------------------------------------------------------------
     run_info = {"config": asdict(config), "student": student_name, "teacher_path": teacher_path, "world_size": world,
-                "total_steps": total_steps, "num_train_sequences": len(train_src), **data_info,
-                "cache_key": reader.manifest.cache_key if reader else None}
+                "total_steps": total_steps, "schedule_steps": schedule_steps, "num_train_sequences": len(train_src),
+                **data_info, "cache_key": data_state["cache_key"]}
     metrics = None
     if rank == 0:
         with open(os.path.join(config.out, "run.json"), "w") as f:
@@ -520,7 +656,7 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     train_seconds, tokens_seen, last = 0.0, 0, {}
     try:
         if metrics and step == 0 and config.eval_every and eval_batches:
-            metrics.write({"step": 0, **evaluate_heldout(model, eval_batches, config, has_teacher)})
+            metrics.write({"step": 0, **evaluate_heldout(model, eval_batches, config, eval_src.has_teacher)})
         while step < total_steps:
             t0 = time.time()
             loss_sum = ce_sum = kd_sum = 0.0
@@ -532,13 +668,14 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                 batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 last_micro = micro == config.grad_accum - 1
                 with ddp.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext():
-                    loss, stats = _loss(ddp, batch, config, has_teacher)
+                    loss, stats = _loss(ddp, batch, config)
                     (loss / config.grad_accum).backward()
                 loss_sum += float(loss.detach()) / config.grad_accum
                 ce_sum += float(stats["ce"]) / config.grad_accum
                 kd_sum += float(stats["kd"]) / config.grad_accum
                 step_tokens += batch["num_tokens"]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip)) if config.clip > 0 else float("nan")
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -547,13 +684,13 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
             train_seconds += seconds
             tokens_seen += step_tokens * world
             tps = step_tokens * world / max(seconds, 1e-9)
-            last = {"step": step, "loss": loss_sum, "ce": ce_sum, "kd": kd_sum, "lr": scheduler.get_last_lr()[0],
+            last = {"step": step, "loss": loss_sum, "ce": ce_sum, "kd": kd_sum, "lr": lr,
                     "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens_seen, "epoch": batcher.cursor["epoch"]}
             if metrics and (step % config.log_every == 0 or step == total_steps):
                 metrics.write(last)
             tick(step=step, loss=loss_sum, tps=tps)
             if metrics and eval_batches and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-                evaluation = evaluate_heldout(model, eval_batches, config, has_teacher)
+                evaluation = evaluate_heldout(model, eval_batches, config, eval_src.has_teacher)
                 if evaluation:
                     metrics.write({"step": step, **evaluation})
                     last.update(evaluation)
@@ -565,7 +702,8 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                     torch.distributed.all_gather_object(all_cursors, batcher.cursor)
                 if rank == 0:
                     save_checkpoint(config.out, step, model, optimizer, scheduler,
-                                    {"cursors": all_cursors, "data": data_state})
+                                    {"cursors": all_cursors, "data": data_state, "train": training,
+                                     "schedule_steps": schedule_steps})
                 if world > 1:
                     torch.distributed.barrier()
             if stopping:

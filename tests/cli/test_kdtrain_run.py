@@ -60,11 +60,57 @@ def test_dataset_path_needs_ce(tmp_path, tiny_gpt2_dir):
 
 def test_nonempty_out_refused_without_resume_or_overwrite(cache, tmp_path):
     (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "run.json").write_text("{}")  # a previous run
     (tmp_path / "o" / "x").write_text("keep")
     code, text = run("--cache", cache, "--out", tmp_path / "o", "--student-from-teacher", "--keep-layers", 1,
                      "--steps", 1)
     assert code == 2 and "is not empty; pass --resume" in text and "--overwrite" in text
     assert (tmp_path / "o" / "x").exists()
+
+
+@pytest.mark.parametrize("flag,message", [
+    (None, "is not empty and holds no kdtrain run (none of run.json, metrics.jsonl, checkpoints, model.safetensors"),
+    ("--resume", "is not empty and holds no kdtrain run"),
+    ("--overwrite", ("does not look like a kdtrain run folder (none of run.json, metrics.jsonl, checkpoints, "
+                     "model.safetensors, model.safetensors.index.json), so kdtrain will not delete it; delete")),
+], ids=["no-flag", "resume", "overwrite"])
+def test_out_that_is_not_a_run_folder_is_neither_deleted_nor_written(cache, tmp_path, flag, message):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    code, text = run("--cache", cache, "--out", out, "--student-from-teacher", "--keep-layers", 1, "--steps", 1,
+                     *([flag] if flag else []))
+    assert code == 2 and message in text and str(out) in text, text
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_replaces_a_run_folder(cache, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (out / "stale.txt").write_text("from the old run")
+    code, text = run("--cache", cache, "--out", out, "--student-from-teacher", "--keep-layers", 1, "--steps", 1,
+                     "--batch-tokens", 256, "--overwrite")
+    assert code == 0, text
+    assert not (out / "stale.txt").exists() and json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(cache, tmp_path):
+    """What a chain does with a train stage killed early: `kdtrain run ... --resume` on its folder succeeds from
+    step 0, and metrics.jsonl holds each step once."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"status": "running"}))
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval_kl": 5.0}\n{"step": 1, "loss": 9.0}\n')
+    (out / "checkpoints").mkdir()
+    code, text = run("--cache", cache, "--out", out, "--student-from-teacher", "--keep-layers", 1, "--steps", 2,
+                     "--batch-tokens", 256, "--eval-every", 1, "--resume")
+    assert code == 0, text
+    assert "holds no complete checkpoint" in text and "starting over from step 0" in text
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if "eval_kl" in r] == [0, 1, 2]
+    assert all(r.get("loss") != 9.0 for r in rows)
 
 
 def test_incomplete_and_corrupt_cache_refused(cache, tmp_path):

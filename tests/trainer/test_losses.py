@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from trainer.losses import (
     LOSSES,
+    EmptyTeacherRowError,
     cross_entropy_loss,
     dense_kd_loss,
     divergence,
@@ -512,6 +513,69 @@ def test_target_bucket_with_the_only_missing_token_equals_dense(loss):
     (dense_grad,) = torch.autograd.grad(dense, dense_logits)
     torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+@pytest.mark.parametrize("tail_offset", [0.0, 1e-7, 1e-3, -1e-3])  # log tail - log p(target): stored rounding
+def test_target_bucket_with_the_only_missing_token_and_a_perturbed_tail_equals_dense(loss, tail_offset):
+    """K = V - 1, target outside: the named buckets cover every id, so the stored tail (however it rounds,
+    here a little above or below the target's mass) leaves no rest; the loss is the dense one, float64."""
+    vocab = 11
+    batch = make_batch(num_tokens=9, vocab=vocab, num_topk=vocab - 1, seed=6, mask_prob=1.0)
+    teacher_logp = batch["teacher_logits"].log_softmax(-1)
+    missing = teacher_logp.argmin(-1)
+    batch["target_ids"] = missing
+    target_logprob = teacher_logp.gather(1, missing[:, None])[:, 0]
+    batch["tail_logprob"] = target_logprob + tail_offset
+    kwargs = {"loss": loss, "alpha": 0.2, "temperature": 1.0, "beta": 0.3, "skew": 0.2}
+    logits = batch["student_logits"].detach().requires_grad_()
+    sparse, _ = sparse_kd_loss(logits, *cache_args(batch), target_logprob=target_logprob, chunk_tokens=4, **kwargs)
+    (sparse_grad,) = torch.autograd.grad(sparse, logits)
+    dense_logits = batch["student_logits"].detach().requires_grad_()
+    dense, _ = dense_kd_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
+    (dense_grad,) = torch.autograd.grad(dense, dense_logits)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
+
+
+def test_rest_bucket_is_empty_where_the_named_buckets_cover_the_vocabulary():
+    """teacher_bucket_logprobs(vocab_size=V): K = V, or K = V - 1 with the target outside, has no rest;
+    K = V - 1 with the target among the ids keeps the stored tail (one token is left); None trusts it."""
+    top = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]], dtype=torch.float64))
+    noise = torch.full((2,), -12.0, dtype=torch.float64)
+    t = teacher_bucket_logprobs(top, noise, vocab_size=3)  # K = V
+    assert torch.isneginf(t[:, -1]).all()
+    torch.testing.assert_close(t[:, :3], top)
+    assert torch.isfinite(teacher_bucket_logprobs(top, noise)[:, -1]).all()  # vocab_size=None: as stored
+    top2 = top[:, :2]  # K = 2 ids of V = 3; the missing token has 0.2
+    target_lp = torch.tensor([math.log(0.2), 1.0], dtype=torch.float64)  # row 0: the missing token; row 1: unknown
+    outside = torch.tensor([True, False])
+    tail = torch.tensor([math.log(0.2) + 1e-6, math.log(0.2)], dtype=torch.float64)  # row 0: a little too much
+    t = teacher_bucket_logprobs(top2, tail, target_lp, outside, vocab_size=3)  # (2, K + 2)
+    assert t[0, -1] == -math.inf and t[1, -2] == -math.inf  # row 0: no rest; row 1: no target bucket
+    torch.testing.assert_close(t.exp().sum(-1), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(t[1, -1].exp(), torch.tensor(0.2, dtype=torch.float64))  # the missing token's mass
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1024])
+def test_row_without_teacher_mass_is_refused_naming_it(loss, chunk_tokens):
+    """A masked-in row whose top-K log-probs and tail are all -inf has no teacher distribution: a clear error
+    with its index instead of a NaN loss; the same row outside the mask is never read."""
+    batch = make_batch(vocab=29, num_topk=6, dtype=torch.float32)
+    batch["topk_logprobs"][5] = NEG_INF
+    batch["tail_logprob"][5] = NEG_INF
+    batch["loss_mask"][5] = True
+    batch["target_ids"][5] = 3
+    with pytest.raises(EmptyTeacherRowError, match="row 5 of 13: the teacher's stored log-probs hold no") as info:
+        run_sparse(batch, loss=loss, chunk_tokens=chunk_tokens)
+    assert info.value.row == 5
+    batch["loss_mask"][5] = False
+    value, _, grad = run_sparse(batch, loss=loss, chunk_tokens=chunk_tokens)
+    assert_finite(value, grad)
+    batch["loss_mask"][5] = True
+    value, _, grad = run_sparse(batch, loss="ce")  # cross-entropy alone reads no teacher entry
+    assert_finite(value, grad)
 
 
 @pytest.mark.parametrize("loss", DIVERGENCES)

@@ -1,19 +1,35 @@
-"""kdtrain run end to end on tiny caches: learning, bit-exact resume, the CE baselines, DDP."""
+"""kdtrain run end to end on tiny caches: learning, bit-exact resume, the CE baselines, DDP.
+
+Held-out metrics are also checked on hand-made batches with a mock student of fixed logits.
+"""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import SHAKESPEARE
 from trainer.checkpoint import list_checkpoints
+from trainer.data import collate
 from trainer.metrics import read_metrics
-from trainer.train import TrainConfig, TrainError, train
+from trainer.train import (
+    TrainConfig,
+    TrainError,
+    _ddp,
+    _loss,
+    _schedule,
+    evaluate_heldout,
+    select_device,
+    train,
+)
 
 
 def quiet(message):
@@ -86,16 +102,19 @@ def test_resume_with_other_data_settings_refused(tiny_cache, tmp_path):
 
 
 def test_ce_with_cache_ignores_teacher_logprobs(tiny_cache, trained_cache, tiny_gpt2_dir, tmp_path):
-    """Two caches of the same data from different teachers give the same CE-trained student."""
-    outs = []
+    """Two caches of the same data from different teachers give the same CE-trained student; its held-out
+    metrics still compare it with each cache's teacher (eval_kl, eval_top1_agreement), like a KD run's."""
+    outs, finals = [], []
     for i, cache in enumerate([tiny_cache, trained_cache]):
         out = str(tmp_path / f"ce{i}")
         train(TrainConfig(out=out, cache=cache, student=str(tiny_gpt2_dir), loss="ce", steps=6, batch_tokens=512),
               log=quiet)
         outs.append(weights(out))
-        final = read_metrics(out)[-1]
-        assert "eval_ppl" in final and "eval_kl" not in final
+        finals.append(read_metrics(out)[-1])
+        assert {"eval_ppl", "eval_loss", "eval_kl", "eval_top1_agreement"} <= set(finals[-1])
+        assert finals[-1]["eval_loss"] == pytest.approx(math.log(finals[-1]["eval_ppl"]))  # the CE objective
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert finals[0]["eval_ppl"] == finals[1]["eval_ppl"] and finals[0]["eval_kl"] != finals[1]["eval_kl"]
 
 
 def test_no_cache_dataset_ce_baseline(tiny_gpt2_dir, tmp_path):
@@ -179,4 +198,174 @@ def test_tail_samples_reach_the_loss(tail_cache, trained_teacher_dir, tmp_path):
     assert "unused (--no-tail-samples)" in notes["no-tail"]
     assert "they estimate forward KL only" in notes["rkl"]
     assert first["tail"] != pytest.approx(first["no-tail"], rel=1e-6)
-    assert all(m == m for m in first.values())  # finite, not NaN
+    assert all(math.isfinite(m) for m in first.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices under torchrun
+
+
+@pytest.mark.parametrize("env,cuda,count,expected", [
+    ({}, False, 0, "cpu"),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False, 0, "cpu"),  # gloo on a CPU machine
+    ({}, True, 1, "cuda:0"),
+    ({"LOCAL_RANK": "0", "WORLD_SIZE": "4"}, True, 4, "cuda:0"),
+    ({"LOCAL_RANK": "3", "WORLD_SIZE": "8", "RANK": "7"}, True, 4, "cuda:3"),  # second node: local, not global
+])
+def test_select_device_binds_each_rank_to_its_own_gpu(env, cuda, count, expected):
+    assert select_device(env, cuda_available=cuda, num_cuda_devices=count) == torch.device(expected)
+
+
+def test_select_device_refuses_a_rank_without_a_gpu_of_its_own():
+    with pytest.raises(TrainError, match="LOCAL_RANK=2 but this machine shows 2 CUDA device"):
+        select_device({"LOCAL_RANK": "2"}, cuda_available=True, num_cuda_devices=2)
+
+
+def test_ddp_gets_the_ranks_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    assert _ddp(model, torch.device("cuda", 2)) is model
+    assert _ddp(model, torch.device("cpu")) is model
+    assert calls == [{"device_ids": [2], "output_device": 2}, {}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out metrics on hand-made batches
+
+
+class FixedLogits(torch.nn.Module):
+    """A mock student: the logits at a position are a fixed row chosen by the input token."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)  # (V, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])  # (B, L, V)
+
+
+def handmade_rows(seed: int, *, length: int, vocab: int, top_k: int, tail: float | None = None) -> dict:
+    """One sequence's cache arrays from a random teacher distribution per row (top-K of it, and its tail)."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = (2 * torch.randn(length, vocab, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    top_lp, top_ids = logp.topk(top_k, dim=-1)
+    rest = logp.scatter(1, top_ids, -math.inf).logsumexp(-1)
+    return {"input_ids": torch.randint(0, vocab, (length,), generator=gen).numpy(), "loss_mask": np.ones(length, bool),
+            "topk_ids": top_ids.numpy(), "topk_logprobs": top_lp.float().numpy(),
+            "tail_logprob": (rest if tail is None else torch.full((length,), tail)).float().numpy(), "logp": logp}
+
+
+def test_heldout_kl_on_a_full_vocab_cache_ignores_a_noisy_tail(tmp_path):
+    """K = V with a stored tail of rounding noise: eval_kl is the dense KL, not +inf (the rest bucket is empty
+    by the same rule the loss uses)."""
+    vocab, length = 7, 6
+    seqs = [handmade_rows(seed, length=length, vocab=vocab, top_k=vocab, tail=-9.0) for seed in range(2)]
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(9))
+    config = TrainConfig(out=str(tmp_path), cache="c", student="s")
+    result = evaluate_heldout(FixedLogits(table.clone()), [collate(seqs, True)], config, has_teacher=True)
+    dense = []
+    for s in seqs:
+        student_logp = table.double()[torch.as_tensor(s["input_ids"])].log_softmax(-1)[:-1]  # last row: no target
+        teacher_p = s["logp"][:-1].exp()
+        dense.append((teacher_p * (s["logp"][:-1] - student_logp)).sum(-1))
+    assert result["eval_tokens"] == 2 * (length - 1)
+    assert result["eval_kl"] == pytest.approx(float(torch.cat(dense).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["fkl", "ce"])
+def test_heldout_row_without_teacher_mass_is_refused_naming_it(tmp_path, loss):
+    """A cache row whose stored log-probs are all -inf is refused with its shard, sequence and token (not a NaN
+    eval_kl), whatever the training loss."""
+    vocab, length = 11, 5
+    seqs = [handmade_rows(seed, length=length, vocab=vocab, top_k=3) for seed in range(2)]
+    seqs[1]["topk_logprobs"][2] = -np.inf
+    seqs[1]["tail_logprob"][2] = -np.inf
+    batch = {**collate(seqs, True), "ids": [(0, 4), (1, 9)]}
+    config = TrainConfig(out=str(tmp_path), cache="some/cache", student="s", loss=loss)
+    model = FixedLogits(torch.zeros(vocab, vocab))
+    named = r"cache some/cache, shard 1 sequence 9, token 2: the teacher's stored log-probs hold no probability"
+    with pytest.raises(TrainError, match=named + r".*rebuild the cache"):
+        evaluate_heldout(model, [batch], config, has_teacher=True)
+    if loss == "ce":
+        _loss(model, batch, config)  # training on cross-entropy alone reads no teacher entry
+    else:
+        with pytest.raises(TrainError, match=named):
+            _loss(model, batch, config)  # the training step names it the same way
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, resume and --out
+
+
+def test_logged_lr_is_the_rate_each_step_used(tiny_cache, tmp_path):
+    out = str(tmp_path / "lr")
+    train(TrainConfig(out=out, cache=tiny_cache, student_from_teacher=True, keep_layers=1, steps=4, warmup_steps=3,
+                      lr=1e-3, batch_tokens=384), log=quiet)
+    lrs = [r["lr"] for r in read_metrics(out) if "loss" in r]
+    assert lrs == pytest.approx([1e-3 * _schedule(step, 3, 4) for step in range(4)])
+    assert lrs[0] == pytest.approx(1e-3 / 3)  # the first warm-up step
+
+
+def test_resume_without_a_checkpoint_starts_over_cleanly(tiny_cache, tmp_path):
+    """A run killed while writing its first checkpoint: --resume starts over from step 0, deleting what the run
+    wrote, and ends as a fresh run (metrics and trace hold every step once)."""
+    common = {"cache": tiny_cache, "student_from_teacher": True, "keep_layers": 1, "steps": 3, "batch_tokens": 384,
+              "eval_every": 1, "trace_data": True}
+    fresh = str(tmp_path / "fresh")
+    train(TrainConfig(out=fresh, **common), log=quiet)
+    out = tmp_path / "part"
+    train(TrainConfig(out=str(out), stop_after=2, **common), log=quiet)
+    shutil.rmtree(list_checkpoints(str(out))[-1])
+    (out / "checkpoints" / ".tmp-step-000002").mkdir()  # as if killed mid-write
+    messages = []
+    summary = train(TrainConfig(out=str(out), resume=True, **common), log=messages.append)
+    assert summary["status"] == "complete"
+    assert any("holds no complete checkpoint" in m and "starting over from step 0" in m
+               and "deleted checkpoints, metrics.jsonl, run.json, trace" in m for m in messages), messages
+    assert not (out / "checkpoints" / ".tmp-step-000002").exists()
+    def digest(folder):
+        return [(r["step"], r.get("loss"), r.get("eval_kl")) for r in read_metrics(str(folder))]
+
+    assert digest(out) == digest(fresh)
+    assert [r["step"] for r in read_metrics(str(out)) if "loss" in r] == [1, 2, 3]
+    with open(out / "trace" / "rank-0.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_resume_refuses_another_architecture(tiny_cache, tmp_path):
+    common = {"cache": tiny_cache, "student_from_teacher": True, "batch_tokens": 384, "steps": 4}
+    out = str(tmp_path / "o")
+    train(TrainConfig(out=out, keep_layers=1, stop_after=2, **common), log=quiet)
+    with pytest.raises(TrainError, match=r"step-000002 holds the weights of another architecture than this student's "
+                                         r"\(missing transformer\.h\.1\..*resume with the student the run started with"):
+        train(TrainConfig(out=out, keep_layers=2, resume=True, **common), log=quiet)
+
+
+def test_resume_refuses_other_training_settings(tiny_cache, tmp_path):
+    common = {"cache": tiny_cache, "student_from_teacher": True, "keep_layers": 1, "batch_tokens": 384, "steps": 4}
+    out = str(tmp_path / "o")
+    train(TrainConfig(out=out, stop_after=2, **common), log=quiet)
+    with pytest.raises(TrainError, match=r"other training settings \(temperature 1.0 -> 2.0; lr 0.0005 -> 0.001\)"):
+        train(TrainConfig(out=out, resume=True, temperature=2.0, lr=1e-3, **common), log=quiet)
+    with pytest.raises(TrainError, match=r"loss 'fkl' -> 'jsd'"):
+        train(TrainConfig(out=out, resume=True, loss="jsd", **common), log=quiet)
+    train(TrainConfig(out=out, resume=True, eval_every=2, **common), log=quiet)  # logging settings may change
+
+
+def test_resume_with_more_steps_continues_at_the_final_lr(tiny_cache, tmp_path):
+    """--steps may grow on resume (the schedule keeps its horizon: the extra steps run at 10% of --lr), not shrink."""
+    common = {"cache": tiny_cache, "student_from_teacher": True, "keep_layers": 1, "batch_tokens": 384, "lr": 1e-3,
+              "warmup_steps": 1, "save_every": 4}
+    out = str(tmp_path / "o")
+    train(TrainConfig(out=out, steps=4, **common), log=quiet)
+    with pytest.raises(TrainError, match="belongs to a run of 4 steps; 3 steps would cut its learning-rate schedule "
+                                         "short: pass --steps 4 or more"):
+        train(TrainConfig(out=out, steps=3, resume=True, **common), log=quiet)
+    train(TrainConfig(out=out, steps=6, resume=True, **common), log=quiet)
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * _schedule(s, 1, 4) for s in range(6)])
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([1e-4, 1e-4])
+    run = read_run(out)
+    assert (run["total_steps"], run["schedule_steps"], run["final"]["step"]) == (6, 4, 6)
