@@ -72,7 +72,7 @@ def run(
     tail_samples: bool = typer.Option(True, "--tail-samples/--no-tail-samples",
                                       help="With --loss fkl, use the cache's tail samples (built with kdcache build "
                                       "--tail-samples) in place of the rest bucket."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs over the data)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs over the data); may grow on --resume (extra steps at the final LR)."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data when --steps is not given."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
@@ -86,8 +86,8 @@ def run(
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction of sequences."),
     log_every: int = typer.Option(1, "--log-every", help="Metrics line every N steps."),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (same settings); without one, start that run over."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out that holds a kdtrain run."),
     dataset: str = typer.Option(None, "--dataset", help="No-cache path: data set for plain CE (--loss ce)."),
     split: str = typer.Option(None, "--split", help="No-cache path: split."),
     text_field: str = typer.Option(None, "--text-field", help="No-cache path: text field."),
@@ -133,6 +133,7 @@ def run(
 def eval_(
     model: str = typer.Option(..., "--model", help="Model folder to evaluate."),
     dataset: str = typer.Option(None, "--dataset", help="Evaluation data (ppl, rouge, gsm8k)."),
+    dataset_config: str = typer.Option(None, "--dataset-config", help="Configuration of a hub data set, e.g. main for openai/gsm8k."),
     metrics: str = typer.Option("ppl", "--metrics", help="Comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore."),
     cache: str = typer.Option(None, "--cache", help="Teacher cache: agreement, and ppl on its held-out rows when no --dataset."),
     out: str = typer.Option(None, "--out", help="Write all numbers to this JSON file."),
@@ -147,22 +148,27 @@ def eval_(
     seeds: str = typer.Option("10,20,30,40,50", "--seeds", help="rouge: sampling seeds."),
     greedy: bool = typer.Option(False, "--greedy", help="rouge: greedy decoding."),
     batch_size: int = typer.Option(8, "--batch-size"),
+    gsm8k_instruction: str = typer.Option(None, "--gsm8k-instruction",
+                                          help="gsm8k: line appended to each question (default: ask for '#### N'; '' for none)."),
+    bertscore_layers: int = typer.Option(None, "--bertscore-layers",
+                                         help="bertscore: feature layer (default: bert_score's for a known model name, else the last)."),
     all_rows: bool = typer.Option(False, "--all-rows", help="agreement/ppl on every cache row, not only held-out ones."),
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction the student was trained with."),
 ):
     """Evaluate a model: perplexity, agreement with a teacher cache, ROUGE-L, GSM8K, ..."""
     from shared.data import DataError
     from shared.format import CacheError
-    from trainer.evaluate import EvalConfig, EvalError, evaluate
+    from trainer.evaluate import GSM8K_INSTRUCTION, EvalConfig, EvalError, evaluate
 
     try:
-        config = EvalConfig(model=model, dataset=dataset, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+        config = EvalConfig(model=model, dataset=dataset, dataset_config=dataset_config, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
                             cache=cache, split=split, text_field=text_field, prompt_field=prompt_field,
                             response_field=response_field, input_field=input_field, max_length=max_length,
                             max_prompt_length=max_prompt_length, limit=limit,
                             seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), greedy=greedy,
                             batch_size=batch_size, heldout_only=not all_rows, eval_fraction=eval_fraction,
-                            out=out)
+                            gsm8k_instruction=GSM8K_INSTRUCTION if gsm8k_instruction is None else gsm8k_instruction,
+                            bertscore_layers=bertscore_layers, out=out)
         result = evaluate(config, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     except (EvalError, CacheError, DataError, ValueError, OSError) as exc:
         fail(str(exc))
@@ -208,7 +214,7 @@ def chain(
     as_json: bool = typer.Option(False, "--json", help="--dry-run: print JSON."),
 ):
     """Run a sequential/parallel distillation plan, resumably; write report.md/json and plots."""
-    from trainer.chain import PlanError, describe_stages, load_plan, run_plan
+    from trainer.chain import PlanError, check_plan, describe_stages, load_plan, run_plan
 
     try:
         p = load_plan(plan, out=out)
@@ -217,6 +223,8 @@ def chain(
         if cache_root:
             p.cache_root = cache_root
         if dry_run:
+            for note in check_plan(p, strict=False):  # a tokenizer mismatch is an error here too
+                console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
             rows = describe_stages(p)
             if as_json:
                 stdout.print_json(json.dumps(rows))
@@ -226,7 +234,8 @@ def chain(
                 table.add_column(col)
             for r in rows:
                 state = "done" if r["done"] else ("cache " + r["cache_state"] if r["kind"] == "cache" else "to run")
-                table.add_row(r["stage"], state, r.get("cache", "") or r["command"][:80])
+                details = (r["cache"] + (" (reused)" if r.get("reused") else "")) if r["kind"] == "cache" else r["command"][:80]
+                table.add_row(r["stage"], state, details)
             stdout.print(table)
             return
         with _plan_progress() as (log, progress):

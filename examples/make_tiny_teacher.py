@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import SHAKESPEARE, build_tiny_model, train_tokenizer  # noqa: E402
-from trainer.train import TrainConfig, train  # noqa: E402
+from tests.conftest import SHAKESPEARE, build_tiny_model, train_tokenizer
+from trainer.train import TrainConfig, train
 
 
 def make_tiny_teacher(out: str, *, steps: int = 150, num_layers: int = 4, seed: int = 0, log=print) -> str:

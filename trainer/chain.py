@@ -9,17 +9,28 @@ the teacher cache's tokens (same data, order and steps): the baseline every comp
 
 Each stage runs as its own process (`kdcache build`, `kdtrain run`, `kdtrain eval`), so any stage
 can run on another machine; a stage that finished has a marker in `<out>/stages/` and is skipped on
-the next run, and an interrupted `kdtrain run` resumes from its checkpoint. Caches live under
-`cache_root` (shared across plans): `kdcache build` returns an existing cache with the same
-cache_key at once, so a teacher never runs twice on the same data and settings.
+the next run. Train stages always run with `--resume`: an interrupted `kdtrain run` continues from
+its latest checkpoint, or starts again from step 0 when it was killed before its first one.
+
+Caches live under `cache_root` (shared across plans) in folders named
+`<plan name>__<node>-<digest of the build's model, data and cache settings>`, so plans that share a
+name but not their data never write into one folder. `kdcache build` returns an existing complete
+cache with the same cache_key at once (anywhere under the root) instead of building a second one; the
+chain reads the cache the build reports, records it in the cache stage's marker, and every later stage
+(train, eval, the teacher's folder) uses that cache. So a teacher never runs twice on the same data and
+settings, whichever plan built its cache first.
 
 Students are initialized independently of the path they are trained on (a layer-dropped copy of
 the plan's teacher, a model folder or hub id, or a config), so paths are compared from the same
-starting point. Knows plans and processes; never imports the cacher.
+starting point. Before any stage runs (and on --dry-run), students given as model folders or hub ids
+already in the local Hugging Face cache are checked to share the teacher's tokenizer (layer-dropped
+and config students use the teacher's by construction). Knows plans and processes; never imports the
+cacher.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,20 +42,23 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from shared.format import CacheError
+
 PLAN_KEYS = {
     "name": "plan name (used in cache folder names)",
     "teacher": "{model: hub id | folder | smollm2-135m}",
-    "data": "dataset, split, text_field | prompt_field + response_field, limit, max_length",
+    "data": "dataset, dataset_config, split, text_field | prompt_field + response_field, limit, max_length",
     "cache": "top_k, engine, dtype, batch_tokens, shard_tokens, mode, generate settings (max_new_tokens, temperature, num_samples, seed, filter)",
-    "train": "kdtrain run settings: loss, alpha, temperature, steps, epochs, lr, batch_tokens, seed, eval_every, warmup_steps, ...",
+    "train": "kdtrain run settings: loss, alpha, temperature, steps, epochs, lr, batch_tokens, seed, eval_every, warmup_steps, save_every (checkpoint every N steps; long stages should set it), ...",
     "students": "name -> {keep_layers: N} | {model: path or hub id} | {config: file.json}",
     "paths": "list of student-name lists: [assistant, student] is teacher -> assistant -> student",
     "baselines": "true: train every student with plain cross-entropy too",
-    "eval": "metrics (ppl, agreement, rouge, gsm8k, ...), dataset and fields (default: data's), limit, max_length",
-    "cache_root": "folder (or URL) shared by plans for caches (default <out>/caches)",
+    "eval": "metrics (ppl, agreement, rouge, gsm8k, ...), dataset, dataset_config and fields (default: data's), limit, max_length, gsm8k_instruction, bertscore_layers",
+    "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default <out>/caches)",
     "out": "output folder (default runs/<name>)",
 }
-DATA_KEYS = {"dataset", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"}
+# dataset_config is passed as `kdcache build --dataset-config` (a hub data set's configuration, e.g. gsm8k's "main").
+DATA_KEYS = {"dataset", "dataset_config", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"}
 CACHE_KEYS = {"top_k", "tail_samples", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
               "temperature", "num_samples", "seed", "filter", "tensor_parallel_size", "gpu_memory_utilization",
               "trust_remote_code"}
@@ -54,12 +68,20 @@ TRAIN_KEYS = {"loss", "alpha", "temperature", "steps", "epochs", "lr", "batch_to
 # Boolean train settings whose kdtrain flag defaults to on: false in a plan passes --no-<flag>.
 ON_BY_DEFAULT = {"target_bucket", "tail_samples"}
 EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "response_field", "input_field", "limit",
-             "max_length", "max_prompt_length", "greedy", "seeds", "batch_size"}
+             "max_length", "max_prompt_length", "greedy", "seeds", "batch_size", "bertscore_layers", "dataset_config",
+             "gsm8k_instruction"}
 STUDENT_KEYS = {"keep_layers", "model", "config"}
 TEACHER = "teacher"
 # Stands for the root teacher's local folder in train commands until the teacher cache exists and
 # names it (a hub id or `smollm2-135m` is resolved to a folder by `kdcache build`).
 TEACHER_FOLDER = "{teacher_folder}"
+# "{cache:<node>}" stands for the cache of <node> in train and eval commands until its cache stage has
+# run and recorded the cache `kdcache build` reported (its own --out, or an identical cache it reused).
+CACHE_REF = "{{cache:{}}}"
+# The last line `kdcache build` prints: "<status>: <url>  shards ...  cache_key <12 hex>  <seconds>s".
+_BUILD_SUMMARY = re.compile(r"^(built|already built|reused|partial): (.+?)  shards \d+ .*?cache_key ([0-9a-f]{12})\b",
+                            re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class PlanError(ValueError):
@@ -247,25 +269,53 @@ def model_dir_of(plan: Plan, node: str) -> str:
 
 
 def cache_dir_of(plan: Plan, node: str) -> str:
-    return os.path.join(plan.cache_root, f"{plan.name}__{_slug(node)}")
+    """The folder the chain asks `kdcache build` to write node's cache to (see cache_of for the one used).
+
+    Named by the plan, the node and a digest of what the build depends on (model, data and cache
+    settings), so two plans with one name but other data or teachers never share a folder.
+    """
+    model = model_dir_of(plan, node)
+    if node != TEACHER:
+        model = os.path.abspath(model)
+    settings = json.dumps({"model": model, "data": plan.data, "cache": plan.cache}, sort_keys=True, default=str)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return os.path.join(plan.cache_root, f"{plan.name}__{_slug(node)}-{digest}")
+
+
+def _marker_of(plan: Plan, kind: str, node: str) -> str:
+    return os.path.join(plan.out, "stages", f"{kind}-{_slug(node)}.done.json")
+
+
+def recorded_cache(plan: Plan, node: str) -> str | None:
+    """The cache node's finished cache stage recorded (what `kdcache build` reported), if any."""
+    try:
+        with open(_marker_of(plan, "cache", node)) as f:
+            recorded = json.load(f).get("cache")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
+def cache_of(plan: Plan, node: str) -> str:
+    """The cache that node's students train on: the one its cache stage recorded, else where it asks for one."""
+    return recorded_cache(plan, node) or cache_dir_of(plan, node)
 
 
 def stages_of(plan: Plan) -> list[Stage]:
     """The plan as an ordered list of stages; each runs as its own process."""
     stages: list[Stage] = []
-    markers = os.path.join(plan.out, "stages")
     teacher_nodes = [TEACHER] + [n for n in nodes_of(plan) if any(m.startswith(n + ">") for m in nodes_of(plan))]
 
     def add(kind, node, command, **outputs):
         sid = f"{kind}:{_slug(node)}"
-        stages.append(Stage(sid, kind, node, command, os.path.join(markers, sid.replace(":", "-") + ".done.json"), outputs))
+        stages.append(Stage(sid, kind, node, command, _marker_of(plan, kind, node), outputs))
 
     build_common = _options(plan.data) + _options(plan.cache)
     for node in [TEACHER] + nodes_of(plan):
         if node != TEACHER:  # train the node first: it is the teacher of its own cache
             parent = node.rsplit(">", 1)[0]
             student = node.rsplit(">", 1)[1]
-            add("train", node, _train_command(plan, student, cache_dir_of(plan, parent), model_dir_of(plan, node), None),
+            add("train", node, _train_command(plan, student, CACHE_REF.format(parent), model_dir_of(plan, node), None),
                 run=model_dir_of(plan, node))
         if node in teacher_nodes:
             add("cache", node, _python_cli("cli.kdcache") + ["build", "--model", model_dir_of(plan, node),
@@ -273,7 +323,7 @@ def stages_of(plan: Plan) -> list[Stage]:
                 cache=cache_dir_of(plan, node))
     for student in _baseline_students(plan):
         node = f"ce:{student}"
-        add("train", node, _train_command(plan, student, cache_dir_of(plan, TEACHER), model_dir_of(plan, node), "ce"),
+        add("train", node, _train_command(plan, student, CACHE_REF.format(TEACHER), model_dir_of(plan, node), "ce"),
             run=model_dir_of(plan, node))
     for node in [TEACHER] + nodes_of(plan) + [f"ce:{s}" for s in _baseline_students(plan)]:
         out_file = os.path.join(plan.out, "eval", f"{_slug(node)}.json")
@@ -299,7 +349,9 @@ def _students_in_paths(plan: Plan) -> list[str]:
 
 def _train_command(plan: Plan, student: str, cache: str, out: str, loss: str | None) -> list[str]:
     spec = plan.students[student]
-    cmd = _python_cli("cli.kdtrain") + ["run", "--cache", cache, "--out", out]
+    # --resume always: continue from the latest checkpoint, or start from step 0 in a run folder that a
+    # killed stage left without one (kdtrain run clears its own files then).
+    cmd = _python_cli("cli.kdtrain") + ["run", "--cache", cache, "--out", out, "--resume"]
     if "keep_layers" in spec:
         cmd += ["--student-from-teacher", "--keep-layers", str(spec["keep_layers"]), "--teacher", TEACHER_FOLDER]
     elif "model" in spec:
@@ -318,14 +370,14 @@ def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
     stage, never trained on); generation metrics read eval.dataset (default: the plan's data)."""
     settings = {k: v for k, v in plan.eval.items()}
     metrics = settings.pop("metrics")
-    if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")):
-        for key in ("dataset", "split", "prompt_field", "response_field"):
+    if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")) and "dataset" not in settings:
+        for key in ("dataset", "dataset_config", "split", "prompt_field", "response_field"):
             if key not in settings and key in plan.data:
                 settings[key] = plan.data[key]
     cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file,
                                         "--eval-fraction", str(plan.train.get("eval_fraction", 0.05))]
-    if "agreement" in metrics:
-        cmd += ["--cache", cache_dir_of(plan, TEACHER)]
+    if "agreement" in metrics or ("ppl" in metrics and "dataset" not in settings):
+        cmd += ["--cache", CACHE_REF.format(TEACHER)]
     return cmd + _options(settings)
 
 
@@ -337,37 +389,228 @@ def teacher_folder(plan: Plan) -> str:
     """The root teacher's local folder: the plan's model if it is a folder, else what its cache recorded."""
     if os.path.isdir(plan.teacher["model"]):
         return plan.teacher["model"]
-    manifest = os.path.join(cache_dir_of(plan, TEACHER), "manifest.json")
+    cache = cache_of(plan, TEACHER)
     try:
-        with open(manifest) as f:
-            return json.load(f)["teacher"]["path"]
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise PlanError(f"cannot find the teacher's folder: {plan.teacher['model']} is not a folder and "
-                        f"{manifest} is missing") from exc
+        return _read_manifest(cache).teacher["path"]
+    except (CacheError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"cannot find the teacher's folder: {plan.teacher['model']} is not a folder and the teacher "
+                        f"cache {cache} has no readable manifest.json ({exc})") from exc
 
 
-def stage_done(stage: Stage) -> bool:
-    return os.path.exists(stage.marker)
+def _read_manifest(url: str):
+    from shared.format import MANIFEST_FILE
+    from shared.manifest import parse_manifest
+    from shared.store import open_store
+
+    return parse_manifest(open_store(url).read_bytes(MANIFEST_FILE))
 
 
-def cache_state(path: str) -> str:
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        return "complete"
-    if os.path.exists(os.path.join(path, "build.json")):
-        return "partial"
+def stage_done(stage: Stage, plan: Plan | None = None) -> bool:
+    """A stage is done when its marker exists; a cache stage also needs its recorded cache to be complete."""
+    if not os.path.exists(stage.marker):
+        return False
+    if stage.kind == "cache" and plan is not None:
+        return cache_state(cache_of(plan, stage.node)) == "complete"
+    return True
+
+
+def cache_state(url: str) -> str:
+    """'complete' (manifest.json), 'partial' (build.json only) or 'missing'; url is a folder or store URL."""
+    from shared.format import BUILD_FILE, MANIFEST_FILE
+    from shared.store import open_store
+
+    try:
+        store = open_store(url)
+        if store.exists(MANIFEST_FILE):
+            return "complete"
+        if store.exists(BUILD_FILE):
+            return "partial"
+    except (CacheError, OSError, ValueError):
+        pass
     return "missing"
+
+
+def resolve_command(plan: Plan, command: list[str], *, strict: bool = True) -> list[str]:
+    """Replace the placeholders of a stage's command: the teacher's folder and the caches of nodes.
+
+    strict=False (for --dry-run) keeps a placeholder that cannot be resolved yet.
+    """
+    out = []
+    for c in command:
+        if c == TEACHER_FOLDER:
+            try:
+                c = teacher_folder(plan)
+            except PlanError:
+                if strict:
+                    raise
+        elif c.startswith("{cache:") and c.endswith("}"):
+            c = cache_of(plan, c[len("{cache:"):-1])
+        out.append(c)
+    return out
+
+
+def reported_cache(plan: Plan, log_text: str) -> dict:
+    """The cache a finished `kdcache build` reported in its log: {"cache", "cache_key", "status"}.
+
+    The build prints "<status>: <url>  shards ...  cache_key <12 hex> ..." last; `reused` names an
+    identical cache elsewhere under the cache root, and nothing is written at --out. The URL is
+    checked against the printed key (the manifest's cache_key); if it cannot be read, the cache is
+    looked up by that key under the plan's cache root.
+    """
+    from shared.catalog import find_caches
+
+    matches = list(_BUILD_SUMMARY.finditer(_ANSI.sub("", log_text)))
+    if not matches:
+        raise PlanError("kdcache build finished without its summary line ('<status>: <cache>  shards ...  cache_key "
+                        "...'), so the chain cannot tell which cache it built or reused; see the stage's log")
+    status, url, key_prefix = matches[-1].groups()
+    if status == "partial":
+        raise PlanError(f"kdcache build left {url} partial: other workers still owe shards. Run them (or "
+                        f"`kdcache finalize {url}`), then rerun the plan")
+    try:
+        key = _read_manifest(url).cache_key
+    except (CacheError, OSError, ValueError):
+        key = None
+    if key is None or not key.startswith(key_prefix):
+        try:
+            found = [c for c in find_caches(plan.cache_root, key_prefix=key_prefix) if c.get("complete")]
+        except CacheError:
+            found = []
+        if not found:
+            raise PlanError(f"kdcache build reported cache {url} (cache_key {key_prefix}...), but no complete cache with "
+                            f"that key is there or under {plan.cache_root}; see the stage's log")
+        key = found[0]["cache_key"]
+        url = plan.cache_root if found[0]["path"] == "." else f"{plan.cache_root.rstrip('/')}/{found[0]['path']}"
+    return {"cache": url, "cache_key": key, "status": status}
 
 
 def describe_stages(plan: Plan) -> list[dict]:
     rows = []
     for st in stages_of(plan):
-        row = {"stage": st.id, "kind": st.kind, "node": st.node, "done": stage_done(st)}
+        row = {"stage": st.id, "kind": st.kind, "node": st.node, "done": stage_done(st, plan)}
         if st.kind == "cache":
-            row["cache"] = st.outputs["cache"]
-            row["cache_state"] = cache_state(st.outputs["cache"])
-        row["command"] = " ".join(shlex.quote(c) for c in st.command)
+            cache = cache_of(plan, st.node)
+            row["cache"] = cache
+            row["cache_state"] = cache_state(cache)
+            if cache != st.outputs["cache"]:
+                row["reused"] = True  # an identical cache another build (another plan) wrote
+        row["command"] = " ".join(shlex.quote(c) for c in resolve_command(plan, st.command, strict=False))
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before any stage runs
+
+
+def check_plan(plan: Plan, *, strict: bool = True) -> list[str]:
+    """What can be checked before a stage runs: local teacher and data exist, model students share the tokenizer.
+
+    Raises PlanError for a student whose tokenizer differs from the teacher's (found now, not after the
+    teacher cache is built), and with strict=True for a missing local teacher folder or data file.
+    Returns notes on what is missing or could not be checked (a --dry-run prints them).
+    """
+    notes = []
+    teacher = plan.teacher["model"]
+    if os.path.isabs(teacher) and not os.path.isdir(teacher):
+        message = (f"teacher folder {teacher} does not exist; create it first (see the comment at the top of "
+                   f"{plan.source or 'the plan'}) or pass --teacher")
+        if strict:
+            raise PlanError(message)
+        notes.append(message)
+    for where, spec in (("data", plan.data), ("eval", plan.eval)):
+        dataset = spec.get("dataset")
+        if dataset and os.path.isabs(dataset) and not os.path.exists(dataset):
+            message = (f"{where}.dataset {dataset} does not exist; create it first (see the comment at the top of "
+                       f"{plan.source or 'the plan'})")
+            if strict:
+                raise PlanError(message)
+            notes.append(message)
+    return notes + check_student_tokenizers(plan)
+
+
+def _local_model_folder(model: str) -> str | None:
+    """model as a local folder: itself, or its snapshot in the local Hugging Face cache; None if neither."""
+    if os.path.isdir(model):
+        return model
+    if os.path.isabs(model) or model.count("/") > 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json")
+    except (ValueError, OSError):  # an id the hub library refuses (HFValidationError) is simply not in the cache
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str] | None:
+    """(vocab sha256, number of token ids, name) of the root teacher, from its cache or its local folder."""
+    try:
+        m = _read_manifest(cache_of(plan, TEACHER))
+        return m.tokenizer["vocab_sha256"], m.vocab_size, str(m.teacher.get("name", plan.teacher["model"]))
+    except (CacheError, OSError, ValueError, KeyError):
+        pass
+    folder = _local_model_folder(plan.teacher["model"])
+    if folder is None:
+        return None
+    from trainer.student import load_student_tokenizer, vocab_fingerprint
+
+    try:
+        tokenizer = load_student_tokenizer(folder)
+    except (OSError, ValueError):
+        return None
+    # As kdcache build counts them: the larger of the config's vocab_size and the tokenizer's length.
+    return vocab_fingerprint(tokenizer), max(_config_vocab_size(folder) or 0, len(tokenizer)), plan.teacher["model"]
+
+
+def _config_vocab_size(folder: str) -> int | None:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(vocab) if isinstance(vocab, int) else None
+
+
+def check_student_tokenizers(plan: Plan) -> list[str]:
+    """Raise PlanError if a student given by model folder / locally cached hub id has another tokenizer.
+
+    Students built from the teacher (keep_layers) or from a config use the teacher's tokenizer, and a
+    sequential path's later teachers are students, so comparing each model student with the root
+    teacher covers every stage. Returns notes on students that could not be checked.
+    """
+    models = {name: spec["model"] for name, spec in plan.students.items() if "model" in spec}
+    if not models:
+        return []
+    teacher = _teacher_tokenizer(plan)
+    if teacher is None:
+        return [(f"tokenizers not checked yet: teacher {plan.teacher['model']} is neither a local folder nor in the "
+                 "local Hugging Face cache (kdtrain run checks them after the teacher cache is built)")]
+    from trainer.student import check_tokenizer_matches, load_student_tokenizer
+
+    notes = []
+    for name, model in models.items():
+        folder = _local_model_folder(model)
+        if folder is None:
+            notes.append(f"students.{name}: {model} is neither a local folder nor in the local Hugging Face cache; "
+                         "its tokenizer is checked when it trains")
+            continue
+        try:
+            tokenizer = load_student_tokenizer(folder)
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"plan: students.{name}: {exc}") from exc
+        try:
+            check_tokenizer_matches(tokenizer, teacher[0], teacher[1], num_student_embeddings=_config_vocab_size(folder),
+                                    student_name=name, teacher_name=teacher[2])
+        except ValueError as exc:
+            raise PlanError(f"plan: students.{name} ({model}): {exc}") from exc
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
 
 
 def _last_line(path: str) -> str:
@@ -408,18 +651,17 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None) -
     progress, if given, is called as progress(stages_finished, num_stages, stage_id, last_log_line) about
     twice a second while a stage runs and once after each stage (the CLI draws it as a progress bar).
     """
+    check_plan(plan)  # before anything is written
     os.makedirs(os.path.join(plan.out, "stages"), exist_ok=True)
     os.makedirs(os.path.join(plan.out, "logs"), exist_ok=True)
     with open(os.path.join(plan.out, "plan.json"), "w") as f:
         json.dump(plan.__dict__, f, indent=1, default=str)
     stages = stages_of(plan)
     for i, st in enumerate(stages, 1):
-        if stage_done(st):
+        if stage_done(st, plan):
             log(f"[{i}/{len(stages)}] {st.id}: done earlier, skipped")
             continue
-        command = [teacher_folder(plan) if c == TEACHER_FOLDER else c for c in st.command]
-        if st.kind == "train" and os.path.isdir(os.path.join(st.outputs["run"], "checkpoints")):
-            command.append("--resume")
+        command = resolve_command(plan, st.command)
         log(f"[{i}/{len(stages)}] {st.id}: " + " ".join(shlex.quote(c) for c in command[2:]))
         started = time.time()
         log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")
@@ -430,8 +672,15 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None) -
                 tail = lf.read()[-3000:]
             raise PlanError(f"stage {st.id} failed with exit code {rc}; log: {log_path}\n{tail}\n"
                             "Fix the cause and rerun the same command: finished stages are skipped.")
-        with open(st.marker, "w") as f:
-            json.dump({"stage": st.id, "seconds": round(time.time() - started, 1), "command": command}, f)
+        marker = {"stage": st.id, "seconds": round(time.time() - started, 1), "command": command}
+        if st.kind == "cache":
+            with open(log_path) as lf:
+                marker.update(reported_cache(plan, lf.read()))
+            if marker["cache"] != st.outputs["cache"]:
+                log(f"    {marker['status']}: {marker['cache']} (cache_key {marker['cache_key'][:12]})")
+        with open(st.marker + ".tmp", "w") as f:
+            json.dump(marker, f)
+        os.replace(st.marker + ".tmp", st.marker)
         log(f"    done in {time.time() - started:.0f}s")
         if progress is not None:
             progress(i, len(stages), st.id, "")

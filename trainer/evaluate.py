@@ -9,21 +9,28 @@ Metrics (each a plain function returning a dict of numbers):
   prompt/response data) counts once: ppl = exp(sum NLL / number of predicted tokens).
 - `agreement`: against a teacher cache: top-1 agreement (student argmax == teacher's most likely
   token) and mean KL(teacher || student) per token over the cache's K+1 buckets (top K + tail), on
-  the cache's loss rows (held-out rows only when `heldout_only`).
+  the cache's loss rows (held-out rows only when `heldout_only`). The model needs a row for every id of
+  the cache's tokenizer; cached ids beyond its rows (a teacher's padded embedding matrix) count in the
+  tail bucket, where the model's probability of them (0) is too.
 - `rouge`: MiniLLM's protocol: its instruction template, responses sampled at temperature 1 with
   top_p 1 for several seeds (or greedy), ROUGE-L F1 (rouge-score, stemming on) averaged per seed, then
   mean and std over seeds, x100 as in the paper.
-- `gsm8k`: greedy answers to GSM8K questions; exact match of the final `#### N` number.
+- `gsm8k`: greedy answers to GSM8K questions asked with GSM8K_INSTRUCTION (end with `#### N`);
+  exact match of the final `#### N` number, or of the last `\boxed{N}` when there is no `####`
+  (instruct models trained on MATH-style data answer that way).
 - `mauve`, `bertscore`: when their packages and local models are installed (see docs/evaluation.md);
-  otherwise the metric is reported as skipped with the reason.
+  otherwise the metric is reported as skipped with the reason. A feature model that cannot work
+  (mauve-text only loads folders whose path contains "gpt2" or "bert") is refused before generating.
 
 Knows models, the cache format's reader and the data; never imports the cacher.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +51,12 @@ MINILLM_TEMPLATE_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
+# Appended to each GSM8K question (after a blank line) so the answer ends in the form the metric and
+# `kdcache build --filter gsm8k-answer` read. examples/prepare_gsm8k.py adds the same line to training prompts.
+GSM8K_INSTRUCTION = ("Solve the problem step by step, then write the final answer as a number alone on the last "
+                     "line, after '#### '.")
+# mauve-text 0.4 loads a feature model only when its name or path contains one of these.
+MAUVE_MODEL_MARKERS = ("gpt2", "bert")
 
 
 class EvalError(ValueError):
@@ -58,6 +71,8 @@ class EvalConfig:
     """Model folder (or hub id) to evaluate."""
     dataset: str | None = None
     """Evaluation data (ppl, rouge, gsm8k): a local file, builtin:NAME or a hub name."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a hub data set that has several, e.g. 'main' for openai/gsm8k."""
     metrics: tuple[str, ...] = ("ppl",)
     """Metrics to compute: ppl, agreement, rouge, gsm8k, mauve, bertscore."""
     cache: str | None = None
@@ -84,6 +99,11 @@ class EvalConfig:
     """rouge: greedy decoding instead of sampling (then one pass, no seeds)."""
     batch_size: int = 8
     """Sequences per forward / generation batch."""
+    gsm8k_instruction: str = GSM8K_INSTRUCTION
+    """gsm8k: the line appended to each question ('' for none; see GSM8K_INSTRUCTION)."""
+    bertscore_layers: int | None = None
+    """bertscore: the feature model's layer to use (default: bert_score's tuned layer for a folder named like a
+    model it knows, e.g. roberta-large -> 17, else the folder's last layer, config num_hidden_layers)."""
     heldout_only: bool = True
     """agreement: only the cache's held-out rows (the trainer's held-out rule)."""
     eval_fraction: float = 0.05
@@ -107,6 +127,8 @@ class EvalConfig:
                 raise EvalError(f"metric {m!r} needs --prompt-field and --response-field (prompts and references)")
         if self.max_length < 2:
             raise EvalError("--max-length must be >= 2")
+        if self.bertscore_layers is not None and self.bertscore_layers < 1:
+            raise EvalError(f"--bertscore-layers must be >= 1, got {self.bertscore_layers}")
 
 
 def load_model(path: str):
@@ -171,8 +193,13 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
     if not selected:
         raise EvalError(f"cache {cache} has no {'held-out ' if heldout_only else ''}sequences to compare with")
     emb = model.get_output_embeddings().weight.shape[0]
-    if emb < reader.manifest.vocab_size:
-        raise EvalError(f"model's vocabulary ({emb}) is smaller than the cache's ({reader.manifest.vocab_size}): different tokenizer?")
+    # The ids a tokenizer can produce; vocab_size may count padded embedding rows beyond them (Qwen2.5-7B has
+    # 152064 rows, 3B and smaller 151936, for one 151665-token tokenizer).
+    num_token_ids = int(reader.manifest.tokenizer.get("tokenizer_size") or reader.manifest.vocab_size)
+    if emb < num_token_ids:
+        raise EvalError(f"model's vocabulary ({emb}) is smaller than the cache's tokenizer ({num_token_ids} ids): "
+                        "different tokenizer?")
+    cache_vocab = max(reader.manifest.vocab_size, emb)
     kl_sum, agree, count = 0.0, 0, 0
     for start in range(0, len(selected), batch_size):
         seqs = selected[start:start + batch_size]
@@ -189,9 +216,13 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
             if not mask.any():
                 continue
             lg = logits[r, :n][mask]  # (M, V)
-            topk_ids = torch.as_tensor(s["topk_ids"].astype(np.int64))[mask]
-            t_lp = teacher_bucket_logprobs(torch.as_tensor(s["topk_logprobs"].astype(np.float32))[mask],
-                                           torch.as_tensor(s["tail_logprob"].astype(np.float32))[mask])
+            topk_ids = torch.as_tensor(s["topk_ids"].astype(np.int64))[mask]  # (M, K)
+            top_lp, tail_lp = fold_missing_ids(torch.as_tensor(s["topk_logprobs"].astype(np.float32))[mask],
+                                               torch.as_tensor(s["tail_logprob"].astype(np.float32))[mask],
+                                               topk_ids, lg.shape[1])
+            t_lp = teacher_bucket_logprobs(top_lp, tail_lp)
+            if cache_vocab > lg.shape[1]:  # ids the model has no row for: probability 0 (they are in the tail)
+                lg = torch.nn.functional.pad(lg, (0, cache_vocab - lg.shape[1]), value=-math.inf)  # (M, V')
             s_lp = student_bucket_logprobs(lg, topk_ids)
             kl_sum += float(divergence(t_lp, s_lp, "fkl").sum())
             agree += int((lg.argmax(-1) == topk_ids[:, 0]).sum())
@@ -199,6 +230,20 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
     if count == 0:
         raise EvalError(f"cache {cache} has no loss tokens in the selected sequences")
     return {"top1_agreement": agree / count, "kl": kl_sum / count, "num_tokens": count, "cache": cache}
+
+
+def fold_missing_ids(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, topk_ids: torch.Tensor,
+                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the teacher's mass on ids >= vocab_size (padded rows the model lacks) into the tail bucket.
+
+    topk_logprobs (M, K), tail_logprob (M,), topk_ids (M, K). Returns (M, K) log-probs with -inf at those
+    ids and the (M,) tail with their mass added; unchanged when every id is below vocab_size.
+    """
+    outside = topk_ids >= vocab_size  # (M, K)
+    if not bool(outside.any()):
+        return topk_logprobs, tail_logprob
+    moved = torch.logsumexp(torch.where(outside, topk_logprobs, -math.inf), dim=-1)  # (M,)
+    return torch.where(outside, -math.inf, topk_logprobs), torch.logaddexp(tail_logprob, moved)
 
 
 def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None, eval_fraction: float = 0.05) -> list[dict]:
@@ -247,8 +292,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         for r, p in enumerate(batch):
             ids[r, width - len(p):] = torch.as_tensor(p)
             attn[r, width - len(p):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, attention_mask=attn, pad_token_id=pad,
-                      eos_token_id=tokenizer.eos_token_id)
+        kwargs = {"max_new_tokens": max_new_tokens, "attention_mask": attn, "pad_token_id": pad,
+                  "eos_token_id": tokenizer.eos_token_id}
         if greedy:
             kwargs.update(do_sample=False)
         else:
@@ -273,7 +318,7 @@ def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list
     """Token ids of formatted prompts and their references; skips prompts over max_prompt_length."""
     from shared.data import load_rows
 
-    rows, columns = load_rows(config.dataset, config.split)
+    rows, columns = load_rows(config.dataset, config.split, config.dataset_config)
     for f in (config.prompt_field, config.response_field, config.input_field):
         if f and f not in columns:
             raise EvalError(f"field {f!r} is not in {config.dataset}; its fields are: {', '.join(columns)}")
@@ -283,6 +328,8 @@ def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list
         if template == "minillm":
             text = minillm_prompt(text, str(row[config.input_field]) if config.input_field and row[config.input_field] else None)
             ids = tokenizer(text)["input_ids"]
+        elif template == "gsm8k":
+            ids = load_prompt_ids(tokenizer, gsm8k_prompt(text, config.gsm8k_instruction))
         else:
             ids = load_prompt_ids(tokenizer, text)
         if len(ids) > config.max_prompt_length:
@@ -316,38 +363,133 @@ def rouge_metric(model, tokenizer, config: EvalConfig) -> dict:
             "seeds": list(seeds), "greedy": config.greedy, **counts}
 
 
+def gsm8k_prompt(question: str, instruction: str = GSM8K_INSTRUCTION) -> str:
+    """The question as the gsm8k metric asks it: the instruction after a blank line (once; '' adds nothing)."""
+    question = question.rstrip()
+    if not instruction or question.endswith(instruction):
+        return question
+    return f"{question}\n\n{instruction}"
+
+
+def _normalize_number(text: str) -> str | None:
+    match = re.search(r"-?[\d,]*\.?\d+", text.replace("$", ""))
+    if not match:
+        return None
+    number = match.group(0).replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".") or "0"
+    return number
+
+
+def extract_model_answer(text: str) -> str | None:
+    """A model's final answer: the number after the last '####' (extract_gsm8k_answer), else the number
+    in the last \\boxed{...}; normalized like the reference ('1,000' -> '1000', '3.50' -> '3.5')."""
+    answer = extract_gsm8k_answer(text)
+    if answer is not None or text is None:
+        return answer
+    boxed = re.findall(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}", text)
+    return _normalize_number(boxed[-1]) if boxed else None
+
+
 def gsm8k_metric(model, tokenizer, config: EvalConfig) -> dict:
-    prompts, refs, counts = prompts_for(config, tokenizer, "chat")
+    prompts, refs, counts = prompts_for(config, tokenizer, "gsm8k")
     max_new = max(1, config.max_length - config.max_prompt_length)
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new, greedy=True, seed=0, batch_size=config.batch_size)
-    correct = [extract_gsm8k_answer(p) is not None and extract_gsm8k_answer(p) == extract_gsm8k_answer(r)
-               for p, r in zip(preds, refs)]
-    return {"gsm8k_exact_match": float(np.mean(correct)), "num_correct": int(sum(correct)), **counts}
+    answers = [extract_model_answer(p) for p in preds]
+    correct = [a is not None and a == extract_gsm8k_answer(r) for a, r in zip(answers, refs)]
+    return {"gsm8k_exact_match": float(np.mean(correct)), "num_correct": int(sum(correct)),
+            "num_without_answer": sum(a is None for a in answers),
+            "num_boxed_answers": sum(a is not None and extract_gsm8k_answer(p) is None for a, p in zip(answers, preds)),
+            **counts}
+
+
+OPTIONAL = {  # metric -> (module, pip package, env var naming the local feature model)
+    "mauve": ("mauve", "mauve-text", "KDCACHE_MAUVE_MODEL"),
+    "bertscore": ("bert_score", "bert-score", "KDCACHE_BERTSCORE_MODEL"),
+}
+
+
+def _import_optional(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def optional_metric_setup(name: str) -> tuple[object | None, str | None, str | None]:
+    """(module, local feature-model folder, reason it is skipped) for mauve / bertscore.
+
+    Not installed or not configured: a reason to report as skipped. Configured with a folder the
+    package cannot use: EvalError, before anything is generated.
+    """
+    module_name, package, env = OPTIONAL[name]
+    module = _import_optional(module_name)
+    if module is None:
+        return None, None, f"{module_name} is not installed (pip install {package})"
+    local = os.environ.get(env)
+    if not local:
+        return None, None, f"set {env} to a local model folder for {name}'s features (no hub access here)"
+    if not os.path.isdir(local) or not os.path.isfile(os.path.join(local, "config.json")):
+        raise EvalError(f"{env}={local} is not a model folder with config.json; point it at a local copy of the "
+                        f"feature model (docs/evaluation.md)")
+    if name == "mauve" and not any(m in local for m in MAUVE_MODEL_MARKERS):
+        raise EvalError(f"{env}={local}: mauve-text loads a feature model only when its path contains 'gpt2' (or "
+                        "'bert'), and raises 'Unknown model' otherwise; put the model (e.g. gpt2-large, as MAUVE and "
+                        "MiniLLM use) in a folder whose path contains 'gpt2'")
+    return module, local, None
+
+
+def bertscore_num_layers(folder: str, requested: int | None, known_layers: dict | None = None) -> int:
+    """The layer bert_score takes features from for a local folder (bert_score.score's num_layers).
+
+    bert_score looks num_layers up by model name (model2layers), which fails with KeyError for a path:
+    use `requested` (--bertscore-layers), else bert_score's tuned layer for a folder named like a model
+    it knows (roberta-large -> 17), else the folder's last layer (config num_hidden_layers).
+    """
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"bertscore: cannot read {folder}/config.json ({exc})") from exc
+    total = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), None)
+    if requested is not None:
+        if total is not None and requested > total:
+            raise EvalError(f"--bertscore-layers {requested}: {folder} has {total} layers; use 1..{total}")
+        return requested
+    known = (known_layers or {}).get(os.path.basename(folder.rstrip("/")))
+    if isinstance(known, int) and (total is None or known <= total):
+        return known
+    if total is None:
+        raise EvalError(f"bertscore: {folder}/config.json names no layer count (num_hidden_layers); pass "
+                        "--bertscore-layers N")
+    return total
 
 
 def optional_metric(name: str, model, tokenizer, config: EvalConfig) -> dict:
     """mauve / bertscore: computed only with their package and a local feature model configured."""
-    package = {"mauve": "mauve", "bertscore": "bert_score"}[name]
-    env = {"mauve": "KDCACHE_MAUVE_MODEL", "bertscore": "KDCACHE_BERTSCORE_MODEL"}[name]
-    import importlib.util
-
-    if importlib.util.find_spec(package) is None:
-        return {"skipped": f"{package} is not installed (pip install {'mauve-text' if name == 'mauve' else 'bert-score'})"}
-    local = os.environ.get(env)
-    if not local or not os.path.isdir(local):
-        return {"skipped": f"set {env} to a local model folder for {name}'s features (no hub access here)"}
+    module, local, skipped = optional_metric_setup(name)
+    if skipped:
+        return {"skipped": skipped}
+    layers = None
+    if name == "bertscore":
+        utils = _import_optional("bert_score.utils")
+        layers = bertscore_num_layers(local, config.bertscore_layers, getattr(utils, "model2layers", None))
     prompts, refs, counts = prompts_for(config, tokenizer, "minillm")
     preds = generate(model, tokenizer, prompts, max_new_tokens=max(1, config.max_length - config.max_prompt_length),
                      greedy=True, seed=0, batch_size=config.batch_size)
-    if name == "bertscore":
-        from bert_score import score
-
-        _, _, f1 = score(preds, refs, model_type=local, num_layers=None, lang=None)
-        return {"bertscore_f1": float(f1.mean()), **counts}
-    import mauve
-
-    out = mauve.compute_mauve(p_text=refs, q_text=preds, featurize_model_name=local, verbose=False)
-    return {"mauve": float(out.mauve), **counts}
+    try:
+        if name == "bertscore":
+            _, _, f1 = module.score(preds, refs, model_type=local, num_layers=layers, lang=None)
+            return {"bertscore_f1": float(f1.mean()), "num_layers": layers, "model": local, **counts}
+        out = module.compute_mauve(p_text=refs, q_text=preds, featurize_model_name=local, verbose=False)
+        return {"mauve": float(out.mauve), "model": local, **counts}
+    except Exception as exc:  # the packages raise many types (KeyError, AssertionError, OverflowError, ...)
+        detail = f"num_layers={layers}, " if layers is not None else ""
+        raise EvalError(f"{name} failed with feature model {local} ({detail}{type(exc).__name__}: {exc}); check that "
+                        "the folder holds a complete model and tokenizer (with model_max_length set) for "
+                        f"{OPTIONAL[name][1]} (docs/evaluation.md)") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +507,9 @@ class EvalResult:
 
 def evaluate(config: EvalConfig, log=print) -> EvalResult:
     started = time.time()
+    for metric in config.metrics:
+        if metric in OPTIONAL:
+            optional_metric_setup(metric)  # a feature model that cannot work fails now, not after generating
     model, tokenizer = load_model(config.model)
     result = EvalResult(model=config.model)
     for metric in config.metrics:
@@ -375,7 +520,8 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
                                                              eval_fraction=config.eval_fraction)]
             value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs), "source": "cache held-out"}
         elif metric == "ppl":
-            seqs, _ = load_sequences(config.dataset, tokenizer, split=config.split, text_field=config.text_field,
+            seqs, _ = load_sequences(config.dataset, tokenizer, split=config.split, config=config.dataset_config,
+                                     text_field=config.text_field,
                                         prompt_field=config.prompt_field, response_field=config.response_field,
                                         max_length=config.max_length, limit=config.limit)
             value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs)}
@@ -394,8 +540,6 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
                                       if not isinstance(v, list)))
     result.seconds = time.time() - started
     if config.out:
-        import json
-
         os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
         with open(config.out, "w") as f:
             json.dump(result.to_json(), f, indent=1)

@@ -1,12 +1,20 @@
 """The report of a plan: report.json, report.md (a table shaped like the MSKD paper's) and PNG plots.
 
-Reads what the stages left on disk (eval JSON files, each run's metrics.jsonl); never runs a model.
+The table has one row per evaluated model with its path split into teacher | assistant(s) | student,
+the model's parameter count (run.json, else the safetensors headers of its folder) and every metric
+(ROUGE-L as mean ± std over the sampling seeds). Below it, the comparisons the plan was made for: each
+KD path against the student's cross-entropy baseline, and each multi-step path (teacher -> assistants
+-> student) against the direct path to the same student (teacher -> student).
+
+Reads what the stages left on disk (eval JSON files, run.json, each run's metrics.jsonl, safetensors
+headers); never runs a model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 
 ARROW = " → "
 COLUMNS = (  # (metric file key, value key, column title, better)
@@ -50,7 +58,80 @@ def path_label(node: str) -> str:
     return node.replace(">", ARROW)
 
 
+def path_parts(node: str) -> tuple[str, list[str], str]:
+    """(teacher, assistants, student) of a node: 'teacher>a>b>s' -> ('teacher', ['a', 'b'], 's').
+
+    The teacher itself is ('teacher', [], ''); a CE baseline 'ce:s' has no teacher: ('', [], 's').
+    """
+    if node.startswith("ce:"):
+        return "", [], node[3:]
+    parts = node.split(">")
+    if len(parts) == 1:
+        return parts[0], [], ""
+    return parts[0], parts[1:-1], parts[-1]
+
+
+def count_parameters(folder: str) -> int | None:
+    """Parameters stored in a model folder's *.safetensors files, from their headers only (no weights read).
+
+    A safetensors file starts with a little-endian u64 N and N bytes of JSON mapping each tensor to its
+    shape; tied weights are stored once, so this matches sum(p.numel() for p in model.parameters()).
+    None when the folder has no readable safetensors file.
+    """
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    except OSError:
+        return None
+    total = 0
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            return None
+        for key, info in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= int(dim)
+                total += count
+    return total or None
+
+
+def human_count(n: int | None) -> str:
+    """124439808 -> '124M', 1557611200 -> '1.56B'; '-' for None."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
+
+
+def short_name(model: str) -> str:
+    """A model as the table shows it: a local folder by its last component, a hub id as it is."""
+    return os.path.basename(model.rstrip("/")) if os.path.isabs(model) or os.path.isdir(model) else model
+
+
+def _model_parameters(plan, node: str, run_dir: str | None) -> int | None:
+    if run_dir is not None:
+        info = _read_json(os.path.join(run_dir, "run.json")) or {}
+        if isinstance(info.get("num_parameters"), int):
+            return info["num_parameters"]
+        return count_parameters(run_dir)
+    from trainer.chain import PlanError, teacher_folder
+
+    try:
+        return count_parameters(teacher_folder(plan))
+    except PlanError:
+        return None
+
+
 def write_report(plan, stages) -> dict:
+    from trainer.chain import TEACHER, cache_of, model_dir_of
+
+    runs = {st.node: st.outputs["run"] for st in stages if st.kind == "train"}
     rows = []
     for st in stages:
         if st.kind != "eval":
@@ -60,17 +141,26 @@ def write_report(plan, stages) -> dict:
         node = st.node
         student = node[3:] if node.startswith("ce:") else node.rsplit(">", 1)[-1]
         kind = "teacher" if node == "teacher" else ("ce" if node.startswith("ce:") else f"kd-{node.count('>')}-step")
-        row = {"node": node, "path": path_label(node), "student": student, "kind": kind, "metrics": {}}
+        teacher, assistants, _ = path_parts(node)
+        row = {"node": node, "path": path_label(node), "student": student, "kind": kind,
+               "teacher": plan.teacher["model"] if teacher else "", "assistants": assistants,
+               "model": model_dir_of(plan, node),
+               "num_parameters": _model_parameters(plan, node, runs.get(node) if node != TEACHER else None),
+               "metrics": {}}
         for metric, key, title, _ in COLUMNS:
             value = metrics.get(metric, {}).get(key)
             if isinstance(value, (int, float)):
                 row["metrics"][title] = value
+        std = metrics.get("rouge", {}).get("rougeL_std")
+        if isinstance(std, (int, float)) and "ROUGE-L" in row["metrics"]:
+            row["metrics"]["ROUGE-L std"] = std
         for metric, value in metrics.items():
             if isinstance(value, dict) and "skipped" in value:
                 row["metrics"][f"{metric} (skipped)"] = value["skipped"]
         rows.append(row)
+    caches = {st.node: cache_of(plan, st.node) for st in stages if st.kind == "cache"}
     report = {"plan": plan.name, "teacher": plan.teacher["model"], "train": plan.train, "cache": plan.cache,
-              "rows": rows, "comparisons": _comparisons(rows)}
+              "caches": caches, "rows": rows, "comparisons": _comparisons(rows)}
     os.makedirs(plan.out, exist_ok=True)
     with open(os.path.join(plan.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -84,47 +174,88 @@ def write_report(plan, stages) -> dict:
 
 
 def _comparisons(rows: list[dict]) -> list[dict]:
-    """For each student: its best KD path vs its CE baseline, and direct vs multi-step, on ppl."""
+    """What the plan compares, on every metric both rows have:
+
+    - against "ce": each KD path to a student vs that student's cross-entropy baseline;
+    - against "direct": each multi-step path (teacher -> assistants -> student) vs the direct path
+      teacher -> student, the question sequential distillation asks.
+
+    One entry per (path, baseline): {"against", "student", "path", "baseline", "metrics": {title:
+    {"value", "baseline", "better"}}}; better is True / False, or None on a tie.
+    """
+    better_is = {title: b for _, _, title, b in COLUMNS}
+    by_node = {r["node"]: r for r in rows}
     out = []
-    by_student: dict[str, list[dict]] = {}
     for r in rows:
-        if r["kind"] != "teacher":
-            by_student.setdefault(r["student"], []).append(r)
-    for student, rs in by_student.items():
-        ce = next((r for r in rs if r["kind"] == "ce"), None)
-        for r in rs:
-            if r["kind"] == "ce" or "ppl" not in r["metrics"]:
+        if r["kind"] in ("teacher", "ce"):
+            continue
+        baselines = [("ce", by_node.get(f"ce:{r['student']}"))]
+        if r["node"].count(">") > 1:
+            baselines.append(("direct", by_node.get(f"teacher>{r['student']}")))
+        for against, base in baselines:
+            if base is None:
                 continue
-            entry = {"student": student, "path": r["path"], "ppl": r["metrics"]["ppl"]}
-            if ce and "ppl" in ce["metrics"]:
-                entry["ce_ppl"] = ce["metrics"]["ppl"]
-                entry["beats_ce"] = r["metrics"]["ppl"] < ce["metrics"]["ppl"]
-            out.append(entry)
+            compared = {}
+            for title, value in r["metrics"].items():
+                other = base["metrics"].get(title)
+                if title not in better_is or not isinstance(value, (int, float)) or not isinstance(other, (int, float)):
+                    continue
+                better = None if value == other else ((value < other) == (better_is[title] == "lower"))
+                compared[title] = {"value": value, "baseline": other, "better": better}
+            if compared:
+                out.append({"against": against, "student": r["student"], "path": r["path"], "baseline": base["path"],
+                            "metrics": compared})
     return out
+
+
+def _cell(title: str, metrics: dict) -> str:
+    v = metrics.get(title)
+    if v is None:
+        return "-"
+    if title in ("top-1 agr.", "KL(T||S)"):
+        return f"{v:.4f}"
+    if title == "ROUGE-L" and isinstance(metrics.get("ROUGE-L std"), (int, float)):
+        return f"{v:.2f} ± {metrics['ROUGE-L std']:.2f}"
+    return f"{v:.2f}"
+
+
+def _verdict(better) -> str:
+    return "same" if better is None else ("better" if better else "worse")
 
 
 def render_markdown(report: dict) -> str:
     titles = [t for _, _, t, _ in COLUMNS if any(t in r["metrics"] for r in report["rows"])]
     lines = [f"# kdcache plan `{report['plan']}`", "", f"Teacher: `{report['teacher']}`", "",
-             "| path | student | " + " | ".join(titles) + " |", "| --- | --- | " + " | ".join("---:" for _ in titles) + " |"]
+             "| teacher | assistant(s) | student | params | " + " | ".join(titles) + " |",
+             "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in titles) + " |"]
     for r in report["rows"]:
-        cells = []
-        for t in titles:
-            v = r["metrics"].get(t)
-            cells.append("-" if v is None else (f"{v:.4f}" if t in ("top-1 agr.", "KL(T||S)") else f"{v:.2f}"))
-        lines.append(f"| {r['path']} | {r['student'] if r['kind'] != 'teacher' else '-'} | " + " | ".join(cells) + " |")
+        if r["kind"] == "teacher":
+            who = (short_name(r["teacher"]), "-", "- (the teacher itself)")
+        elif r["kind"] == "ce":
+            who = ("- (CE baseline)", "-", r["student"])
+        else:
+            who = (short_name(r["teacher"]), ARROW.join(r["assistants"]) or "-", r["student"])
+        cells = [_cell(t, r["metrics"]) for t in titles]
+        lines.append(f"| {' | '.join(who)} | {human_count(r.get('num_parameters'))} | " + " | ".join(cells) + " |")
     better = {t: b for _, _, t, b in COLUMNS}
     lines += ["", "Lower is better for " + ", ".join(t for t in titles if better[t] == "lower") + "; higher for the rest."
               if titles else ""]
+    if "ROUGE-L" in titles:
+        lines.append("ROUGE-L: mean ± standard deviation over the sampling seeds.")
     skipped = [(r["path"], k, v) for r in report["rows"] for k, v in r["metrics"].items() if k.endswith("(skipped)")]
     if skipped:
         lines += ["", "Skipped metrics:"] + [f"- {p}: {k[:-10]}: {v}" for p, k, v in skipped]
-    if report["comparisons"]:
-        lines += ["", "## Against the cross-entropy baseline (held-out perplexity)", ""]
-        for c in report["comparisons"]:
-            if "ce_ppl" in c:
-                verdict = "beats" if c["beats_ce"] else "does not beat"
-                lines.append(f"- {c['path']}: ppl {c['ppl']:.2f} {verdict} CE baseline {c['ce_ppl']:.2f}")
+    sections = (("ce", "## KD against the cross-entropy baseline (same student, data and steps)"),
+                ("direct", "## Multi-step against direct distillation (same student)"))
+    for against, heading in sections:
+        entries = [c for c in report["comparisons"] if c["against"] == against]
+        if not entries:
+            continue
+        lines += ["", heading, ""]
+        for c in entries:
+            shown = "; ".join(f"{t} {_cell(t, {t: m['value']})} vs {_cell(t, {t: m['baseline']})} ({_verdict(m['better'])})"
+                              for t, m in c["metrics"].items())
+            lines.append(f"- {c['path']} vs {c['baseline']}: {shown}")
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in report["plots"]]
     return "\n".join(lines) + "\n"

@@ -5,14 +5,25 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from cli.kdtrain import app
-from tests.conftest import REPO_ROOT
-from trainer.chain import PlanError, load_plan, nodes_of, parse_plan, stages_of
+from tests.conftest import REPO_ROOT, SHAKESPEARE, build_tiny_model, train_tokenizer
+from trainer.chain import (
+    PlanError,
+    cache_dir_of,
+    describe_stages,
+    load_plan,
+    nodes_of,
+    parse_plan,
+    reported_cache,
+    run_plan,
+    stages_of,
+)
 
 runner = CliRunner()
 EXAMPLES = REPO_ROOT / "examples"
@@ -35,6 +46,8 @@ def test_stages_share_prefixes_and_train_before_caching():
     # students start from the same init on every path: a layer-dropped copy of the plan's teacher
     train_s = next(s for s in stages_of(plan) if s.id == "train:teacher__a__s")
     assert train_s.command[train_s.command.index("--teacher") + 1] == "{teacher_folder}"  # resolved at run time
+    # it trains on the cache its parent's cache stage records (resolved at run time too)
+    assert train_s.command[train_s.command.index("--cache") + 1] == "{cache:teacher>a}"
 
 
 @pytest.mark.parametrize("change,message", [
@@ -67,33 +80,67 @@ def test_shipped_plans_dry_run(name, tmp_path):
     rows = json.loads(res.stdout)
     assert any(r["kind"] == "cache" and r["cache_state"] == "missing" for r in rows)
     assert all(not r["done"] for r in rows)
+    # train stages always pass --resume: a stage killed before its first checkpoint restarts cleanly
+    assert all("--resume" in r["command"].split() for r in rows if r["kind"] == "train")
 
 
-def test_paper_plan_shape():
+def test_paper_plan_shape(tmp_path):
     plan = load_plan(str(EXAMPLES / "gpt2_dolly_chain.yaml"))
-    assert plan.teacher["model"] == "gpt2-xl"
+    # MiniLLM's teacher: GPT-2 xl fine-tuned on dolly (a local copy of MiniLLM/teacher-gpt2-1.5B), not raw gpt2-xl
+    assert plan.teacher["model"] == str(REPO_ROOT / "models" / "teacher-gpt2-1.5B")
+    assert "MiniLLM/teacher-gpt2-1.5B" in (EXAMPLES / "gpt2_dolly_chain.yaml").read_text()
     assert ["large", "medium", "base"] in plan.paths and ["base"] in plan.paths
     assert "rouge" in plan.eval["metrics"] and plan.eval["split"] == "train[-500:]"
+    assert plan.train["alpha"] == 0.5 and plan.train["save_every"] > 0  # MiniLLM's kd-ratio 0.5
+    # without the teacher folder --dry-run still lists the stages, and says what to create first
+    res = runner.invoke(app, ["chain", str(EXAMPLES / "gpt2_dolly_chain.yaml"), "--dry-run", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "teacher-gpt2-1.5B does not exist" in res.output
+    with pytest.raises(PlanError, match="does not exist; create it first"):  # and a real run refuses to start
+        run_plan(load_plan(str(EXAMPLES / "gpt2_dolly_chain.yaml"), out=str(tmp_path / "o")), log=lambda m: None)
+    assert not (tmp_path / "o" / "caches").exists()
+
+
+def test_gsm8k_plan_reads_main_and_asks_for_the_marker():
+    plan = load_plan(str(EXAMPLES / "qwen_gsm8k_chain.yaml"), out="/tmp/q")
+    assert plan.eval["dataset"] == "openai/gsm8k" and plan.eval["dataset_config"] == "main"
+    eval_stage = next(s for s in stages_of(plan) if s.id == "eval:teacher__q05b")
+    assert eval_stage.command[eval_stage.command.index("--dataset-config") + 1] == "main"
+    # the traces are generated from prompts prepared with the eval's instruction (examples/prepare_gsm8k.py)
+    assert plan.data["dataset"] == str(EXAMPLES / "data" / "gsm8k_train.jsonl")
+    assert "prepare_gsm8k.py" in (EXAMPLES / "qwen_gsm8k_chain.yaml").read_text()
+    assert plan.cache["filter"] == "gsm8k-answer"
+
+
+def test_plan_dataset_config_reaches_kdcache_build(tmp_path):
+    plan = parse_plan(base_plan(data={"dataset": "openai/gsm8k", "dataset_config": "main", "prompt_field": "question",
+                                      "response_field": "answer"}), out=str(tmp_path))
+    build = next(s for s in stages_of(plan) if s.kind == "cache")
+    assert build.command[build.command.index("--dataset-config") + 1] == "main"
 
 
 @pytest.mark.slow
-def test_tiny_chain_end_to_end_and_resume(tmp_path):
+def test_tiny_chain_end_to_end_and_resume(tmp_path, capsys):
     teacher = tmp_path / "tiny-teacher"
     subprocess.run([sys.executable, str(EXAMPLES / "make_tiny_teacher.py"), str(teacher), "--steps", "60"], check=True,
                    cwd=REPO_ROOT, capture_output=True)
     out = tmp_path / "run"
+    started = time.time()
     res = runner.invoke(app, ["chain", str(EXAMPLES / "tiny_chain.yaml"), "--teacher", str(teacher), "--out", str(out)])
+    seconds = time.time() - started
     assert res.exit_code == 0, res.output
+    with capsys.disabled():  # measured, not asserted: the plan header's "a few minutes"
+        print(f"\ntiny_chain.yaml wall time: {seconds:.0f}s ({seconds / 60:.1f} min) on {os.cpu_count()} CPUs")
     report = json.loads((out / "report.json").read_text())
     paths = {r["path"]: r["metrics"] for r in report["rows"]}
     assert set(paths) >= {"teacher", "teacher → student", "teacher → assistant → student", "CE baseline (student)"}
     assert all("ppl" in m and "top-1 agr." in m for m in paths.values())
     for png in ("loss_curves.png", "metric_ppl.png", "agreement_along_chain.png"):
         assert (out / png).stat().st_size > 1000
-    assert "| teacher → assistant → student |" in (out / "report.md").read_text()
-    # the teacher cache was built once and is reused by cache_key
+    assert "| tiny-teacher | assistant | student |" in (out / "report.md").read_text()
+    assert any(c["against"] == "direct" and c["path"] == "teacher → assistant → student" for c in report["comparisons"])
+    # one cache per teacher (the root teacher and the assistant), named by plan, node and settings digest
     caches = sorted(os.listdir(out / "caches"))
-    assert caches == ["tiny-chain__teacher", "tiny-chain__teacher__assistant"]
+    assert [c.rsplit("-", 1)[0] for c in caches] == ["tiny-chain__teacher", "tiny-chain__teacher__assistant"]
     # a second run recomputes nothing
     res = runner.invoke(app, ["chain", str(EXAMPLES / "tiny_chain.yaml"), "--teacher", str(teacher), "--out", str(out)])
     assert res.exit_code == 0 and res.output.count("done earlier, skipped") == len(
@@ -115,7 +162,7 @@ def test_stage_runner_reports_the_running_stages_last_log_line(tmp_path):
     rc = _run_stage([sys.executable, "-c", script], log_path, dict(os.environ), seen.append, poll_s=0.05)
     assert rc == 0
     assert any(line.startswith("step ") for line in seen), seen
-    assert open(log_path).read().splitlines()[-1] == "step 5/6"
+    assert (tmp_path / "stage.log").read_text().splitlines()[-1] == "step 5/6"
 
 
 def test_stage_runner_stops_the_stage_when_the_caller_is_interrupted(tmp_path):
@@ -151,3 +198,222 @@ def test_plan_cache_tail_samples_reach_kdcache_build(tmp_path):
     assert build.command[build.command.index("--tail-samples") + 1] == "16"
     train = next(s for s in stages_of(plan) if s.id == "train:teacher__s")
     assert "--no-tail-samples" in train.command
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches shared across plans
+
+
+def _summary_line(status, url, key):
+    """The last line `kdcache build` prints (cli/kdcache.py build)."""
+    return (f"{status}: {url}  shards 1 (written now: 0)  sequences 120  tokens 7,680  1.2 MiB  cache_key {key[:12]}  "
+            "0.4s\n")
+
+
+def _plan_spec(teacher, root, **over):
+    spec = {"teacher": {"model": str(teacher)}, "data": {"dataset": str(SHAKESPEARE), "limit": 24, "max_length": 64},
+            "cache": {"top_k": 8, "engine": "hf", "dtype": "float32"},
+            "train": {"steps": 2, "batch_tokens": 256, "lr": 0.001},
+            "students": {"s": {"keep_layers": 1}}, "paths": [["s"]], "baselines": True,
+            "eval": {"metrics": ["ppl", "agreement"]}, "cache_root": str(root)}
+    spec.update(over)
+    return spec
+
+
+def test_second_plan_trains_from_the_cache_kdcache_build_reused(tmp_path, tiny_cache, tiny_gpt2_dir, monkeypatch):
+    """kdcache build finds an identical cache under the root, prints `reused: <that cache>` and writes nothing
+    at --out; the second plan's train and eval stages must use that cache, and --dry-run must show it."""
+    from shared.reader import CacheReader
+    from trainer import chain
+
+    key = CacheReader(tiny_cache).manifest.cache_key
+    root = tmp_path / "caches"
+    commands = []
+
+    def fake_stage(command, log_path, env, on_line=None, poll_s=0.5):  # what the stage processes print
+        commands.append(command)
+        with open(log_path, "w") as f:
+            if "cli.kdcache" in command:
+                existing = sorted(str(root / d) for d in os.listdir(root)) if root.exists() else []
+                if existing:
+                    f.write(f"already built: {existing[0]} has the same cache_key {key[:12]}; reusing it\n")
+                    f.write(_summary_line("reused", existing[0], key))
+                else:
+                    out = command[command.index("--out") + 1]
+                    shutil.copytree(tiny_cache, out)
+                    f.write(_summary_line("built", out, key))
+        return 0
+
+    monkeypatch.setattr(chain, "_run_stage", fake_stage)
+    first = parse_plan({"name": "first", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "first"))
+    run_plan(first, log=lambda m: None)
+    built = cache_dir_of(first, "teacher")
+    assert os.path.isfile(os.path.join(built, "manifest.json"))
+    commands.clear()
+    second = parse_plan({"name": "second", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "second"))
+    run_plan(second, log=lambda m: None)
+    assert not os.path.exists(cache_dir_of(second, "teacher"))  # nothing was built for the second plan
+    caches = [c[c.index("--cache") + 1] for c in commands if "--cache" in c]
+    assert len(caches) == 2 + 3 and set(caches) == {built}  # KD + CE train stages, 3 evals (ppl, agreement)
+    marker = json.loads((tmp_path / "second" / "stages" / "cache-teacher.done.json").read_text())
+    assert marker["cache"] == built and marker["status"] == "reused" and marker["cache_key"] == key
+    row = next(r for r in describe_stages(second) if r["kind"] == "cache")
+    assert row["cache"] == built and row["cache_state"] == "complete" and row["reused"] and row["done"]
+    report = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert report["caches"] == {"teacher": built}
+
+
+def test_build_summary_is_checked_against_the_cache_key(tmp_path, tiny_cache):
+    from shared.reader import CacheReader
+
+    key = CacheReader(tiny_cache).manifest.cache_key
+    plan = parse_plan(base_plan(cache_root=str(tmp_path)), out=str(tmp_path / "o"))
+    assert reported_cache(plan, "data: ...\n" + _summary_line("reused", tiny_cache, key))["cache"] == tiny_cache
+    with pytest.raises(PlanError, match="without its summary line"):
+        reported_cache(plan, "error: something\n")
+    with pytest.raises(PlanError, match="no complete cache with that key"):  # a path that does not hold that key
+        reported_cache(plan, _summary_line("reused", str(tmp_path / "elsewhere"), "0" * 64))
+    with pytest.raises(PlanError, match="partial: other workers still owe shards"):
+        reported_cache(plan, _summary_line("partial", tiny_cache, key))
+
+
+def test_plans_with_one_name_but_other_data_never_share_a_cache_folder(tmp_path):
+    one = parse_plan(base_plan(cache_root=str(tmp_path)), out=str(tmp_path / "o"))
+    same = parse_plan(base_plan(cache_root=str(tmp_path)), out=str(tmp_path / "o"))
+    other = parse_plan(base_plan(cache_root=str(tmp_path), data={"dataset": "builtin:pydoc-topics", "limit": 10}),
+                       out=str(tmp_path / "o"))
+    assert cache_dir_of(one, "teacher") == cache_dir_of(same, "teacher")
+    assert cache_dir_of(one, "teacher") != cache_dir_of(other, "teacher")
+    assert os.path.basename(cache_dir_of(one, "teacher")).startswith("p__teacher-")
+
+
+@pytest.mark.slow
+def test_two_plans_share_one_teacher_cache(tmp_path, tiny_gpt2_dir):
+    """Real `kdcache build` and `kdtrain run` processes: the second plan's cache stage reuses the first plan's
+    cache (the teacher runs once) and its student trains from that cache."""
+    from shared.catalog import find_caches
+
+    root = tmp_path / "caches"
+
+    def run_only(plan, wanted):
+        for st in stages_of(plan):
+            if st.id not in wanted:  # the other stages count as done: this test is about the cache
+                os.makedirs(os.path.dirname(st.marker), exist_ok=True)
+                with open(st.marker, "w") as f:
+                    json.dump({"stage": st.id}, f)
+        return run_plan(plan, log=lambda m: None)
+
+    first = parse_plan({"name": "first", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "first"))
+    run_only(first, {"cache:teacher"})
+    second = parse_plan({"name": "second", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "second"))
+    run_only(second, {"cache:teacher", "train:teacher__s"})
+    built = cache_dir_of(first, "teacher")
+    log = (tmp_path / "second" / "logs" / "cache-teacher.log").read_text()
+    assert "reused" in log and built in log
+    assert not os.path.exists(cache_dir_of(second, "teacher"))
+    assert [c["path"] for c in find_caches(str(root))] == [os.path.basename(built)]  # the teacher ran once
+    run = json.loads((tmp_path / "second" / "runs" / "teacher__s" / "run.json").read_text())
+    assert run["status"] == "complete" and run["config"]["cache"] == built
+
+
+# ---------------------------------------------------------------------------------------------
+# A train stage killed before its first checkpoint
+
+
+def test_rerun_completes_a_train_stage_killed_before_its_first_checkpoint(tmp_path, tiny_cache, tiny_gpt2_dir):
+    """The killed stage left run.json and metrics.jsonl, no checkpoint and no done-marker. The rerun passes
+    --resume, so `kdtrain run` starts that run over instead of refusing a non-empty --out."""
+    plan = parse_plan({"name": "killed", **_plan_spec(tiny_gpt2_dir, tmp_path / "caches", baselines=False)},
+                      out=str(tmp_path / "out"))
+    stages = stages_of(plan)
+    for st in stages:  # every other stage is done; the teacher cache stage recorded tiny_cache
+        if st.id != "train:teacher__s":
+            os.makedirs(os.path.dirname(st.marker), exist_ok=True)
+            with open(st.marker, "w") as f:
+                json.dump({"stage": st.id, **({"cache": tiny_cache} if st.kind == "cache" else {})}, f)
+    run_dir = tmp_path / "out" / "runs" / "teacher__s"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 9.9}) + "\n")
+    run_plan(plan, log=lambda m: None)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "complete" and run["steps"] == 2 and run["config"]["cache"] == tiny_cache
+    assert (run_dir / "model.safetensors").is_file()
+    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 7 not in steps and max(steps) == 2  # the killed run's lines are gone
+    marker = json.loads((tmp_path / "out" / "stages" / "train-teacher__s.done.json").read_text())
+    assert "--resume" in marker["command"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers checked before anything runs
+
+
+def test_plan_refuses_a_student_with_another_tokenizer_before_any_stage(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
+    other_tokenizer = tmp_path / "other-tokenizer"
+    train_tokenizer(other_tokenizer, vocab_size=300)
+    other = build_tiny_model(tmp_path / "other-student", "gpt2", other_tokenizer)
+    spec = base_plan(teacher={"model": str(tiny_gpt2_dir)}, data={"dataset": str(SHAKESPEARE)},
+                     students={"same": {"model": str(tiny_llama_dir)}, "other": {"model": str(other)},
+                               "dropped": {"keep_layers": 1}},
+                     paths=[["same", "other"], ["dropped"]], out=str(tmp_path / "out"))
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = runner.invoke(app, ["chain", str(path), "--dry-run"])
+    assert res.exit_code == 2
+    assert "students.other" in res.output and "tokenizer" in res.output and "differs" in res.output
+    with pytest.raises(PlanError, match="students.other"):
+        run_plan(load_plan(str(path)), log=lambda m: None)
+    assert not (tmp_path / "out").exists()  # refused before anything was built or written
+    spec["students"].pop("other")
+    spec["paths"] = [["same"], ["dropped"]]
+    path.write_text(yaml.safe_dump(spec))
+    res = runner.invoke(app, ["chain", str(path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def test_report_splits_paths_counts_parameters_and_compares_multi_step_with_direct(tmp_path, tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.report import count_parameters, write_report
+
+    plan = parse_plan(base_plan(teacher={"model": str(tiny_gpt2_dir)}, baselines=["s"],
+                                eval={"metrics": ["ppl", "agreement", "rouge"]}), out=str(tmp_path / "out"))
+    stages = stages_of(plan)
+    ppl = {"teacher": 20.0, "teacher>a": 30.0, "teacher>s": 40.0, "teacher>a>s": 35.0, "ce:s": 50.0}
+    rouge = {"teacher": 27.0, "teacher>a": 25.0, "teacher>s": 21.5, "teacher>a>s": 22.25, "ce:s": 20.0}
+    for st in stages:
+        if st.kind == "eval":
+            os.makedirs(os.path.dirname(st.outputs["eval"]), exist_ok=True)
+            with open(st.outputs["eval"], "w") as f:
+                json.dump({"metrics": {"ppl": {"ppl": ppl[st.node]},
+                                       "agreement": {"top1_agreement": 0.5, "kl": 0.25},
+                                       "rouge": {"rougeL": rouge[st.node], "rougeL_std": 0.5}}}, f)
+        if st.kind == "train":
+            os.makedirs(st.outputs["run"], exist_ok=True)
+            with open(os.path.join(st.outputs["run"], "run.json"), "w") as f:
+                json.dump({"num_parameters": 1_234_567 if st.node.endswith("a") else 45_600}, f)
+    report = write_report(plan, stages)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| teacher | assistant(s) | student | params | ppl | top-1 agr. | KL(T||S) | ROUGE-L |" in md
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    teacher_params = sum(p.numel() for p in model.parameters())
+    assert count_parameters(str(tiny_gpt2_dir)) == teacher_params
+    rows = {r["node"]: r for r in report["rows"]}
+    assert rows["teacher"]["num_parameters"] == teacher_params and rows["teacher>a"]["num_parameters"] == 1_234_567
+    teacher = os.path.basename(str(tiny_gpt2_dir))
+    assert f"| {teacher} | a | s | 45.6k | 35.00 | 0.5000 | 0.2500 | 22.25 ± 0.50 |" in md
+    assert f"| {teacher} | - | s | 45.6k | 40.00 |" in md and "| - (CE baseline) | - | s | 45.6k | 50.00 |" in md
+    assert f"| {teacher} | a | - |" not in md and f"| {teacher} | - | a | 1.23M | 30.00 |" in md
+    direct = [c for c in report["comparisons"] if c["against"] == "direct"]
+    assert [(c["path"], c["baseline"]) for c in direct] == [("teacher → a → s", "teacher → s")]
+    assert direct[0]["metrics"]["ppl"] == {"value": 35.0, "baseline": 40.0, "better": True}
+    assert direct[0]["metrics"]["ROUGE-L"]["better"] is True and direct[0]["metrics"]["top-1 agr."]["better"] is None
+    assert "## Multi-step against direct distillation (same student)" in md
+    assert "- teacher → a → s vs teacher → s: ppl 35.00 vs 40.00 (better)" in md
+    ce = {c["path"] for c in report["comparisons"] if c["against"] == "ce"}
+    assert ce == {"teacher → s", "teacher → a → s"}  # a has no CE baseline in this plan

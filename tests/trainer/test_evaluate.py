@@ -91,3 +91,239 @@ def test_eval_data_without_needed_fields(tiny_gpt2_dir):
     res = runner.invoke(app, ["eval", "--model", str(tiny_gpt2_dir), "--dataset", str(GSM8K), "--metrics", "rouge",
                               "--prompt-field", "instruction", "--response-field", "answer", "--limit", "1"])
     assert res.exit_code == 2 and "instruction" in res.output and "question" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# gsm8k: the instruction and the answers it scores
+
+
+def test_gsm8k_model_answer_falls_back_to_the_last_boxed_number():
+    from trainer.evaluate import extract_model_answer
+
+    assert extract_model_answer("so 48 + 24 = 72.\n#### 72") == "72"
+    assert extract_model_answer("The answer is $\\boxed{1,000}$.") == "1000"
+    assert extract_model_answer("first \\boxed{3} then \\boxed{\\$4.50}") == "4.5"  # the last box counts
+    assert extract_model_answer("#### 7 and \\boxed{8}") == "7"  # '####' wins when both are there
+    assert extract_model_answer("no final answer 42") is None
+
+
+def test_gsm8k_scores_known_answers_and_asks_for_the_marker(tiny_tokenizer_dir, monkeypatch):
+    """A fake generator answers the first three GSM8K questions (72, 10, 5): right with '####', right with
+    \\boxed{}, wrong; the metric must score 2/3 and must have asked each question with the instruction."""
+    from transformers import AutoTokenizer
+
+    import trainer.evaluate as ev
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    seen = []
+
+    def fake_generate(model, tok, prompts, **kwargs):
+        seen.extend(tok.decode(p) for p in prompts)
+        return ["48 / 2 = 24 and 48 + 24 = 72\n#### 72", "12 / 60 * 50 = 10, so \\boxed{10}", "She needs #### 15"]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    config = EvalConfig(model="unused", dataset=str(GSM8K), metrics=("gsm8k",), prompt_field="question",
+                        response_field="answer", limit=3, max_prompt_length=400)
+    result = ev.gsm8k_metric(None, tokenizer, config)
+    assert result["num_examples"] == 3 and result["num_correct"] == 2
+    assert result["gsm8k_exact_match"] == pytest.approx(2 / 3)
+    assert result["num_boxed_answers"] == 1 and result["num_without_answer"] == 0
+    assert len(seen) == 3 and all(ev.GSM8K_INSTRUCTION in text for text in seen)
+    assert "Natalia sold clips" in seen[0] and "<|im_start|>user" in seen[0]  # the chat template, as before
+
+
+def test_gsm8k_instruction_is_added_once():
+    from trainer.evaluate import GSM8K_INSTRUCTION, gsm8k_prompt
+
+    once = gsm8k_prompt("How many?")
+    assert once == f"How many?\n\n{GSM8K_INSTRUCTION}" and gsm8k_prompt(once) == once
+    assert gsm8k_prompt("How many?", "") == "How many?"
+
+
+def test_prepared_gsm8k_prompts_are_the_ones_the_metric_asks(tmp_path, tiny_tokenizer_dir):
+    """examples/prepare_gsm8k.py writes training prompts equal to what `kdtrain eval --metrics gsm8k` sends."""
+    from transformers import AutoTokenizer
+
+    from examples.prepare_gsm8k import prepare_gsm8k
+    from shared.data import prompt_only_ids
+    from trainer.evaluate import GSM8K_INSTRUCTION, prompts_for
+
+    out = tmp_path / "data" / "gsm8k_train.jsonl"
+    assert prepare_gsm8k(str(out), source=str(GSM8K), limit=3) == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["question"].endswith(GSM8K_INSTRUCTION) and "####" in r["answer"] for r in rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    asked, _, _ = prompts_for(EvalConfig(model="m", dataset=str(GSM8K), metrics=("gsm8k",), prompt_field="question",
+                                         response_field="answer", limit=3, max_prompt_length=400), tokenizer, "gsm8k")
+    assert asked == [prompt_only_ids(tokenizer, r["question"]) for r in rows]
+    # the prepared file asked again gets no second instruction
+    again, _, _ = prompts_for(EvalConfig(model="m", dataset=str(out), metrics=("gsm8k",), prompt_field="question",
+                                         response_field="answer", max_prompt_length=400), tokenizer, "gsm8k")
+    assert again == asked
+
+
+# ---------------------------------------------------------------------------------------------
+# bertscore / mauve with local feature models
+
+
+def _feature_model_dir(path, num_layers=3):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": num_layers}))
+    return path
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_bertscore_gets_num_layers_for_a_local_folder(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """bert_score.score(model_type=<path>, num_layers=None) raises KeyError (its model2layers lookup);
+    kdtrain eval passes --bertscore-layers, bert_score's layer for a known folder name, or the last layer."""
+    calls = []
+
+    def score(cands, refs, model_type=None, num_layers=None, lang=None, **kwargs):
+        if num_layers is None:
+            raise KeyError(model_type)  # what the real bert_score does for a path
+        calls.append({"model_type": model_type, "num_layers": num_layers, "n": len(cands)})
+        return None, None, torch.tensor([0.5] * len(cands))
+
+    fake = _fake_module(monkeypatch, "bert_score", score=score)
+    fake.utils = _fake_module(monkeypatch, "bert_score.utils", model2layers={"roberta-large": 17})
+    kwargs = {"model": str(tiny_gpt2_dir), "dataset": str(GSM8K), "metrics": ("bertscore",), "prompt_field": "question",
+              "response_field": "answer", "limit": 1, "max_length": 160, "max_prompt_length": 150}
+    plain = _feature_model_dir(tmp_path / "my-encoder", num_layers=3)
+    monkeypatch.setenv("KDCACHE_BERTSCORE_MODEL", str(plain))
+    res = evaluate(EvalConfig(**kwargs), log=lambda m: None)
+    assert res.metrics["bertscore"]["bertscore_f1"] == pytest.approx(0.5)
+    assert calls[-1] == {"model_type": str(plain), "num_layers": 3, "n": 1}  # the folder's last layer
+    evaluate(EvalConfig(**kwargs, bertscore_layers=2), log=lambda m: None)
+    assert calls[-1]["num_layers"] == 2
+    known = _feature_model_dir(tmp_path / "models" / "roberta-large", num_layers=24)
+    monkeypatch.setenv("KDCACHE_BERTSCORE_MODEL", str(known))
+    evaluate(EvalConfig(**kwargs), log=lambda m: None)
+    assert calls[-1]["num_layers"] == 17  # as bert_score.score(model_type="roberta-large") would pick
+    with pytest.raises(EvalError, match="--bertscore-layers 30: .* has 24 layers"):
+        evaluate(EvalConfig(**kwargs, bertscore_layers=30), log=lambda m: None)
+
+
+def test_bertscore_failure_is_a_clear_error(tiny_gpt2_dir, tmp_path, monkeypatch):
+    def score(*args, **kwargs):
+        raise OverflowError("int too big to convert")
+
+    _fake_module(monkeypatch, "bert_score", score=score)
+    _fake_module(monkeypatch, "bert_score.utils", model2layers={})
+    folder = _feature_model_dir(tmp_path / "enc")
+    monkeypatch.setenv("KDCACHE_BERTSCORE_MODEL", str(folder))
+    with pytest.raises(EvalError) as err:
+        evaluate(EvalConfig(model=str(tiny_gpt2_dir), dataset=str(GSM8K), metrics=("bertscore",), prompt_field="question",
+                            response_field="answer", limit=1, max_length=160, max_prompt_length=150), log=lambda m: None)
+    assert f"bertscore failed with feature model {folder} (num_layers=3, OverflowError" in str(err.value)
+
+
+def test_mauve_refuses_a_feature_folder_without_gpt2_before_generating(tiny_gpt2_dir, tmp_path, monkeypatch):
+    import trainer.evaluate as ev
+
+    calls = []
+    _fake_module(monkeypatch, "mauve", compute_mauve=lambda **kw: calls.append(kw) or type("R", (), {"mauve": 0.75})())
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking the feature model")
+
+    monkeypatch.setattr(ev, "load_model", no_generation)
+    kwargs = {"model": str(tiny_gpt2_dir), "dataset": str(GSM8K), "metrics": ("mauve",), "prompt_field": "question",
+              "response_field": "answer", "limit": 1, "max_length": 160, "max_prompt_length": 150}
+    monkeypatch.setenv("KDCACHE_MAUVE_MODEL", str(_feature_model_dir(tmp_path / "large-encoder")))
+    with pytest.raises(EvalError, match="path contains 'gpt2'"):
+        evaluate(EvalConfig(**kwargs), log=lambda m: None)
+    monkeypatch.setattr(ev, "load_model", load_model)
+    folder = _feature_model_dir(tmp_path / "gpt2-large")
+    monkeypatch.setenv("KDCACHE_MAUVE_MODEL", str(folder))
+    res = evaluate(EvalConfig(**kwargs), log=lambda m: None)
+    assert res.metrics["mauve"]["mauve"] == pytest.approx(0.75) and calls[0]["featurize_model_name"] == str(folder)
+
+
+def test_bertscore_with_the_real_package_and_a_tiny_local_model(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Runs only where bert-score is installed (pip install bert-score): a 3-layer BERT in a local folder."""
+    pytest.importorskip("bert_score")
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path / "tiny-bert"
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "of", "to", "and", "is", "she", "he", "how", "many"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    monkeypatch.setenv("KDCACHE_BERTSCORE_MODEL", str(folder))
+    res = evaluate(EvalConfig(model=str(tiny_gpt2_dir), dataset=str(GSM8K), metrics=("bertscore",),
+                              prompt_field="question", response_field="answer", limit=2, max_length=160,
+                              max_prompt_length=150), log=lambda m: None)
+    assert 0.0 < res.metrics["bertscore"]["bertscore_f1"] <= 1.0 and res.metrics["bertscore"]["num_layers"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement with a teacher whose embedding matrix is padded beyond its tokenizer
+
+
+def test_agreement_with_a_teacher_that_has_padded_embedding_rows(tmp_path, tiny_gpt2_dir):
+    """Teacher: the tiny GPT-2 with 40 extra (padded) rows, near-copies of rows 0..39, so cached top-K lists
+    hold ids the student lacks. Student: the tiny GPT-2 itself (same first rows). The cache records
+    vocab_size = rows and tokenizer_size = the tokenizer's ids, as kdcache build does. Agreement must
+    run (it refused before: 'smaller than the cache's') and match a dense computation in which the
+    padded ids belong to the rest bucket."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.writer import BuildHeader, CacheWriter
+    from tests.trainer.teacher_cache import shakespeare_windows, teacher_rows
+    from trainer.student import vocab_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    student = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    num_ids = student.config.vocab_size
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    teacher.resize_token_embeddings(num_ids + 40)
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight[num_ids:] = 0.99 * teacher.get_input_embeddings().weight[:40]  # no exact ties
+    teacher.eval()
+    sequences = shakespeare_windows(tokenizer, num_sequences=6, max_length=32)
+    header = BuildHeader(
+        teacher={"name": "padded", "dtype": "float32", "engine": "test", "engine_version": "0", "path": str(tmp_path)},
+        tokenizer={"name": "padded", "vocab_size": num_ids + 40, "tokenizer_size": len(tokenizer),
+                   "vocab_sha256": vocab_fingerprint(tokenizer)},
+        dataset={"name": "shakespeare", "fingerprint": "x", "num_sequences": len(sequences)},
+        settings={"mode": "score", "top_k": 16, "max_length": 32, "chunk_rows": 512}, num_shards=1)
+    url = str(tmp_path / "cache")
+    with CacheWriter(url, header, chunk_rows=512) as writer:
+        with writer.shard(0) as buf:
+            for seq in sequences:
+                buf.add_sequence(input_ids=seq["input_ids"], **teacher_rows(teacher, seq["input_ids"], 16),
+                                 source_index=seq["source_index"], window_index=seq["window_index"],
+                                 text_sha256=seq["text_sha256"])
+        writer.finalize()
+    got = agreement(student, url, heldout_only=False)
+    kl, agree, count, padded_seen = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for seq in sequences:
+            ids = torch.as_tensor(seq["input_ids"])[None]
+            p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1).exp()  # (T-1, V + 40)
+            q = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1).exp()  # (T-1, V)
+            top = p.topk(16, dim=-1).indices  # (T-1, 16)
+            real = top < num_ids
+            padded_seen += int((~real).sum())
+            p_top = torch.where(real, p.gather(1, top), 0.0)
+            q_top = torch.where(real, q.gather(1, top.clamp(max=num_ids - 1)), 0.0)
+            p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+            terms = torch.where(p_top > 0, p_top * (p_top.clamp_min(1e-300).log() - q_top.clamp_min(1e-300).log()), 0.0)
+            kl += float(terms.sum() + (p_rest * (p_rest.log() - q_rest.log())).sum())
+            agree += int((q.argmax(-1) == top[:, 0]).sum())
+            count += len(top)
+    assert padded_seen > 0  # the cache really names ids the student has no row for
+    assert got["num_tokens"] == count and got["top1_agreement"] == pytest.approx(agree / count)
+    assert got["kl"] == pytest.approx(kl / count, rel=0.05, abs=2e-3)  # float16 storage
