@@ -43,7 +43,8 @@ def human_bytes(n: float | None) -> str:
 def build(
     model: str = typer.Option(None, "--model", help="Teacher: hub id, local folder, or the embedded default smollm2-135m."),
     dataset: str = typer.Option(None, "--dataset", help="Hub name, local .jsonl/.json/.parquet/.csv/.txt file or folder, or builtin:NAME (default builtin:pydoc-topics)."),
-    split: str = typer.Option(None, "--split", help="Split of a hub/folder data set (default train)."),
+    dataset_config: str = typer.Option(None, "--dataset-config", help="Configuration (subset) of a hub/folder data set that has several, e.g. main for openai/gsm8k."),
+    split: str = typer.Option(None, "--split", help="Split (default train); a single file is the split train, sliceable as 'train[:1000]'."),
     text_field: str = typer.Option(None, "--text-field", help="Field with plain text (default 'text')."),
     prompt_field: str = typer.Option(None, "--prompt-field", help="Prompt field of prompt/response data."),
     response_field: str = typer.Option(None, "--response-field", help="Response field; only response tokens are distilled."),
@@ -86,12 +87,13 @@ def build(
     from cacher.build import BuildConfig, BuildError
     from cacher.build import build as run_build
     from cacher.engines import EngineError
-    from cacher.models import EMBEDDED_DEFAULT
+    from cacher.models import EMBEDDED_DEFAULT, ModelError
     from shared.data import DEFAULT_DATASET, DataError
 
     try:
         config = BuildConfig(
-            model=model or EMBEDDED_DEFAULT, dataset=dataset or DEFAULT_DATASET, split=split, text_field=text_field,
+            model=model or EMBEDDED_DEFAULT, dataset=dataset or DEFAULT_DATASET, dataset_config=dataset_config,
+            split=split, text_field=text_field,
             prompt_field=prompt_field, response_field=response_field, mode=mode, top_k=top_k, tail_samples=tail_samples, max_length=max_length,
             engine=engine, out=out, shard_tokens=shard_tokens, worker=worker, num_workers=num_workers, limit=limit,
             dtype=dtype, overwrite=overwrite, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
@@ -118,8 +120,9 @@ def build(
 
     try:
         with bar:
-            result = run_build(config, progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
-    except (CacheError, BuildError, DataError, EngineError, OSError, ImportError) as exc:
+            result = run_build(config, progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True),
+                               warn=lambda m: console.print(f"[bold yellow]warning:[/] {m}", highlight=False, soft_wrap=True))
+    except (CacheError, BuildError, DataError, EngineError, ModelError, OSError, ImportError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; committed shards are kept: rerun the same command to resume", code=130)

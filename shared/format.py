@@ -35,6 +35,19 @@ LOGPROB_MAX = 1e-3
 MAX_CHUNK_BYTES = 2**30  # decoded size of one Zarr chunk
 MAX_SHARD_SEQUENCES = 2**24  # sequences in one shard (offsets and the meta table are read whole)
 
+# The meta Parquet file (storage_layout.md 4): a reader decodes only META_COLUMNS, and only after
+# checking, from the footer and from every page header of those columns, that they decode to at most
+# META_BYTES_PER_SEQUENCE bytes per sequence plus META_BYTES_FIXED (a real file: about 90 bytes per
+# sequence plus 1 KB). A text_sha256 value is a sha256 in hex: at most MAX_TEXT_SHA256_CHARS characters.
+META_BYTES_PER_SEQUENCE = 256
+META_BYTES_FIXED = 64 * 2**10
+MAX_TEXT_SHA256_CHARS = 64
+
+# A row's top-K probabilities may sum to at most this after rounding (storage_layout.md 3): float16
+# and the 7-bit trim of ranks > 16 lift a sum of 1 by at most about (2^-8 + 2^-11) * ln K (0.018 at
+# K = 64). A writer refuses a row above it; a shard's topk_mass_sum is at most this times num_tokens.
+MAX_TOPK_MASS = 1.02
+
 # Zarr v3 codecs a reader accepts: decoders that cannot run code or reinterpret values, and whose
 # decoded size is checked before decoding (blosc announces it in its header). Anything else (object
 # codecs, numcodecs value filters, sharding, zstd/gzip whose frames may announce any size) is refused
@@ -139,6 +152,29 @@ def tail_samples_of(settings: dict) -> int:
     if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= MAX_TAIL_SAMPLES:
         raise CacheFormatError(f"settings.tail_samples must be an integer in [0, {MAX_TAIL_SAMPLES}], got {m!r:.40}")
     return m
+
+
+def max_chunk_rows(top_k: int, vocab_size: int, tail_samples: int = 0) -> int:
+    """The most rows a chunk of every row array may hold: chunk_rows x max(K, M) x itemsize <= MAX_CHUNK_BYTES."""
+    width = max(top_k, tail_samples, 1)
+    itemsize = max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
+    return max(1, MAX_CHUNK_BYTES // (width * itemsize))
+
+
+def chunk_rows_of(settings: dict, top_k: int, vocab_size: int) -> int | None:
+    """settings.chunk_rows (None when absent); refuses anything but an integer in [1, max_chunk_rows].
+
+    Readers use it to group sequences by chunk (a trainer divides row indices by it), so a fraction,
+    a string, 0 or a negative number is refused here for every reader, naming the setting.
+    """
+    if "chunk_rows" not in settings:
+        return None
+    value = settings["chunk_rows"]
+    top = max_chunk_rows(top_k, vocab_size, tail_samples_of(settings))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+        raise CacheFormatError(f"settings.chunk_rows (rows per Zarr chunk) must be an integer in [1, {top:,}] for "
+                               f"top_k {top_k} and a vocabulary of {vocab_size}, got {value!r:.40}")
+    return value
 
 
 def row_arrays(tail_samples: int) -> tuple[str, ...]:

@@ -19,11 +19,13 @@ from shared.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_SHARD_SEQUENCES,
+    MAX_TOPK_MASS,
     SHARD_NAME_RE,
     TAIL_SAMPLES_EXTENSION,
     CacheFormatError,
     array_dtypes,
     check_object_key,
+    chunk_rows_of,
     meta_path,
     shard_path,
     tail_samples_of,
@@ -240,8 +242,9 @@ def parse_shard(obj, position: int) -> ShardEntry:
             f"num_tokens={num_tokens}, num_loss_tokens={num_loss_tokens})"
         )
     mass = _need(obj, "topk_mass_sum", (int, float), where)
-    if not math.isfinite(mass) or mass < 0 or mass > num_tokens * 1.01:
-        raise CacheFormatError(f"manifest: {where}.topk_mass_sum = {mass} is not in [0, num_tokens]")
+    if isinstance(mass, bool) or not math.isfinite(mass) or mass < 0 or mass > num_tokens * MAX_TOPK_MASS:
+        raise CacheFormatError(f"manifest: {where}.topk_mass_sum = {mass} is not in [0, {MAX_TOPK_MASS} x num_tokens "
+                               f"= {num_tokens * MAX_TOPK_MASS:g}] (storage_layout.md 6.3)")
     objects_raw = _need(obj, "objects", (dict,), where)
     if len(objects_raw) > 1_000_000:
         raise CacheFormatError(f"manifest: {where}.objects lists {len(objects_raw)} objects; refusing")
@@ -308,6 +311,10 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     if sections["settings"]["mode"] not in ("score", "generate"):
         raise CacheFormatError(f"manifest: settings.mode must be 'score' or 'generate', got {sections['settings']['mode']!r}")
     tail_samples = tail_samples_of(sections["settings"])
+    try:
+        chunk_rows_of(sections["settings"], top_k, vocab_size)
+    except CacheFormatError as exc:
+        raise CacheFormatError(f"manifest: {exc}") from exc
     if bool(tail_samples) != (TAIL_SAMPLES_EXTENSION in extensions):
         raise CacheFormatError(
             f"manifest: settings.tail_samples = {tail_samples} but extensions "

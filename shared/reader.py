@@ -4,14 +4,16 @@ Opening reads and strictly validates manifest.json (missing manifest -> Incomple
 the number of committed shards) and, by default, checks that every listed object exists with its
 recorded size and that no unlisted object hides in a shard (one listing per shard, cheap).
 `verify()` recomputes every sha256. With `verify_on_read=True` each shard's objects are hashed the
-first time that shard is opened, so a trainer never consumes a flipped byte.
+first time that shard is opened, and a meta file before its table is read, so a trainer never
+consumes a flipped byte.
 
 A cache may come from someone else, so nothing in it is trusted beyond the format's rules: each
 array's `zarr.json` is checked against the manifest (shape, dtype, chunk size, an allow-list of
 codecs) before Zarr sees it, a chunk whose compressed header promises more bytes than its chunk
 holds is refused before it is decompressed, every row range read is checked (ids < V, no NaN or
-positive log-probs), and the meta Parquet file's schema and row count are checked before it is
-read. Each refusal is a CacheError subclass naming the shard and the object.
+positive log-probs), and the meta Parquet file's schema, row count and decoded size (footer and page
+headers) are checked before it is read; only its mandatory columns are ever decoded. Each refusal is
+a CacheError subclass naming the shard and the object.
 
 A reader never writes. Knows the format and numpy; nothing about models or training.
 """
@@ -19,6 +21,7 @@ A reader never writes. Knows the format and numpy; nothing about models or train
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ from shared.format import (
     LOGPROB_MAX,
     MANIFEST_FILE,
     MAX_CHUNK_BYTES,
+    MAX_TEXT_SHA256_CHARS,
+    META_BYTES_FIXED,
+    META_BYTES_PER_SEQUENCE,
     META_COLUMNS,
     ROW_ARRAYS,
     SHARDS_DIR,
@@ -384,6 +390,163 @@ def _check_values(shard: str, name: str, values: np.ndarray, first_row: int, voc
                                    "the format forbids both (rebuild the shard)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The meta Parquet file, bounded before it is decoded (storage_layout.md 4)
+
+META_MAX_PAGES = 65536  # pages of the format's columns in one meta file (a real one has a few per column)
+
+
+def _check_meta_size(f, metadata, entry: ShardEntry, where: str) -> None:
+    """Refuse a meta file whose format columns would decode to more than the format allows for its sequences.
+
+    Two sources, both read before any page is decompressed: the footer's sizes of every column chunk
+    of META_COLUMNS, and the page headers inside those chunks (what the decoder actually allocates:
+    a footer can understate them). Columns outside META_COLUMNS are never decoded and not counted.
+    """
+    limit = entry.num_sequences * META_BYTES_PER_SEQUENCE + META_BYTES_FIXED
+    chunks = []
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            if column.path_in_schema in META_COLUMNS:
+                chunks.append(column)
+
+    def refuse(size: int, source: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"{where}: its columns {', '.join(META_COLUMNS)} would decode to {size:,} bytes by its {source}, more "
+            f"than the {limit:,} the format allows for {entry.num_sequences:,} sequences (storage_layout.md 4); "
+            "refused before decoding (a decompression bomb or a damaged file): rebuild the shard",
+            [(entry.name, entry.meta_path, f"decodes to {size:,} bytes")])
+
+    for name, size in (("footer", sum(c.total_uncompressed_size for c in chunks)),
+                       ("footer's compressed sizes", sum(c.total_compressed_size for c in chunks))):
+        if size > limit:
+            raise refuse(size, name)
+    decoded, pages = 0, 0
+    for column in chunks:
+        start = column.data_page_offset
+        if column.has_dictionary_page and 0 < column.dictionary_page_offset < start:
+            start = column.dictionary_page_offset
+        f.seek(start)
+        data = f.read(column.total_compressed_size)
+        if start < 0 or len(data) != column.total_compressed_size:
+            raise CacheFormatError(f"{where}: column {column.path_in_schema!r} lies outside the file (damaged)")
+        pos = 0
+        while pos < len(data):
+            try:
+                fields, used = _thrift_struct(data, pos, 0, wanted=(2, 3))
+            except (ValueError, IndexError) as exc:
+                raise CacheFormatError(f"{where}: column {column.path_in_schema!r} has a malformed page header "
+                                       f"({exc})") from exc
+            uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
+            if uncompressed < 0 or compressed < 0:
+                raise CacheFormatError(f"{where}: column {column.path_in_schema!r} has a page header without sizes")
+            decoded, pages = decoded + uncompressed, pages + 1
+            if decoded > limit:
+                raise refuse(decoded, "page headers")
+            if pages > META_MAX_PAGES:
+                raise CacheFormatError(f"{where} has over {META_MAX_PAGES:,} pages in its format columns; refused")
+            pos = used + compressed
+        if pos != len(data):
+            raise CacheFormatError(f"{where}: column {column.path_in_schema!r}: its pages overrun the column chunk")
+
+
+def _thrift_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _thrift_skip(data: bytes, pos: int, kind: int, depth: int, element: bool = False) -> int:
+    """Skip one value of Thrift compact-protocol type `kind` (Parquet's page headers are Thrift structs)."""
+    if kind in (1, 2):  # booleans: in the field header, or one byte as a list element
+        return pos + 1 if element else pos
+    if kind == 3:
+        return pos + 1
+    if kind in (4, 5, 6):
+        return _thrift_varint(data, pos)[1]
+    if kind == 7:
+        return pos + 8
+    if kind == 8:
+        length, pos = _thrift_varint(data, pos)
+        return pos + length
+    if depth > 16:
+        raise ValueError("nested too deeply")
+    if kind in (9, 10):  # list, set
+        head = data[pos]
+        pos += 1
+        size, item = head >> 4, head & 0x0F
+        if size == 15:
+            size, pos = _thrift_varint(data, pos)
+        if size > len(data) - pos:
+            raise ValueError("a list longer than the data")
+        for _ in range(size):
+            pos = _thrift_skip(data, pos, item, depth + 1, element=True)
+        return pos
+    if kind == 11:  # map
+        size, pos = _thrift_varint(data, pos)
+        if size:
+            types = data[pos]
+            pos += 1
+            if 2 * size > len(data) - pos:
+                raise ValueError("a map longer than the data")
+            for _ in range(size):
+                pos = _thrift_skip(data, pos, types >> 4, depth + 1, element=True)
+                pos = _thrift_skip(data, pos, types & 0x0F, depth + 1, element=True)
+        return pos
+    if kind == 12:
+        return _thrift_struct(data, pos, depth + 1)[1]
+    raise ValueError(f"unknown Thrift type {kind}")
+
+
+def _thrift_struct(data: bytes, pos: int, depth: int, wanted: tuple[int, ...] = ()) -> tuple[dict[int, int], int]:
+    """Read a compact-protocol struct at pos: ({field id: value} of the wanted integer fields, end position)."""
+    fields, last = {}, 0
+    while True:
+        head = data[pos]
+        pos += 1
+        if head == 0:
+            return fields, pos
+        kind, delta = head & 0x0F, head >> 4
+        if delta:
+            field_id = last + delta
+        else:
+            raw, pos = _thrift_varint(data, pos)
+            field_id = (raw >> 1) ^ -(raw & 1)
+        last = field_id
+        if field_id in wanted and kind in (4, 5, 6):
+            raw, pos = _thrift_varint(data, pos)
+            fields[field_id] = (raw >> 1) ^ -(raw & 1)
+        else:
+            pos = _thrift_skip(data, pos, kind, depth)
+
+
+def _text_sha256_as_strings(table, entry: ShardEntry, where: str):
+    """text_sha256 was read dictionary-encoded (no expansion); check its values' length, then decode it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table.column("text_sha256")
+    if pa.types.is_dictionary(column.type):
+        longest = max((pc.max(pc.binary_length(chunk.dictionary)).as_py() or 0 for chunk in column.chunks
+                       if len(chunk.dictionary)), default=0)
+    else:
+        longest = pc.max(pc.binary_length(column)).as_py() or 0
+    if longest > MAX_TEXT_SHA256_CHARS:
+        raise CacheFormatError(f"{where}: a text_sha256 value is {longest:,} bytes; the format stores a sha256 in hex "
+                               f"(at most {MAX_TEXT_SHA256_CHARS} characters)")
+    i = table.schema.get_field_index("text_sha256")
+    return table.set_column(i, pa.field("text_sha256", pa.string()), column.cast(pa.string()))
+
+
 class CacheReader:
     """Open a cache for reading. Raises IncompleteCacheError, CacheFormatError, CacheCorruptError."""
 
@@ -455,26 +618,42 @@ class CacheReader:
         return [np.diff(self.shard(i).offsets) for i in range(self.num_shards)]
 
     def meta(self, index: int):
-        """The shard's meta table (pyarrow.Table), after checking its schema and row count."""
+        """The shard's meta table (pyarrow.Table) of the format's columns (META_COLUMNS), checked first.
+
+        Before anything is decoded (storage_layout.md 4): the row count and the columns' types from the
+        footer, and that those columns decode to at most META_BYTES_PER_SEQUENCE per sequence (plus
+        META_BYTES_FIXED) by the footer's sizes and by every page header. Other columns are never
+        decoded. With verify_on_read the file is hashed first (unless its shard already was) and the
+        checked bytes are the ones decoded.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         entry = self.manifest.shards[index]
         where = f"{entry.name}: {entry.meta_path}"
         try:
-            with self.store.fs.open(self.store.path(entry.meta_path), "rb") as f:
+            if self.verify_on_read and entry.name not in self._verified:
+                source = io.BytesIO(self._verified_object(entry, entry.meta_path))
+            else:
+                source = self.store.fs.open(self.store.path(entry.meta_path), "rb")
+            with source as f:
                 parquet = pq.ParquetFile(f)
                 num_rows = parquet.metadata.num_rows
                 if num_rows != entry.num_sequences:
                     raise CacheFormatError(f"{where} has {num_rows} rows, the manifest {entry.num_sequences} sequences")
                 schema = parquet.schema_arrow
                 for column, type_name in META_COLUMNS.items():
-                    if column not in schema.names:
-                        raise CacheFormatError(f"{where} lacks the mandatory column {column!r}")
+                    found = len(schema.get_all_field_indices(column))
+                    if found != 1:
+                        raise CacheFormatError(f"{where} lacks the mandatory column {column!r}" if not found else
+                                               f"{where} has {found} columns named {column!r}")
                     got = schema.field(column).type
                     if got != getattr(pa, type_name)():
                         raise CacheFormatError(f"{where}: column {column!r} is {got}, the format says {type_name}")
-                table = parquet.read()
+                _check_meta_size(f, parquet.metadata, entry, where)
+                # text_sha256 stays dictionary-encoded until its values' length is checked (no expansion)
+                parquet = pq.ParquetFile(f, metadata=parquet.metadata, read_dictionary=["text_sha256"])
+                table = parquet.read(columns=list(META_COLUMNS))
         except CacheError:
             raise
         except FileNotFoundError as exc:
@@ -482,6 +661,7 @@ class CacheReader:
         except Exception as exc:  # pyarrow's own errors on a damaged file
             raise CacheCorruptError(f"{where} cannot be read as Parquet ({type(exc).__name__}: {exc})",
                                     [(entry.name, entry.meta_path, "unreadable")]) from exc
+        table = _text_sha256_as_strings(table, entry, where)
         num_tokens = table.column("num_tokens").to_numpy(zero_copy_only=False)
         order = table.column("sequence_index").to_numpy(zero_copy_only=False)
         if (np.any(num_tokens < 1) or int(num_tokens.sum()) != entry.num_tokens
@@ -489,6 +669,20 @@ class CacheReader:
             raise CacheFormatError(f"{where}: sequence_index must be 0..{entry.num_sequences - 1} and num_tokens "
                                    f"positive, summing to the manifest's {entry.num_tokens}")
         return table
+
+    def _verified_object(self, entry: ShardEntry, key: str) -> bytes:
+        """One object's bytes after checking their size and sha256 against the manifest (verify_on_read)."""
+        info = entry.objects[key]
+        data = self.store.read_bytes(key)
+        if len(data) != info.size:
+            problem = f"size {len(data)} bytes, manifest says {info.size} (truncated or replaced)"
+        elif hashlib.sha256(data).hexdigest() != info.sha256:
+            problem = (f"sha256 {hashlib.sha256(data).hexdigest()[:12]}... does not match the manifest's "
+                       f"{info.sha256[:12]}...")
+        else:
+            return data
+        raise CacheCorruptError(f"cache {self.url} is damaged: {entry.name}: {key}: {problem}",
+                                [(entry.name, key, problem)])
 
     def iter_sequences(self, fields: tuple[str, ...] = ROW_ARRAYS):
         """Every sequence in storage order as (shard index, sequence index, arrays)."""

@@ -228,9 +228,15 @@ class Store:
 
     @staticmethod
     def rewrite_local_lock(fd: int, data: bytes) -> None:
-        """Replace the content of a held lock file in place (its inode carries the flock)."""
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        """Replace the content of a held lock file in place (its inode carries the flock).
+
+        One pwrite of the new JSON, padded with spaces to the old length (JSON allows trailing
+        whitespace), then a truncate that cuts only padding: a reader that looks between the two
+        system calls (the holder stopped or killed there) reads a whole body, never an empty file.
+        """
+        old = os.fstat(fd).st_size
+        os.pwrite(fd, data.ljust(old, b" "), 0)
+        os.ftruncate(fd, len(data))
         os.fsync(fd)
 
     def unlock_local(self, key: str, fd: int) -> None:

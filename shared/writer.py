@@ -7,6 +7,9 @@ The commit protocol (storage_layout.md, "Commit protocol"):
   3. `shards/shard-NNNNN/commit.json` (counts + sha256 of every object) is written last for that
      shard: a shard without it does not exist, and a resumed writer deletes its leftovers.
   4. `manifest.json` is written last of all, once every planned shard has a commit file.
+A complete cache is never modified and a committed shard never rewritten (checked before a shard's
+leftovers are deleted). Builders of one cache running together hold per-worker locks and must use
+the same worker split; one of another split is refused while they run (storage_layout.md 5).
 
 The writer validates every array before anything of the shard is written (shapes, dtypes, id
 ranges, NaN/+inf, ordering), so a model that emits NaN never produces a committed shard.
@@ -21,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -40,6 +44,8 @@ from shared.format import (
     MANIFEST_FILE,
     MAX_CHUNK_BYTES,
     MAX_SHARD_SEQUENCES,
+    MAX_TEXT_SHA256_CHARS,
+    MAX_TOPK_MASS,
     META_COLUMNS,
     META_DIR,
     SHARDS_DIR,
@@ -50,7 +56,9 @@ from shared.format import (
     CacheLockedError,
     CacheMismatchError,
     array_dtypes,
+    chunk_rows_of,
     id_dtype,
+    max_chunk_rows,
     meta_path,
     shard_name,
     shard_path,
@@ -69,6 +77,7 @@ from shared.manifest import (
 from shared.store import Store, open_store
 
 TOOL_VERSION = "0.1.0"
+LOCK_NAME_RE = re.compile(r"^worker-([0-9]+)-of-([0-9]+)\.json$")  # locks/worker-IIIII-of-NNNNN.json
 DEFAULT_CHUNK_ROWS = 8192
 # Blosc with zstd at its highest level and byte shuffle: measured in BENCHMARKS.md (P4) against other
 # levels and shuffles. Compression runs on the background writer thread, never in the teacher's way.
@@ -78,8 +87,6 @@ BLOSC = {"cname": "zstd", "clevel": 9, "shuffle": "shuffle"}
 # packs much better (storage_layout.md 3.1; BENCHMARKS.md P4).
 EXACT_RANKS = 16
 TRIMMED_MANTISSA_BITS = 7
-# float16 rounding can lift a top-K mass of 1 by up to about K * 2^-11 * max(p |ln p|); allow that, refuse more.
-MAX_MASS_EXCESS = 0.02
 
 
 def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
@@ -119,6 +126,8 @@ class BuildHeader:
             if missing:
                 raise CacheFormatError(f"build header: {section} is missing {missing}")
         tail_samples_of(self.settings)
+        if isinstance(self.settings["top_k"], int) and isinstance(self.tokenizer["vocab_size"], int):
+            chunk_rows_of(self.settings, self.settings["top_k"], self.tokenizer["vocab_size"])  # readers refuse others
         if self.num_shards < 1:
             raise CacheError(
                 "the data set produced no sequences to cache (0 shards planned); check --dataset, "
@@ -298,10 +307,10 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
         out[name] = stored
     topk = out["topk_logprobs"].astype(np.float32)
     mass = np.exp(topk.astype(np.float64)).sum(axis=1)
-    if np.any(mass > 1.0 + MAX_MASS_EXCESS):
-        row = int(np.argmax(mass > 1.0 + MAX_MASS_EXCESS))
-        raise CacheFormatError(f"{where}: topk_logprobs row {row} sums to probability {mass[row]:.4f} > 1; they must be "
-                               "log-probabilities (log_softmax over the vocabulary), not logits")
+    if np.any(mass > MAX_TOPK_MASS):  # rounding lifts a sum of 1 by less than 0.02 (storage_layout.md 3)
+        row = int(np.argmax(mass > MAX_TOPK_MASS))
+        raise CacheFormatError(f"{where}: topk_logprobs row {row} sums to probability {mass[row]:.4f} > {MAX_TOPK_MASS}; "
+                               "they must be log-probabilities (log_softmax over the vocabulary), not logits")
     if top_k > 1 and np.any(topk[:, 1:] > topk[:, :-1]):
         row = int(np.argwhere(topk[:, 1:] > topk[:, :-1])[0][0])
         raise CacheFormatError(f"{where}: topk_logprobs row {row} is not sorted most likely first")
@@ -394,6 +403,10 @@ def encode_meta(rows: list[dict], offsets: np.ndarray) -> bytes:
     missing = [c for c in META_COLUMNS if c not in columns]
     if missing:
         raise CacheFormatError(f"meta rows lack mandatory columns {missing}")
+    long = [i for i, v in enumerate(columns["text_sha256"]) if not isinstance(v, str) or len(v) > MAX_TEXT_SHA256_CHARS]
+    if long:
+        raise CacheFormatError(f"meta row {long[0]}: text_sha256 must be a string of at most {MAX_TEXT_SHA256_CHARS} "
+                               f"characters (a sha256 in hex), got {columns['text_sha256'][long[0]]!r:.80}")
     fields = []
     for name in sorted(columns, key=lambda c: (c not in META_COLUMNS, list(META_COLUMNS).index(c) if c in META_COLUMNS else 0, c)):
         type_ = getattr(pa, META_COLUMNS[name])() if name in META_COLUMNS else None
@@ -434,7 +447,7 @@ class CacheWriter:
             raise CacheError(
                 f"--chunk-rows {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse chunks "
                 f"over {MAX_CHUNK_BYTES:,} bytes (storage_layout.md 3.1): use --chunk-rows "
-                f"{max(1, MAX_CHUNK_BYTES // (chunk_bytes // max(chunk_rows, 1)))} or less")
+                f"{max_chunk_rows(top_k, vocab_size, tail_samples_of(header.settings))} or less")
         self.url = url
         self.header = header
         self.overwrite = overwrite
@@ -499,6 +512,7 @@ class CacheWriter:
                     raise CacheMismatchError(f"another builder started a different build in {self.url} at the same time")
                 self.header.created_at = old.created_at
         self._acquire_lock()
+        self._refuse_other_splits()
         if store.exists(MANIFEST_FILE):  # a builder that held the lock before us finished the cache meanwhile
             existing = self._read_manifest_or_none()
             if existing is not None and existing.cache_key == self.header.cache_key:
@@ -569,6 +583,35 @@ class CacheWriter:
                 self._refuse_lock(key, held)
             store.delete(key)  # a dead holder's lock: remove it and race for a fresh one (best effort)
         self._refuse_lock(key, read_lock(store, key))
+
+    def _refuse_other_splits(self) -> None:
+        """Refuse while a builder with another --num-workers is live (storage_layout.md 5, "Workers").
+
+        Worker w of W owns the shards with index % W == w, so builders of two different splits would
+        own overlapping shards, and their per-worker locks would not exclude each other. Called after
+        taking our own lock: of two such builders starting together, each takes its lock before
+        looking for the other's, so at least one sees the other (both may refuse; neither writes).
+        Builders of one split run together; a build may be resumed with another split once nobody builds.
+        """
+        for name in self.store.list_dir(LOCKS_DIR):
+            key = f"{LOCKS_DIR}/{name}"
+            if key == self._lock_key or name.startswith(".tmp-"):
+                continue
+            split = LOCK_NAME_RE.match(name)
+            if split and int(split[2]) == self.num_workers:
+                continue  # another worker of our split: disjoint shards (its own lock excludes its twin)
+            held = read_lock(self.store, key, retries=20)
+            if not lock_holder_live(self.store, key, held):
+                continue  # left by a builder that is gone
+            self._release_lock()
+            theirs = f"worker {int(split[1])} of {int(split[2])}" if split else f"lock {name}"
+            raise CacheLockedError(
+                f"{self.url} is being built by pid {held.get('pid')} on host {held.get('host')} since "
+                f"{held.get('since')} as {theirs} ({key}); this builder is worker {self.worker} of {self.num_workers}. "
+                "Builders running together on one cache must use the same --num-workers (with another split their "
+                f"shards overlap): pass --num-workers {int(split[2]) if split else 'N'} --worker I, or wait for that "
+                "build to end (or stop it) and rerun this command to resume with your split."
+            )
 
     def _refuse_lock(self, key: str, held: dict) -> None:
         raise CacheLockedError(
@@ -651,6 +694,7 @@ class CacheWriter:
             objects={k: ObjectInfo(len(v), sha256_hex(v)) for k, v in objects.items()},
         )
         parse_shard(entry.to_json(), index)  # never commit what a reader would refuse
+        self._refuse_to_rewrite(index, where)
         # Leftovers of an earlier, uncommitted attempt at this shard go first.
         self.store.delete(shard_path(index))
         self.store.delete(meta_path(index))
@@ -660,6 +704,23 @@ class CacheWriter:
         self.store.write_bytes(f"{shard_path(index)}/{COMMIT_FILE}", json.dumps(commit, indent=1).encode())
         self.heartbeat()
         return entry
+
+    def _refuse_to_rewrite(self, index: int, where: str) -> None:
+        """A complete cache is never modified and a committed shard never rewritten (storage_layout.md 5).
+
+        Checked just before a shard's leftovers are deleted. With the locks of section 5 neither can
+        happen; this stops a builder whose locks did not exclude another (a filesystem whose locks do not
+        reach other hosts, an object store without conditional writes) from damaging what that one wrote.
+        """
+        if self.complete or self.store.exists(MANIFEST_FILE):
+            raise CacheLockedError(
+                f"{where}: {self.url} became a complete cache (manifest.json) while this builder ran; a complete "
+                "cache is never modified, so nothing of this shard was written. Another builder finished it: check "
+                f"it with `kdcache verify {self.url}`.")
+        if read_commit(self.store, index, self.header.cache_key) is not None:
+            raise CacheLockedError(
+                f"{where} is already committed in {self.url} (by another builder of this cache?); a committed shard "
+                "is never rewritten, so nothing of it was written. Rerun the same command: it skips committed shards.")
 
     # -- the manifest ------------------------------------------------------------------------
     def finalize(self) -> Manifest | None:

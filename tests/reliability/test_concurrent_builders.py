@@ -98,3 +98,38 @@ def test_dead_builders_lock_is_recovered_by_exactly_one(build_command, clean_bui
         held = LOCK_MESSAGE.search(text)
         assert held and int(held[1]) in {p.pid for p in racers} and int(held[1]) != victim.pid, text
     assert contents(out) == contents(clean_build)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_builder_with_another_split_refused_while_one_runs(build_command, clean_build, tmp_path):
+    """The audit's case: worker 0 of 2 builds; a one-worker build of the same folder would own its shards too.
+
+    It is refused (exit 2) naming the holder and its split, changes nothing, and once worker 0 of 2 has
+    finished, the one-worker build resumes it: the cache equals a clean build.
+    """
+    out = tmp_path / "cache"
+    first = start([*build_command, "--out", str(out), "--num-workers", 2, "--worker", 0])
+    deadline = time.time() + 180
+    while not committed(out):
+        assert first.poll() is None and time.time() < deadline, "worker 0 ended before its first commit"
+        time.sleep(0.002)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        before = {k: v for k, v in contents(out).items() if not k.startswith("build")}
+        code, text = finish(start([*build_command, "--out", str(out)]))
+        after = {k: v for k, v in contents(out).items() if not k.startswith("build")}
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert code == 2, text
+    held = LOCK_MESSAGE.search(text)
+    assert held and (int(held[1]), held[2]) == (first.pid, socket.gethostname()), text
+    assert "as worker 0 of 2 (locks/worker-00000-of-00002.json); this builder is worker 0 of 1" in text, text
+    assert "--num-workers 2 --worker I" in text, text
+    assert after == before  # the refused builder wrote and deleted nothing
+    code, text = finish(first)
+    assert code == 0 and "partial" in text, text
+    code, text = finish(start([*build_command, "--out", str(out)]))  # now alone: resumes with one worker
+    assert code == 0 and "built:" in text, text
+    assert contents(out) == contents(clean_build)
+    assert CacheReader(str(out)).verify(bookkeeping=True) == []

@@ -133,6 +133,22 @@ def _meta_column_type(cache: Path) -> str:
     return key
 
 
+def _meta_bomb(cache: Path) -> str:
+    """text_sha256 values of 16 MiB each: a few KB of Parquet (storage_layout.md 4 bounds it before decoding)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = "meta/shard-00001.parquet"
+    table = pq.read_table(cache / key)
+    i = table.schema.get_field_index("text_sha256")
+    table = table.set_column(i, "text_sha256", pa.array(["f" * 2**24] * table.num_rows))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    assert len(sink.getvalue()) < 50_000
+    replace_object(cache, key, sink.getvalue())
+    return f"{key}: its columns sequence_index"
+
+
 def _id_beyond_vocabulary(cache: Path) -> str:
     import numpy as np
 
@@ -150,6 +166,7 @@ HOSTILE = {  # name: (edit returning what the messages must contain, does `kdcac
     "zarr.json claims 2^40 rows": (_huge_shape, True),
     "zarr.json asks for a pickle codec": (_pickle_codec, True),
     "meta column of the wrong type": (_meta_column_type, True),
+    "meta Parquet decompression bomb": (_meta_bomb, True),
     "id beyond the vocabulary (valid checksums)": (_id_beyond_vocabulary, False),
 }
 

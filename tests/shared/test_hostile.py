@@ -12,13 +12,15 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from shared.format import CacheCorruptError, CacheError, CacheFormatError
+from shared.format import META_COLUMNS, CacheCorruptError, CacheError, CacheFormatError
 from shared.reader import CacheReader
 from shared.writer import encode_zarr_group
 from tests.shared.fakes import write_cache
@@ -314,3 +316,146 @@ def test_manifest_that_is_a_list(cache):
     (cache / "manifest.json").write_text("[1, 2]")
     with pytest.raises(CacheFormatError, match="manifest.json must hold a JSON object"):
         CacheReader(str(cache))
+
+
+# ---------------------------------------------------------------------------------------------
+# the meta Parquet file as a decompression bomb (storage_layout.md 4)
+
+META = "meta/shard-00001.parquet"
+BOMB = 64 * 2**20  # one 64 MiB string: a few KB once compressed
+
+
+def write_meta(cache: Path, table, **options) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **{"compression": "zstd", **options})
+    replace_object(cache, META, sink.getvalue())
+    return sink.getvalue()
+
+
+def meta_table(cache: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(cache / META)
+
+
+def read_meta_in_a_fresh_process(cache: Path) -> tuple[str, int]:
+    """CacheReader(cache).meta(1) and verify() in a new interpreter: (outcome, peak bytes of pyarrow's memory pool).
+
+    pyarrow allocates outside Python's allocator (tracemalloc does not see it); a fresh process's pool
+    peak is what reading the meta file cost.
+    """
+    code = """if 1:
+        import json, sys
+        sys.path.insert(0, sys.argv[2])
+        import pyarrow as pa
+        from shared.reader import CacheReader
+        reader = CacheReader(sys.argv[1])
+        try:
+            outcome = "ok " + ",".join(reader.meta(1).column_names)
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        problems = [str(p) for p in reader.verify()]
+        print(json.dumps([outcome, problems, pa.default_memory_pool().max_memory()]))
+    """
+    res = subprocess.run([sys.executable, "-c", code, str(cache), str(Path(__file__).resolve().parents[2])],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_meta_bomb_in_a_column_the_format_does_not_know_is_never_decoded(cache):
+    """Writers may add columns and readers ignore them (section 4): without decoding them."""
+    import pyarrow as pa
+
+    table = meta_table(cache)
+    data = write_meta(cache, table.append_column("extra", pa.array(["x" * BOMB] + [""] * (table.num_rows - 1))))
+    assert len(data) < 20_000
+    outcome, problems, peak = read_meta_in_a_fresh_process(cache)
+    assert outcome == "ok " + ",".join(META_COLUMNS)
+    assert problems == []
+    assert peak < 4 * 2**20, peak
+
+
+def understate_footer(data: bytes, column: str, claim: int = 600) -> bytes:
+    """The same file with the footer claiming `claim` uncompressed bytes for `column` (and its row group).
+
+    The footer is Thrift compact protocol: each i64 a zigzag varint. The true value's varint is replaced
+    by an over-long varint of `claim` of the same length, which Thrift readers accept.
+    """
+    import struct
+
+    import pyarrow.parquet as pq
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n >> 7 else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    def overlong(n: int, length: int) -> bytes:
+        return bytes(((n >> (7 * i)) & 0x7F) | (0x80 if i < length - 1 else 0) for i in range(length))
+
+    out = bytearray(data)
+    footer = len(out) - 8 - struct.unpack("<I", out[-8:-4])[0]
+    group = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0)
+    chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column)
+    for value in (chunk.total_uncompressed_size, group.total_byte_size):
+        old = varint(value << 1)
+        at = out.find(old, footer)
+        assert at != -1
+        out[at:at + len(old)] = overlong(claim << 1, len(old))
+    lied = pq.ParquetFile(io.BytesIO(bytes(out))).metadata.row_group(0)
+    assert max(lied.column(i).total_uncompressed_size for i in range(lied.num_columns)) <= claim
+    return bytes(out)
+
+
+@pytest.mark.parametrize("footer", ["honest", "understated"])
+def test_meta_bomb_in_a_format_column_refused_before_decoding(cache, footer):
+    """text_sha256 holding 64 MiB: refused from the footer's sizes, or, where the footer understates them,
+    from the page headers (what pyarrow's decoder allocates: 4x the claim when it was let through)."""
+    import pyarrow as pa
+
+    table = meta_table(cache)
+    table = table.set_column(table.schema.get_field_index("text_sha256"), "text_sha256",
+                             pa.array(["y" * BOMB] * table.num_rows))
+    data = write_meta(cache, table)
+    if footer == "understated":
+        replace_object(cache, META, understate_footer(data, "text_sha256"))
+    outcome, problems, peak = read_meta_in_a_fresh_process(cache)
+    source = "footer" if footer == "honest" else "page headers"
+    expected = (f"CacheCorruptError: shard-00001: {META}: its columns sequence_index, source_index, window_index, "
+                f"sample_index, num_tokens, prompt_length, num_loss_tokens, text_sha256 would decode to ")
+    assert outcome.startswith(expected) and f"bytes by its {source}, more than the 66,304 the format allows for 3 " \
+                                             "sequences" in outcome, outcome
+    assert problems == [f"shard-00001: {META}: {outcome.split(': ', 1)[1]}"]
+    assert peak < 4 * 2**20, peak
+
+
+def test_meta_text_sha256_longer_than_a_sha256_refused(cache):
+    import pyarrow as pa
+
+    table = meta_table(cache)
+    values = ["a" * 64, "b" * 65, ""]
+    write_meta(cache, table.set_column(table.schema.get_field_index("text_sha256"), "text_sha256", pa.array(values)))
+    with pytest.raises(CacheFormatError, match=f"shard-00001: {META}: a text_sha256 value is 65 bytes; the format "
+                                               "stores a sha256 in hex"):
+        CacheReader(str(cache)).meta(1)
+
+
+@pytest.mark.parametrize("options", [
+    {"row_group_size": 1},
+    {"data_page_size": 1, "write_batch_size": 1, "compression": "snappy"},
+    {"use_dictionary": False, "compression": "none"},
+    {"data_page_version": "2.0", "compression": "gzip", "write_page_index": True},
+], ids=["row-group-per-row", "page-per-row", "plain-uncompressed", "v2-pages-gzip"])
+def test_meta_written_other_ways_still_reads(cache, options):
+    """The page-header walk accepts any valid layout: several row groups, many pages, v1/v2 pages, codecs."""
+    table = meta_table(cache)
+    write_meta(cache, table, **options)
+    got = CacheReader(str(cache)).meta(1)
+    assert got.column_names == list(META_COLUMNS)
+    assert got.to_pydict() == table.select(list(META_COLUMNS)).to_pydict()

@@ -40,6 +40,28 @@ def test_flock_is_per_holder_and_released_on_unlock(tmp_path):
     store.unlock_local(LOCK, fd)
 
 
+def test_lock_body_is_whole_between_any_two_system_calls(tmp_path, monkeypatch):
+    """A holder stopped (SIGSTOP) or killed inside a heartbeat leaves a readable body naming it, never an empty file."""
+    store = open_store(str(tmp_path))
+    fd = store.lock_local(LOCK, json.dumps({"pid": 1, "host": "h", "heartbeat": 12345.678901}).encode())
+    seen = []
+
+    def looking_first(real):
+        def call(*args):
+            seen.append(json.loads((tmp_path / LOCK).read_bytes()))  # what a reader finds if the holder stops here
+            return real(*args)
+        return call
+
+    for name in ("pwrite", "ftruncate", "fsync", "write"):
+        monkeypatch.setattr(os, name, looking_first(getattr(os, name)))
+    for body in ({"pid": 2}, {"pid": 3, "host": "a-much-longer-host-name", "heartbeat": 1.5}, {"pid": 4}):
+        store.rewrite_local_lock(fd, json.dumps(body).encode())
+        assert json.loads((tmp_path / LOCK).read_bytes()) == body
+    assert len(seen) >= 9 and {b["pid"] for b in seen} == {1, 2, 3, 4}
+    monkeypatch.undo()
+    store.unlock_local(LOCK, fd)
+
+
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     """A process takes the lock, is SIGKILLed; the kernel dropped its flock, so the lock file is free again."""
     url = str(tmp_path / "c")
@@ -139,3 +161,99 @@ def test_without_hard_links_exclusive_create_still_refuses_the_second(tmp_path, 
     assert store.create_exclusive("build.json", b"{}")
     assert not store.create_exclusive("build.json", b"{1}")
     assert (tmp_path / "build.json").read_bytes() == b"{}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders of different worker splits (storage_layout.md 5, "Workers")
+
+
+def fill(buf, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        buf.add_sequence(**random_sequence(rng, 9), source_index=i)
+
+
+def snapshot(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "locks" not in p.parts}
+
+
+@pytest.mark.parametrize("first,second", [((0, 2), (0, 1)), ((0, 1), (1, 2))], ids=["W2-then-W1", "W1-then-W2"])
+def test_builder_with_another_worker_split_refused_while_one_runs(tmp_path, first, second):
+    """The audit's case: B (worker 0 of 2) builds; A (1 worker) would own B's shards too. A is refused, naming B."""
+    url = str(tmp_path / "c")
+    with CacheWriter(url, header(3), worker=first[0], num_workers=first[1]) as b:
+        with b.shard(0 if first[1] == 1 else first[0]) as buf:
+            fill(buf, 0)
+        with pytest.raises(CacheLockedError) as refused:
+            CacheWriter(url, header(3), worker=second[0], num_workers=second[1]).__enter__()
+        message = str(refused.value)
+        assert (f"is being built by pid {os.getpid()} on host {socket.gethostname()} since {b._lock_since} as worker "
+                f"{first[0]} of {first[1]}") in message
+        assert f"this builder is worker {second[0]} of {second[1]}" in message
+        assert f"--num-workers {first[1]} --worker I" in message
+        assert sorted(p.name for p in (tmp_path / "c" / "locks").iterdir()) == [
+            f"worker-{first[0]:05d}-of-{first[1]:05d}.json"]  # the refused builder left no lock behind
+    # once nobody builds, the build resumes with any split: committed shards are kept, the rest written
+    with CacheWriter(url, header(3), worker=second[0], num_workers=second[1]) as a:
+        for s in a.pending_shards():
+            with a.shard(s) as buf:
+                fill(buf, s)
+    with CacheWriter(url, header(3)) as rest:
+        for s in rest.pending_shards():
+            with rest.shard(s) as buf:
+                fill(buf, s)
+        assert rest.finalize() is not None
+    from shared.reader import CacheReader
+
+    assert CacheReader(url).verify(bookkeeping=True) == []
+
+
+def test_same_split_other_worker_and_dead_other_split_do_not_block(tmp_path):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, header(3), worker=0, num_workers=2), CacheWriter(url, header(3), worker=1, num_workers=2):
+        pass  # the two workers of one split run together
+    stale = tmp_path / "c" / "locks" / "worker-00000-of-00003.json"  # left by a killed builder of another split
+    stale.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 99, "since": "then", "heartbeat": 0}))
+    with CacheWriter(url, header(3)) as w:
+        assert w.pending_shards() == [0, 1, 2]
+
+
+def test_writer_never_changes_a_complete_cache_nor_rewrites_a_committed_shard(tmp_path, monkeypatch):
+    """Where the locks do not exclude (a filesystem whose locks do not reach other hosts), write_shard still
+    refuses, before it deletes anything: the audit's B dies in write_shard(0) after A completed the cache."""
+    import shared.writer
+    from shared.reader import CacheReader
+
+    url, root = str(tmp_path / "c"), tmp_path / "c"
+    monkeypatch.setattr(shared.writer, "lock_holder_live", lambda store, key, held: False)
+    b = CacheWriter(url, header(3), worker=0, num_workers=2).__enter__()
+    try:
+        with CacheWriter(url, header(3)) as a:  # not excluded here, by the monkeypatch
+            for s in a.pending_shards():
+                with a.shard(s) as buf:
+                    fill(buf, s)
+            assert a.finalize() is not None
+        before = snapshot(root)
+        deleted = []
+        monkeypatch.setattr(b.store, "delete", lambda key: deleted.append(key))
+        shard = b.shard(0)
+        with pytest.raises(CacheLockedError, match=r"shard shard-00000: .* became a complete cache \(manifest.json\) "
+                                                   r"while this builder ran; a complete cache is never modified"), \
+                shard as buf:
+            fill(buf, 100)
+        assert deleted == [] and snapshot(root) == before
+    finally:
+        b.__exit__(None, None, None)
+    assert CacheReader(url).verify(bookkeeping=True) == []
+
+    # before completion: a shard another builder committed is not rewritten either
+    url2, root2 = str(tmp_path / "d"), tmp_path / "d"
+    with CacheWriter(url2, header(2)) as w:
+        with w.shard(0) as buf:
+            fill(buf, 0)
+        before = snapshot(root2)
+        with pytest.raises(CacheLockedError, match="shard shard-00000 is already committed .* a committed shard is "
+                                                   "never rewritten"), w.shard(0) as buf:
+            fill(buf, 1)
+        assert snapshot(root2) == before

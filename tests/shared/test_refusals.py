@@ -16,7 +16,7 @@ from shared.format import (
     IncompleteCacheError,
 )
 from shared.reader import CacheReader
-from shared.writer import CacheWriter
+from shared.writer import CacheWriter, ShardBuffer
 from tests.shared.fakes import header, random_sequence, write_cache
 
 
@@ -193,3 +193,88 @@ def test_workers_own_disjoint_shards(tmp_path):
         assert w1.my_shards() == [1, 3]
     with pytest.raises(CacheError, match="--worker 2"):
         CacheWriter(url, header(5), worker=2, num_workers=2)
+
+
+@pytest.mark.parametrize("value,shown", [
+    (0.5, "0.5"), ("x", "'x'"), (-3, "-3"), (0, "0"), (True, "True"), (None, "None"), (2**40, "1099511627776"),
+], ids=["fraction", "string", "negative", "zero", "bool", "null", "huge"])
+def test_chunk_rows_setting_validated_for_every_reader(cache, value, shown):
+    """A trainer divides row indices by settings.chunk_rows: anything but a positive int in range is refused here."""
+    edit_manifest(cache, lambda m: m["settings"].update(chunk_rows=value))
+    with pytest.raises(CacheFormatError, match=r"manifest: settings.chunk_rows \(rows per Zarr chunk\) must be an integer "
+                                               rf"in \[1, 67,108,864\] for top_k 8 and a vocabulary of 1000, got {shown}"):
+        CacheReader(cache)
+    with pytest.raises(CacheFormatError, match="settings.chunk_rows"):  # and no build starts with it
+        header(1, chunk_rows=value)
+
+
+def test_chunk_rows_setting_in_range_accepted(cache):
+    for value in (1, 8192, 67_108_864):
+        edit_manifest(cache, lambda m, value=value: m["settings"].update(chunk_rows=value))
+        assert CacheReader(cache).manifest.settings["chunk_rows"] == value
+
+
+def test_top_k_mass_bound_is_one_rule_for_writer_and_reader(tmp_path):
+    """Rows may sum to 1.02 after rounding (storage_layout.md 3); a shard of such rows is committed and read back,
+    and a manifest claiming more than 1.02 x num_tokens is refused (section 6.3)."""
+    url = str(tmp_path / "c")
+    rng = np.random.default_rng(0)
+    seq = random_sequence(rng, 12)
+    seq["topk_logprobs"] = np.full_like(seq["topk_logprobs"], np.log(1.015 / seq["topk_logprobs"].shape[1]))
+    seq["tail_logprob"] = np.full(12, -np.inf)
+    with CacheWriter(url, header(1)) as w:
+        with w.shard(0) as buf:
+            buf.add_sequence(**seq, source_index=0)
+        assert w.finalize() is not None
+    reader = CacheReader(url)
+    assert reader.manifest.shards[0].topk_mass_sum == pytest.approx(12 * 1.015, rel=1e-3)
+    assert reader.verify() == []
+    edit_manifest(url, lambda m: m["shards"][0].update(topk_mass_sum=12 * 1.021))
+    with pytest.raises(CacheFormatError, match=r"shards\[0\].topk_mass_sum = 12.25\d* is not in \[0, 1.02 x num_tokens "
+                                               r"= 12.24\]"):
+        CacheReader(url)
+    seq["topk_logprobs"][:] = np.log(1.03 / seq["topk_logprobs"].shape[1])
+    buf = ShardBuffer(0)
+    buf.add_sequence(**seq, source_index=0)
+    with CacheWriter(str(tmp_path / "d"), header(1)) as w, \
+            pytest.raises(CacheFormatError, match=r"topk_logprobs row 0 sums to probability 1\.02\d\d > 1.02; they must"):
+        w.write_shard(buf)
+
+
+def test_verify_on_read_refuses_a_damaged_shard_at_its_first_read(cache):
+    """What kdtrain run does above 4 GiB: open (sizes only), then hash each shard when first read (section 7)."""
+    key = "shards/shard-00001/topk_ids/c/0/0"
+    data = bytearray(Path(cache, key).read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only a hash finds it
+    Path(cache, key).write_bytes(bytes(data))
+    reader = CacheReader(cache, verify_on_read=True)  # opening does not hash
+    assert reader.shard(0).read_sequence(0)["input_ids"].size  # an intact shard reads
+    with pytest.raises(CacheCorruptError, match=f"shard-00001: {key}: sha256 [0-9a-f]{{12}}... does not match the "
+                                               "manifest's") as refused:
+        reader.shard(1)
+    assert [(shard, obj) for shard, obj, _ in refused.value.problems] == [("shard-00001", key)]
+    assert 1 not in reader._views  # nothing of it was opened
+    with pytest.raises(CacheCorruptError, match="shard-00001"):
+        reader.shard(1)  # and it stays refused
+    assert CacheReader(cache).shard(1).read_sequence(0)  # without hashing the flipped byte goes unnoticed
+
+
+def test_verify_on_read_hashes_a_meta_file_before_reading_it(cache):
+    """A trainer reads every meta table at start (its index) before any shard: those are hashed too."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = "meta/shard-00001.parquet"
+    table = pq.read_table(Path(cache, key))
+    i = table.schema.get_field_index("text_sha256")
+    changed = table.set_column(i, "text_sha256", pa.array(["9" + v[1:] for v in table.column(i).to_pylist()]))
+    sink = io.BytesIO()
+    pq.write_table(changed, sink, compression="zstd")
+    assert len(sink.getvalue()) == Path(cache, key).stat().st_size  # a same-size, valid, different file
+    Path(cache, key).write_bytes(sink.getvalue())
+    assert CacheReader(cache).meta(1).column("text_sha256").to_pylist()[0].startswith("9")  # read as is
+    with pytest.raises(CacheCorruptError, match=f"shard-00001: {key}: sha256 .* does not match the manifest's"):
+        CacheReader(cache, verify_on_read=True).meta(1)
+    assert CacheReader(cache, verify_on_read=True).meta(0).num_rows == 3

@@ -20,7 +20,7 @@ M = 6
 def with_tail(rng: np.random.Generator, seq: dict, m: int = M) -> dict:
     """Add M draws from the row's distribution outside its top K, as distinct ids + counts, unused slots
     holding the smallest ids not otherwise in the row (what cacher.engines produces)."""
-    n, k = seq["topk_ids"].shape
+    n = seq["topk_ids"].shape[0]
     ids = np.zeros((n, m), dtype=np.int64)
     counts = np.zeros((n, m), dtype=np.int64)
     for r in range(n):
