@@ -34,6 +34,7 @@ from cacher.models import (
 from shared.catalog import find_by_key
 from shared.data import (
     DEFAULT_DATASET,
+    PROMPT_TEMPLATES,
     Sequence,
     extract_gsm8k_answer,
     load_prompts,
@@ -69,6 +70,11 @@ class BuildConfig:
     """Field holding the prompt of prompt/response data (with --response-field)."""
     response_field: str | None = None
     """Field holding the response; only response tokens are distilled."""
+    prompt_template: str | None = None
+    """How prompts are formatted: chat (the tokenizer's chat template), plain (shared.data.PLAIN_TEMPLATE) or minillm
+    (MiniLLM's instruction template, as kdtrain eval's ROUGE-L asks); default chat when the tokenizer has one, else plain."""
+    input_field: str | None = None
+    """Field holding an input for the minillm template's '### Input:' section (dolly's 'context'); empty: none."""
     mode: str = "score"
     """'score': teacher distributions over the data's tokens; 'generate': the teacher writes the responses."""
     top_k: int = 64
@@ -112,7 +118,8 @@ class BuildConfig:
     seed: int = 0
     """Generate mode: sampling seed."""
     filter: str | None = None
-    """Generate mode: 'gsm8k-answer' keeps samples whose final '#### N' equals the reference's."""
+    """Generate mode: 'gsm8k-answer' keeps samples whose final answer ('#### N', else the last \\boxed{N}) equals
+    the reference's."""
     reuse: bool = True
     """Return an existing complete cache with the same cache_key under --out's parent instead of rebuilding."""
 
@@ -130,6 +137,14 @@ class BuildConfig:
                              "its full distribution. Pass --engine hf, or drop --tail-samples")
         if self.max_length < 2:
             raise BuildError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.prompt_template is not None and self.prompt_template not in PROMPT_TEMPLATES:
+            raise BuildError(f"--prompt-template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
+        if self.prompt_field is None and (self.prompt_template is not None or self.input_field is not None):
+            option = "--prompt-template" if self.prompt_template is not None else "--input-field"
+            raise BuildError(f"{option} formats prompts of prompt/response data: give --prompt-field and --response-field")
+        if self.input_field is not None and self.prompt_template != "minillm":
+            raise BuildError(f"--input-field {self.input_field} is read by --prompt-template minillm only (its "
+                             "'### Input:' section); add --prompt-template minillm, or drop --input-field")
         if self.shard_tokens < 1 or self.batch_tokens < 1 or self.chunk_rows < 1:
             raise BuildError("--shard-tokens, --batch-tokens and --chunk-rows must be >= 1")
         if not (self.num_workers >= 1 and 0 <= self.worker < self.num_workers):
@@ -184,6 +199,16 @@ class BuildResult:
     num_bytes: int
     seconds: float
     data_notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """What `kdcache build --json` prints: one object a program reads instead of the summary line.
+
+        status: built | already built | reused (an identical cache elsewhere; `cache` names it, nothing is
+        written at --out) | partial (other workers still owe shards; counts of the whole cache are 0 then).
+        """
+        return {"status": self.status, "cache": self.url, "cache_key": self.cache_key, "num_shards": self.num_shards,
+                "num_shards_written": self.num_shards_written, "num_sequences": self.num_sequences,
+                "num_tokens": self.num_tokens, "num_bytes": self.num_bytes, "seconds": round(self.seconds, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,10 +290,17 @@ def model_context(path: str) -> int | None:
     return None
 
 
-def model_vocab(path: str, tokenizer) -> int:
+def model_vocab(path: str, tokenizer) -> tuple[int, int]:
+    """(V, the teacher's logit rows): V = len(tokenizer), the ids a cache can hold.
+
+    The rows come from config.json's vocab_size (or text_config's). Rows beyond the tokenizer's ids are
+    padding no tokenizer produces (Qwen2.5-7B: 152064 rows for 151665 ids, its smaller siblings 151936):
+    the engines never store them (cacher/engines.py, "Padded embedding rows"), so a cache's ids mean
+    the same to every model of that tokenizer, whatever its padding.
+    """
     cfg = read_model_config(path)
-    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-    return max(int(vocab or 0), len(tokenizer))
+    rows = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return len(tokenizer), int(rows or len(tokenizer))
 
 
 def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildResult:
@@ -286,7 +318,10 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
     teacher_name = model_name(config.model)  # a local folder by its real path: ./m and /abs/m resume one build
     read_model_config(resolved.path)  # a damaged config.json is named as such, before the tokenizer trips on it
     tokenizer = load_tokenizer(resolved.path, trust_remote_code=config.trust_remote_code)
-    vocab_size = model_vocab(resolved.path, tokenizer)
+    vocab_size, logit_rows = model_vocab(resolved.path, tokenizer)
+    if logit_rows > vocab_size:
+        log(f"teacher: {logit_rows} embedding rows for {vocab_size} token ids; the {logit_rows - vocab_size} padded "
+            "rows are never stored (their probability counts in the tail)")
     if config.top_k > vocab_size:
         raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
     if config.top_k + config.tail_samples > vocab_size:
@@ -301,15 +336,17 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
         sequences, info = load_sequences(
             config.dataset, tokenizer, split=config.split, config=config.dataset_config, text_field=config.text_field,
             prompt_field=config.prompt_field, response_field=config.response_field,
-            max_length=config.max_length, limit=config.limit,
+            max_length=config.max_length, limit=config.limit, prompt_template=config.prompt_template,
+            input_field=config.input_field,
         )
         plan = plan_shards([len(s.input_ids) for s in sequences], config.shard_tokens)
         fingerprint = sequences_fingerprint(sequences)
     else:
         prompt_limit = config.max_length - 1
         sequences, info = load_prompts(config.dataset, tokenizer, split=config.split, config=config.dataset_config,
-                                       prompt_field=config.prompt_field,
-                                       response_field=config.response_field, max_length=prompt_limit, limit=config.limit)
+                                       prompt_field=config.prompt_field, response_field=config.response_field,
+                                       max_length=prompt_limit, limit=config.limit,
+                                       prompt_template=config.prompt_template, input_field=config.input_field)
         budget = [len(s.input_ids) + config.num_samples * config.max_new_tokens for s in sequences]
         plan = plan_shards(budget, config.shard_tokens)
         fingerprint = sequences_fingerprint(sequences)
@@ -462,7 +499,8 @@ def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engi
     it to generate), whose results stream in and are cut into shards as they arrive.
     """
     if engine_name == "hf":
-        teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+        teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
+                                          num_token_ids=len(tokenizer))
         for s in pending:
             seqs = [sequences[i] for i in plan[s]]
             if config.mode == "generate":
@@ -492,7 +530,8 @@ def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engi
                                      [responses.get(i, []) for i in plan[s]]) for s in pending}
     else:
         by_shard = {s: [(sequences[i], 0) for i in plan[s]] for s in pending}
-    scored = _vllm_score(config, model_path, [q.input_ids for s in pending for q, _ in by_shard[s]], dtype, tick)
+    scored = _vllm_score(config, model_path, [q.input_ids for s in pending for q, _ in by_shard[s]], dtype, tick,
+                         len(tokenizer))
     with contextlib.closing(scored):  # _vllm_score raises EngineError when a result is missing
         for s in pending:
             yield s, [(q, {**next(scored), "sample_index": k}) for q, k in by_shard[s]]
@@ -547,7 +586,8 @@ def _generate_vllm(config, model_path, tokenizer, prompts, plan, pending, dtype)
                 "tensor_parallel_size": config.tensor_parallel_size,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
                 "seed": config.seed, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None}
+                "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None,
+                "num_token_ids": len(tokenizer)}
     responses: dict[int, list[np.ndarray]] = {}
     with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
         try:
@@ -574,8 +614,11 @@ def _vllm_env() -> dict | None:
     return None if torch.cuda.is_available() else dict(CPU_FAST_ENV)
 
 
-def _vllm_score(config, model_path, sequences, dtype, tick):
-    """Yield the vLLM engine's result for each sequence, in input order, as the subprocess writes them."""
+def _vllm_score(config, model_path, sequences, dtype, tick, num_token_ids: int | None = None):
+    """Yield the vLLM engine's result for each sequence, in input order, as the subprocess writes them.
+
+    num_token_ids: the tokenizer's ids; the teacher's logit rows beyond them are never stored.
+    """
     from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
 
     if not sequences:
@@ -583,7 +626,7 @@ def _vllm_score(config, model_path, sequences, dtype, tick):
     settings = {"mode": "score", "top_k": config.top_k, "max_length": max(config.max_length, max(len(s) for s in sequences)),
                 "dtype": dtype, "tensor_parallel_size": config.tensor_parallel_size,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
-                "seed": config.seed}
+                "seed": config.seed, "num_token_ids": num_token_ids}
     with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
         items = run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work,
                                     env=_vllm_env())

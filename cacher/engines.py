@@ -18,6 +18,15 @@ the top K, as the distinct ids with their counts, most drawn first (ties: smalle
 slots have count 0 and the smallest ids not otherwise in the row, so each row's K + M ids are distinct. The draws of a sequence come from its own seeded generator, so they do not
 depend on batching, shard plans or workers.
 
+Padded embedding rows: a teacher may have more logit rows W than its tokenizer has ids S (Qwen2.5-7B:
+W = 152064, S = 151665); rows >= S are padding that no tokenizer produces. Both engines store the
+same thing for them, computable exactly by both: the log-probs are those of the teacher's softmax
+over all W logits (what vLLM returns, and it cannot restrict prompt_logprobs to some ids); the top K
+are the K most likely ids below S; so tail_logprob = log(1 - sum of the top K) holds the padded rows'
+mass with the rest of the tail (a renormalization over the S ids would need that mass, which vLLM
+does not report). Tail samples are drawn among ids below S outside the top K, and generate mode never
+samples an id >= S. No stored id is ever >= S.
+
 Knows models and torch; nothing about the cache's files (that is shared/'s job).
 """
 
@@ -40,14 +49,21 @@ class HFTeacher:
     model: object
     device: str
     dtype: str
-    vocab_size: int  # the width of the logits
+    vocab_size: int  # the width of the logits (W)
     max_positions: int | None
+    num_token_ids: int = 0  # S: ids >= S (padded rows) are never stored; 0 (default) or == vocab_size: no padding
     head_weight: object = None  # (V, H) float32 copy of the output head, when the hidden-state path is exact
     head_bias: object = None
 
+    def __post_init__(self):
+        if not self.num_token_ids:
+            self.num_token_ids = self.vocab_size
+
 
 def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = None,
-                    trust_remote_code: bool = False) -> HFTeacher:
+                    trust_remote_code: bool = False, num_token_ids: int | None = None) -> HFTeacher:
+    """The teacher in eval mode; num_token_ids: the tokenizer's ids S (default: every logit row); see the module
+    docstring on padded rows."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -70,8 +86,9 @@ def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = N
     cfg = model.config
     max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     head = model.get_output_embeddings()
-    teacher = HFTeacher(model=model, device=device, dtype=dtype, vocab_size=int(head.weight.shape[0]),
-                        max_positions=max_positions)
+    rows = int(head.weight.shape[0])
+    teacher = HFTeacher(model=model, device=device, dtype=dtype, vocab_size=rows, max_positions=max_positions,
+                        num_token_ids=min(rows, num_token_ids) if num_token_ids else rows)
     if _hidden_path_is_exact(model):
         # The head runs in float32 on row chunks of the last hidden states: a bf16 teacher still gets
         # float32 logits (bf16 logits carry ~3 significant digits), and no (B, L, V) tensor is made.
@@ -173,7 +190,7 @@ def sample_uniforms(keys: list, lengths: list[int], num_samples: int, seed: int)
     return np.concatenate(parts) if parts else np.zeros((0, num_samples))
 
 
-def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=None):
+def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=None, num_ids: int | None = None):
     """Per-row top-K, target log-prob and tail, in float32 row chunks.
 
     logits: (R, V) any float dtype, or (R, H) hidden states when head = (weight (V, H), bias) is given
@@ -187,6 +204,9 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=
     probability exceeds u * tail mass), returned as two more (R, M) int64 arrays of distinct ids
     and counts (distinct_counts; unused slots filled by fill_unused). A row whose tail mass is 0 in
     float32 gets no draws (counts 0).
+
+    num_ids: S, when the logits have padded rows beyond the tokenizer's ids (module docstring): log-probs
+    are of the softmax over all V logits, the top K and the draws are among ids < S.
     """
     import torch
 
@@ -204,8 +224,9 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=
         x = logits[start:stop].float()
         if head is not None:
             x = torch.nn.functional.linear(x, head[0], head[1])  # (c, V) float32
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (c, 1)
-        values, indices = torch.topk(x, top_k, dim=-1)  # (c, K), sorted, raw logits
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (c, 1) over all V logits, padded rows included
+        real = x[:, :num_ids] if num_ids is not None and num_ids < x.shape[1] else x  # (c, S) ids a tokenizer has
+        values, indices = torch.topk(real, top_k, dim=-1)  # (c, K), sorted, raw logits
         topk_lp = values - lse
         tgt = targets[start:stop]
         gathered = (x.gather(1, tgt.clamp(min=0).unsqueeze(1)) - lse).squeeze(1)
@@ -215,7 +236,7 @@ def topk_rows(logits, top_k: int, targets, chunk_rows: int, head=None, uniforms=
         mass = torch.exp(topk_lp.double()).sum(-1)
         tail[start:stop] = torch.log1p(-mass.clamp(max=1.0)).float().cpu().numpy()
         if sampled:  # rows whose stored tail is -inf (the top K hold all the mass in float64) get no draws
-            tail_ids[start:stop], tail_counts[start:stop] = _draw_tail(x, lse, indices, uniforms[start:stop],
+            tail_ids[start:stop], tail_counts[start:stop] = _draw_tail(real, lse, indices, uniforms[start:stop],
                                                                        np.isneginf(tail[start:stop]))
     if sampled:
         return ids, lps, target_lp, tail, tail_ids, tail_counts
@@ -230,7 +251,7 @@ def _draw_tail(x, lse, top_ids, uniforms: np.ndarray, no_tail: np.ndarray):
     """
     import torch
 
-    p = torch.exp(x - lse)  # (c, V) float32
+    p = torch.exp(x - lse)  # (c, S) float32: x holds the ids that may be drawn, lse is over the whole row
     p.scatter_(1, top_ids, 0.0)
     cdf = torch.cumsum(p, dim=1)  # (c, V), non-decreasing; flat over zeroed ids
     total = cdf[:, -1:]  # (c, 1) the tail mass
@@ -261,8 +282,8 @@ def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, bat
     """
     import torch
 
-    if top_k > teacher.vocab_size:
-        raise EngineError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    if top_k > teacher.num_token_ids:
+        raise EngineError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.num_token_ids} token ids)")
     if sample_keys is not None and len(sample_keys) != len(sequences):
         raise ValueError(f"sample_keys has {len(sample_keys)} entries for {len(sequences)} sequences")
     lengths = [len(s) for s in sequences]
@@ -294,7 +315,7 @@ def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, bat
             if tail_samples:
                 keys = [tuple(sample_keys[i]) if sample_keys is not None else (i,) for i in batch]
                 uniforms = sample_uniforms(keys, [lengths[i] for i in batch], tail_samples, tail_seed)
-            out = topk_rows(rows, top_k, flat_targets, chunk_rows, head, uniforms)
+            out = topk_rows(rows, top_k, flat_targets, chunk_rows, head, uniforms, teacher.num_token_ids)
             del rows
             pos = 0
             for i in batch:
@@ -324,6 +345,7 @@ def generate_hf(teacher: HFTeacher, prompts: list[np.ndarray], *, max_new_tokens
     max_length tokens (default: the model's positions; generating past them would index outside the
     position table). Prompt p is sampled from seed `seed * 1_000_003 + prompt_indices[p]` (default: p),
     so passing each prompt's index in the whole data set makes its samples independent of batching.
+    Padded logit rows (ids >= teacher.num_token_ids) are never sampled.
     """
     import torch
 
@@ -341,6 +363,8 @@ def generate_hf(teacher: HFTeacher, prompts: list[np.ndarray], *, max_new_tokens
             kwargs = {"max_new_tokens": new_tokens, "num_return_sequences": num_samples,
                       "pad_token_id": pad_token_id if pad_token_id is not None else (eos_token_id or 0),
                       "eos_token_id": eos_token_id, "attention_mask": torch.ones_like(ids)}
+            if teacher.num_token_ids < teacher.vocab_size:
+                kwargs["suppress_tokens"] = list(range(teacher.num_token_ids, teacher.vocab_size))
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
             else:

@@ -48,6 +48,12 @@ def build(
     text_field: str = typer.Option(None, "--text-field", help="Field with plain text (default 'text')."),
     prompt_field: str = typer.Option(None, "--prompt-field", help="Prompt field of prompt/response data."),
     response_field: str = typer.Option(None, "--response-field", help="Response field; only response tokens are distilled."),
+    prompt_template: str = typer.Option(
+        None, "--prompt-template", help="Prompt format of prompt/response data: chat (the tokenizer's chat template; the "
+        "default when it has one), plain (### Instruction/### Response; the default otherwise) or minillm (MiniLLM's "
+        "template, the one kdtrain eval's ROUGE-L uses)."),
+    input_field: str = typer.Option(None, "--input-field", help="With --prompt-template minillm: field of its '### Input:' "
+                                    "section (dolly's context); empty values use the template without it."),
     mode: str = typer.Option("score", "--mode", help="score | generate"),
     top_k: int = typer.Option(64, "--top-k", help="Most likely next tokens stored per position."),
     tail_samples: int = typer.Option(
@@ -73,6 +79,8 @@ def build(
     seed: int = typer.Option(0, "--seed", help="Seed of generate mode's sampling and of --tail-samples' draws."),
     filter: str = typer.Option(None, "--filter", help="Generate mode: gsm8k-answer keeps samples with the right final answer."),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Return an identical complete cache (same cache_key) found beside --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end (status, cache, cache_key, "
+                                 "counts) instead of the summary line; progress and messages stay on stderr."),
 ):
     """Run a teacher once over a data set and write its top-K cache (resumable; see storage_layout.md)."""
     from rich.progress import (
@@ -94,7 +102,8 @@ def build(
         config = BuildConfig(
             model=model or EMBEDDED_DEFAULT, dataset=dataset or DEFAULT_DATASET, dataset_config=dataset_config,
             split=split, text_field=text_field,
-            prompt_field=prompt_field, response_field=response_field, mode=mode, top_k=top_k, tail_samples=tail_samples, max_length=max_length,
+            prompt_field=prompt_field, response_field=response_field, prompt_template=prompt_template,
+            input_field=input_field, mode=mode, top_k=top_k, tail_samples=tail_samples, max_length=max_length,
             engine=engine, out=out, shard_tokens=shard_tokens, worker=worker, num_workers=num_workers, limit=limit,
             dtype=dtype, overwrite=overwrite, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
@@ -126,6 +135,9 @@ def build(
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; committed shards are kept: rerun the same command to resume", code=130)
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
     summary = (f"{result.status}: {result.url}  shards {result.num_shards} (written now: {result.num_shards_written})  "
                f"sequences {result.num_sequences:,}  tokens {result.num_tokens:,}  {human_bytes(result.num_bytes)}"
                f"  cache_key {result.cache_key[:12]}  {result.seconds:.1f}s")

@@ -93,6 +93,10 @@ def run(
     text_field: str = typer.Option(None, "--text-field", help="No-cache path: text field."),
     prompt_field: str = typer.Option(None, "--prompt-field", help="No-cache path: prompt field."),
     response_field: str = typer.Option(None, "--response-field", help="No-cache path: response field."),
+    prompt_template: str = typer.Option(None, "--prompt-template", help="No-cache path: prompt format, as kdcache build's "
+                                        "(chat, plain, minillm; default chat when the tokenizer has one, else plain)."),
+    input_field: str = typer.Option(None, "--input-field", help="No-cache path: with --prompt-template minillm, the field "
+                                    "of its '### Input:' section (dolly's context)."),
     max_length: int = typer.Option(256, "--max-length", help="No-cache path: window length."),
     limit: int = typer.Option(None, "--limit", help="No-cache path: first N source rows."),
     eval_max_sequences: int = typer.Option(64, "--eval-max-sequences", help="Held-out sequences per evaluation, at most."),
@@ -113,8 +117,8 @@ def run(
             batch_tokens=batch_tokens, grad_accum=grad_accum, clip=clip, bf16=bf16, seed=seed, eval_every=eval_every,
             eval_fraction=eval_fraction, log_every=log_every, save_every=save_every, resume=resume, overwrite=overwrite,
             dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-            max_length=max_length, limit=limit, eval_max_sequences=eval_max_sequences, tensorboard=tensorboard,
-            stop_after=stop_after, trace_data=trace_data,
+            prompt_template=prompt_template, input_field=input_field, max_length=max_length, limit=limit,
+            eval_max_sequences=eval_max_sequences, tensorboard=tensorboard, stop_after=stop_after, trace_data=trace_data,
         )
         bar, progress = _progress_factory()
         with bar:

@@ -24,10 +24,21 @@ Sequences:
   non-overlapping windows of `max_length` tokens; `loss_mask` is true on every row but the last of
   a window. A final window of a single token cannot be trained on; it is counted (`num_dropped`)
   and reported, never silently lost.
-- prompt/response rows (`--prompt-field`, `--response-field`): the tokenizer's chat template
-  (user -> assistant) when it has one, else PLAIN_TEMPLATE; `loss_mask` is true exactly on the rows
-  whose next token belongs to the response. Responses longer than fits are truncated (counted);
-  rows whose prompt alone leaves no room for a response token are skipped (counted).
+- prompt/response rows (`--prompt-field`, `--response-field`): the prompt formatted by a template
+  (`--prompt-template`, PROMPT_TEMPLATES; default: `chat` when the tokenizer has a chat template,
+  else `plain`), then the response and EOS; `loss_mask` is true exactly on the rows whose next token
+  belongs to the response. Responses longer than fits are truncated (counted); rows whose prompt
+  alone leaves no room for a response token are skipped (counted).
+
+Prompt templates (the name is recorded as the manifest's `settings.template`):
+- `chat`: the tokenizer's chat template, one user turn then the assistant's response;
+- `plain`: PLAIN_TEMPLATE, tokenized as text;
+- `minillm`: MiniLLM's instruction template (MINILLM_TEMPLATE, or MINILLM_TEMPLATE_WITH_INPUT when
+  the row's `--input-field`, e.g. dolly's `context`, is non-empty), tokenized as text. `kdtrain eval`'s
+  ROUGE-L prompts are made by the same function (prompt_only_ids), so a cache built with it trains on
+  exactly the prompts the evaluation asks.
+The plain and minillm prompts are `tokenizer(text)["input_ids"]` and the response follows as
+`tokenizer(response, add_special_tokens=False)` plus EOS, so the prompt's ids never depend on the response.
 """
 
 from __future__ import annotations
@@ -41,6 +52,17 @@ import numpy as np
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_DATASET = "builtin:pydoc-topics"
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+# MiniLLM's dolly template (LMOps minillm), the one its ROUGE-L protocol prompts with.
+MINILLM_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+MINILLM_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_TEMPLATES = ("chat", "plain", "minillm")
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -206,42 +228,89 @@ def _check_field(name: str | None, columns: list[str], option: str, dataset: str
         raise DataError(f"{option} {name!r} is not a field of {dataset}; its fields are: {', '.join(columns)}")
 
 
-def prompt_ids_with_template(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int], str]:
-    """Token ids of the prompt (up to where the response starts) and of prompt + response."""
-    if getattr(tokenizer, "chat_template", None):
+def minillm_prompt(instruction: str, input_text: str | None = None) -> str:
+    """MiniLLM's prompt text: the "### Input:" variant when input_text is non-empty."""
+    if input_text:
+        return MINILLM_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return MINILLM_TEMPLATE.format(instruction=instruction)
+
+
+def resolve_template(tokenizer, template: str | None) -> str:
+    """The template a build uses: `template`, or for None `chat` when the tokenizer has a chat template, else `plain`.
+
+    Raises DataError for an unknown name and for `chat` with a tokenizer that has no chat template.
+    """
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template is None:
+        return "chat" if has_chat else "plain"
+    if template not in PROMPT_TEMPLATES:
+        raise DataError(f"--prompt-template {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
+    if template == "chat" and not has_chat:
+        raise DataError("--prompt-template chat: this tokenizer has no chat template; use --prompt-template plain or "
+                        "minillm")
+    return template
+
+
+def prompt_only_ids(tokenizer, prompt: str, template: str | None = None, input_text: str | None = None) -> list[int]:
+    """The ids a response follows (and a generation starts from): the prompt formatted by the template.
+
+    template: one of PROMPT_TEMPLATES, or None (resolve_template's default). input_text: the minillm
+    template's input (ignored by the others).
+    """
+    template = resolve_template(tokenizer, template)
+    if template == "chat":
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    text = minillm_prompt(prompt, input_text) if template == "minillm" else PLAIN_TEMPLATE.format(prompt=prompt)
+    return list(tokenizer(text)["input_ids"])
+
+
+def prompt_ids_with_template(tokenizer, prompt: str, response: str, template: str | None = None,
+                             input_text: str | None = None) -> tuple[list[int], list[int], str]:
+    """(ids of the prompt up to where the response starts, ids of prompt + response, the template's name)."""
+    template = resolve_template(tokenizer, template)
+    prompt_ids = prompt_only_ids(tokenizer, prompt, template, input_text)
+    if template == "chat":
         user = [{"role": "user", "content": prompt}]
-        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False))
         full_ids = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
                                                       tokenize=True, return_dict=False))
         if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return prompt_ids, full_ids, "chat"
+            return prompt_ids, full_ids, template
         # Templates that rewrite the prompt when a response follows: fall back to concatenation.
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return prompt_ids, prompt_ids + response_ids + eos, "chat"
-    text = PLAIN_TEMPLATE.format(prompt=prompt)
-    prompt_ids = tokenizer(text)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return list(prompt_ids), list(prompt_ids) + list(response_ids) + eos, "plain"
+    return prompt_ids, prompt_ids + list(response_ids) + eos, template
 
 
-def prompt_only_ids(tokenizer, prompt: str) -> list[int]:
-    """The ids a generation starts from: the prompt formatted as the template formats it."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
-    return list(tokenizer(PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"])
+def _check_template_options(template: str | None, input_field: str | None, pairs: bool) -> None:
+    if template is not None and template not in PROMPT_TEMPLATES:
+        raise DataError(f"--prompt-template {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
+    if not pairs and (template is not None or input_field is not None):
+        option = "--prompt-template" if template is not None else "--input-field"
+        raise DataError(f"{option} applies to prompt/response data: give --prompt-field and --response-field too")
+    if input_field is not None and template != "minillm":
+        raise DataError(f"--input-field {input_field} is read by --prompt-template minillm only (its '### Input:' "
+                        "section); add --prompt-template minillm, or drop --input-field")
+
+
+def _row_input(row: dict, input_field: str | None) -> str | None:
+    """The row's input text for the minillm template; None when there is no input field or it is empty."""
+    if input_field is None or not row[input_field]:
+        return None
+    return str(row[input_field])
 
 
 def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None,
                    text_field: str | None = None,
                    prompt_field: str | None = None, response_field: str | None = None, max_length: int = 512,
-                   limit: int | None = None, batch_rows: int = 256) -> tuple[list[Sequence], DataInfo]:
+                   limit: int | None = None, batch_rows: int = 256, prompt_template: str | None = None,
+                   input_field: str | None = None) -> tuple[list[Sequence], DataInfo]:
     """Tokenize a data set into sequences (see the module docstring for the rules).
 
     `limit` caps the number of sequences (taken in data order); the data set is read only as far
-    as needed. Raises DataError for unknown data sets or fields and for an empty result.
+    as needed. prompt_template / input_field: prompt/response data only (PROMPT_TEMPLATES; the input
+    field with `minillm`). Raises DataError for unknown data sets, fields or templates and for an
+    empty result.
     """
     if max_length < 2:
         raise DataError(f"--max-length must be >= 2 tokens, got {max_length}")
@@ -249,14 +318,17 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
         raise DataError(f"--limit must be >= 1, got {limit}")
     if (prompt_field is None) != (response_field is None):
         raise DataError("--prompt-field and --response-field go together: give both for prompt/response data, or neither")
-    rows, columns = load_rows(dataset, split, config)
     pairs = prompt_field is not None
+    _check_template_options(prompt_template, input_field, pairs)
+    template = resolve_template(tokenizer, prompt_template) if pairs else None
+    rows, columns = load_rows(dataset, split, config)
     if pairs:
         _check_field(prompt_field, columns, "--prompt-field", dataset)
         _check_field(response_field, columns, "--response-field", dataset)
+        _check_field(input_field, columns, "--input-field", dataset)
         if text_field is not None:
             raise DataError("give either --text-field or --prompt-field/--response-field, not both")
-        fields = {"prompt": prompt_field, "response": response_field}
+        fields = {"prompt": prompt_field, "response": response_field, **({"input": input_field} if input_field else {})}
     else:
         text_field = text_field or "text"
         if text_field not in columns:
@@ -265,7 +337,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
                 "Pass --text-field NAME, or --prompt-field/--response-field for prompt/response data."
             )
         fields = {"text": text_field}
-    info = DataInfo(name=dataset_name(dataset), split=split, fields=fields, config=config)
+    info = DataInfo(name=dataset_name(dataset), split=split, fields=fields, template=template, config=config)
     sequences: list[Sequence] = []
 
     def full() -> bool:
@@ -282,7 +354,8 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
             for index, row in batch:
                 if full():
                     break
-                _add_pair(sequences, info, tokenizer, index, row, prompt_field, response_field, max_length)
+                _add_pair(sequences, info, tokenizer, index, row, prompt_field, response_field, max_length,
+                          template, input_field)
         else:
             texts = [str(row[text_field] or "") for _, row in batch]
             encoded = tokenizer(texts)["input_ids"]
@@ -328,11 +401,16 @@ def _add_windows(out: list[Sequence], info: DataInfo, index: int, text: str, ids
         info.num_skipped_rows += 1
 
 
+def _sha_parts(prompt: str, response: str, input_field: str | None, input_text: str | None) -> tuple[str, ...]:
+    """What a pair's text_sha256 hashes: prompt and response, and the input when there is an input field."""
+    return (prompt, response) if input_field is None else (prompt, response, input_text or "")
+
+
 def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: dict, prompt_field: str,
-              response_field: str, max_length: int) -> None:
+              response_field: str, max_length: int, template: str, input_field: str | None) -> None:
     prompt, response = str(row[prompt_field] or ""), str(row[response_field] or "")
-    prompt_ids, full_ids, template = prompt_ids_with_template(tokenizer, prompt, response)
-    info.template = template
+    input_text = _row_input(row, input_field)
+    prompt_ids, full_ids, _ = prompt_ids_with_template(tokenizer, prompt, response, template, input_text)
     if len(prompt_ids) >= max_length - 1 or len(full_ids) <= len(prompt_ids):
         info.num_skipped_rows += 1
         info.num_dropped += len(full_ids)
@@ -344,29 +422,36 @@ def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: d
     mask = np.zeros(len(ids), dtype=bool)
     mask[len(prompt_ids) - 1 : len(ids) - 1] = True  # rows whose next token is a response token
     out.append(Sequence(ids, mask, source_index=index, prompt_length=len(prompt_ids),
-                        text_sha256=text_sha256(prompt, response), reference=response))
+                        text_sha256=text_sha256(*_sha_parts(prompt, response, input_field, input_text)),
+                        reference=response))
 
 
 def load_prompts(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None, prompt_field: str,
-                 response_field: str | None = None, max_length: int = 512,
-                 limit: int | None = None) -> tuple[list[Sequence], DataInfo]:
-    """Prompts to generate from (generate mode, evaluation): ids of the formatted prompt only."""
+                 response_field: str | None = None, max_length: int = 512, limit: int | None = None,
+                 prompt_template: str | None = None, input_field: str | None = None) -> tuple[list[Sequence], DataInfo]:
+    """Prompts to generate from (generate mode, evaluation): ids of the formatted prompt only (prompt_only_ids)."""
+    _check_template_options(prompt_template, input_field, True)
+    template = resolve_template(tokenizer, prompt_template)
     rows, columns = load_rows(dataset, split, config)
     _check_field(prompt_field, columns, "--prompt-field", dataset)
     _check_field(response_field, columns, "--response-field", dataset)
-    info = DataInfo(name=dataset_name(dataset), split=split, fields={"prompt": prompt_field, "response": response_field},
-                    template="chat" if getattr(tokenizer, "chat_template", None) else "plain", config=config)
+    _check_field(input_field, columns, "--input-field", dataset)
+    fields = {"prompt": prompt_field, "response": response_field, **({"input": input_field} if input_field else {})}
+    info = DataInfo(name=dataset_name(dataset), split=split, fields=fields, template=template, config=config)
     out: list[Sequence] = []
     for index, row in enumerate(rows):
         info.num_source_rows += 1
         prompt = str(row[prompt_field] or "")
         reference = str(row[response_field]) if response_field else None
-        ids = prompt_only_ids(tokenizer, prompt)
+        input_text = _row_input(row, input_field)
+        ids = prompt_only_ids(tokenizer, prompt, template, input_text)
         if len(ids) >= max_length:
             info.num_skipped_rows += 1
             continue
         out.append(Sequence(np.asarray(ids, dtype=np.int64), np.zeros(len(ids), dtype=bool), source_index=index,
-                            prompt_length=len(ids), text_sha256=text_sha256(prompt, reference or ""), reference=reference))
+                            prompt_length=len(ids),
+                            text_sha256=text_sha256(*_sha_parts(prompt, reference or "", input_field, input_text)),
+                            reference=reference))
         if limit is not None and len(out) >= limit:
             break
     info.num_windows = len(out)
@@ -411,20 +496,45 @@ def plan_shards(lengths, shard_tokens: int) -> list[list[int]]:
     return shards
 
 
-def extract_gsm8k_answer(text: str) -> str | None:
-    """The final answer of a GSM8K-style solution: the number after the last '####', normalized.
+_NUMBER = r"-?[\d,]*\.?\d+"
+# The content of a \boxed{...}, allowing one level of nested braces (\boxed{\frac{1}{2}}, \boxed{\text{5}}).
+_BOXED = r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}"
 
-    '#### 1,234' -> '1234'; '#### -3.50' -> '-3.5'; None when there is no '####' followed by a number.
-    """
+
+def _normalize_number(text: str) -> str | None:
+    """The first number in text, '$' and ',' removed, trailing zeros of a decimal dropped ('3.50' -> '3.5')."""
     import re
 
-    if text is None or "####" not in text:
-        return None
-    tail = text.rsplit("####", 1)[1]
-    match = re.search(r"-?[\d,]*\.?\d+", tail)
+    match = re.search(_NUMBER, text.replace("$", ""))
     if not match:
         return None
     number = match.group(0).replace(",", "")
     if "." in number:
         number = number.rstrip("0").rstrip(".") or "0"
     return number
+
+
+def gsm8k_final_answer(text: str | None) -> tuple[str | None, str | None]:
+    """(the final answer of a GSM8K-style solution, how it was written: '####', 'boxed' or None).
+
+    The number after the last '####'; when there is none (no '####', or no number after it), the number
+    in the last \\boxed{...} (instruct models trained on MATH-style data answer that way). Normalized:
+    '#### 1,234' -> '1234', '#### -3.50' -> '-3.5', '\\boxed{\\$4.50}' -> '4.5'.
+    """
+    import re
+
+    if not text:
+        return None, None
+    if "####" in text:
+        number = _normalize_number(text.rsplit("####", 1)[1])
+        if number is not None:
+            return number, "####"
+    boxed = re.findall(_BOXED, text)
+    number = _normalize_number(boxed[-1]) if boxed else None
+    return (number, "boxed") if number is not None else (None, None)
+
+
+def extract_gsm8k_answer(text: str | None) -> str | None:
+    """The final answer of a GSM8K-style solution (gsm8k_final_answer): after the last '####', else in the
+    last \\boxed{...}; None when there is neither. Used by `--filter gsm8k-answer` and the gsm8k metric."""
+    return gsm8k_final_answer(text)[0]

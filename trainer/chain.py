@@ -16,8 +16,8 @@ Caches live under `cache_root` (shared across plans) in folders named
 `<plan name>__<node>-<digest of the build's model, data and cache settings>`, so plans that share a
 name but not their data never write into one folder. `kdcache build` returns an existing complete
 cache with the same cache_key at once (anywhere under the root) instead of building a second one; the
-chain reads the cache the build reports, records it in the cache stage's marker, and every later stage
-(train, eval, the teacher's folder) uses that cache. So a teacher never runs twice on the same data and
+chain reads the cache the build reports (its `--json` line), records it in the cache stage's marker, and every
+later stage (train, eval, the teacher's folder) uses that cache. So a teacher never runs twice on the same data and
 settings, whichever plan built its cache first.
 
 Students are initialized independently of the path they are trained on (a layer-dropped copy of
@@ -47,7 +47,8 @@ from shared.format import CacheError
 PLAN_KEYS = {
     "name": "plan name (used in cache folder names)",
     "teacher": "{model: hub id | folder | smollm2-135m}",
-    "data": "dataset, dataset_config, split, text_field | prompt_field + response_field, limit, max_length",
+    "data": "dataset, dataset_config, split, text_field | prompt_field + response_field [+ prompt_template (chat, plain, "
+            "minillm) + input_field], limit, max_length",
     "cache": "top_k, engine, dtype, batch_tokens, shard_tokens, mode, generate settings (max_new_tokens, temperature, num_samples, seed, filter)",
     "train": "kdtrain run settings: loss, alpha, temperature, steps, epochs, lr, batch_tokens, seed, eval_every, warmup_steps, save_every (checkpoint every N steps; long stages should set it), ...",
     "students": "name -> {keep_layers: N} | {model: path or hub id} | {config: file.json}",
@@ -57,8 +58,10 @@ PLAN_KEYS = {
     "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default <out>/caches)",
     "out": "output folder (default runs/<name>)",
 }
-# dataset_config is passed as `kdcache build --dataset-config` (a hub data set's configuration, e.g. gsm8k's "main").
-DATA_KEYS = {"dataset", "dataset_config", "split", "text_field", "prompt_field", "response_field", "limit", "max_length"}
+# dataset_config is passed as `kdcache build --dataset-config` (a hub data set's configuration, e.g. gsm8k's "main");
+# prompt_template and input_field as --prompt-template / --input-field (minillm: the prompts eval's ROUGE-L uses).
+DATA_KEYS = {"dataset", "dataset_config", "split", "text_field", "prompt_field", "response_field", "prompt_template",
+             "input_field", "limit", "max_length"}
 CACHE_KEYS = {"top_k", "tail_samples", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
               "temperature", "num_samples", "seed", "filter", "tensor_parallel_size", "gpu_memory_utilization",
               "trust_remote_code"}
@@ -78,10 +81,8 @@ TEACHER_FOLDER = "{teacher_folder}"
 # "{cache:<node>}" stands for the cache of <node> in train and eval commands until its cache stage has
 # run and recorded the cache `kdcache build` reported (its own --out, or an identical cache it reused).
 CACHE_REF = "{{cache:{}}}"
-# The last line `kdcache build` prints: "<status>: <url>  shards ...  cache_key <12 hex>  <seconds>s".
-_BUILD_SUMMARY = re.compile(r"^(built|already built|reused|partial): (.+?)  shards \d+ .*?cache_key ([0-9a-f]{12})\b",
-                            re.MULTILINE)
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# What `kdcache build --json` prints last, on a line of its own (cacher.build.BuildResult.to_json).
+BUILD_STATUSES = ("built", "already built", "reused", "partial")
 
 
 class PlanError(ValueError):
@@ -319,7 +320,7 @@ def stages_of(plan: Plan) -> list[Stage]:
                 run=model_dir_of(plan, node))
         if node in teacher_nodes:
             add("cache", node, _python_cli("cli.kdcache") + ["build", "--model", model_dir_of(plan, node),
-                                                            "--out", cache_dir_of(plan, node)] + build_common,
+                                                            "--out", cache_dir_of(plan, node), "--json"] + build_common,
                 cache=cache_dir_of(plan, node))
     for student in _baseline_students(plan):
         node = f"ce:{student}"
@@ -371,7 +372,7 @@ def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
     settings = {k: v for k, v in plan.eval.items()}
     metrics = settings.pop("metrics")
     if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")) and "dataset" not in settings:
-        for key in ("dataset", "dataset_config", "split", "prompt_field", "response_field"):
+        for key in ("dataset", "dataset_config", "split", "prompt_field", "response_field", "input_field"):
             if key not in settings and key in plan.data:
                 settings[key] = plan.data[key]
     cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file,
@@ -449,37 +450,57 @@ def resolve_command(plan: Plan, command: list[str], *, strict: bool = True) -> l
     return out
 
 
-def reported_cache(plan: Plan, log_text: str) -> dict:
-    """The cache a finished `kdcache build` reported in its log: {"cache", "cache_key", "status"}.
+def build_report(log_text: str) -> dict | None:
+    """The JSON object `kdcache build --json` printed last in a stage's log, or None when there is none.
 
-    The build prints "<status>: <url>  shards ...  cache_key <12 hex> ..." last; `reused` names an
-    identical cache elsewhere under the cache root, and nothing is written at --out. The URL is
-    checked against the printed key (the manifest's cache_key); if it cannot be read, the cache is
-    looked up by that key under the plan's cache root.
+    The log holds the build's stderr too (progress, messages), so the object is the last line that parses
+    as a JSON object with a `status` and a `cache_key`.
+    """
+    for line in reversed(log_text.splitlines()):
+        line = line.strip()
+        if not (line.startswith("{") and line.endswith("}")):
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "status" in obj and "cache_key" in obj:
+            return obj
+    return None
+
+
+def reported_cache(plan: Plan, log_text: str) -> dict:
+    """The cache a finished `kdcache build --json` reported in its log: {"cache", "cache_key", "status"}.
+
+    `reused` names an identical cache elsewhere under the cache root, and nothing is written at --out.
+    The reported cache is checked against the reported cache_key (its manifest's); if it cannot be read
+    or holds another key, the cache is looked up by that key under the plan's cache root.
     """
     from shared.catalog import find_caches
 
-    matches = list(_BUILD_SUMMARY.finditer(_ANSI.sub("", log_text)))
-    if not matches:
-        raise PlanError("kdcache build finished without its summary line ('<status>: <cache>  shards ...  cache_key "
-                        "...'), so the chain cannot tell which cache it built or reused; see the stage's log")
-    status, url, key_prefix = matches[-1].groups()
+    report = build_report(log_text)
+    if report is None:
+        raise PlanError("kdcache build finished without printing its JSON report (--json), so the chain cannot tell "
+                        "which cache it built or reused; see the stage's log")
+    status, url, key = report.get("status"), report.get("cache"), report.get("cache_key")
+    if status not in BUILD_STATUSES or not isinstance(url, str) or not isinstance(key, str) or not key:
+        raise PlanError(f"kdcache build printed a report the chain cannot read ({json.dumps(report)[:300]}); expected "
+                        f"status in {BUILD_STATUSES}, cache and cache_key; see the stage's log")
     if status == "partial":
         raise PlanError(f"kdcache build left {url} partial: other workers still owe shards. Run them (or "
                         f"`kdcache finalize {url}`), then rerun the plan")
     try:
-        key = _read_manifest(url).cache_key
+        found_key = _read_manifest(url).cache_key
     except (CacheError, OSError, ValueError):
-        key = None
-    if key is None or not key.startswith(key_prefix):
+        found_key = None
+    if found_key != key:
         try:
-            found = [c for c in find_caches(plan.cache_root, key_prefix=key_prefix) if c.get("complete")]
+            found = [c for c in find_caches(plan.cache_root, key_prefix=key) if c.get("complete")]
         except CacheError:
             found = []
         if not found:
-            raise PlanError(f"kdcache build reported cache {url} (cache_key {key_prefix}...), but no complete cache with "
+            raise PlanError(f"kdcache build reported cache {url} (cache_key {key[:12]}...), but no complete cache with "
                             f"that key is there or under {plan.cache_root}; see the stage's log")
-        key = found[0]["cache_key"]
         url = plan.cache_root if found[0]["path"] == "." else f"{plan.cache_root.rstrip('/')}/{found[0]['path']}"
     return {"cache": url, "cache_key": key, "status": status}
 
@@ -544,11 +565,15 @@ def _local_model_folder(model: str) -> str | None:
     return os.path.dirname(found) if isinstance(found, str) else None
 
 
-def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str] | None:
-    """(vocab sha256, number of token ids, name) of the root teacher, from its cache or its local folder."""
+def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str, int | None] | None:
+    """(vocab sha256, number of token ids, name, recorded tokenizer_size) of the root teacher, from its cache or
+    its local folder."""
+    from trainer.student import cache_token_ids
+
     try:
         m = _read_manifest(cache_of(plan, TEACHER))
-        return m.tokenizer["vocab_sha256"], m.vocab_size, str(m.teacher.get("name", plan.teacher["model"]))
+        return (m.tokenizer["vocab_sha256"], cache_token_ids(m.tokenizer), str(m.teacher.get("name", plan.teacher["model"])),
+                m.tokenizer.get("tokenizer_size"))
     except (CacheError, OSError, ValueError, KeyError):
         pass
     folder = _local_model_folder(plan.teacher["model"])
@@ -560,8 +585,8 @@ def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str] | None:
         tokenizer = load_student_tokenizer(folder)
     except (OSError, ValueError):
         return None
-    # As kdcache build counts them: the larger of the config's vocab_size and the tokenizer's length.
-    return vocab_fingerprint(tokenizer), max(_config_vocab_size(folder) or 0, len(tokenizer)), plan.teacher["model"]
+    # As kdcache build counts them: the tokenizer's ids (padded embedding rows beyond them are never cached).
+    return vocab_fingerprint(tokenizer), len(tokenizer), plan.teacher["model"], len(tokenizer)
 
 
 def _config_vocab_size(folder: str) -> int | None:
@@ -603,7 +628,7 @@ def check_student_tokenizers(plan: Plan) -> list[str]:
             raise PlanError(f"plan: students.{name}: {exc}") from exc
         try:
             check_tokenizer_matches(tokenizer, teacher[0], teacher[1], num_student_embeddings=_config_vocab_size(folder),
-                                    student_name=name, teacher_name=teacher[2])
+                                    student_name=name, teacher_name=teacher[2], tokenizer_size=teacher[3])
         except ValueError as exc:
             raise PlanError(f"plan: students.{name} ({model}): {exc}") from exc
     return notes

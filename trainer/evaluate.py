@@ -9,15 +9,20 @@ Metrics (each a plain function returning a dict of numbers):
   prompt/response data) counts once: ppl = exp(sum NLL / number of predicted tokens).
 - `agreement`: against a teacher cache: top-1 agreement (student argmax == teacher's most likely
   token) and mean KL(teacher || student) per token over the cache's K+1 buckets (top K + tail), on
-  the cache's loss rows (held-out rows only when `heldout_only`). The model needs a row for every id of
-  the cache's tokenizer; cached ids beyond its rows (a teacher's padded embedding matrix) count in the
+  the cache's loss rows (held-out rows only when `heldout_only`). The KL is the trainer's held-out KL
+  (trainer.train.heldout_kl: sparse_kd_loss's forward-KL term, so a K = V cache's rest bucket is empty
+  as the model's is), over the model's logits of the cache's token ids only (its padded rows cut off).
+  The model needs a row for every id of the cache's tokenizer; in a cache written before kdcache
+  dropped padded rows, ids beyond the model's rows (a teacher's padded embedding matrix) count in the
   tail bucket, where the model's probability of them (0) is too.
-- `rouge`: MiniLLM's protocol: its instruction template, responses sampled at temperature 1 with
+- `rouge`: MiniLLM's protocol: its instruction template (shared.data's `minillm` template, the one
+  `kdcache build --prompt-template minillm` trains with), responses sampled at temperature 1 with
   top_p 1 for several seeds (or greedy), ROUGE-L F1 (rouge-score, stemming on) averaged per seed, then
   mean and std over seeds, x100 as in the paper.
 - `gsm8k`: greedy answers to GSM8K questions asked with GSM8K_INSTRUCTION (end with `#### N`);
   exact match of the final `#### N` number, or of the last `\boxed{N}` when there is no `####`
-  (instruct models trained on MATH-style data answer that way).
+  (instruct models trained on MATH-style data answer that way): shared.data.extract_gsm8k_answer,
+  the same function `kdcache build --filter gsm8k-answer` keeps samples by.
 - `mauve`, `bertscore`: when their packages and local models are installed (see docs/evaluation.md);
   otherwise the metric is reported as skipped with the reason. A feature model that cannot work
   (mauve-text only loads folders whose path contains "gpt2" or "bert") is refused before generating.
@@ -30,26 +35,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from shared.data import extract_gsm8k_answer, load_sequences
+from shared.data import (  # noqa: F401 - MINILLM_TEMPLATE*, minillm_prompt: importable from here as before
+    MINILLM_TEMPLATE,
+    MINILLM_TEMPLATE_WITH_INPUT,
+    extract_gsm8k_answer,
+    gsm8k_final_answer,
+    load_sequences,
+    minillm_prompt,
+    prompt_only_ids,
+)
 from shared.reader import CacheReader
 
 METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore")
-MINILLM_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-MINILLM_TEMPLATE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
 # Appended to each GSM8K question (after a blank line) so the answer ends in the form the metric and
 # `kdcache build --filter gsm8k-answer` read. examples/prepare_gsm8k.py adds the same line to training prompts.
@@ -185,21 +188,26 @@ def perplexity(model, sequences, batch_size: int = 8) -> dict:
 @torch.no_grad()
 def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None = None, batch_size: int = 8,
               eval_fraction: float = 0.05) -> dict:
-    """Top-1 agreement and mean KL(teacher || student) over the cache's K+1 buckets, per loss token."""
-    from trainer.losses import divergence, student_bucket_logprobs, teacher_bucket_logprobs
+    """Top-1 agreement and mean KL(teacher || student) over the cache's K+1 buckets, per loss token.
+
+    The KL is trainer.train.heldout_kl (the trainer's eval_kl) over the model's logits of the cache's
+    token ids (trainer.student.cache_token_ids; rows beyond them are the model's padding).
+    """
+    from trainer.student import cache_token_ids
+    from trainer.train import heldout_kl, token_logits
 
     reader = CacheReader(cache, verify_on_read=True)
     selected = cache_sequences(reader, heldout_only=heldout_only, limit=limit, eval_fraction=eval_fraction)
     if not selected:
         raise EvalError(f"cache {cache} has no {'held-out ' if heldout_only else ''}sequences to compare with")
     emb = model.get_output_embeddings().weight.shape[0]
-    # The ids a tokenizer can produce; vocab_size may count padded embedding rows beyond them (Qwen2.5-7B has
-    # 152064 rows, 3B and smaller 151936, for one 151665-token tokenizer).
+    # The ids a tokenizer can produce; a cache written before kdcache dropped padded rows may record a teacher's
+    # padded rows as vocab_size (Qwen2.5-7B has 152064, 3B and smaller 151936, for one 151665-token tokenizer).
     num_token_ids = int(reader.manifest.tokenizer.get("tokenizer_size") or reader.manifest.vocab_size)
     if emb < num_token_ids:
         raise EvalError(f"model's vocabulary ({emb}) is smaller than the cache's tokenizer ({num_token_ids} ids): "
                         "different tokenizer?")
-    cache_vocab = max(reader.manifest.vocab_size, emb)
+    num_ids = cache_token_ids(reader.manifest.tokenizer)  # every cached id is below it
     kl_sum, agree, count = 0.0, 0, 0
     for start in range(0, len(selected), batch_size):
         seqs = selected[start:start + batch_size]
@@ -209,23 +217,23 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
         for r, s in enumerate(seqs):
             ids[r, :len(s["input_ids"])] = torch.as_tensor(s["input_ids"].astype(np.int64))
             attn[r, :len(s["input_ids"])] = 1
-        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        logits = token_logits(model(input_ids=ids, attention_mask=attn).logits.float(), num_ids)  # (B, L, <= V)
         for r, s in enumerate(seqs):
             n = len(s["input_ids"])
             mask = torch.as_tensor(s["loss_mask"])
             if not mask.any():
                 continue
-            lg = logits[r, :n][mask]  # (M, V)
+            lg = logits[r, :n][mask]  # (M, V) or fewer columns than the cache's ids (an older padded cache)
+            targets = torch.as_tensor(s["input_ids"][1:].astype(np.int64))[mask[: n - 1]]  # (M,) loss rows are < n-1
             topk_ids = torch.as_tensor(s["topk_ids"].astype(np.int64))[mask]  # (M, K)
             top_lp, tail_lp = fold_missing_ids(torch.as_tensor(s["topk_logprobs"].astype(np.float32))[mask],
                                                torch.as_tensor(s["tail_logprob"].astype(np.float32))[mask],
                                                topk_ids, lg.shape[1])
-            t_lp = teacher_bucket_logprobs(top_lp, tail_lp)
-            if cache_vocab > lg.shape[1]:  # ids the model has no row for: probability 0 (they are in the tail)
-                lg = torch.nn.functional.pad(lg, (0, cache_vocab - lg.shape[1]), value=-math.inf)  # (M, V')
-            s_lp = student_bucket_logprobs(lg, topk_ids)
-            kl_sum += float(divergence(t_lp, s_lp, "fkl").sum())
             agree += int((lg.argmax(-1) == topk_ids[:, 0]).sum())
+            if num_ids > lg.shape[1]:  # ids the model has no row for: probability 0 (their mass is in the tail)
+                lg = torch.nn.functional.pad(lg, (0, num_ids - lg.shape[1]), value=-math.inf)  # (M, V)
+            teacher = {"topk_ids": topk_ids, "topk_logprobs": top_lp, "tail_logprob": tail_lp}
+            kl_sum += float(heldout_kl(lg, teacher, targets)) * int(mask.sum())
             count += int(mask.sum())
     if count == 0:
         raise EvalError(f"cache {cache} has no loss tokens in the selected sequences")
@@ -269,12 +277,6 @@ def _as_sequence(arrays: dict):
 
 # ---------------------------------------------------------------------------------------------
 # generation metrics
-
-
-def minillm_prompt(instruction: str, context: str | None) -> str:
-    if context:
-        return MINILLM_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=context)
-    return MINILLM_TEMPLATE.format(instruction=instruction)
 
 
 @torch.no_grad()
@@ -324,10 +326,10 @@ def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list
             raise EvalError(f"field {f!r} is not in {config.dataset}; its fields are: {', '.join(columns)}")
     prompts, refs, skipped = [], [], 0
     for row in rows:
-        text = str(row[config.prompt_field])
-        if template == "minillm":
-            text = minillm_prompt(text, str(row[config.input_field]) if config.input_field and row[config.input_field] else None)
-            ids = tokenizer(text)["input_ids"]
+        text = str(row[config.prompt_field] or "")
+        if template == "minillm":  # the ids `kdcache build --prompt-template minillm --input-field F` trains on
+            context = str(row[config.input_field]) if config.input_field and row[config.input_field] else None
+            ids = prompt_only_ids(tokenizer, text, "minillm", context)
         elif template == "gsm8k":
             ids = load_prompt_ids(tokenizer, gsm8k_prompt(text, config.gsm8k_instruction))
         else:
@@ -345,8 +347,6 @@ def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list
 
 
 def load_prompt_ids(tokenizer, text: str) -> list[int]:
-    from shared.data import prompt_only_ids
-
     return prompt_only_ids(tokenizer, text)
 
 
@@ -371,36 +371,21 @@ def gsm8k_prompt(question: str, instruction: str = GSM8K_INSTRUCTION) -> str:
     return f"{question}\n\n{instruction}"
 
 
-def _normalize_number(text: str) -> str | None:
-    match = re.search(r"-?[\d,]*\.?\d+", text.replace("$", ""))
-    if not match:
-        return None
-    number = match.group(0).replace(",", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".") or "0"
-    return number
-
-
 def extract_model_answer(text: str) -> str | None:
-    """A model's final answer: the number after the last '####' (extract_gsm8k_answer), else the number
-    in the last \\boxed{...}; normalized like the reference ('1,000' -> '1000', '3.50' -> '3.5')."""
-    answer = extract_gsm8k_answer(text)
-    if answer is not None or text is None:
-        return answer
-    boxed = re.findall(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}", text)
-    return _normalize_number(boxed[-1]) if boxed else None
+    """A model's final answer: shared.data.extract_gsm8k_answer (the number after the last '####', else in the
+    last \\boxed{...}; '1,000' -> '1000', '3.50' -> '3.5'), the rule --filter gsm8k-answer uses too."""
+    return extract_gsm8k_answer(text)
 
 
 def gsm8k_metric(model, tokenizer, config: EvalConfig) -> dict:
     prompts, refs, counts = prompts_for(config, tokenizer, "gsm8k")
     max_new = max(1, config.max_length - config.max_prompt_length)
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new, greedy=True, seed=0, batch_size=config.batch_size)
-    answers = [extract_model_answer(p) for p in preds]
-    correct = [a is not None and a == extract_gsm8k_answer(r) for a, r in zip(answers, refs)]
+    found = [gsm8k_final_answer(p) for p in preds]  # (answer, '####' | 'boxed' | None)
+    correct = [a is not None and a == extract_gsm8k_answer(r) for (a, _), r in zip(found, refs)]
     return {"gsm8k_exact_match": float(np.mean(correct)), "num_correct": int(sum(correct)),
-            "num_without_answer": sum(a is None for a in answers),
-            "num_boxed_answers": sum(a is not None and extract_gsm8k_answer(p) is None for a, p in zip(answers, preds)),
-            **counts}
+            "num_without_answer": sum(a is None for a, _ in found),
+            "num_boxed_answers": sum(form == "boxed" for _, form in found), **counts}
 
 
 OPTIONAL = {  # metric -> (module, pip package, env var naming the local feature model)

@@ -11,6 +11,10 @@ then save the student as a plain Hugging Face folder in --out with run.json besi
   log-probs (the fair baseline); its held-out metrics still include eval_kl and eval_top1_agreement
   against the cache's teacher, so it compares with the KD runs. Without a cache, `--dataset` is tokenized
   with the student's tokenizer (shared.data.load_sequences) and the same loop trains cross-entropy.
+- The loss and the held-out metrics see the student's logits of token ids only (trainer.student.cache_token_ids:
+  the cache's vocab_size, which kdcache build sets to the tokenizer's size; without a cache the tokenizer's
+  size): padded embedding rows beyond them (Qwen2.5-0.5B: 151936 rows for 151665 ids) never enter a softmax,
+  so a student whose padding differs from the teacher's trains on the same outcomes.
 - Under `torchrun` every rank trains on its own stripe of blocks (trainer/data.py) with DDP (gloo on
   CPU; nccl on CUDA, rank r of a node on cuda:LOCAL_RANK); rank 0 logs, evaluates and saves.
 - `--resume` continues from the latest checkpoint only under the settings it was written with (data
@@ -163,6 +167,11 @@ class TrainConfig:
     """No-cache path: prompt field."""
     response_field: str | None = None
     """No-cache path: response field."""
+    prompt_template: str | None = None
+    """No-cache path: prompt format of prompt/response data, as `kdcache build --prompt-template` (chat, plain,
+    minillm; default chat when the tokenizer has a chat template, else plain)."""
+    input_field: str | None = None
+    """No-cache path: with --prompt-template minillm, the field of its '### Input:' section (dolly's context)."""
     max_length: int = 256
     """No-cache path: window length."""
     limit: int | None = None
@@ -196,6 +205,9 @@ class TrainConfig:
             raise TrainError("give --cache (distillation) or --dataset (plain cross-entropy with --loss ce)")
         if self.cache is not None and self.dataset is not None:
             raise TrainError("give --cache or --dataset, not both (--loss ce with --cache trains on the cache's tokens)")
+        if self.cache is not None and (self.prompt_template is not None or self.input_field is not None):
+            raise TrainError("--prompt-template and --input-field format --dataset's prompts; a cache's prompts were "
+                             "formatted when it was built (kdcache build --prompt-template)")
         if self.cache is None and self.loss != "ce":
             raise TrainError(f"without --cache there is no teacher: use --loss ce (got --loss {self.loss})")
         if self.cache is None and (self.student_from_teacher or self.student_config) and self.teacher is None:
@@ -366,11 +378,18 @@ def _flat(batch: dict, key: str) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])  # (B, L, ...) -> (B*L, ...)
 
 
-def _loss(model, batch: dict, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+def token_logits(logits: torch.Tensor, num_ids: int | None) -> torch.Tensor:
+    """(..., V') logits -> (..., V) the first num_ids columns (a view): a student's padded rows beyond the token
+    ids (cache_token_ids) never reach a loss or a metric. None or num_ids >= V' keeps every column."""
+    return logits if num_ids is None or num_ids >= logits.shape[-1] else logits[..., :num_ids]
+
+
+def _loss(model, batch: dict, config: TrainConfig, num_ids: int | None = None) -> tuple[torch.Tensor, dict]:
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
-    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V')
+    logits = token_logits(logits, num_ids)  # (B, L, V)
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V); a view also when cut (rows of stride V')
     targets, mask = _flat(batch, "target_ids"), _flat(batch, "loss_mask")
     if config.loss == "ce":
         ce = cross_entropy_loss(flat_logits, targets, mask)
@@ -415,8 +434,13 @@ def _sparse_loss(rows: torch.Tensor, teacher: dict, targets: torch.Tensor, mask:
                           temperature=config.temperature, beta=config.beta, skew=config.skew, target_logprob=target_lp)
 
 
-def _heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) over the K + 1 buckets at T = 1: sparse_kd_loss's KD term, rules and all."""
+def heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) over the K + 1 buckets at T = 1: sparse_kd_loss's KD term, rules and all.
+
+    rows: (N, V) student logits of token ids only (token_logits); teacher: the cache's (N, ...) topk_ids,
+    topk_logprobs, tail_logprob; targets: (N,) next tokens. The rest bucket is empty on rows whose K ids
+    cover all V (K = V), whatever rounding left in the stored tail. Also kdtrain eval's agreement KL.
+    """
     everything = torch.ones_like(targets, dtype=torch.bool)
     _, stats = sparse_kd_loss(rows, teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"], targets,
                               everything, loss="fkl")
@@ -424,13 +448,14 @@ def _heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has_teacher: bool) -> dict:
+def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has_teacher: bool,
+                     num_ids: int | None = None) -> dict:
     """Held-out metrics over the loss rows of `batches`, one mean per token.
 
     eval_loss: the training objective. eval_ppl: exp(mean CE of the real next tokens).
     With a teacher (whatever the training loss, --loss ce included): eval_kl = KL(teacher || student) over
     the K+1 buckets at T=1, and eval_top1_agreement = fraction of rows where the student's argmax is the
-    teacher's top-1. config may be None without a teacher.
+    teacher's top-1. config may be None without a teacher. num_ids: the token ids the loss sees (token_logits).
     """
     device = next(model.parameters()).device
     model.eval()
@@ -443,7 +468,7 @@ def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has
         if num == 0:
             continue
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        rows = logits[mask]  # (M, V)
+        rows = token_logits(logits, num_ids)[mask]  # (M, V)
         targets = batch["target_ids"][mask]  # (M,)
         ce = float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
         ce_sum += ce
@@ -451,7 +476,7 @@ def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has
         if has_teacher:
             teacher = {k: batch[k][mask] for k in batch if k in TEACHER_FIELDS}
             with _naming_rows(batch, mask.reshape(-1).nonzero().squeeze(1).cpu(), config.cache):
-                kl_sum += float(_heldout_kl(rows, teacher, targets)) * num
+                kl_sum += float(heldout_kl(rows, teacher, targets)) * num
                 if config.loss != "ce":
                     objective, _ = _sparse_loss(rows, teacher, targets, torch.ones_like(targets, dtype=torch.bool),
                                                 config)
@@ -490,7 +515,7 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
         sequences, data_info = load_sequences(
             config.dataset, tokenizer, split=config.split, text_field=config.text_field,
             prompt_field=config.prompt_field, response_field=config.response_field, max_length=config.max_length,
-            limit=config.limit)
+            limit=config.limit, prompt_template=config.prompt_template, input_field=config.input_field)
         held = heldout_mask(np.asarray([heldout_hash(s.text_sha256, s.window_index, s.source_index) for s in sequences],
                                        dtype=np.int64), config.eval_fraction)
         train_src = sequence_source(sequences, np.flatnonzero(~held).tolist())
@@ -583,16 +608,24 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     # -- cache, student, data ------------------------------------------------------------------
     reader = _open_cache(config, log) if config.cache else None
     teacher_path = _teacher_path(config, reader)
-    model, tokenizer, student_name = _build_student(config, teacher_path, reader.manifest.vocab_size if reader else None)
-    if reader is not None:
-        from trainer.student import check_tokenizer_matches
+    from trainer.student import cache_token_ids, check_tokenizer_matches
 
+    num_ids = cache_token_ids(reader.manifest.tokenizer) if reader else None
+    model, tokenizer, student_name = _build_student(config, teacher_path, num_ids)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if reader is not None:
         try:
-            check_tokenizer_matches(tokenizer, reader.manifest.tokenizer["vocab_sha256"], reader.manifest.vocab_size,
-                                    num_student_embeddings=model.get_input_embeddings().weight.shape[0],
-                                    student_name=student_name, teacher_name=reader.manifest.teacher.get("name", "?"))
+            check_tokenizer_matches(tokenizer, reader.manifest.tokenizer["vocab_sha256"], num_ids,
+                                    num_student_embeddings=rows, student_name=student_name,
+                                    teacher_name=reader.manifest.teacher.get("name", "?"),
+                                    tokenizer_size=reader.manifest.tokenizer.get("tokenizer_size"))
         except ValueError as exc:
             raise TrainError(str(exc)) from exc
+    else:
+        num_ids = min(rows, len(tokenizer))
+    if num_ids < model.get_output_embeddings().weight.shape[0]:
+        log(f"student: {model.get_output_embeddings().weight.shape[0]} logit rows for {num_ids} token ids; the loss "
+            f"sees the first {num_ids} (the rest are padding no tokenizer produces)")
     train_src, eval_src, data_info = _split_data(config, reader, tokenizer)
     if "teacher_outcomes" in data_info:
         log(f"teacher targets: {data_info['teacher_outcomes']}")
@@ -656,7 +689,7 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     train_seconds, tokens_seen, last = 0.0, 0, {}
     try:
         if metrics and step == 0 and config.eval_every and eval_batches:
-            metrics.write({"step": 0, **evaluate_heldout(model, eval_batches, config, eval_src.has_teacher)})
+            metrics.write({"step": 0, **evaluate_heldout(model, eval_batches, config, eval_src.has_teacher, num_ids)})
         while step < total_steps:
             t0 = time.time()
             loss_sum = ce_sum = kd_sum = 0.0
@@ -668,7 +701,7 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                 batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 last_micro = micro == config.grad_accum - 1
                 with ddp.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext():
-                    loss, stats = _loss(ddp, batch, config)
+                    loss, stats = _loss(ddp, batch, config, num_ids)
                     (loss / config.grad_accum).backward()
                 loss_sum += float(loss.detach()) / config.grad_accum
                 ce_sum += float(stats["ce"]) / config.grad_accum
@@ -690,7 +723,7 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                 metrics.write(last)
             tick(step=step, loss=loss_sum, tps=tps)
             if metrics and eval_batches and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-                evaluation = evaluate_heldout(model, eval_batches, config, eval_src.has_teacher)
+                evaluation = evaluate_heldout(model, eval_batches, config, eval_src.has_teacher, num_ids)
                 if evaluation:
                     metrics.write({"step": step, **evaluation})
                     last.update(evaluation)

@@ -147,13 +147,18 @@ def test_hf_engine_equals_direct_reference(family, request, speeches, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
-def test_vllm_build_equals_hf_build(tiny_llama_dir, speeches, tmp_path):
-    """The whole build path with --engine vllm against --engine hf: same sequences, same distributions."""
+@pytest.mark.parametrize("teacher", ["llama", "padded llama"])
+def test_vllm_build_equals_hf_build(teacher, tiny_llama_dir, tiny_tokenizer_dir, speeches, tmp_path):
+    """The whole build path with --engine vllm against --engine hf: same sequences, same distributions. The padded
+    teacher has 424 logit rows for 384 token ids, padded rows often among its most likely (build_padded_model):
+    both engines store the top K below 384 with their full-softmax log-probs (cacher/engines.py)."""
     from cacher.engine_vllm import find_vllm_python
 
     if find_vllm_python() is None:
         pytest.skip("no vLLM interpreter: set KDCACHE_VLLM_PYTHON to a python with vllm (docs/vllm-cpu.md)")
-    common = {"model": str(tiny_llama_dir), "dataset": str(speeches), "max_length": 64, "top_k": 20, "limit": 10,
+    model = tiny_llama_dir if teacher == "llama" else build_padded_model(tmp_path / "padded", "llama",
+                                                                          tiny_tokenizer_dir, rows=424)
+    common = {"model": str(model), "dataset": str(speeches), "max_length": 64, "top_k": 20, "limit": 10,
               "shard_tokens": 200, "dtype": "float32", "reuse": False}
     build(BuildConfig(out=str(tmp_path / "hf"), engine="hf", **common), **QUIET)
     result = build(BuildConfig(out=str(tmp_path / "vllm"), engine="vllm", **common), **QUIET)
@@ -163,6 +168,7 @@ def test_vllm_build_equals_hf_build(tiny_llama_dir, speeches, tmp_path):
     vllm_reader, vl = read_cache(tmp_path / "vllm")
     assert vllm_reader.manifest.teacher["engine"] == "vllm"
     assert vllm_reader.manifest.dataset["fingerprint"] == hf_reader.manifest.dataset["fingerprint"]
+    assert vllm_reader.manifest.vocab_size == hf_reader.manifest.vocab_size == 384
     assert len(hf) == len(vl) == 10
     for a, b in zip(hf, vl):
         assert a["input_ids"].tolist() == b["input_ids"].tolist()
@@ -343,6 +349,47 @@ def test_filter_keeps_only_right_answers(tiny_gpt2_dir, gsm8k_rows, tmp_path, mo
         response = seq["input_ids"][seq["prompt_length"]:].tolist()
         assert tokenizer.decode(response) == gsm8k_rows[seq["source_index"]]["answer"] + "<|endoftext|>"
     assert reader.manifest.settings["filter"] == "gsm8k-answer"
+
+
+def test_gsm8k_answers_are_read_after_the_last_marker_else_in_the_last_box():
+    """shared.data.extract_gsm8k_answer, the one reader of --filter gsm8k-answer and of the gsm8k metric: real rows
+    of GSM8K's train split, and the same solutions ending in \\boxed{N} (Qwen2.5-Instruct's style) instead."""
+    with GSM8K.open(encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(200)]
+    references = [extract_gsm8k_answer(r["answer"]) for r in rows]
+    assert references[0] == "72" and all(a is not None and a.lstrip("-").replace(".", "").isdigit() for a in references)
+    for row, answer in zip(rows, references):
+        steps = row["answer"].rsplit("####", 1)[0].rstrip()
+        assert extract_gsm8k_answer(f"{steps}\nThe answer is $\\boxed{{{answer}}}$.") == answer
+        assert extract_gsm8k_answer(f"{steps}\n\\boxed{{{int(answer) + 1}}}") == str(int(answer) + 1)
+    assert extract_gsm8k_answer("so \\boxed{1,000}") == "1000"
+    assert extract_gsm8k_answer("first \\boxed{3} then \\boxed{\\$4.50}") == "4.5"  # the last box counts
+    assert extract_gsm8k_answer("\\boxed{\\frac{12}{1}}") == "12"  # nested braces
+    assert extract_gsm8k_answer("#### 7 and \\boxed{8}") == "7"  # a '####' answer wins
+    assert extract_gsm8k_answer("\\boxed{8}\n####") == "8"  # a '####' without a number after it does not
+    assert extract_gsm8k_answer("no final answer 42") is None and extract_gsm8k_answer("\\boxed{x}") is None
+
+
+def test_filter_keeps_boxed_answers_like_the_metric(tiny_gpt2_dir, gsm8k_rows, tmp_path, monkeypatch):
+    """--filter gsm8k-answer keeps a sample ending in the right \\boxed{N} (no '####'), drops a wrong box."""
+    from transformers import AutoTokenizer
+
+    def boxed(answer: str, shift: int = 0) -> str:
+        return answer.rsplit("####", 1)[0] + f"So the answer is \\boxed{{{int(extract_gsm8k_answer(answer)) + shift}}}."
+
+    def responses(row: int, answer: str) -> list[str]:
+        return [[boxed(answer), boxed(answer, 1)], [boxed(answer, 1), answer]][row % 2]
+
+    monkeypatch.setattr(engines, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, responses))
+    build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", limit=4, num_samples=2, max_length=512,
+                                filter="gsm8k-answer"), **QUIET)
+    _, sequences = read_cache(tmp_path / "c")
+    assert [(s["source_index"], s["sample_index"]) for s in sequences] == [(0, 0), (1, 1), (2, 0), (3, 1)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    for seq in sequences:
+        text = tokenizer.decode(seq["input_ids"][seq["prompt_length"]:].tolist(), skip_special_tokens=True)
+        assert extract_gsm8k_answer(text) == extract_gsm8k_answer(gsm8k_rows[seq["source_index"]]["answer"])
+    assert "\\boxed{" in tokenizer.decode(sequences[0]["input_ids"].tolist())
 
 
 def test_filter_that_empties_a_shard_is_a_clear_error(tiny_gpt2_dir, gsm8k_rows, tmp_path, monkeypatch):
@@ -704,3 +751,85 @@ def test_trust_remote_code_reaches_the_tokenizer(tiny_gpt2_dir, speeches, tmp_pa
         build(BuildConfig(model=str(model), dataset=str(speeches), max_length=32, limit=2, top_k=4,
                           trust_remote_code=trust, out=str(tmp_path / f"c-{trust}"), reuse=False), **QUIET)
     assert loaded[0] != "CustomTokenizer" and loaded[1] == "CustomTokenizer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded embedding rows: more logit rows than token ids (Qwen2.5-7B: 152064 rows, 151665 ids)
+
+
+def build_padded_model(out: Path, family: str, tokenizer_dir: Path, rows: int, *, seed: int = 0,
+                       boost: float = 1.2) -> Path:
+    """A tiny teacher with `rows` logit rows for the tokenizer's 384 ids: the padded output rows are `boost` times
+    the rows of the ids the model most often ranks first, so padded ids often top its full softmax (a model
+    that never put mass on its padded rows would not exercise them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import build_tiny_model
+
+    build_tiny_model(out, family, tokenizer_dir, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    num_ids = len(tokenizer)
+    with torch.no_grad():
+        ids = torch.as_tensor(tokenizer(shakespeare_text(4000))["input_ids"][:400])[None]
+        favourites = torch.bincount(model(ids).logits[0].argmax(-1), minlength=num_ids).argsort(descending=True)
+        model.resize_token_embeddings(rows)
+        head = model.get_output_embeddings().weight
+        head[num_ids:] = boost * head[favourites[: rows - num_ids]]
+    assert model.config.vocab_size == rows
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def padded_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_padded_model(tmp_path_factory.mktemp("padded-gpt2"), "gpt2", tiny_tokenizer_dir, rows=424)
+
+
+def test_padded_teacher_rows_are_never_stored(padded_gpt2_dir, speeches, tmp_path):
+    """424 logit rows, 384 token ids: the cache's vocabulary is the tokenizer's, its top K are the teacher's most
+    likely ids below 384 with their log-probs under the softmax over all 424 logits, and the tail holds the rest
+    (the padded rows' mass included); tail samples are real ids too. Before, the cache recorded vocab_size 424 and
+    stored padded ids, which a student with 400 rows (Qwen2.5-0.5B against the 7B) could not train on."""
+    from transformers import AutoModelForCausalLM
+
+    printed = []
+    build(BuildConfig(model=str(padded_gpt2_dir), dataset=str(speeches), max_length=40, top_k=24, limit=8,
+                      tail_samples=4, out=str(tmp_path / "c"), reuse=False), log=printed.append)
+    reader, sequences = read_cache(tmp_path / "c")
+    tokenizer = reader.manifest.tokenizer
+    assert tokenizer["vocab_size"] == tokenizer["tokenizer_size"] == 384
+    assert any("424 embedding rows for 384 token ids" in m for m in printed), printed
+    model = AutoModelForCausalLM.from_pretrained(padded_gpt2_dir, dtype="float32").eval()
+    padded_on_top = 0
+    for seq in sequences:
+        reference = reference_logprobs(model, seq["input_ids"])  # (T, 424) softmax over every logit row
+        padded_on_top += int((np.argsort(-reference, -1)[:, :24] >= 384).sum())
+        assert seq["topk_ids"].max() < 384
+        assert_matches_reference(seq, reference[:, :384])  # top K among the real ids; tail = 1 - their sum
+    assert padded_on_top > 100  # the teacher really ranks padded ids among its 24 most likely
+    for s in range(reader.num_shards):
+        view = reader.shard(s)
+        tail = [view.read_sequence(i, ("tail_ids", "tail_counts")) for i in range(view.num_sequences)]
+        assert all(t["tail_ids"].max() < 384 for t in tail) and sum(int(t["tail_counts"].sum()) for t in tail) > 0
+
+
+def test_padded_rows_are_never_generated(tiny_tokenizer_dir, gsm8k_rows, tmp_path):
+    """Generate mode samples only token ids, although the padded rows would win most draws (boost 2)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = build_padded_model(tmp_path / "greedy-for-padding", "gpt2", tiny_tokenizer_dir, rows=424, boost=2.0)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype="float32").eval()
+    build(gsm8k_generate_config(teacher, tmp_path / "c", limit=3, num_samples=2, max_new_tokens=12, temperature=1.0),
+          **QUIET)
+    reader, sequences = read_cache(tmp_path / "c")
+    assert reader.manifest.vocab_size == 384 and len(sequences) == 6
+    wins = 0
+    for seq in sequences:
+        assert seq["input_ids"].max() < 384 and seq["topk_ids"].max() < 384
+        reference = reference_logprobs(model, seq["input_ids"])
+        wins += int((reference[seq["prompt_length"] - 1 : -1].argmax(-1) >= 384).sum())
+        assert_matches_reference(seq, reference[:, :384])
+    assert wins > 0  # unmasked, the padded rows would have been the likeliest next token there

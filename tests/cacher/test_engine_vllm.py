@@ -28,6 +28,7 @@ from cacher.engine_vllm import (
     CPU_FAST_ENV,
     check_settings,
     find_vllm_python,
+    keep_token_ids,
     probe_vllm_python,
     run_vllm_subprocess,
     tail_logprob_from_topk,
@@ -144,6 +145,41 @@ def test_generate_rows_match_rescoring(vllm_python, tiny_gpt2_dir, tiny_tokenize
         assert_rows_match(rows, reference, response)
 
 
+@pytest.mark.vllm
+@pytest.mark.timeout(300)
+def test_padded_rows_are_neither_sampled_nor_returned(vllm_python, tiny_tokenizer_dir, tmp_path):
+    """A GPT-2 with 424 logit rows for 384 token ids whose padded rows would win most draws: with num_token_ids 384
+    the responses hold token ids only and each row's top K are the likeliest ids below 384, log-probs of the
+    softmax over all 424 rows, tail = 1 - their sum (the padded mass included): what the hf engine stores."""
+    from tests.cacher.test_build import build_padded_model
+
+    model_dir = build_padded_model(tmp_path / "padded", "gpt2", tiny_tokenizer_dir, rows=424, boost=2.0)
+    prompts = [s[:30] for s in make_sequences(tiny_tokenizer_dir, 384, 64)[2:4]]
+    settings = {"mode": "generate", "top_k": TOP_K, "max_length": 30 + 10, "max_new_tokens": 10, "temperature": 1.0,
+                "num_samples": 2, "seed": 3, "ignore_eos": True, "num_token_ids": 384}
+    results = list(run_vllm_subprocess(vllm_python, str(model_dir), prompts, settings, str(tmp_path / "work"),
+                                       env=CPU_FAST_ENV))
+    padded_wins = 0
+    for rows in results:
+        prompt, response = prompts[rows["sequence_index"]], rows["response_ids"].tolist()
+        assert len(response) == 10 and max(response) < 384 and rows["topk_ids"].max() < 384
+        reference = reference_logprobs(model_dir, prompt + response)[len(prompt) - 1 : -1]  # (10, 424)
+        padded_wins += int((reference.argmax(-1) >= 384).sum())
+        assert_rows_match(rows, reference[:, :384], response)
+    assert padded_wins > 0
+
+
+def test_keep_token_ids_takes_the_first_k_real_ids_of_each_row():
+    ids = np.array([[7, 401, 3, 400, 5], [1, 2, 3, 402, 4], [410, 411, 9, 8, 6]])
+    lps = -np.arange(15, dtype=np.float32).reshape(3, 5)
+    kept_ids, kept_lps = keep_token_ids(ids, lps, 3, 400)
+    assert kept_ids.tolist() == [[7, 3, 5], [1, 2, 3], [9, 8, 6]]
+    assert kept_lps.tolist() == [[0, -2, -4], [-5, -6, -7], [-12, -13, -14]]
+    assert keep_token_ids(ids, lps, 2, None)[0].tolist() == [[7, 401], [1, 2], [410, 411]]
+    with pytest.raises(RuntimeError, match="fewer than 4 entries with ids below 400"):
+        keep_token_ids(ids, lps, 4, 400)
+
+
 def test_tail_logprob_from_topk():
     topk = np.log(np.array([[0.5, 0.25], [0.6, 0.4], [0.7, 0.4]], dtype=np.float32))  # (3, K=2)
     tail = tail_logprob_from_topk(topk)
@@ -159,6 +195,9 @@ def test_settings_are_strict():
     with pytest.raises(ValueError, match="max_length"):
         check_settings({"top_k": 4})
     assert check_settings({"top_k": 4, "max_length": 8})["mode"] == "score"
+    assert check_settings({"top_k": 4, "max_length": 8})["num_token_ids"] is None
+    with pytest.raises(ValueError, match="num_token_ids"):
+        check_settings({"top_k": 4, "max_length": 8, "num_token_ids": 0})
 
 
 def test_subprocess_failure_reports_the_log(tmp_path):

@@ -95,6 +95,14 @@ def _configured_dataset(model: Path, tmp: Path) -> list[str]:
             "--response-field", "answer"]
 
 
+def _without_chat_template(model: Path, tmp: Path) -> list[str]:
+    bare = tmp / "no-chat-template"
+    shutil.copytree(model, bare, ignore=shutil.ignore_patterns("chat_template*"))
+    return ["--model", str(bare), "--dataset", str(GSM8K), "--prompt-field", "question", "--response-field", "answer",
+            "--prompt-template", "chat"]
+
+
+GSM8K_PAIRS = ["--dataset", str(GSM8K), "--prompt-field", "question", "--response-field", "answer"]
 BAD_INPUTS = {
     "missing data set": (lambda m, t: ["--dataset", str(t / "nope" / "missing.jsonl")], ["no such file or folder"]),
     "unknown text field": (lambda m, t: ["--dataset", str(GSM8K), "--text-field", "body"],
@@ -147,6 +155,19 @@ BAD_INPUTS = {
     "data set with configurations, none given": (_configured_dataset,
                                                  ["has several configurations: pass --dataset-config NAME",
                                                   "['main', 'socratic']"]),
+    "unknown prompt template": (lambda m, t: [*GSM8K_PAIRS, "--prompt-template", "alpaca"],
+                                ["--prompt-template must be one of chat, plain, minillm, got 'alpaca'"]),
+    "prompt template on text data": (lambda m, t: ["--prompt-template", "minillm"],
+                                     [("--prompt-template formats prompts of prompt/response data: give --prompt-field "
+                                       "and --response-field")]),
+    "input field without minillm": (lambda m, t: [*GSM8K_PAIRS, "--input-field", "answer"],
+                                    ["--input-field answer is read by --prompt-template minillm only",
+                                     "add --prompt-template minillm, or drop --input-field"]),
+    "unknown input field": (lambda m, t: [*GSM8K_PAIRS, "--prompt-template", "minillm", "--input-field", "context"],
+                            ["--input-field 'context' is not a field of", "its fields are: question, answer"]),
+    "chat template the tokenizer lacks": (_without_chat_template,
+                                          [("--prompt-template chat: this tokenizer has no chat template; use "
+                                            "--prompt-template plain or minillm")]),
     "damaged config.json": (_damaged("config.json", "{not json"), ["config.json is not valid JSON", "save_pretrained"]),
     "damaged tokenizer.json": (_damaged("tokenizer.json", "{not json"),
                                ["could not load the tokenizer of", "JSONDecodeError", "check its config.json and tokenizer files"]),
@@ -246,6 +267,95 @@ def test_dataset_config_through_the_cli(tiny_gpt2_dir, speeches, tmp_path):
     assert res.exit_code == 0, res.output
     manifest = CacheReader(str(tmp_path / "cache")).manifest
     assert manifest.dataset["config"] == "socratic" and manifest.totals["num_sequences"] == 5
+
+
+def write_dolly_like(path: Path, num_rows: int = 8) -> Path:
+    """databricks-dolly-15k's fields (instruction, context, response), from GSM8K rows: every other row has a
+    context (a sentence, or null/'' as dolly has for open questions)."""
+    with GSM8K.open(encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(num_rows)]
+    contexts = ["Use whole numbers only.", None, "Show each step on its own line.", ""]
+    path.write_text("".join(json.dumps({"instruction": r["question"], "context": contexts[i % 4], "response": r["answer"],
+                                        "category": "open_qa"}) + "\n" for i, r in enumerate(rows)))
+    return path
+
+
+def test_minillm_prompts_are_the_rouge_prompts(tiny_gpt2_dir, tmp_path):
+    """--prompt-template minillm --input-field context: every cached prompt is byte-identical to the prompt
+    kdtrain eval's ROUGE-L generates from (MiniLLM's template, '### Input:' when the context is non-empty),
+    loss_mask covers the response (then EOS) only, and the template and field count in the cache_key."""
+    from transformers import AutoTokenizer
+
+    from shared.data import MINILLM_TEMPLATE, MINILLM_TEMPLATE_WITH_INPUT
+    from trainer.evaluate import EvalConfig, prompts_for
+
+    data = write_dolly_like(tmp_path / "dolly.jsonl")
+    pairs = ["--dataset", str(data), "--prompt-field", "instruction", "--response-field", "response",
+             "--max-length", "512", "--top-k", "4"]
+    res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), *pairs, "--prompt-template", "minillm",
+                              "--input-field", "context", "--out", str(tmp_path / "minillm")])
+    assert res.exit_code == 0, res.output
+    reader, sequences = read_cache(tmp_path / "minillm")
+    assert reader.manifest.settings["template"] == "minillm"
+    assert reader.manifest.dataset["fields"] == {"prompt": "instruction", "response": "response", "input": "context"}
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    asked, references, _ = prompts_for(EvalConfig(model=str(tiny_gpt2_dir), dataset=str(data), metrics=("rouge",),
+                                                  prompt_field="instruction", response_field="response",
+                                                  input_field="context", max_prompt_length=510), tokenizer, "minillm")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(sequences) == len(rows) == len(asked)
+    for seq in sequences:
+        i, ids, p = seq["source_index"], seq["input_ids"].tolist(), seq["prompt_length"]
+        row = rows[i]
+        assert ids[:p] == asked[i]  # the very ids the ROUGE-L eval generates from
+        want = (MINILLM_TEMPLATE_WITH_INPUT.format(instruction=row["instruction"], input=row["context"])
+                if row["context"] else MINILLM_TEMPLATE.format(instruction=row["instruction"]))
+        assert tokenizer.decode(ids[:p]) == want
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert ids[p:] == response[: len(ids) - p] and references[i] == row["response"]
+        positions = np.arange(len(ids))
+        assert seq["loss_mask"].tolist() == ((positions >= p - 1) & (positions < len(ids) - 1)).tolist()
+    assert {bool(rows[s["source_index"]]["context"]) for s in sequences} == {True, False}  # both variants
+
+    keys = {reader.manifest.cache_key}
+    for extra, template in (([], "chat"), (["--prompt-template", "plain"], "plain"),
+                            (["--prompt-template", "minillm"], "minillm")):
+        out = tmp_path / template / str(len(keys))
+        other = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), *pairs, *extra, "--out", str(out)])
+        assert other.exit_code == 0, other.output
+        manifest = CacheReader(str(out)).manifest
+        assert manifest.settings["template"] == template  # the default: the tokenizer's chat template
+        keys.add(manifest.cache_key)
+    assert len(keys) == 4  # template and input field are part of the cache_key
+
+
+def test_json_report_for_every_status(tiny_gpt2_dir, speeches, tmp_path):
+    """--json: stdout is exactly one JSON object (status, cache, full cache_key, counts); no summary line."""
+    args = ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches), "--max-length", "32", "--limit", "4",
+            "--top-k", "4", "--json"]
+    a, b, w = tmp_path / "root" / "a", tmp_path / "root" / "b", tmp_path / "workers" / "w"
+
+    def report(result):
+        assert result.exit_code == 0, result.output
+        assert "(written now:" not in result.output  # the human summary line is not printed
+        (line,) = result.stdout.splitlines()  # progress and messages go to stderr
+        return json.loads(line)
+
+    built = report(runner.invoke(app, [*args, "--out", str(a)]))
+    manifest = CacheReader(str(a)).manifest
+    assert built == {"status": "built", "cache": str(a), "cache_key": manifest.cache_key, "num_shards": 1,
+                     "num_shards_written": 1, "num_sequences": 4, "num_tokens": manifest.totals["num_tokens"],
+                     "num_bytes": manifest.totals["num_bytes"], "seconds": built["seconds"]}
+    again = report(runner.invoke(app, [*args, "--out", str(a)]))
+    assert (again["status"], again["cache"], again["cache_key"], again["num_shards_written"]) == (
+        "already built", str(a), manifest.cache_key, 0)
+    reused = report(runner.invoke(app, [*args, "--out", str(b)]))
+    assert (reused["status"], reused["cache"], reused["cache_key"]) == ("reused", str(a), manifest.cache_key)
+    assert not b.exists()
+    partial = report(runner.invoke(app, [*args, "--shard-tokens", "40", "--num-workers", "2", "--out", str(w)]))
+    assert (partial["status"], partial["cache"], partial["cache_key"]) == ("partial", str(w), manifest.cache_key)
+    assert partial["num_shards"] > 1 and partial["num_sequences"] == 0  # other workers still owe shards
 
 
 # ---------------------------------------------------------------------------------------------

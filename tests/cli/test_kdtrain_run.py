@@ -169,3 +169,55 @@ def test_cache_without_loss_tokens_refused(tiny_gpt2_dir, tmp_path):
         w.finalize()
     code, text = run("--cache", url, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--out", tmp_path / "o")
     assert code == 2 and "no rows with loss_mask set" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded embedding matrices: teacher rows > student rows > token ids (Qwen2.5-7B 152064 > 0.5B 151936 > 151665)
+
+
+def test_student_with_fewer_padded_rows_than_the_teacher_trains(tmp_path, tiny_tokenizer_dir):
+    """`kdcache build` on a teacher of 424 logit rows, `kdtrain run` of a student with 400, both for the 384 ids of
+    one tokenizer: the cache's vocabulary is the tokenizer's (no padded id stored), so the student is accepted
+    (it was refused: '400 embedding rows but teacher emits 424 token ids'), and the loss sees its first 384
+    logits only: its padded rows get no gradient. A cache an older kdcache wrote with the teacher's padded ids
+    (vocab_size 424, tokenizer_size 384) is refused with what to do."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from cli.kdcache import app as kdcache_app
+    from tests.cacher.test_build import build_padded_model, write_speeches
+    from tests.conftest import build_tiny_model
+
+    teacher = build_padded_model(tmp_path / "teacher", "gpt2", tiny_tokenizer_dir, rows=424)
+    student = build_tiny_model(tmp_path / "student", "gpt2", tiny_tokenizer_dir, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    model.resize_token_embeddings(400)
+    model.save_pretrained(student, safe_serialization=True)
+    data = write_speeches(tmp_path / "speeches.jsonl", num_rows=20)
+    res = runner.invoke(kdcache_app, ["build", "--model", str(teacher), "--dataset", str(data), "--max-length", "48",
+                                      "--top-k", "16", "--out", str(tmp_path / "cache"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.splitlines()[-1])["status"] == "built"
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == manifest["tokenizer"]["tokenizer_size"] == 384
+
+    before = load_file(str(student / "model.safetensors"))["transformer.wte.weight"]
+    code, text = run("--cache", tmp_path / "cache", "--student", student, "--steps", 3, "--batch-tokens", 256,
+                     "--lr", 0.01, "--out", tmp_path / "run")
+    assert code == 0, text
+    assert "400 logit rows for 384 token ids" in text and "eval_kl=" in text
+    after = load_file(str(tmp_path / "run" / "model.safetensors"))["transformer.wte.weight"]
+    assert after.shape == (400, 64)
+    assert torch.equal(after[384:], before[384:])  # padded rows: never in a softmax, never trained
+    assert not torch.equal(after[:384], before[:384])
+
+    old = tmp_path / "old-cache"  # what an older kdcache wrote: the teacher's row count as vocab_size
+    shutil.copytree(tmp_path / "cache", old)
+    manifest["tokenizer"]["vocab_size"] = 424  # descriptive to the checksums; the reader takes it as V
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, text = run("--cache", old, "--student", student, "--steps", 1, "--out", tmp_path / "run-old")
+    assert code == 2, text
+    assert ("student" in text and "400 embedding rows, enough for the 384 token ids" in text
+            and "written by an older kdcache that kept the teacher's padded embedding rows" in text
+            and "kdcache build ... --overwrite" in text), text

@@ -118,6 +118,30 @@ def test_plan_dataset_config_reaches_kdcache_build(tmp_path):
     assert build.command[build.command.index("--dataset-config") + 1] == "main"
 
 
+def test_plan_prompt_template_reaches_build_and_eval(tmp_path):
+    """data: prompt_template / input_field go to `kdcache build`; an eval without its own data set reads the
+    input field too (its ROUGE-L prompts then match the cache's)."""
+    data = {"dataset": str(tmp_path / "dolly.jsonl"), "prompt_field": "instruction", "response_field": "response",
+            "prompt_template": "minillm", "input_field": "context"}
+    plan = parse_plan(base_plan(data=data, eval={"metrics": ["rouge"]}), out=str(tmp_path))
+    build = next(s for s in stages_of(plan) if s.kind == "cache")
+    assert build.command[build.command.index("--prompt-template") + 1] == "minillm"
+    assert build.command[build.command.index("--input-field") + 1] == "context"
+    evaluation = next(s for s in stages_of(plan) if s.id == "eval:teacher__s")
+    assert evaluation.command[evaluation.command.index("--input-field") + 1] == "context"
+
+
+def test_dolly_plan_trains_on_the_prompts_its_rouge_eval_asks():
+    plan = load_plan(str(EXAMPLES / "gpt2_dolly_chain.yaml"), out="/tmp/d")
+    assert plan.data["prompt_template"] == "minillm" and plan.data["input_field"] == plan.eval["input_field"] == "context"
+    for st in stages_of(plan):
+        if st.kind == "cache":
+            assert st.command[st.command.index("--prompt-template") + 1] == "minillm"
+            assert st.command[st.command.index("--input-field") + 1] == "context"
+    text = (EXAMPLES / "gpt2_dolly_chain.yaml").read_text()
+    assert "no option yet" not in text and "--prompt-template minillm --input-field context" in text
+
+
 @pytest.mark.slow
 def test_tiny_chain_end_to_end_and_resume(tmp_path, capsys):
     teacher = tmp_path / "tiny-teacher"
@@ -205,9 +229,9 @@ def test_plan_cache_tail_samples_reach_kdcache_build(tmp_path):
 
 
 def _summary_line(status, url, key):
-    """The last line `kdcache build` prints (cli/kdcache.py build)."""
-    return (f"{status}: {url}  shards 1 (written now: 0)  sequences 120  tokens 7,680  1.2 MiB  cache_key {key[:12]}  "
-            "0.4s\n")
+    """The last line `kdcache build --json` prints (cli/kdcache.py build, cacher.build.BuildResult.to_json)."""
+    return json.dumps({"status": status, "cache": url, "cache_key": key, "num_shards": 1, "num_shards_written": 0,
+                       "num_sequences": 120, "num_tokens": 7680, "num_bytes": 1258291, "seconds": 0.4}) + "\n"
 
 
 def _plan_spec(teacher, root, **over):
@@ -234,6 +258,7 @@ def test_second_plan_trains_from_the_cache_kdcache_build_reused(tmp_path, tiny_c
         commands.append(command)
         with open(log_path, "w") as f:
             if "cli.kdcache" in command:
+                assert "--json" in command  # the chain reads the build's JSON report, never its summary line
                 existing = sorted(str(root / d) for d in os.listdir(root)) if root.exists() else []
                 if existing:
                     f.write(f"already built: {existing[0]} has the same cache_key {key[:12]}; reusing it\n")
@@ -269,8 +294,16 @@ def test_build_summary_is_checked_against_the_cache_key(tmp_path, tiny_cache):
     key = CacheReader(tiny_cache).manifest.cache_key
     plan = parse_plan(base_plan(cache_root=str(tmp_path)), out=str(tmp_path / "o"))
     assert reported_cache(plan, "data: ...\n" + _summary_line("reused", tiny_cache, key))["cache"] == tiny_cache
-    with pytest.raises(PlanError, match="without its summary line"):
+    with pytest.raises(PlanError, match="without printing its JSON report"):
         reported_cache(plan, "error: something\n")
+    with pytest.raises(PlanError, match="without printing its JSON report"):  # the human summary line is not read
+        reported_cache(plan, f"reused: {tiny_cache}  shards 1 (written now: 0)  cache_key {key[:12]}  0.4s\n")
+    # the report is the last JSON line, after the stderr lines (progress, warnings) the stage's log also holds
+    log = _summary_line("built", str(tmp_path / "x"), "1" * 64) + "warning: {not json}\n" + _summary_line(
+        "already built", tiny_cache, key) + "teacher ━━━━ 120/120 seqs\n"
+    assert reported_cache(plan, log) == {"cache": tiny_cache, "cache_key": key, "status": "already built"}
+    with pytest.raises(PlanError, match="cannot read"):
+        reported_cache(plan, json.dumps({"status": "done", "cache": tiny_cache, "cache_key": key}) + "\n")
     with pytest.raises(PlanError, match="no complete cache with that key"):  # a path that does not hold that key
         reported_cache(plan, _summary_line("reused", str(tmp_path / "elsewhere"), "0" * 64))
     with pytest.raises(PlanError, match="partial: other workers still owe shards"):
@@ -347,6 +380,28 @@ def test_rerun_completes_a_train_stage_killed_before_its_first_checkpoint(tmp_pa
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers checked before anything runs
+
+
+def test_plan_accepts_a_student_with_fewer_padded_rows_than_the_teacher(tmp_path, tiny_tokenizer_dir):
+    """Teacher 424 embedding rows, student 400, tokenizer 384 ids (Qwen2.5-7B and 0.5B): the check before any stage
+    compares the student with the tokenizer's ids, as kdcache build counts them (it compared with 424)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.chain import check_plan
+
+    folders = {}
+    for name, rows in (("teacher", 424), ("student", 400), ("short", 380)):
+        folder = build_tiny_model(tmp_path / name, "gpt2", tiny_tokenizer_dir)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        model.save_pretrained(folder, safe_serialization=True)
+        folders[name] = str(folder)
+    spec = base_plan(teacher={"model": folders["teacher"]}, data={"dataset": str(SHAKESPEARE)},
+                     students={"s": {"model": folders["student"]}}, paths=[["s"]])
+    assert check_plan(parse_plan(spec, out=str(tmp_path / "o"))) == []
+    spec["students"] = {"s": {"model": folders["short"]}}
+    with pytest.raises(PlanError, match="380 embedding rows but teacher .* emits 384 token ids"):
+        check_plan(parse_plan(spec, out=str(tmp_path / "o")))
 
 
 def test_plan_refuses_a_student_with_another_tokenizer_before_any_stage(tmp_path, tiny_gpt2_dir, tiny_llama_dir):

@@ -105,6 +105,10 @@ def test_gsm8k_model_answer_falls_back_to_the_last_boxed_number():
     assert extract_model_answer("first \\boxed{3} then \\boxed{\\$4.50}") == "4.5"  # the last box counts
     assert extract_model_answer("#### 7 and \\boxed{8}") == "7"  # '####' wins when both are there
     assert extract_model_answer("no final answer 42") is None
+    # one reader for the metric and for kdcache build --filter gsm8k-answer (shared.data)
+    for text in ("#### 72", "so \\boxed{1,000}.", "\\boxed{3} and \\boxed{\\$4.50}", "#### 7 \\boxed{8}", "none 42"):
+        assert extract_model_answer(text) == extract_gsm8k_answer(text)
+    assert extract_gsm8k_answer("The answer is $\\boxed{1,000}$.") == "1000"
 
 
 def test_gsm8k_scores_known_answers_and_asks_for_the_marker(tiny_tokenizer_dir, monkeypatch):
@@ -327,3 +331,60 @@ def test_agreement_with_a_teacher_that_has_padded_embedding_rows(tmp_path, tiny_
     assert padded_seen > 0  # the cache really names ids the student has no row for
     assert got["num_tokens"] == count and got["top1_agreement"] == pytest.approx(agree / count)
     assert got["kl"] == pytest.approx(kl / count, rel=0.05, abs=2e-3)  # float16 storage
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement on a cache holding every token id (K = V)
+
+
+def test_agreement_on_a_full_vocab_cache_with_a_noisy_tail_is_the_dense_kl(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
+    """K = V = 384 and a stored tail of 1e-4 (float rounding a cache may hold when the top K are everything):
+    agreement's KL is finite and equals the dense KL(teacher || model) over the 384 ids, the stored teacher log-probs
+    renormalized, as the trainer's eval_kl (sparse_kd_loss's rule: the rest bucket is empty when K = V). It was
+    +inf: the teacher's rest bucket kept the noise, the model's was empty."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.reader import CacheReader
+    from shared.writer import BuildHeader, CacheWriter
+    from tests.trainer.teacher_cache import shakespeare_windows, teacher_rows
+    from trainer.student import vocab_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    vocab = teacher.config.vocab_size
+    sequences = shakespeare_windows(tokenizer, num_sequences=4, max_length=24)
+    header = BuildHeader(
+        teacher={"name": "full", "dtype": "float32", "engine": "test", "engine_version": "0", "path": str(tmp_path)},
+        tokenizer={"name": "full", "vocab_size": vocab, "tokenizer_size": len(tokenizer),
+                   "vocab_sha256": vocab_fingerprint(tokenizer)},
+        dataset={"name": "shakespeare", "fingerprint": "x", "num_sequences": len(sequences)},
+        settings={"mode": "score", "top_k": vocab, "max_length": 24, "chunk_rows": 512}, num_shards=1)
+    url = str(tmp_path / "cache")
+    with CacheWriter(url, header, chunk_rows=512) as writer:
+        with writer.shard(0) as buf:
+            for seq in sequences:
+                rows = teacher_rows(teacher, seq["input_ids"], vocab)
+                rows["tail_logprob"] = np.full(len(seq["input_ids"]), math.log(1e-4), dtype=np.float32)  # noise
+                buf.add_sequence(input_ids=seq["input_ids"], **rows, source_index=seq["source_index"],
+                                 window_index=seq["window_index"], text_sha256=seq["text_sha256"])
+        writer.finalize()
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    got = agreement(student, url, heldout_only=False)
+    assert math.isfinite(got["kl"])
+
+    view = CacheReader(url).shard(0)
+    kl, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(view.num_sequences):
+            stored = view.read_sequence(i)
+            mask = torch.as_tensor(stored["loss_mask"])
+            ids = torch.as_tensor(stored["input_ids"].astype(np.int64))[None]
+            q = torch.log_softmax(student(input_ids=ids).logits[0].double(), -1)[mask]  # (M, V)
+            p = torch.full_like(q, -math.inf).scatter(1, torch.as_tensor(stored["topk_ids"].astype(np.int64))[mask],
+                                                      torch.as_tensor(stored["topk_logprobs"]).double()[mask])
+            p = p.log_softmax(-1)  # the stored distribution over all V ids, renormalized
+            kl += float((p.exp() * (p - q)).sum())
+            count += int(mask.sum())
+    assert got["num_tokens"] == count
+    assert got["kl"] == pytest.approx(kl / count, rel=1e-4)

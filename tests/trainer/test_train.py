@@ -128,6 +128,55 @@ def test_no_cache_dataset_ce_baseline(tiny_gpt2_dir, tmp_path):
     assert os.path.exists(os.path.join(out, "model.safetensors"))
 
 
+def test_no_cache_dataset_formats_prompts_with_the_template(tiny_gpt2_dir, tiny_cache, tmp_path):
+    """--dataset with --prompt-template minillm --input-field context (an SFT teacher on the prompts the ROUGE-L
+    eval asks): the sequences are load_sequences' with that template, recorded in run.json."""
+    from transformers import AutoTokenizer
+
+    from shared.data import load_sequences
+    from tests.conftest import GSM8K
+
+    with GSM8K.open(encoding="utf-8") as f:  # dolly's fields: instruction, context (or empty), response
+        rows = [json.loads(next(f)) for _ in range(8)]
+    data = tmp_path / "dolly.jsonl"
+    data.write_text("".join(json.dumps({"instruction": r["question"], "context": "Be brief." if i % 2 else "",
+                                        "response": r["answer"]}) + "\n" for i, r in enumerate(rows)))
+    out = str(tmp_path / "sft")
+    settings = {"dataset": str(data), "prompt_field": "instruction", "response_field": "response", "max_length": 512}
+    train(TrainConfig(out=out, student=str(tiny_gpt2_dir), loss="ce", steps=1, batch_tokens=1024, eval_fraction=0.3,
+                      prompt_template="minillm", input_field="context", **settings), log=quiet)
+    run = read_run(out)
+    assert run["data"]["template"] == "minillm" and run["data"]["fields"]["input"] == "context"
+    assert run["config"]["prompt_template"] == "minillm"
+    expected, _ = load_sequences(tokenizer=AutoTokenizer.from_pretrained(tiny_gpt2_dir), prompt_template="minillm",
+                                 input_field="context", **settings)
+    assert run["num_sequences"] == len(expected)
+    with pytest.raises(TrainError, match="a cache's prompts were formatted when it was built"):
+        TrainConfig(out=str(tmp_path / "x"), cache=tiny_cache, student=str(tiny_gpt2_dir), prompt_template="minillm")
+
+
+def test_padded_logit_rows_never_reach_the_loss(tmp_path):
+    """A student with 3 padded logit rows beyond the cache's 9 token ids (cache_token_ids): the loss, its gradient
+    and the held-out metrics are those of the student without them, whatever their logits (here the largest)."""
+    vocab, padded, length = 9, 3, 6
+    seqs = [handmade_rows(seed, length=length, vocab=vocab, top_k=4) for seed in range(2)]
+    batch = collate(seqs, True)
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(5))
+    wide = torch.cat([table, torch.full((vocab, padded), 30.0)], dim=1)  # (V, V + 3): padding that would win
+    for loss in ("fkl", "ce"):
+        config = TrainConfig(out=str(tmp_path), cache="c", student="s", loss=loss)
+        plain, padded_model = FixedLogits(table.clone()), FixedLogits(wide.clone())
+        want, _ = _loss(plain, batch, config)
+        got, _ = _loss(padded_model, batch, config, num_ids=vocab)
+        want.backward()
+        got.backward()
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+        assert torch.allclose(padded_model.table.grad[:, :vocab], plain.table.grad, atol=1e-7)
+        assert torch.count_nonzero(padded_model.table.grad[:, vocab:]) == 0
+        heldout = evaluate_heldout(FixedLogits(wide.clone()), [batch], config, True, num_ids=vocab)
+        assert heldout == pytest.approx(evaluate_heldout(FixedLogits(table.clone()), [batch], config, True))
+
+
 def test_student_config_random_init_and_epochs(tiny_cache, tmp_path):
     cfg = tmp_path / "student.json"
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}))
