@@ -21,6 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 LOSSES = ("ce", "sparse_kd", "dense_kd")
 
 

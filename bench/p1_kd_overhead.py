@@ -1,21 +1,36 @@
 """P1: offline sparse-KD step time / plain CE step time, same student, batch and data, K=64. Target <= 1.10.
 
 One optimizer step as trainer/train.py takes it: student forward on the collated batch
-(trainer.data.collate of rows as the cache stores them), the loss (trainer.losses.sparse_kd_loss with
-fkl, or cross_entropy_loss for `--loss ce`), backward, gradient clip, AdamW step. The two steps are
-alternated on the same batch, median of the per-pair ratios. The student is a layer-dropped copy of
-the teacher (trainer.student.student_from_teacher) with ~param-ratio fewer parameters, the teacher's
-top-K are real (cacher.engines.score_hf on real text, stored through shared.writer's validation).
+(trainer.data.collate of rows as the cache stores them), the loss exactly as `kdtrain run` computes it
+with its defaults (trainer.train._sparse_loss with TrainConfig's defaults: fkl, alpha 0, T 1, the target
+bucket, i.e. K + 2 outcomes from the cache's target_logprob; `--loss ce` is cross_entropy_loss, as
+`kdtrain run --loss ce` trains), backward, gradient clip, AdamW step. The two steps are alternated on the
+same batch, median of the per-pair ratios. The student is a layer-dropped copy of the teacher
+(trainer.student.student_from_teacher) with ~param-ratio fewer parameters, the teacher's top-K are real
+(cacher.engines.score_hf on real text, stored through shared.writer's validation).
 The loss alone (forward + backward on fixed logits) is timed too, to say where an overhead comes from.
+With --tail-split K+M (default 48+16) the same is timed for a cache built with `--top-k K --tail-samples M`
+(what the trainer does with such a cache: tail_sample_targets, K + M outcomes), an extra printed ratio.
+
+--profile runs torch.profiler over a few more steps of each kind and prints the top ops by self CPU time
+and the share of the step spent in the loss (its forward region plus its autograd backward nodes), so a
+claim such as "the loss is 4-5% of a step" is read off a profile.
 
   python -m bench.p1_kd_overhead --quick       # SmolLM2-135M -> 1-layer student, 1 x 256 tokens, CPU
   python -m bench.p1_kd_overhead               # 8 x 512 tokens (a GPU)
+  python -m bench.p1_kd_overhead --quick --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
 import torch
 
 from bench.common import (
@@ -27,6 +42,7 @@ from bench.common import (
     model_path,
     num_parameters,
     paired_ratio,
+    raw_rows,
     real_sequences,
     split_rows,
     stored_rows,
@@ -38,32 +54,54 @@ def flat(batch: dict, name: str) -> torch.Tensor:
     return value.reshape(-1, *value.shape[2:])  # (B, L, ...) -> (B*L, ...)
 
 
+def trainer_config(**changes):
+    """TrainConfig's defaults (what `kdtrain run` uses when no flag is given), with `changes`, as a namespace."""
+    from dataclasses import MISSING, fields
+    from types import SimpleNamespace
+
+    from trainer.train import TrainConfig
+
+    values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return SimpleNamespace(**{**values, **changes})
+
+
 def kd_or_ce(flat_logits: torch.Tensor, batch: dict, kind: str) -> torch.Tensor:
-    """The loss trainer/train.py computes: "ce" or a KD loss name."""
-    from trainer.losses import cross_entropy_loss, sparse_kd_loss
+    """The loss `kdtrain run --loss kind` computes with its other defaults: "ce" or a KD loss name."""
+    from trainer.losses import cross_entropy_loss
+    from trainer.train import TEACHER_FIELDS, _sparse_loss
 
     targets, mask = flat(batch, "target_ids"), flat(batch, "loss_mask")
     if kind == "ce":
         return cross_entropy_loss(flat_logits, targets, mask)
-    return sparse_kd_loss(flat_logits, flat(batch, "topk_ids"), flat(batch, "topk_logprobs"),
-                          flat(batch, "tail_logprob"), targets, mask, loss=kind)[0]
+    teacher = {k: flat(batch, k) for k in batch if k in TEACHER_FIELDS}
+    return _sparse_loss(flat_logits, teacher, targets, mask, trainer_config(loss=kind))[0]
 
 
-def make_step(model, optimizer, batch: dict, kind: str, bf16: bool = False):
+def _region(name: str, profiling: bool):
+    from contextlib import nullcontext
+
+    return torch.profiler.record_function(name) if profiling else nullcontext()
+
+
+def make_step(model, optimizer, batch: dict, kind: str, bf16: bool = False, profiling: bool = False):
     """One training step as trainer/train.py's loop runs it; kind = "ce" or a KD loss name."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        with torch.autocast(device(), dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
-        flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
-        loss = kd_or_ce(flat_logits, batch, kind)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device() == "cuda":
-            torch.cuda.synchronize()
+        with _region("step", profiling):
+            with _region("step.forward", profiling), torch.autocast(device(), dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+            flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
+            with _region("step.loss", profiling):
+                loss = kd_or_ce(flat_logits, batch, kind)
+            with _region("step.backward", profiling):
+                loss.backward()
+            with _region("step.optimizer", profiling):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device() == "cuda":
+                torch.cuda.synchronize()
 
     return step
 
@@ -81,6 +119,63 @@ def make_loss_only(logits: torch.Tensor, batch: dict, kind: str):
     return run
 
 
+# Autograd nodes that are the loss's own backward (the rest of backward is the model's):
+# F.cross_entropy = log_softmax + nll_loss; the fused KD loss's backward scales its saved gradient.
+LOSS_BACKWARD_NODES = ("NllLossBackward", "LogSoftmaxBackward", "_FusedSparseKDBackward", "DivBackward")
+
+
+def profile_step(step, steps: int, row_limit: int = 15) -> dict:
+    """torch.profiler over `steps` calls of step (after one warm-up): top ops by self CPU time, loss share.
+
+    Returns {"table": the printed table, "step_ms", "loss_ms", "loss_share", "regions_ms"}: CPU totals per
+    step of the step.* regions; loss_ms = the step.loss region plus the loss's autograd backward nodes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device() == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    totals = {e.key: e.cpu_time_total / 1000.0 / steps for e in events}  # ms per step
+    regions = {k: v for k, v in totals.items() if k.startswith("step")}
+    nodes = {k.split(": ", 1)[1]: v for k, v in totals.items() if k.startswith("autograd::engine::evaluate_function: ")
+             and k.split(": ", 1)[1].startswith(LOSS_BACKWARD_NODES)}
+    loss_ms = regions.get("step.loss", 0.0) + sum(nodes.values())
+    step_ms = regions.get("step", float("nan"))
+    return {"table": events.table(sort_by="self_cpu_time_total", row_limit=row_limit), "step_ms": step_ms,
+            "loss_ms": loss_ms, "loss_share": loss_ms / step_ms, "regions_ms": regions, "loss_backward_ms": nodes}
+
+
+def tail_split_batch(teacher, seqs, vocab_size: int, spec: str) -> dict:
+    """A collated batch as `kdcache build --top-k K --tail-samples M` stores it (spec "K+M")."""
+    from cacher.engines import score_hf
+    from shared.writer import validate_shard_arrays
+    from trainer.data import collate
+
+    k, m = (int(x) for x in spec.split("+"))
+    results = score_hf(teacher, seqs, top_k=k, tail_samples=m, tail_seed=0, sample_keys=[(i, 0) for i in range(len(seqs))])
+    arrays = raw_rows(seqs, results, k)
+    arrays.update(tail_ids=np.concatenate([r["tail_ids"] for r in results]),
+                  tail_counts=np.concatenate([r["tail_counts"] for r in results]))
+    stored = validate_shard_arrays(arrays, vocab_size=vocab_size, top_k=k, where="bench", tail_samples=m)
+    return collate(split_rows(stored), has_teacher=True)
+
+
+def on_device(batch: dict) -> dict:
+    return {k: (v.to(device()) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def trainer_optimizer(model, lr: float = 1e-5):
+    """AdamW as trainer/train.py builds it: weight decay (TrainConfig's default) on matrices only."""
+    decay = trainer_config().weight_decay
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="teacher (the student is its layer-dropped copy)")
@@ -88,10 +183,15 @@ def main(argv=None):
     ap.add_argument("--keep-layers", type=int, help="student layers (overrides --param-ratio)")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--loss", default="fkl")
+    ap.add_argument("--tail-split", default="48+16",
+                    help="K+M: also time the step on a top-K + M tail samples cache (fkl); empty: skip")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the student forward (as --bf16)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the KD and the CE step (torch.profiler): top ops by self CPU time, loss share")
+    ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 x 256 tokens, 5 repeats (a 2-core CPU)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -109,28 +209,51 @@ def main(argv=None):
     results = score_hf(teacher, seqs, top_k=args.top_k)
     keep = args.keep_layers or keep_layers_for_ratio(teacher.model, args.param_ratio)
     teacher_params, vocab_size = num_parameters(teacher.model), teacher.vocab_size
+    tail_batch = None
+    if args.tail_split and args.loss == "fkl":  # the trainer uses tail samples with forward KL only
+        tail_batch = on_device(tail_split_batch(teacher, seqs, vocab_size, args.tail_split))
     del teacher
-    batch = collate(split_rows(stored_rows(seqs, results, vocab_size, args.top_k)), has_teacher=True)
-    batch = {k: (v.to(device()) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    batch = on_device(collate(split_rows(stored_rows(seqs, results, vocab_size, args.top_k)), has_teacher=True))
+    mask = batch["loss_mask"]
+    outside = ~(batch["topk_ids"] == batch["target_ids"][..., None]).any(-1) & mask  # rows with a target bucket
 
     student = student_from_teacher(path, keep).to(device()).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    optimizer = trainer_optimizer(student)
     ce_step = make_step(student, optimizer, batch, "ce", args.bf16)
     kd_step = make_step(student, optimizer, batch, args.loss, args.bf16)
     t_ce, t_kd = alternate(ce_step, kd_step, args.repeats)
     ratio = paired_ratio(t_kd, t_ce)
+    extra = {}
+    if tail_batch is not None:
+        tail_step = make_step(student, optimizer, tail_batch, args.loss, args.bf16)
+        t_ce2, t_tail = alternate(ce_step, tail_step, args.repeats)
+        extra["ratio_tail_samples_kd_over_ce"] = paired_ratio(t_tail, t_ce2)
+        extra["tail_split"] = args.tail_split
 
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()
     l_ce, l_kd = alternate(make_loss_only(logits, batch, "ce"), make_loss_only(logits, batch, args.loss), args.repeats)
+    if args.profile:
+        for kind, b in (("ce", batch), (args.loss, batch)) + ((("tail", tail_batch),) if tail_batch else ()):
+            prof = profile_step(make_step(student, optimizer, b, args.loss if kind == "tail" else kind, args.bf16,
+                                          profiling=True), args.profile_steps)
+            print(f"\n== profile: {kind} step ({args.profile_steps} steps; ms are CPU totals per step)")
+            print(prof["table"])
+            print("regions: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(prof["regions_ms"].items())))
+            print("loss backward nodes: " + ", ".join(f"{k} {v:.1f} ms" for k, v in prof["loss_backward_ms"].items()))
+            print(f"loss (forward region + its backward nodes): {prof['loss_ms']:.1f} ms of a {prof['step_ms']:.1f} ms"
+                  f" step = {100 * prof['loss_share']:.1f}%", flush=True)
+            extra[f"profile_{kind}"] = {k: v for k, v in prof.items() if k != "table"}
     emit({"id": "P1", "model": args.model, "student_layers": keep, "student_params": num_parameters(student),
           "teacher_params": teacher_params, "top_k": args.top_k, "loss": args.loss, "bf16": args.bf16,
+          "target_bucket": trainer_config().target_bucket, "target_bucket_rows": int(outside.sum()),
+          "loss_rows": int(mask.sum()),
           "batch": [args.batch_size, args.max_length], "tokens": int(batch["num_tokens"]), "repeats": args.repeats,
           "ce_step_s_median": median(t_ce), "kd_step_s_median": median(t_kd),
           "ratio_kd_over_ce": ratio, "ratio_of_medians": median(t_kd) / median(t_ce),
           "loss_only_ratio_kd_over_ce": paired_ratio(l_kd, l_ce),
-          "loss_only_extra_s_over_ce_step": (median(l_kd) - median(l_ce)) / median(t_ce),
+          "loss_only_extra_s_over_ce_step": (median(l_kd) - median(l_ce)) / median(t_ce), **extra,
           "target": "<= 1.10", "met": ratio <= 1.10}, args.json)
 
 

@@ -1,11 +1,17 @@
 """Each benchmark at its smallest size on a tiny model: it runs and reports its figure (no timing asserts)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import SHAKESPEARE
+from tests.conftest import REPO_ROOT, SHAKESPEARE
+
+BENCH_SCRIPTS = sorted(p.name for p in (REPO_ROOT / "bench").glob("*.py")
+                       if p.name not in ("__init__.py", "common.py", "tail_losses.py"))
 
 
 def _row(path):
@@ -14,14 +20,56 @@ def _row(path):
     return json.loads(lines[0])
 
 
+@pytest.mark.parametrize("script", BENCH_SCRIPTS)
+def test_script_runs_by_path(script, tmp_path):
+    """`python bench/NAME.py --help` works as `python -m bench.NAME --help` does (bench/ is not installed)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:")
+
+
 def test_p1_kd_overhead_smoke(tiny_gpt2_dir, tmp_path):
     from bench.p1_kd_overhead import main
 
     out = tmp_path / "r.jsonl"
     main(["--model", str(tiny_gpt2_dir), "--keep-layers", "1", "--batch-size", "2", "--max-length", "32",
-          "--top-k", "8", "--repeats", "1", "--json", str(out)])
+          "--top-k", "8", "--repeats", "1", "--tail-split", "4+4", "--profile", "--profile-steps", "1",
+          "--json", str(out)])
     row = _row(out)
     assert row["id"] == "P1" and row["ratio_kd_over_ce"] > 0 and row["student_layers"] == 1
+    assert row["target_bucket"] and row["ratio_tail_samples_kd_over_ce"] > 0
+    for kind in ("ce", "fkl", "tail"):
+        assert 0 < row[f"profile_{kind}"]["loss_share"] < 1
+
+
+def test_p1_times_the_loss_kdtrain_runs_by_default():
+    """P1's KD loss is the trainer's default: K + 2 buckets (target bucket), not K + 1."""
+    import torch
+
+    from bench.p1_kd_overhead import kd_or_ce
+    from trainer.data import collate
+    from trainer.losses import sparse_kd_loss
+
+    rng = np.random.default_rng(0)
+    vocab, k, length = 40, 4, 12
+    rows = []
+    for _ in range(2):
+        lp = np.log(rng.dirichlet(np.ones(vocab), length))
+        ids = np.argsort(-lp, axis=1)[:, :k]
+        seq = rng.integers(0, vocab, length)
+        top = np.take_along_axis(lp, ids, 1)
+        rows.append({"input_ids": seq, "loss_mask": np.ones(length, bool), "topk_ids": ids, "topk_logprobs": top,
+                     "tail_logprob": np.log1p(-np.exp(top).sum(1)),
+                     "target_logprob": np.r_[lp[np.arange(length - 1), seq[1:]], np.nan]})
+    batch = collate(rows, has_teacher=True)
+    logits = torch.randn(2 * length, vocab, dtype=torch.float64)
+    flat = {name: batch[name].reshape(-1, *batch[name].shape[2:]) for name in batch if torch.is_tensor(batch[name])}
+    args = (logits, flat["topk_ids"], flat["topk_logprobs"], flat["tail_logprob"], flat["target_ids"], flat["loss_mask"])
+    with_target = sparse_kd_loss(*args, target_logprob=flat["target_logprob"])[0]
+    assert torch.allclose(kd_or_ce(logits, batch, "fkl"), with_target)
+    assert not torch.allclose(sparse_kd_loss(*args)[0], with_target)  # K + 1 buckets: what P1 timed before
 
 
 def test_loss_memory_smoke(tmp_path):
@@ -54,6 +102,34 @@ def test_p3_capture_speed_smoke(tiny_gpt2_dir, tmp_path):
           "--json", str(out)])
     row = _row(out)
     assert row["id"] == "P3" and row["ratio_capture_over_bare"] > 0
+
+
+def test_p3_engine_vllm_without_a_vllm_interpreter_is_refused(monkeypatch, tmp_path):
+    """--engine vllm with no interpreter that has vllm stops before any work, saying how to point at one."""
+    from bench import p3_capture_speed
+
+    monkeypatch.delenv("KDCACHE_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr("cacher.engine_vllm.find_vllm_python", lambda: None)
+    with pytest.raises(SystemExit, match="--vllm-python PATH or set KDCACHE_VLLM_PYTHON"):
+        p3_capture_speed.main(["--model", str(tmp_path / "not-loaded"), "--engine", "vllm"])
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_p3_capture_speed_vllm_smoke(tiny_gpt2_dir, tmp_path):
+    from bench.p3_capture_speed import main
+    from cacher.engine_vllm import find_vllm_python
+
+    vllm_python = find_vllm_python()
+    if vllm_python is None:
+        pytest.skip("no vLLM interpreter: set KDCACHE_VLLM_PYTHON to a python with vllm (docs/vllm-cpu.md)")
+
+    out = tmp_path / "r.jsonl"
+    main(["--model", str(tiny_gpt2_dir), "--tokens", "256", "--max-length", "64", "--repeats", "2", "--top-k", "8",
+          "--engine", "vllm", "--vllm-python", vllm_python, "--json", str(out)])
+    row = _row(out)
+    assert row["engine"] == "vllm" and len(row["vllm_pass_s"]) == 2 and row["vllm_capture_tokens_per_s"] > 0
+    assert row["ratio_vllm_capture_over_hf_capture"] > 0 and row["vllm_hf_top1_agreement"] > 0.9
 
 
 @pytest.mark.slow
@@ -97,6 +173,19 @@ def test_p5_memory_streaming_smoke(tiny_gpt2_dir, tmp_path, monkeypatch):
           "--top-k", "8", "--json", str(out)])
     row = _row(out)
     assert row["id"] == "P5" and row["ratio_rss_10x_over_1x"] > 0 and row["ratio_data_path_over_trainer"] > 0
+    # the traversal child read every training row of each cache: about twice as many on the 2x cache
+    assert row["ratio_traverse_rss_10x_over_1x"] > 0 and row["decoded_bytes_10x"] > 0
+    assert 1.5 < row["traverse_rows_10x"] / row["traverse_rows_1x"] < 2.5
+
+
+def test_p5_child_peak_rss_is_the_childs_own():
+    """A child's peak is its own VmHWM, not os.wait4's ru_maxrss (which carries this process's size over)."""
+    from bench.p5_memory_streaming import child_peak_rss
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this process
+    peak, output = child_peak_rss("platform", [])
+    assert output.strip() and 0 < peak < 300 * 2**20, peak
+    del ballast
 
 
 def test_p5_random_rows_are_valid():
@@ -117,10 +206,27 @@ def test_p6_quality_smoke(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "r.jsonl"
     main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--student", "drop:1", "--ks", "8,16", "--notarget-ks", "8",
           "--rs", "8", "--tail", "12+4", "--steps", "2", "--batch-tokens", "256", "--max-length", "32",
-          "--eval-sequences", "4", "--json", str(out)])
+          "--eval-sequences", "4", "--candidates", "fill:bigram,tailce,oracle,groups4+fill:cache",
+          "--cand-k", "8", "--eval-kl", "--json", str(out)])
     row = _row(out)
-    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "topk-8-notarget", "rs-8", "tail-12+4"}
-    assert all(v["eval_ppl"] > 1 for v in row["variants"].values())
+    candidates = {f"{c}@8" for c in ("fill:bigram", "tailce", "oracle", "groups4+fill:cache")}
+    assert set(row["variants"]) == {"ce", "dense", "topk-8", "topk-16", "topk-8-notarget", "rs-8", "tail-12+4"} | candidates
+    assert all(v["eval_ppl"] > 1 and v["eval_dense_kl"] >= v["eval_tail_kl"] >= 0 for v in row["variants"].values())
+    # the teacher's own distribution as the fill is dense KD (up to the cache's float16 log-probs)
+    dense, oracle = row["variants"]["dense"]["eval_ppl"], row["variants"]["oracle@8"]["eval_ppl"]
+    assert abs(oracle - dense) < 1e-2 * dense
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--candidates", "fill:prior"], "unknown candidate part 'fill:prior'"),
+    (["--only", "ce,topk-65"], "--only names variants this run does not define: \\['topk-65'\\]"),
+], ids=["unknown candidate", "unknown --only variant"])
+def test_p6_bad_variant_names_are_refused_before_any_work(tiny_gpt2_dir, args, message):
+    from bench.p6_quality import main
+
+    with pytest.raises((ValueError, SystemExit), match=message):
+        main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--student", "drop:1", "--ks", "8",
+              "--rs", "", "--tail", "", *args])
 
 
 def test_rs_kd_loss_is_the_sampled_cross_entropy():
