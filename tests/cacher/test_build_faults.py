@@ -193,3 +193,34 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(tiny_gpt2_dir, speeches,
     assert f"{num_shards - len(done)} of {num_shards} shards" in " ".join(rerun.stderr.split())
     assert stored_objects(killed) == stored_objects(clean)
     assert CacheReader(str(killed)).verify() == []
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_ctrl_c_mid_build_exits_130_keeps_commits_and_rerun_is_byte_identical(tiny_gpt2_dir, speeches, tmp_path):
+    """Ctrl-C (SIGINT) after the first commit: exit 130 with the resume hint, no half shard, lock released."""
+    command = [sys.executable, "-m", "cli.kdcache", "build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches),
+               "--max-length", "32", "--top-k", "8", "--limit", "60", "--shard-tokens", "64", "--no-reuse"]
+    repo = Path(__file__).resolve().parents[2]
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    subprocess.run([*command, "--out", str(clean)], check=True, capture_output=True, cwd=repo)
+    num_shards = len(CacheReader(str(clean)).shards)
+
+    proc = subprocess.Popen([*command, "--out", str(stopped)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=repo)
+    deadline = time.time() + 120
+    while not (stopped / "shards" / "shard-00000" / "commit.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the build ended before its first commit was seen"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; committed shards are kept: rerun the same command to resume" in " ".join(stderr.split())
+    done = committed(stopped)
+    assert not (stopped / "manifest.json").exists() and 1 <= len(done) < num_shards, done
+    assert not [p for p in (stopped / "locks").glob("*.json")], "an interrupted builder must release its lock"
+
+    rerun = subprocess.run([*command, "--out", str(stopped)], check=False, capture_output=True, text=True, cwd=repo)
+    assert rerun.returncode == 0, rerun.stderr
+    assert stored_objects(stopped) == stored_objects(clean)
+    assert CacheReader(str(stopped)).verify() == []
