@@ -69,6 +69,19 @@ def test_40_steps_lower_heldout_kl(trained_cache, tiny_llama_dir, tmp_path):
     AutoTokenizer.from_pretrained(out)
 
 
+def test_bf16_autocast_trains_and_saves_float32_weights(trained_cache, tiny_llama_dir, tmp_path):
+    """--bf16 runs the student under bfloat16 autocast: the loss still falls, and the saved weights stay float32."""
+    out = str(tmp_path / "run")
+    summary = train(TrainConfig(out=out, cache=trained_cache, student=str(tiny_llama_dir), steps=20, lr=3e-3,
+                                batch_tokens=512, eval_every=20, warmup_steps=2, eval_fraction=0.1, bf16=True), log=quiet)
+    assert summary["status"] == "complete"
+    evals = [r for r in read_metrics(out) if "eval_kl" in r]
+    assert all(math.isfinite(r["eval_kl"]) for r in evals) and evals[-1]["eval_kl"] < evals[0]["eval_kl"]
+    assert read_run(out)["config"]["bf16"] is True
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
 def test_resume_is_bit_exact(tiny_cache, tmp_path):
     # GPT-2 keeps dropout on: the torch RNG state must come back too; grad_accum covers micro-batches
     common = {"cache": tiny_cache, "student_from_teacher": True, "keep_layers": 1, "lr": 2e-3, "batch_tokens": 384,
