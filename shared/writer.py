@@ -498,7 +498,12 @@ class CacheWriter:
                 self.header.created_at = old.created_at
                 self.header.tool_version = old.tool_version
         else:
-            if store.local and os.path.isdir(store.root) and os.listdir(store.root):
+            # Another builder starting on the same empty folder may be writing build.json (a ".tmp-" name,
+            # then build.json itself) and its lock right now: kdcache's own names, not someone's files.
+            own = (BUILD_FILE, LOCKS_DIR)
+            foreign = [name for name in os.listdir(store.root) if not name.startswith(".tmp-") and name not in own] \
+                if store.local and os.path.isdir(store.root) else []
+            if foreign and not store.exists(BUILD_FILE):
                 if not self.overwrite:
                     raise CacheMismatchError(
                         f"--out {store.root} is a non-empty folder that is not a kdcache build; choose an empty or new folder"
