@@ -164,24 +164,35 @@ def test_nan_teacher_commits_nothing_of_the_bad_shard(tiny_llama_dir, speeches, 
     assert not (out / "manifest.json").exists() and not (out / "meta" / "shard-00002.parquet").exists()
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build_command(model: Path, data: Path) -> list[str]:
+    """A `kdcache build` of 20+ small shards, as a subprocess command line."""
+    return [sys.executable, "-m", "cli.kdcache", "build", "--model", str(model), "--dataset", str(data),
+            "--max-length", "32", "--top-k", "8", "--limit", "60", "--shard-tokens", "64", "--no-reuse"]
+
+
+def start_and_wait_for_first_commit(command: list[str], out: Path, **popen) -> subprocess.Popen:
+    proc = subprocess.Popen([*command, "--out", str(out)], cwd=REPO, **popen)
+    deadline = time.time() + 120
+    while not (out / "shards" / "shard-00000" / "commit.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the build ended before its first commit was seen"
+        time.sleep(0.002)
+    return proc
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_sigkill_mid_build_then_rerun_is_byte_identical(tiny_gpt2_dir, speeches, tmp_path):
     """`kdcache build` killed with SIGKILL after its first commit; the same command again finishes the cache."""
-    command = [sys.executable, "-m", "cli.kdcache", "build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches),
-               "--max-length", "32", "--top-k", "8", "--limit", "60", "--shard-tokens", "64", "--no-reuse"]
-    repo = Path(__file__).resolve().parents[2]
+    command, repo = build_command(tiny_gpt2_dir, speeches), REPO
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run([*command, "--out", str(clean)], check=True, capture_output=True, cwd=repo)
     num_shards = len(CacheReader(str(clean)).shards)
     assert num_shards >= 20
 
-    proc = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=repo)
-    deadline = time.time() + 120
-    while not (killed / "shards" / "shard-00000" / "commit.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the build ended before its first commit was seen"
-        time.sleep(0.002)
+    proc = start_and_wait_for_first_commit(command, killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = committed(killed)
@@ -199,19 +210,13 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(tiny_gpt2_dir, speeches,
 @pytest.mark.timeout(300)
 def test_ctrl_c_mid_build_exits_130_keeps_commits_and_rerun_is_byte_identical(tiny_gpt2_dir, speeches, tmp_path):
     """Ctrl-C (SIGINT) after the first commit: exit 130 with the resume hint, no half shard, lock released."""
-    command = [sys.executable, "-m", "cli.kdcache", "build", "--model", str(tiny_gpt2_dir), "--dataset", str(speeches),
-               "--max-length", "32", "--top-k", "8", "--limit", "60", "--shard-tokens", "64", "--no-reuse"]
-    repo = Path(__file__).resolve().parents[2]
+    command, repo = build_command(tiny_gpt2_dir, speeches), REPO
     clean, stopped = tmp_path / "clean", tmp_path / "stopped"
     subprocess.run([*command, "--out", str(clean)], check=True, capture_output=True, cwd=repo)
     num_shards = len(CacheReader(str(clean)).shards)
 
-    proc = subprocess.Popen([*command, "--out", str(stopped)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=repo)
-    deadline = time.time() + 120
-    while not (stopped / "shards" / "shard-00000" / "commit.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the build ended before its first commit was seen"
-        time.sleep(0.002)
+    proc = start_and_wait_for_first_commit(command, stopped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True)
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
