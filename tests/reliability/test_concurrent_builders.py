@@ -36,17 +36,23 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, " ".join((out + err).split())
 
 
+def paused_after_first_commit(command: list, out) -> subprocess.Popen:
+    """Start a builder, wait for its first commit, then pause it (SIGSTOP): it surely still holds the folder."""
+    proc = start(command)
+    deadline = time.time() + 180
+    while not committed(out):
+        assert proc.poll() is None and time.time() < deadline, "the build ended before its first commit"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return proc
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_second_builder_refuses_naming_the_holder(build_command, clean_build, tmp_path):
     """The first builder is paused (SIGSTOP) after its first commit, so it surely still holds the folder."""
     out = tmp_path / "cache"
-    first = start([*build_command, "--out", str(out)])
-    deadline = time.time() + 180
-    while not committed(out):
-        assert first.poll() is None and time.time() < deadline, "the first build ended before its first commit"
-        time.sleep(0.002)
-    os.kill(first.pid, signal.SIGSTOP)
+    first = paused_after_first_commit([*build_command, "--out", str(out)], out)
     try:
         code, text = finish(start([*build_command, "--out", str(out)]))
     finally:
@@ -109,12 +115,7 @@ def test_builder_with_another_split_refused_while_one_runs(build_command, clean_
     finished, the one-worker build resumes it: the cache equals a clean build.
     """
     out = tmp_path / "cache"
-    first = start([*build_command, "--out", str(out), "--num-workers", 2, "--worker", 0])
-    deadline = time.time() + 180
-    while not committed(out):
-        assert first.poll() is None and time.time() < deadline, "worker 0 ended before its first commit"
-        time.sleep(0.002)
-    os.kill(first.pid, signal.SIGSTOP)
+    first = paused_after_first_commit([*build_command, "--out", str(out), "--num-workers", 2, "--worker", 0], out)
     try:
         before = {k: v for k, v in contents(out).items() if not k.startswith("build")}
         code, text = finish(start([*build_command, "--out", str(out)]))

@@ -71,6 +71,20 @@ def unfused_sparse(logits, batch, loss="fkl", alpha=0.0, temperature=1.0, beta=0
     return (alpha * ce + (1 - alpha) * temperature**2 * kd).mean()
 
 
+def assert_target_bucket_loss_equals_dense(batch: dict, target_logprob: torch.Tensor, chunk_tokens: int | None = None,
+                                           **kwargs) -> None:
+    """The fused sparse loss with the target bucket equals dense_kd_loss in value and gradient (float64)."""
+    chunking = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
+    logits = batch["student_logits"].detach().requires_grad_()
+    sparse, _ = sparse_kd_loss(logits, *cache_args(batch), target_logprob=target_logprob, **chunking, **kwargs)
+    (sparse_grad,) = torch.autograd.grad(sparse, logits)
+    dense_logits = batch["student_logits"].detach().requires_grad_()
+    dense, _ = dense_kd_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
+    (dense_grad,) = torch.autograd.grad(dense, dense_logits)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
+
+
 def assert_finite(*tensors):
     for x in tensors:
         assert torch.isfinite(x).all(), x
@@ -505,14 +519,7 @@ def test_target_bucket_with_the_only_missing_token_equals_dense(loss):
     batch["target_ids"] = missing
     batch["tail_logprob"] = teacher_logp.gather(1, missing[:, None])[:, 0]
     kwargs = {"loss": loss, "alpha": 0.0, "temperature": 1.3, "beta": 0.3, "skew": 0.2}
-    logits = batch["student_logits"].detach().requires_grad_()
-    sparse, _ = sparse_kd_loss(logits, *cache_args(batch), target_logprob=batch["tail_logprob"], **kwargs)
-    (sparse_grad,) = torch.autograd.grad(sparse, logits)
-    dense_logits = batch["student_logits"].detach().requires_grad_()
-    dense, _ = dense_kd_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
-    (dense_grad,) = torch.autograd.grad(dense, dense_logits)
-    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
+    assert_target_bucket_loss_equals_dense(batch, batch["tail_logprob"], **kwargs)
 
 
 @pytest.mark.parametrize("loss", DIVERGENCES)
@@ -528,14 +535,7 @@ def test_target_bucket_with_the_only_missing_token_and_a_perturbed_tail_equals_d
     target_logprob = teacher_logp.gather(1, missing[:, None])[:, 0]
     batch["tail_logprob"] = target_logprob + tail_offset
     kwargs = {"loss": loss, "alpha": 0.2, "temperature": 1.0, "beta": 0.3, "skew": 0.2}
-    logits = batch["student_logits"].detach().requires_grad_()
-    sparse, _ = sparse_kd_loss(logits, *cache_args(batch), target_logprob=target_logprob, chunk_tokens=4, **kwargs)
-    (sparse_grad,) = torch.autograd.grad(sparse, logits)
-    dense_logits = batch["student_logits"].detach().requires_grad_()
-    dense, _ = dense_kd_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
-    (dense_grad,) = torch.autograd.grad(dense, dense_logits)
-    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
+    assert_target_bucket_loss_equals_dense(batch, target_logprob, chunk_tokens=4, **kwargs)
 
 
 def test_rest_bucket_is_empty_where_the_named_buckets_cover_the_vocabulary():
