@@ -218,7 +218,9 @@ def chain(
     as_json: bool = typer.Option(False, "--json", help="--dry-run: print JSON."),
 ):
     """Run a sequential/parallel distillation plan, resumably; write report.md/json and plots."""
-    from trainer.chain import PlanError, check_plan, describe_stages, load_plan, run_plan
+    from orchestration.checks import check_plan
+    from orchestration.plan import PlanError, load_plan
+    from orchestration.runner import describe_stages, run_plan
 
     try:
         p = load_plan(plan, out=out)
@@ -255,8 +257,9 @@ def chain(
 def demo(out: str = typer.Option("runs/demo", "--out", help="Output folder of the demo plan."),
          dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages; run nothing.")):
     """The embedded default: SmolLM2-135M teacher, built-in corpus, sequential vs parallel vs CE (~6 min on a 2-core CPU)."""
-    from trainer.chain import PlanError, describe_stages, load_plan
-    from trainer.demo import run_demo, write_demo_plan
+    from orchestration.demo import run_demo, write_demo_plan
+    from orchestration.plan import PlanError, load_plan
+    from orchestration.runner import describe_stages
 
     try:
         if dry_run:

@@ -12,7 +12,7 @@ is held out, and 88 steps of 256 tokens, about 4.5 epochs over the rest. That is
 teacher's full distribution pays off on a CPU-sized budget: plain CE starts to overfit after 2-3 epochs
 while KD keeps improving (measured: README, "The demo"). With one epoch or less the two are within noise.
 
-It is an ordinary plan (trainer/chain.py): every stage is its own process and a rerun resumes.
+It is an ordinary plan (orchestration/): every stage is its own process and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import os
 
 import yaml
 
-from trainer.chain import load_plan, run_plan
+from orchestration.plan import load_plan
+from orchestration.runner import run_plan
 
 DEMO_PLAN = {
     "name": "demo",

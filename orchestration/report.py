@@ -7,7 +7,7 @@ KD path against the student's cross-entropy baseline, and each multi-step path (
 -> student) against the direct path to the same student (teacher -> student).
 
 Reads what the stages left on disk (eval JSON files, run.json, each run's metrics.jsonl, safetensors
-headers); never runs a model.
+headers); never runs a model. Imported by the runner, never importing it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+
+from orchestration.caches import cache_of, teacher_folder
+from orchestration.plan import TEACHER, PlanError
+from orchestration.stages import model_dir_of
 
 ARROW = " → "
 COLUMNS = (  # (metric file key, value key, column title, better)
@@ -120,8 +124,6 @@ def _model_parameters(plan, node: str, run_dir: str | None) -> int | None:
         if isinstance(info.get("num_parameters"), int):
             return info["num_parameters"]
         return count_parameters(run_dir)
-    from trainer.chain import PlanError, teacher_folder
-
     try:
         return count_parameters(teacher_folder(plan))
     except PlanError:
@@ -129,8 +131,6 @@ def _model_parameters(plan, node: str, run_dir: str | None) -> int | None:
 
 
 def write_report(plan, stages) -> dict:
-    from trainer.chain import TEACHER, cache_of, model_dir_of
-
     runs = {st.node: st.outputs["run"] for st in stages if st.kind == "train"}
     rows = []
     for st in stages:

@@ -3,8 +3,9 @@
 from typer.testing import CliRunner
 
 from cli.kdtrain import app
-from trainer.chain import parse_plan, stages_of
-from trainer.demo import DEMO_PLAN
+from orchestration.demo import DEMO_PLAN
+from orchestration.plan import parse_plan
+from orchestration.stages import stages_of
 
 runner = CliRunner()
 

@@ -13,17 +13,12 @@ from typer.testing import CliRunner
 
 from cli.kdtrain import app
 from tests.conftest import REPO_ROOT, SHAKESPEARE, build_tiny_model, train_tokenizer
-from trainer.chain import (
-    PlanError,
-    cache_dir_of,
-    describe_stages,
-    load_plan,
-    nodes_of,
-    parse_plan,
-    reported_cache,
-    run_plan,
-    stages_of,
-)
+from orchestration import runner as chain_runner
+from orchestration.caches import reported_cache
+from orchestration.checks import check_plan
+from orchestration.plan import PlanError, load_plan, parse_plan
+from orchestration.runner import describe_stages, run_plan, run_stage
+from orchestration.stages import cache_dir_of, nodes_of, stages_of
 
 runner = CliRunner()
 EXAMPLES = REPO_ROOT / "examples"
@@ -178,20 +173,16 @@ def test_tiny_chain_end_to_end_and_resume(tmp_path, capsys):
 
 
 def test_stage_runner_reports_the_running_stages_last_log_line(tmp_path):
-    from trainer.chain import _run_stage
-
     script = "import sys, time\nfor i in range(6):\n    print(f'step {i}/6', flush=True)\n    time.sleep(0.15)\n"
     seen = []
     log_path = str(tmp_path / "stage.log")
-    rc = _run_stage([sys.executable, "-c", script], log_path, dict(os.environ), seen.append, poll_s=0.05)
+    rc = run_stage([sys.executable, "-c", script], log_path, dict(os.environ), seen.append, poll_s=0.05)
     assert rc == 0
     assert any(line.startswith("step ") for line in seen), seen
     assert (tmp_path / "stage.log").read_text().splitlines()[-1] == "step 5/6"
 
 
 def test_stage_runner_stops_the_stage_when_the_caller_is_interrupted(tmp_path):
-    from trainer.chain import _run_stage
-
     pid_file = tmp_path / "pid"
     script = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
 
@@ -200,7 +191,7 @@ def test_stage_runner_stops_the_stage_when_the_caller_is_interrupted(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run_stage([sys.executable, "-c", script], str(tmp_path / "stage.log"), dict(os.environ), interrupt,
+        run_stage([sys.executable, "-c", script], str(tmp_path / "stage.log"), dict(os.environ), interrupt,
                    poll_s=0.05)
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # terminated and reaped, not left running
@@ -248,8 +239,6 @@ def test_second_plan_trains_from_the_cache_kdcache_build_reused(tmp_path, tiny_c
     """kdcache build finds an identical cache under the root, prints `reused: <that cache>` and writes nothing
     at --out; the second plan's train and eval stages must use that cache, and --dry-run must show it."""
     from shared.reader import CacheReader
-    from trainer import chain
-
     key = CacheReader(tiny_cache).manifest.cache_key
     root = tmp_path / "caches"
     commands = []
@@ -269,7 +258,7 @@ def test_second_plan_trains_from_the_cache_kdcache_build_reused(tmp_path, tiny_c
                     f.write(_summary_line("built", out, key))
         return 0
 
-    monkeypatch.setattr(chain, "_run_stage", fake_stage)
+    monkeypatch.setattr(chain_runner, "run_stage", fake_stage)
     first = parse_plan({"name": "first", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "first"))
     run_plan(first, log=lambda m: None)
     built = cache_dir_of(first, "teacher")
@@ -387,8 +376,6 @@ def test_plan_accepts_a_student_with_fewer_padded_rows_than_the_teacher(tmp_path
     compares the student with the tokenizer's ids, as kdcache build counts them (it compared with 424)."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.chain import check_plan
-
     folders = {}
     for name, rows in (("teacher", 424), ("student", 400), ("short", 380)):
         folder = build_tiny_model(tmp_path / name, "gpt2", tiny_tokenizer_dir)
@@ -434,7 +421,7 @@ def test_plan_refuses_a_student_with_another_tokenizer_before_any_stage(tmp_path
 def test_report_splits_paths_counts_parameters_and_compares_multi_step_with_direct(tmp_path, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM
 
-    from trainer.report import count_parameters, write_report
+    from orchestration.report import count_parameters, write_report
 
     plan = parse_plan(base_plan(teacher={"model": str(tiny_gpt2_dir)}, baselines=["s"],
                                 eval={"metrics": ["ppl", "agreement", "rouge"]}), out=str(tmp_path / "out"))

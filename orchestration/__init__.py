@@ -1,0 +1,14 @@
+"""Plans of distillation stages: sequential and parallel paths, resumable, with a report.
+
+The layer above `cacher/` and `trainer/`: it may import both (and `shared/`), and neither imports it.
+Every stage runs as its own process (`kdcache build`, `kdtrain run`, `kdtrain eval`), so a stage can
+run on another machine; this package only plans, validates, runs and reports them.
+
+- plan.py: plan files: bounded loading, parsing and key checks (`Plan`, `PlanError`).
+- stages.py: the plan as an ordered list of stages, each with its settings and its command.
+- caches.py: what the cache stages left: markers, recorded caches, their manifests and keys.
+- checks.py: what is checked before any stage runs (files, tokenizers).
+- runner.py: running stages as processes, done-markers, the dry run.
+- report.py: report.json, report.md and the plots, from what the stages left on disk.
+- demo.py: the embedded default plan (`kdtrain demo`).
+"""

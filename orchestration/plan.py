@@ -1,0 +1,174 @@
+"""Plan files: load them with bounded resources, parse and check their keys, resolve their paths.
+
+A plan names a teacher, the data, cache and training settings, named students, and paths:
+`[assistant, student]` means teacher -> assistant -> student (each trained student becomes the next
+teacher and its cache is regenerated from it); `[student]` means teacher -> student directly.
+Paths that share a prefix share their stages, so `[[assistant, student], [assistant]]` trains the
+assistant once. With `baselines: true`, every student is also trained with plain cross-entropy on
+the teacher cache's tokens (same data, order and steps): the baseline every comparison needs.
+
+Knows the plan's keys and shapes; knows nothing of stages, processes or models.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import yaml
+
+PLAN_KEYS = {
+    "name": "plan name (used in cache folder names)",
+    "teacher": "{model: hub id | folder | smollm2-135m}",
+    "data": "dataset, dataset_config, split, text_field | prompt_field + response_field [+ prompt_template (chat, plain, "
+            "minillm) + input_field], limit, max_length",
+    "cache": "top_k, engine, dtype, batch_tokens, shard_tokens, mode, generate settings (max_new_tokens, temperature, num_samples, seed, filter)",
+    "train": "kdtrain run settings: loss, alpha, temperature, steps, epochs, lr, batch_tokens, seed, eval_every, warmup_steps, save_every (checkpoint every N steps; long stages should set it), ...",
+    "students": "name -> {keep_layers: N} | {model: path or hub id} | {config: file.json}",
+    "paths": "list of student-name lists: [assistant, student] is teacher -> assistant -> student",
+    "baselines": "true: train every student with plain cross-entropy too",
+    "eval": "metrics (ppl, agreement, rouge, gsm8k, ...), dataset, dataset_config and fields (default: data's), limit, max_length, gsm8k_instruction, bertscore_layers",
+    "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default <out>/caches)",
+    "out": "output folder (default runs/<name>)",
+}
+# dataset_config is passed as `kdcache build --dataset-config` (a hub data set's configuration, e.g. gsm8k's "main");
+# prompt_template and input_field as --prompt-template / --input-field (minillm: the prompts eval's ROUGE-L uses).
+DATA_KEYS = {"dataset", "dataset_config", "split", "text_field", "prompt_field", "response_field", "prompt_template",
+             "input_field", "limit", "max_length"}
+CACHE_KEYS = {"top_k", "tail_samples", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
+              "temperature", "num_samples", "seed", "filter", "tensor_parallel_size", "gpu_memory_utilization",
+              "trust_remote_code"}
+TRAIN_KEYS = {"loss", "alpha", "temperature", "steps", "epochs", "lr", "batch_tokens", "seed", "eval_every",
+              "warmup_steps", "weight_decay", "grad_accum", "clip", "bf16", "beta", "skew", "save_every", "log_every",
+              "eval_fraction", "target_bucket", "tail_samples"}
+EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "response_field", "input_field", "limit",
+             "max_length", "max_prompt_length", "greedy", "seeds", "batch_size", "bertscore_layers", "dataset_config",
+             "gsm8k_instruction"}
+STUDENT_KEYS = {"keep_layers", "model", "config"}
+TEACHER = "teacher"  # the root of every path; no student may take its name
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the key and the valid choices."""
+
+
+@dataclass
+class Plan:
+    name: str
+    teacher: dict
+    data: dict
+    cache: dict
+    train: dict
+    students: dict
+    paths: list[list[str]]
+    baselines: bool | list
+    eval: dict
+    out: str
+    cache_root: str
+    source: str = ""
+
+
+def _check_keys(obj, allowed, where: str) -> dict:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise PlanError(f"plan: {where} must be a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise PlanError(f"plan: unknown key(s) {unknown} in {where}; valid keys: {', '.join(sorted(allowed))}")
+    return dict(obj)
+
+
+def load_plan(path: str, *, out: str | None = None) -> Plan:
+    """Read and validate a plan file (see PLAN_KEYS); relative paths are relative to the plan file."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise PlanError(f"plan file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise PlanError(f"plan file {path} is not valid YAML: {exc}") from exc
+    return parse_plan(raw, base_dir=os.path.dirname(os.path.abspath(path)), out=out, source=path)
+
+
+def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str = "") -> Plan:
+    raw = _check_keys(raw, PLAN_KEYS, "the plan")
+    name = str(raw.get("name") or "plan")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise PlanError(f"plan: name {name!r} may only use letters, digits, '.', '_' and '-'")
+    teacher = _check_keys(raw.get("teacher"), {"model"}, "teacher")
+    if "model" not in teacher:
+        raise PlanError("plan: teacher needs model (a hub id, a local folder, or smollm2-135m)")
+    teacher["model"] = _resolve_local(str(teacher["model"]), base_dir)
+    data = _check_keys(raw.get("data"), DATA_KEYS, "data")
+    if "dataset" in data:
+        data["dataset"] = _resolve_local(str(data["dataset"]), base_dir)
+    cache = _check_keys(raw.get("cache"), CACHE_KEYS, "cache")
+    train = _check_keys(raw.get("train"), TRAIN_KEYS, "train")
+    evaluation = _check_keys(raw.get("eval"), EVAL_KEYS, "eval")
+    if "dataset" in evaluation:
+        evaluation["dataset"] = _resolve_local(str(evaluation["dataset"]), base_dir)
+    students_raw = raw.get("students")
+    if not isinstance(students_raw, dict) or not students_raw:
+        raise PlanError("plan: students must name at least one student, e.g. students: {student: {keep_layers: 2}}")
+    students = {}
+    for sname, spec in students_raw.items():
+        if sname == TEACHER or not re.fullmatch(r"[A-Za-z0-9_-]+", str(sname)):
+            raise PlanError(f"plan: student name {sname!r} must be letters/digits/_/- and not 'teacher'")
+        spec = _check_keys(spec, STUDENT_KEYS, f"students.{sname}")
+        if len(spec) != 1:
+            raise PlanError(f"plan: students.{sname} needs exactly one of keep_layers, model, config; got {sorted(spec) or 'none'}")
+        if "keep_layers" in spec and (not isinstance(spec["keep_layers"], int) or spec["keep_layers"] < 1):
+            raise PlanError(f"plan: students.{sname}.keep_layers must be a positive integer")
+        if "model" in spec:
+            spec["model"] = _resolve_local(str(spec["model"]), base_dir)
+        if "config" in spec:
+            spec["config"] = _resolve_local(str(spec["config"]), base_dir)
+        students[str(sname)] = spec
+    paths_raw = raw.get("paths")
+    if not isinstance(paths_raw, list) or not paths_raw:
+        raise PlanError("plan: paths must be a non-empty list, e.g. paths: [[assistant, student], [student]]")
+    paths = []
+    for i, p in enumerate(paths_raw):
+        if isinstance(p, str):
+            p = [p]
+        if not isinstance(p, list) or not p:
+            raise PlanError(f"plan: paths[{i}] must be a non-empty list of student names")
+        for s in p:
+            if s == TEACHER:
+                raise PlanError(f"plan: paths[{i}] lists the teacher; paths start after it (teacher -> {p[-1]} is [{p[-1]}])")
+            if s not in students:
+                raise PlanError(f"plan: paths[{i}] names {s!r}, which is not a student; students: {', '.join(students)}")
+        if len(set(p)) != len(p):
+            raise PlanError(f"plan: paths[{i}] {p} visits a student twice (a cycle)")
+        paths.append([str(s) for s in p])
+    baselines = raw.get("baselines", True)
+    if isinstance(baselines, list):
+        unknown = [b for b in baselines if b not in students]
+        if unknown:
+            raise PlanError(f"plan: baselines names {unknown}, which are not students; students: {', '.join(students)}")
+    elif not isinstance(baselines, bool):
+        raise PlanError("plan: baselines must be true, false, or a list of student names")
+    out_dir = out or raw.get("out") or os.path.join("runs", name)
+    out_dir = _resolve_local(str(out_dir), base_dir) if raw.get("out") and not out else out_dir
+    cache_root = raw.get("cache_root")
+    cache_root = _resolve_local(str(cache_root), base_dir) if cache_root else os.path.join(out_dir, "caches")
+    metrics = evaluation.get("metrics", ["ppl", "agreement"])
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",")]
+    evaluation["metrics"] = list(metrics)
+    from trainer.evaluate import METRICS
+
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise PlanError(f"plan: eval.metrics has unknown {bad}; valid: {', '.join(METRICS)}")
+    return Plan(name=name, teacher=teacher, data=data, cache=cache, train=train, students=students, paths=paths,
+                baselines=baselines, eval=evaluation, out=out_dir, cache_root=cache_root, source=source)
+
+
+def _resolve_local(value: str, base_dir: str) -> str:
+    """Paths that start with ./ or ../ are relative to the plan file; everything else is kept."""
+    if value.startswith(("./", "../")):
+        return os.path.normpath(os.path.join(base_dir, value))
+    return os.path.expanduser(value)
