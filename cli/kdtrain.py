@@ -157,7 +157,8 @@ def eval_(
     bertscore_layers: int = typer.Option(None, "--bertscore-layers",
                                          help="bertscore: feature layer (default: bert_score's for a known model name, else the last)."),
     all_rows: bool = typer.Option(False, "--all-rows", help="agreement/ppl on every cache row, not only held-out ones."),
-    eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction the student was trained with."),
+    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Held-out fraction of the cache (default: the "
+                                        "evaluated run's, from its run.json, else 0.05); on a run, at most the run's."),
 ):
     """Evaluate a model: perplexity, agreement with a teacher cache, ROUGE-L, GSM8K, ..."""
     from shared.data import DataError

@@ -27,6 +27,10 @@ Metrics (each a plain function returning a dict of numbers):
   otherwise the metric is reported as skipped with the reason. A feature model that cannot work
   (mauve-text only loads folders whose path contains "gpt2" or "bert") is refused before generating.
 
+Held-out rows of a cache (ppl without --dataset, agreement): the fraction is the evaluated run's own, read from
+its run.json; a given --eval-fraction must select a subset of those rows (`heldout_split`,
+docs/runs-and-plans.md section 2). Results say which fraction they used and where it came from.
+
 Knows models, the cache format's reader and the data; never imports the cacher.
 """
 
@@ -109,8 +113,9 @@ class EvalConfig:
     model it knows, e.g. roberta-large -> 17, else the folder's last layer, config num_hidden_layers)."""
     heldout_only: bool = True
     """agreement: only the cache's held-out rows (the trainer's held-out rule)."""
-    eval_fraction: float = 0.05
-    """The held-out fraction the student was trained with (kdtrain run --eval-fraction)."""
+    eval_fraction: float | None = None
+    """Held-out fraction for cache rows. Default: the one in the evaluated run's run.json (a kdtrain run folder),
+    else 0.05. On a run, a given fraction must select a subset of the run's held-out rows (docs/runs-and-plans.md 2)."""
     out: str | None = None
     """Write all numbers to this JSON file."""
 
@@ -130,6 +135,9 @@ class EvalConfig:
                 raise EvalError(f"metric {m!r} needs --prompt-field and --response-field (prompts and references)")
         if self.max_length < 2:
             raise EvalError("--max-length must be >= 2")
+        if self.eval_fraction is not None and not (math.isfinite(self.eval_fraction) and 0 <= self.eval_fraction < 1):
+            raise EvalError(f"--eval-fraction must be a finite number in [0, 1) (the fraction of the cache's sequences "
+                            f"held out), got {self.eval_fraction}")
         if self.bertscore_layers is not None and self.bertscore_layers < 1:
             raise EvalError(f"--bertscore-layers must be >= 1, got {self.bertscore_layers}")
 
@@ -266,6 +274,58 @@ def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | Non
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def run_record(model: str) -> tuple[dict, str] | None:
+    """(run.json's contents, its path) when `model` is a kdtrain run folder or one of its checkpoints, else None.
+
+    A checkpoint `<run>/checkpoints/step-NNNNNN` belongs to the run in `<run>`.
+    """
+    folder = os.path.abspath(model)
+    candidates = [folder]
+    if os.path.basename(os.path.dirname(folder)) == "checkpoints" and os.path.basename(folder).startswith("step-"):
+        candidates.append(os.path.dirname(os.path.dirname(folder)))
+    for candidate in candidates:
+        path = os.path.join(candidate, "run.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise EvalError(f"{path} cannot be read ({exc}), so which cache rows that run trained on is unknown; "
+                                "restore it, or evaluate with --all-rows (training rows included)") from exc
+            return record, path
+    return None
+
+
+def heldout_split(config: EvalConfig) -> tuple[float, str]:
+    """(eval_fraction, where it came from) for cache-row metrics (docs/runs-and-plans.md, section 2).
+
+    A kdtrain run's own fraction (run.json) unless --eval-fraction is given; a given fraction must select a subset
+    of the run's held-out rows. The rule is a threshold on a fixed number per sequence, so that holds exactly when
+    its threshold is not above the run's.
+    """
+    from trainer.data import HASH_BUCKETS
+    from trainer.train import TrainConfig
+
+    found = run_record(config.model)
+    if found is None:
+        unknown = "not a kdtrain run folder (no run.json), so the rows this model trained on are unknown"
+        if config.eval_fraction is None:
+            return TrainConfig.eval_fraction, f"default --eval-fraction {TrainConfig.eval_fraction}; {unknown}"
+        return config.eval_fraction, f"--eval-fraction; {unknown}"
+    record, path = found
+    recorded = record.get("config", {}).get("eval_fraction") if isinstance(record.get("config"), dict) else None
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0 <= recorded < 1:
+        raise EvalError(f"{path} records no valid config.eval_fraction (got {recorded!r}), so which cache rows that run "
+                        "held out is unknown; evaluate with --all-rows (training rows included) or fix run.json")
+    if config.eval_fraction is None:
+        return float(recorded), f"run.json ({path})"
+    if round(config.eval_fraction * HASH_BUCKETS) > round(recorded * HASH_BUCKETS):
+        raise EvalError(f"--eval-fraction {config.eval_fraction} selects more sequences than the run held out "
+                        f"(eval_fraction {recorded} in {path}), so it would score training rows as held-out; omit "
+                        f"--eval-fraction (the run's {recorded} is used) or pass {recorded} or less")
+    return config.eval_fraction, f"--eval-fraction, a subset of the held-out rows of {path} (eval_fraction {recorded})"
 
 
 def _as_sequence(arrays: dict):
@@ -495,6 +555,12 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
     for metric in config.metrics:
         if metric in OPTIONAL:
             optional_metric_setup(metric)  # a feature model that cannot work fails now, not after generating
+    on_cache_rows = "agreement" in config.metrics or ("ppl" in config.metrics and not config.dataset)
+    if on_cache_rows and config.heldout_only:
+        fraction, split_from = heldout_split(config)  # before loading anything: a refusal costs nothing
+        rows = {"source": "cache held-out", "eval_fraction": fraction, "split_from": split_from}
+    else:
+        fraction, rows = 0.0, {"source": "cache, all rows (training rows included)"}
     model, tokenizer = load_model(config.model)
     result = EvalResult(model=config.model)
     for metric in config.metrics:
@@ -502,8 +568,8 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
         if metric == "ppl" and not config.dataset:
             seqs = [_as_sequence(d) for d in cache_sequences(CacheReader(config.cache, verify_on_read=True),
                                                              heldout_only=config.heldout_only, limit=config.limit,
-                                                             eval_fraction=config.eval_fraction)]
-            value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs), "source": "cache held-out"}
+                                                             eval_fraction=fraction)]
+            value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs), **rows}
         elif metric == "ppl":
             seqs, _ = load_sequences(config.dataset, tokenizer, split=config.split, config=config.dataset_config,
                                      text_field=config.text_field,
@@ -512,7 +578,8 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
             value = {**perplexity(model, seqs, config.batch_size), "num_windows": len(seqs)}
         elif metric == "agreement":
             value = agreement(model, config.cache, heldout_only=config.heldout_only, limit=config.limit,
-                              batch_size=config.batch_size, eval_fraction=config.eval_fraction)
+                              batch_size=config.batch_size, eval_fraction=fraction)
+            value.update(rows)
         elif metric == "rouge":
             value = rouge_metric(model, tokenizer, config)
         elif metric == "gsm8k":

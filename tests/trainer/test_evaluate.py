@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -388,3 +389,78 @@ def test_agreement_on_a_full_vocab_cache_with_a_noisy_tail_is_the_dense_kl(tmp_p
             count += int(mask.sum())
     assert got["num_tokens"] == count
     assert got["kl"] == pytest.approx(kl / count, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the held-out rows of a run: eval reads the split rule from the run it evaluates (docs/runs-and-plans.md 2)
+
+
+def heldout_by_hand(cache: str, fraction: float) -> int:
+    """How many sequences the documented rule holds out, computed from the meta Parquet files without trainer code."""
+    import glob
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    values = []
+    for path in sorted(glob.glob(f"{cache}/meta/*.parquet")):
+        meta = pq.read_table(path).to_pydict()
+        for text, window, source in zip(meta["text_sha256"], meta["window_index"], meta["source_index"]):
+            values.append(int(hashlib.sha256(f"{text or source}:{window}".encode()).hexdigest()[:8], 16) % 10_000)
+    held = sum(v < round(fraction * 10_000) for v in values)
+    assert 0 < held < len(values)  # the guards of the rule play no part at these fractions
+    return held
+
+
+@pytest.fixture(scope="module")
+def run_with_a_large_heldout(tiny_cache, tiny_gpt2_dir, tmp_path_factory):
+    """A kdtrain run that held out 30% of the cache's sequences (the default is 5%), with a checkpoint."""
+    from trainer.train import TrainConfig, train
+
+    out = str(tmp_path_factory.mktemp("heldout-run") / "run")
+    train(TrainConfig(out=out, cache=tiny_cache, student=str(tiny_gpt2_dir), steps=2, save_every=1, batch_tokens=512,
+                      eval_fraction=0.3), log=lambda m: None)
+    return out
+
+
+def test_eval_of_a_run_uses_the_runs_heldout_rows(run_with_a_large_heldout, tiny_cache):
+    """The run held out 30%: eval on the cache's held-out rows must use exactly those (it used 5%, the default, and
+    called them "cache held-out"), from the run folder and from one of its checkpoints."""
+    expected = heldout_by_hand(tiny_cache, 0.3)
+    checkpoint = os.path.join(run_with_a_large_heldout, "checkpoints", "step-000002")
+    for model in (run_with_a_large_heldout, checkpoint):
+        res = evaluate(EvalConfig(model=model, cache=tiny_cache, metrics=("ppl", "agreement")), log=lambda m: None)
+        ppl, agree = res.metrics["ppl"], res.metrics["agreement"]
+        assert ppl["num_windows"] == expected and ppl["source"] == "cache held-out" and ppl["eval_fraction"] == 0.3
+        assert "run.json" in ppl["split_from"] and agree["eval_fraction"] == 0.3
+
+
+def test_eval_refuses_a_fraction_that_reaches_a_runs_training_rows(run_with_a_large_heldout, tiny_cache):
+    """--eval-fraction 0.5 on a run that held out 0.3 would score training rows: refused, naming both. A smaller
+    fraction selects a subset of the run's held-out rows (a threshold on a fixed number): accepted."""
+    with pytest.raises(EvalError, match=r"--eval-fraction 0.5 selects more sequences than the run held out \(eval_fraction 0.3 in "
+                       r".*run\.json\), so it would score training rows as held-out"):
+        evaluate(EvalConfig(model=run_with_a_large_heldout, cache=tiny_cache, metrics=("ppl",), eval_fraction=0.5),
+                 log=lambda m: None)
+    res = evaluate(EvalConfig(model=run_with_a_large_heldout, cache=tiny_cache, metrics=("ppl",), eval_fraction=0.1),
+                   log=lambda m: None)
+    assert res.metrics["ppl"]["num_windows"] == heldout_by_hand(tiny_cache, 0.1)
+    assert res.metrics["ppl"]["eval_fraction"] == 0.1
+
+
+def test_eval_labels_other_models_and_all_rows_truthfully(tiny_cache, tiny_gpt2_dir):
+    """A model that is not a kdtrain run: the default fraction, and the result says its training rows are unknown.
+    --all-rows: never labelled held-out."""
+    res = evaluate(EvalConfig(model=str(tiny_gpt2_dir), cache=tiny_cache, metrics=("ppl",)), log=lambda m: None)
+    assert res.metrics["ppl"]["num_windows"] == heldout_by_hand(tiny_cache, 0.05)
+    assert res.metrics["ppl"]["eval_fraction"] == 0.05 and "unknown" in res.metrics["ppl"]["split_from"]
+    res = evaluate(EvalConfig(model=str(tiny_gpt2_dir), cache=tiny_cache, metrics=("ppl",), heldout_only=False),
+                   log=lambda m: None)
+    assert res.metrics["ppl"]["source"] == "cache, all rows (training rows included)"
+    assert res.metrics["ppl"]["num_windows"] == 120
+
+
+@pytest.mark.parametrize("fraction", [float("nan"), float("inf"), -0.1, 1.0])
+def test_eval_fraction_out_of_range_refused(fraction):
+    with pytest.raises(EvalError, match=r"--eval-fraction must be a finite number in \[0, 1\)"):
+        EvalConfig(model="m", cache="c", metrics=("ppl",), eval_fraction=fraction)
