@@ -43,7 +43,7 @@ from bench.p1_kd_overhead import flat, make_step
 
 def make_online_step(student, teacher, optimizer, batch: dict, kind: str, bf16: bool = False):
     """Online KD: the teacher runs on every batch; the dense loss sees all V logits."""
-    from trainer.losses import dense_kd_loss
+    from trainer.losses import LossOptions, dense_kd_loss
 
     params = [p for p in student.parameters() if p.requires_grad]
 
@@ -54,7 +54,7 @@ def make_online_step(student, teacher, optimizer, batch: dict, kind: str, bf16: 
             logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
         vocab = logits.shape[-1]
         loss, _ = dense_kd_loss(logits.reshape(-1, vocab), t_logits.reshape(-1, vocab)[:, :vocab],
-                                flat(batch, "target_ids"), flat(batch, "loss_mask"), loss=kind)
+                                flat(batch, "target_ids"), flat(batch, "loss_mask"), LossOptions(loss=kind))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -82,7 +82,7 @@ def main(argv=None):
     if args.quick:
         args.batch_size, args.max_length, args.repeats = 1, 256, 4
     from cacher.engines import load_hf_teacher, score_hf
-    from cacher.models import load_tokenizer
+    from common.tokenizers import load_tokenizer
     from trainer.data import collate
     from trainer.student import student_from_teacher
 

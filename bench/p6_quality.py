@@ -176,7 +176,7 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
                   vocab_groups: dict | None = None, eval_teacher: list | None = None) -> dict:
     """Train a fresh student on `batches` with one variant's loss; held-out metrics after."""
     from bench.tail_losses import tail_fill_kd_loss
-    from trainer.losses import cross_entropy_loss, dense_kd_loss, sparse_kd_loss, tail_sample_targets
+    from trainer.losses import LossOptions, cross_entropy_loss, dense_kd_loss, sparse_kd_loss, tail_sample_targets
     from trainer.train import _schedule, evaluate_heldout
 
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
             with torch.no_grad():
                 t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, _ = dense_kd_loss(flat_logits, t_logits.reshape(-1, t_logits.shape[-1])[:, :vocab], targets, mask,
-                                    alpha=alpha)
+                                    LossOptions(alpha=alpha))
         elif candidate is not None:
             k = batch["topk_ids"].shape[-1]
             num_groups, prior_name, tailce = candidate_parts(candidate)
@@ -232,8 +232,8 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
                 m = batch["tail_ids"].shape[-1]
                 ids, top_lp, tail = tail_sample_targets(ids, top_lp, tail, batch["tail_ids"].reshape(-1, m),
                                                         batch["tail_counts"].reshape(-1, m))
-            loss, _ = sparse_kd_loss(flat_logits, ids, top_lp, tail, targets, mask, target_logprob=target_lp,
-                                     alpha=alpha)
+            loss, _ = sparse_kd_loss(flat_logits, ids, top_lp, tail, targets, mask, LossOptions(alpha=alpha),
+                                     target_logprob=target_lp)
         loss.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))  # before clipping
         losses.append(float(loss.detach()))
@@ -257,7 +257,7 @@ def heldout_kl(student, eval_batches: list[dict], eval_teacher: list, top_k: int
     dense = buckets + tail, tail = P_rest * KL(p(. | rest) || q(. | rest)): the part a top-K cache never shows.
     eval_teacher: per eval batch, the teacher's (M, V) log-probs on its loss rows.
     """
-    from trainer.losses import divergence
+    from trainer.divergences import divergence
 
     student.eval()
     dense = tail = count = 0.0

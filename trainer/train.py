@@ -60,9 +60,10 @@ from trainer.data import (
     pack_batches,
     sequence_source,
 )
+from trainer.divergences import EmptyTeacherRowError
 from trainer.losses import (
     LOSSES,
-    EmptyTeacherRowError,
+    LossOptions,
     cross_entropy_loss,
     sparse_kd_loss,
     tail_sample_targets,
@@ -430,8 +431,13 @@ def _sparse_loss(rows: torch.Tensor, teacher: dict, targets: torch.Tensor, mask:
     if "tail_ids" in teacher:
         ids, top_lp, tail = tail_sample_targets(ids, top_lp, tail, teacher["tail_ids"], teacher["tail_counts"])
         target_lp = None
-    return sparse_kd_loss(rows, ids, top_lp, tail, targets, mask, loss=config.loss, alpha=config.alpha,
-                          temperature=config.temperature, beta=config.beta, skew=config.skew, target_logprob=target_lp)
+    return sparse_kd_loss(rows, ids, top_lp, tail, targets, mask, loss_options(config), target_logprob=target_lp)
+
+
+def loss_options(config: TrainConfig) -> LossOptions:
+    """The run's loss settings as the losses take them."""
+    return LossOptions(loss=config.loss, alpha=config.alpha, temperature=config.temperature, beta=config.beta,
+                       skew=config.skew)
 
 
 def heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torch.Tensor:
@@ -443,7 +449,7 @@ def heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torc
     """
     everything = torch.ones_like(targets, dtype=torch.bool)
     _, stats = sparse_kd_loss(rows, teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"], targets,
-                              everything, loss="fkl")
+                              everything, LossOptions(loss="fkl"))
     return stats["kd"]
 
 

@@ -12,7 +12,7 @@ from bench.tail_losses import (
     tail_fill_kd_loss,
     vocab_groups,
 )
-from trainer.losses import dense_kd_loss, sparse_kd_loss
+from trainer.losses import LossOptions, dense_kd_loss, sparse_kd_loss
 
 
 def _case(n=7, vocab=30, k=5, seed=0):
@@ -44,7 +44,7 @@ def test_without_fill_equals_the_trainers_sparse_loss(with_target, alpha):
     z, _, _, ids, top_lp, tail, targets, target_lp, mask = _case()
     tlp = target_lp if with_target else None
     ours = _grad(lambda x: tail_fill_kd_loss(x, ids, top_lp, tail, targets, mask, alpha=alpha, target_logprob=tlp)[0], z)
-    ref = _grad(lambda x: sparse_kd_loss(x, ids, top_lp, tail, targets, mask, alpha=alpha, target_logprob=tlp)[0], z)
+    ref = _grad(lambda x: sparse_kd_loss(x, ids, top_lp, tail, targets, mask, LossOptions(alpha=alpha), target_logprob=tlp)[0], z)
     assert torch.allclose(ours[0], ref[0], atol=1e-10) and torch.allclose(ours[1], ref[1], atol=1e-10)
 
 
@@ -60,7 +60,7 @@ def test_the_teachers_own_tail_as_fill_is_dense_kd(with_target, num_groups):
     tlp = target_lp if with_target else None
     ours = _grad(lambda x: tail_fill_kd_loss(x, ids, top_lp, tail, targets, mask, alpha=0.2, target_logprob=tlp,
                                              prior=t_lp.exp(), **grouping)[0], z)
-    ref = _grad(lambda x: dense_kd_loss(x, t_logits, targets, mask, alpha=0.2)[0], z)
+    ref = _grad(lambda x: dense_kd_loss(x, t_logits, targets, mask, LossOptions(alpha=0.2))[0], z)
     assert torch.allclose(ours[0], ref[0], atol=1e-10) and torch.allclose(ours[1], ref[1], atol=1e-10)
 
 

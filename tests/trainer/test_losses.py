@@ -5,23 +5,15 @@ Comparisons run in float64 on tiny random tensors; nothing here loads a model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import (
-    LOSSES,
-    EmptyTeacherRowError,
-    cross_entropy_loss,
-    dense_kd_loss,
-    divergence,
-    sparse_kd_loss,
-    student_bucket_logprobs,
-    tail_sample_targets,
-    teacher_bucket_logprobs,
-)
+from trainer.divergences import EmptyTeacherRowError, divergence, student_bucket_logprobs, teacher_bucket_logprobs
+from trainer.losses import LOSSES, LossOptions, cross_entropy_loss, dense_kd_loss, sparse_kd_loss, tail_sample_targets
 
 DIVERGENCES = [name for name in LOSSES if name != "ce"]
 NEG_INF = -math.inf
@@ -47,6 +39,26 @@ def make_batch(num_tokens=13, vocab=17, num_topk=5, dtype=torch.float64, seed=0,
     }
 
 
+OPTION_FIELDS = {f.name for f in dataclasses.fields(LossOptions)}
+
+
+def options_of(kwargs: dict) -> LossOptions:
+    """Pop the LossOptions fields out of kwargs (loss=, alpha=, ...) into one LossOptions."""
+    return LossOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_FIELDS})
+
+
+def sparse_loss(*args, **kwargs):
+    """sparse_kd_loss with the loss options given as keywords, as the tests below write them."""
+    options = options_of(kwargs)
+    return sparse_kd_loss(*args, options=options, **kwargs)
+
+
+def dense_loss(*args, **kwargs):
+    """dense_kd_loss with the loss options given as keywords."""
+    options = options_of(kwargs)
+    return dense_kd_loss(*args, options=options, **kwargs)
+
+
 def cache_args(batch):
     """The positional arguments of sparse_kd_loss after the logits."""
     keys = ("topk_ids", "topk_logprobs", "tail_logprob", "target_ids", "loss_mask")
@@ -56,7 +68,7 @@ def cache_args(batch):
 def run_sparse(batch, logits=None, **kwargs):
     """Returns (loss, stats, d loss / d logits)."""
     logits = (batch["student_logits"] if logits is None else logits).detach().requires_grad_()
-    loss, stats = sparse_kd_loss(logits, *cache_args(batch), **kwargs)
+    loss, stats = sparse_loss(logits, *cache_args(batch), **kwargs)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss, stats, grad
 
@@ -76,10 +88,10 @@ def assert_target_bucket_loss_equals_dense(batch: dict, target_logprob: torch.Te
     """The fused sparse loss with the target bucket equals dense_kd_loss in value and gradient (float64)."""
     chunking = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
     logits = batch["student_logits"].detach().requires_grad_()
-    sparse, _ = sparse_kd_loss(logits, *cache_args(batch), target_logprob=target_logprob, **chunking, **kwargs)
+    sparse, _ = sparse_loss(logits, *cache_args(batch), target_logprob=target_logprob, **chunking, **kwargs)
     (sparse_grad,) = torch.autograd.grad(sparse, logits)
     dense_logits = batch["student_logits"].detach().requires_grad_()
-    dense, _ = dense_kd_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
+    dense, _ = dense_loss(dense_logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs)
     (dense_grad,) = torch.autograd.grad(dense, dense_logits)
     torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-8, atol=1e-12)
@@ -102,7 +114,7 @@ def test_sparse_with_full_vocab_equals_dense(loss, temperature, alpha):
     sparse, sparse_stats, sparse_grad = run_sparse(batch, chunk_tokens=4, **kwargs)
 
     logits = batch["student_logits"].detach().requires_grad_()
-    dense, dense_stats = dense_kd_loss(
+    dense, dense_stats = dense_loss(
         logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], **kwargs
     )
     (dense_grad,) = torch.autograd.grad(dense, logits)
@@ -170,7 +182,7 @@ def test_grad_output_scales_gradient():
     batch = make_batch(vocab=29, num_topk=6)
     logits = batch["student_logits"].detach().requires_grad_()
     args = cache_args(batch)
-    loss, _ = sparse_kd_loss(logits, *args, loss="jsd")
+    loss, _ = sparse_loss(logits, *args, loss="jsd")
     (3.0 * loss).backward()
     _, _, unit_grad = run_sparse(batch, loss="jsd")
     torch.testing.assert_close(logits.grad, 3.0 * unit_grad)
@@ -319,7 +331,7 @@ def test_all_masked_gives_zero_loss_with_zero_grad(loss):
     assert (grad == 0).all()
     assert stats["num_tokens"] == 0
     logits = batch["student_logits"].detach().requires_grad_()
-    dense, _ = dense_kd_loss(
+    dense, _ = dense_loss(
         logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], loss=loss
     )
     dense.backward()
@@ -358,7 +370,7 @@ def test_no_grad_path_returns_the_same_value():
     batch = make_batch(vocab=29, num_topk=6)
     value, _, _ = run_sparse(batch, loss="skl")
     with torch.no_grad():
-        again, _ = sparse_kd_loss(batch["student_logits"].requires_grad_(), *cache_args(batch), loss="skl")
+        again, _ = sparse_loss(batch["student_logits"].requires_grad_(), *cache_args(batch), loss="skl")
     torch.testing.assert_close(again, value.detach())
 
 
@@ -394,13 +406,13 @@ def test_bad_arguments_raise_helpful_errors(change, message):
     }
     args.update(change)
     with pytest.raises(ValueError, match=message):
-        sparse_kd_loss(**args)
+        sparse_loss(**args)
 
 
 def test_dense_and_divergence_check_arguments():
     batch = make_batch(vocab=29, num_topk=6)
     with pytest.raises(ValueError, match=r"teacher_logits \(13, 28\).*\(13, 29\)"):
-        dense_kd_loss(batch["student_logits"], torch.zeros(13, 28), batch["target_ids"], batch["loss_mask"])
+        dense_loss(batch["student_logits"], torch.zeros(13, 28), batch["target_ids"], batch["loss_mask"])
     with pytest.raises(ValueError, match="expected one of"):
         divergence(P.log(), Q.log(), "ce")
     with pytest.raises(ValueError, match=r"\(1, 3\).*\(1, 2\)"):
@@ -444,14 +456,14 @@ def test_fused_loss_keeps_only_one_logits_sized_tensor_for_backward():
     args = cache_args(batch)
     logits = batch["student_logits"].bfloat16().requires_grad_()
 
-    fused = saved_full_size_tensors(lambda x: sparse_kd_loss(x, *args, loss="jsd", chunk_tokens=16), logits)
+    fused = saved_full_size_tensors(lambda x: sparse_loss(x, *args, loss="jsd", chunk_tokens=16), logits)
     assert fused == [((64, 50), torch.bfloat16)]  # the gradient buffer, in the logits' dtype, nothing else
     # The check can fail: plain autograd saves several logits-sized tensors.
     unfused = saved_full_size_tensors(lambda x: unfused_sparse(x.float(), batch, loss="jsd"), logits)
     assert len(unfused) >= 2
 
     # backward returns the buffer computed in forward, scaled, not a recomputation.
-    loss, _ = sparse_kd_loss(logits, *args, loss="jsd", chunk_tokens=16)
+    loss, _ = sparse_loss(logits, *args, loss="jsd", chunk_tokens=16)
     (buffer,) = loss.grad_fn.saved_tensors
     expected = buffer.clone() * 2
     (2 * loss).backward()
@@ -497,7 +509,7 @@ def test_target_bucket_fused_equals_unfused_reference(loss, chunk_tokens):
     batch["target_logprob"][3] = 1.0  # the cache's sentinel: unknown, that row keeps K + 1 buckets
     kwargs = {"loss": loss, "alpha": 0.25, "temperature": 1.5, "beta": 0.4, "skew": 0.1}
     logits = batch["student_logits"].detach().requires_grad_()
-    fused, _ = sparse_kd_loss(logits, *cache_args(batch), chunk_tokens=chunk_tokens,
+    fused, _ = sparse_loss(logits, *cache_args(batch), chunk_tokens=chunk_tokens,
                               target_logprob=batch["target_logprob"], **kwargs)
     (fused_grad,) = torch.autograd.grad(fused, logits)
     reference_logits = batch["student_logits"].detach().requires_grad_()
@@ -586,7 +598,7 @@ def test_target_bucket_certain_student_float32_matches_float64(loss, gap):
     logits[::2] += torch.zeros_like(logits).scatter(1, batch["topk_ids"], gap)[::2]
     kwargs = {"loss": loss, "alpha": 0.2}
     f32 = logits.float().requires_grad_()
-    fused, _ = sparse_kd_loss(f32, *cache_args(batch), chunk_tokens=4, target_logprob=batch["target_logprob"],
+    fused, _ = sparse_loss(f32, *cache_args(batch), chunk_tokens=4, target_logprob=batch["target_logprob"],
                               **kwargs)
     (fused_grad,) = torch.autograd.grad(fused, f32)
     reference_logits = logits.detach().requires_grad_()
@@ -620,7 +632,7 @@ def test_tail_samples_expected_gradient_is_the_dense_gradient(alpha):
     """
     batch = make_batch(num_tokens=9, vocab=17, num_topk=5)
     logits = batch["student_logits"].detach().requires_grad_()
-    dense, _ = dense_kd_loss(logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], alpha=alpha)
+    dense, _ = dense_loss(logits, batch["teacher_logits"], batch["target_ids"], batch["loss_mask"], alpha=alpha)
     (dense_grad,) = torch.autograd.grad(dense, logits)
 
     teacher_p = batch["teacher_logits"].softmax(-1)
@@ -629,7 +641,7 @@ def test_tail_samples_expected_gradient_is_the_dense_gradient(alpha):
         choice = torch.full((9,), c, dtype=torch.long)
         tail_ids, (ids, lps, rest), _ = _one_draw_targets(batch, choice)
         assert torch.isneginf(rest).all()  # every row has a draw: no rest bucket
-        loss, _ = sparse_kd_loss(logits, ids, lps, rest, batch["target_ids"], batch["loss_mask"], alpha=alpha)
+        loss, _ = sparse_loss(logits, ids, lps, rest, batch["target_ids"], batch["loss_mask"], alpha=alpha)
         (grad,) = torch.autograd.grad(loss, logits)
         weight = teacher_p.gather(1, tail_ids[:, c:c + 1]) / batch["tail_logprob"].exp().unsqueeze(1)  # (N, 1)
         expected_grad += weight * grad
@@ -659,7 +671,7 @@ def test_tail_samples_in_the_fused_loss_match_a_dense_reference():
     choice = torch.randint(0, 13, (11,), generator=gen)
     _, (ids, lps, rest), vocab = _one_draw_targets(batch, choice)
     logits = batch["student_logits"].detach().requires_grad_()
-    loss, _ = sparse_kd_loss(logits, ids, lps, rest, batch["target_ids"], batch["loss_mask"], chunk_tokens=3)
+    loss, _ = sparse_loss(logits, ids, lps, rest, batch["target_ids"], batch["loss_mask"], chunk_tokens=3)
     (grad,) = torch.autograd.grad(loss, logits)
 
     ref_logits = batch["student_logits"].detach().requires_grad_()
