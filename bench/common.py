@@ -77,17 +77,15 @@ def device() -> str:
 
 
 def model_path(name_or_path: str) -> str:
-    """A local model folder as is, else cacher.models.resolve_model (smollm2-135m: $KDCACHE_HOME/models)."""
-    if os.path.isdir(os.path.expanduser(name_or_path)):
-        return os.path.expanduser(name_or_path)
-    from cacher.models import resolve_model
+    """The folder a model name resolves to (common.models' rule; smollm2-135m: $KDCACHE_HOME/models)."""
+    from common.models import model_folder
 
-    return resolve_model(name_or_path).path
+    return str(model_folder(name_or_path))
 
 
 def bench_home() -> Path:
     """Where benchmarks keep what they build once (the tiny teacher): $KDCACHE_HOME/bench."""
-    from cacher.models import kdcache_home
+    from common.models import kdcache_home
 
     return kdcache_home() / "bench"
 
@@ -108,8 +106,8 @@ def tiny_teacher(steps: int = 150) -> str:
 
 
 def real_sequences(tokenizer, num_tokens: int, max_length: int, dataset: str = "builtin:pydoc-topics") -> list[np.ndarray]:
-    """About num_tokens tokens of real text as windows of max_length (shared.data, as the cacher reads it)."""
-    from shared.data import load_sequences
+    """About num_tokens tokens of real text as windows of max_length (common.sequences, as the cacher reads it)."""
+    from common.sequences import load_sequences
 
     seqs, _ = load_sequences(dataset, tokenizer, max_length=max_length, limit=max(1, num_tokens // max_length + 1))
     return [s.input_ids for s in seqs]

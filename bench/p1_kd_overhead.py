@@ -198,7 +198,7 @@ def main(argv=None):
     if args.quick:
         args.batch_size, args.max_length, args.repeats = 1, 256, 5
     from cacher.engines import load_hf_teacher, score_hf
-    from cacher.models import load_tokenizer
+    from common.tokenizers import load_tokenizer
     from trainer.data import collate
     from trainer.student import student_from_teacher
 

@@ -95,7 +95,7 @@ def main(argv=None):
             raise SystemExit("--engine vllm needs an interpreter with vllm: pass --vllm-python PATH or set "
                              "KDCACHE_VLLM_PYTHON (e.g. .venv-vllm/bin/python after `bash .ci/install --vllm`)")
     from cacher.engines import length_sorted_batches, load_hf_teacher, score_hf
-    from cacher.models import load_tokenizer
+    from common.tokenizers import load_tokenizer
 
     path = model_path(args.model)
     teacher = load_hf_teacher(path, dtype=args.dtype)

@@ -135,7 +135,7 @@ def main(argv=None):
     if args.quick:
         args.tokens, args.rs_tokens = 4096, 1024
     from cacher.engines import load_hf_teacher, score_hf
-    from cacher.models import load_tokenizer
+    from common.tokenizers import load_tokenizer
 
     path = model_path(args.model)
     teacher = load_hf_teacher(path, dtype="float32")

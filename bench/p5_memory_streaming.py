@@ -326,8 +326,7 @@ def main(argv=None):
         args.steps, args.batch_tokens, args.repeats, args.stream_batches = 30, 2048, 2, 4
     from transformers import AutoConfig
 
-    from cacher.models import load_tokenizer
-    from trainer.student import vocab_fingerprint
+    from common.tokenizers import load_tokenizer, vocab_fingerprint
 
     student = tiny_teacher() if args.student == "tiny" else model_path(args.student)
     tokenizer = load_tokenizer(student)

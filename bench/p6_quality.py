@@ -417,8 +417,8 @@ def main(argv=None):
             setattr(args, name, value)
 
     from cacher.engines import load_hf_teacher, score_hf
-    from cacher.models import load_tokenizer
-    from shared.data import load_sequences
+    from common.sequences import load_sequences
+    from common.tokenizers import load_tokenizer
     from shared.writer import validate_shard_arrays
     from trainer.data import epoch_order, pack_batches
 

@@ -1,6 +1,6 @@
 """`kdcache build`: run a teacher once over a data set and write its cache.
 
-build(config) reads top to bottom: resolve the teacher, tokenize the data (shared.data), plan the
+build(config) reads top to bottom: resolve the teacher, tokenize the data (common.sequences), plan the
 shards (independent of the number of workers), open a CacheWriter (which refuses a different build
 in the same place and tells us what is already committed), run the engine shard by shard, and hand
 each finished shard to a background thread that validates, compresses and commits it, so the
@@ -23,25 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cacher import engines
-from cacher.models import (
-    EMBEDDED_DEFAULT,
-    load_tokenizer,
-    model_name,
-    read_model_config,
-    resolve_model,
-    vocab_fingerprint,
-)
+from common.datasets import DEFAULT_DATASET
+from common.gsm8k import extract_gsm8k_answer
+from common.models import EMBEDDED_DEFAULT, model_name, read_model_config, resolve_model
+from common.sequences import Sequence, load_prompts, load_sequences, plan_shards, sequences_fingerprint
+from common.templates import PROMPT_TEMPLATES
+from common.tokenizers import load_tokenizer, vocab_fingerprint
 from shared.catalog import find_by_key
-from shared.data import (
-    DEFAULT_DATASET,
-    PROMPT_TEMPLATES,
-    Sequence,
-    extract_gsm8k_answer,
-    load_prompts,
-    load_sequences,
-    plan_shards,
-    sequences_fingerprint,
-)
 from shared.format import MAX_TAIL_SAMPLES
 from shared.writer import BuildHeader, CacheWriter, ShardBuffer
 
@@ -71,7 +59,7 @@ class BuildConfig:
     response_field: str | None = None
     """Field holding the response; only response tokens are distilled."""
     prompt_template: str | None = None
-    """How prompts are formatted: chat (the tokenizer's chat template), plain (shared.data.PLAIN_TEMPLATE) or minillm
+    """How prompts are formatted: chat (the tokenizer's chat template), plain (common.templates.PLAIN_TEMPLATE) or minillm
     (MiniLLM's instruction template, as kdtrain eval's ROUGE-L asks); default chat when the tokenizer has one, else plain."""
     input_field: str | None = None
     """Field holding an input for the minillm template's '### Input:' section (dolly's 'context'); empty: none."""

@@ -95,8 +95,8 @@ def build(
     from cacher.build import BuildConfig, BuildError
     from cacher.build import build as run_build
     from cacher.engines import EngineError
-    from cacher.models import EMBEDDED_DEFAULT, ModelError
-    from shared.data import DEFAULT_DATASET, DataError
+    from common.datasets import DEFAULT_DATASET, DataError
+    from common.models import EMBEDDED_DEFAULT, ModelError
 
     try:
         config = BuildConfig(

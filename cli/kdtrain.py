@@ -105,7 +105,7 @@ def run(
     trace_data: bool = typer.Option(False, "--trace-data", hidden=True, help="Write each rank's sequence ids to <out>/trace/."),
 ):
     """Train a student from a teacher cache with a sparse KD loss (or plain CE on a data set)."""
-    from shared.data import DataError
+    from common.datasets import DataError
     from shared.format import CacheError
     from trainer.train import TrainConfig, TrainError, train
 
@@ -161,7 +161,7 @@ def eval_(
                                         "evaluated run's, from its run.json, else 0.05); on a run, at most the run's."),
 ):
     """Evaluate a model: perplexity, agreement with a teacher cache, ROUGE-L, GSM8K, ..."""
-    from shared.data import DataError
+    from common.datasets import DataError
     from shared.format import CacheError
     from trainer.evaluate import GSM8K_INSTRUCTION, EvalConfig, EvalError, evaluate
 

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.data import load_rows
+from common.datasets import load_rows
 from trainer.evaluate import GSM8K_INSTRUCTION, gsm8k_prompt
 
 

@@ -258,7 +258,7 @@ def cache_source(reader: CacheReader, index: CacheIndex, positions: list[int], *
 
 
 def sequence_source(sequences: list, positions: list[int]) -> Source:
-    """A source over in-memory shared.data.Sequence objects (the no-cache cross-entropy path)."""
+    """A source over in-memory common.sequences.Sequence objects (the no-cache cross-entropy path)."""
     chosen = [sequences[i] for i in positions]
 
     def read(which: list[int]) -> list[dict]:

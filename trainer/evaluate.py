@@ -4,7 +4,7 @@ Metrics (each a plain function returning a dict of numbers):
 - `ppl`: token-weighted perplexity on held-out text: `--dataset` (all of it), or without it the
   held-out sequences of `--cache` (the trainer's held-out rule, so the same text for every stage of a
   chain, never trained on). Windowing of a data set: each document is cut into
-  consecutive, non-overlapping windows of `max_length` tokens (shared.data rules) and every row whose
+  consecutive, non-overlapping windows of `max_length` tokens (common.sequences rules) and every row whose
   next token is in the window and masked in (all rows of plain text; response rows of
   prompt/response data) counts once: ppl = exp(sum NLL / number of predicted tokens).
 - `agreement`: against a teacher cache: top-1 agreement (student argmax == teacher's most likely
@@ -15,13 +15,13 @@ Metrics (each a plain function returning a dict of numbers):
   The model needs a row for every id of the cache's tokenizer; in a cache written before kdcache
   dropped padded rows, ids beyond the model's rows (a teacher's padded embedding matrix) count in the
   tail bucket, where the model's probability of them (0) is too.
-- `rouge`: MiniLLM's protocol: its instruction template (shared.data's `minillm` template, the one
+- `rouge`: MiniLLM's protocol: its instruction template (common.templates' `minillm` template, the one
   `kdcache build --prompt-template minillm` trains with), responses sampled at temperature 1 with
   top_p 1 for several seeds (or greedy), ROUGE-L F1 (rouge-score, stemming on) averaged per seed, then
   mean and std over seeds, x100 as in the paper.
 - `gsm8k`: greedy answers to GSM8K questions asked with GSM8K_INSTRUCTION (end with `#### N`);
   exact match of the final `#### N` number, or of the last `\boxed{N}` when there is no `####`
-  (instruct models trained on MATH-style data answer that way): shared.data.extract_gsm8k_answer,
+  (instruct models trained on MATH-style data answer that way): common.gsm8k.extract_gsm8k_answer,
   the same function `kdcache build --filter gsm8k-answer` keeps samples by.
 - `mauve`, `bertscore`: when their packages and local models are installed (see docs/evaluation.md);
   otherwise the metric is reported as skipped with the reason. A feature model that cannot work
@@ -45,15 +45,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shared.data import (  # noqa: F401 - MINILLM_TEMPLATE*, minillm_prompt: importable from here as before
-    MINILLM_TEMPLATE,
-    MINILLM_TEMPLATE_WITH_INPUT,
-    extract_gsm8k_answer,
-    gsm8k_final_answer,
-    load_sequences,
-    minillm_prompt,
-    prompt_only_ids,
-)
+from common.gsm8k import extract_gsm8k_answer, gsm8k_final_answer
+from common.sequences import load_sequences
+from common.templates import prompt_only_ids
 from shared.reader import CacheReader
 
 METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore")
@@ -164,7 +158,7 @@ def load_model(path: str):
 
 @torch.no_grad()
 def perplexity(model, sequences, batch_size: int = 8) -> dict:
-    """exp(token-weighted mean NLL) over the masked rows of sequences (shared.data.Sequence)."""
+    """exp(token-weighted mean NLL) over the masked rows of sequences (common.sequences.Sequence)."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size]
@@ -329,8 +323,8 @@ def heldout_split(config: EvalConfig) -> tuple[float, str]:
 
 
 def _as_sequence(arrays: dict):
-    """A cache sequence as a shared.data.Sequence (ppl counts its loss rows)."""
-    from shared.data import Sequence
+    """A cache sequence as a common.sequences.Sequence (ppl counts its loss rows)."""
+    from common.sequences import Sequence
 
     return Sequence(arrays["input_ids"].astype(np.int64), arrays["loss_mask"].astype(bool), source_index=-1)
 
@@ -378,7 +372,7 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 
 def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list[int]], list[str], dict]:
     """Token ids of formatted prompts and their references; skips prompts over max_prompt_length."""
-    from shared.data import load_rows
+    from common.datasets import load_rows
 
     rows, columns = load_rows(config.dataset, config.split, config.dataset_config)
     for f in (config.prompt_field, config.response_field, config.input_field):
@@ -432,7 +426,7 @@ def gsm8k_prompt(question: str, instruction: str = GSM8K_INSTRUCTION) -> str:
 
 
 def extract_model_answer(text: str) -> str | None:
-    """A model's final answer: shared.data.extract_gsm8k_answer (the number after the last '####', else in the
+    """A model's final answer: common.gsm8k.extract_gsm8k_answer (the number after the last '####', else in the
     last \\boxed{...}; '1,000' -> '1000', '3.50' -> '3.5'), the rule --filter gsm8k-answer uses too."""
     return extract_gsm8k_answer(text)
 

@@ -9,20 +9,21 @@ layer floor(i * (L - 1) / (keep_layers - 1) + 0.5), i.e. round(linspace(0, L - 1
 halves rounded up: the first and last layers are always kept (keep_layers == 1 keeps only layer 0).
 Each kept layer's `layer_idx` is renumbered, because the KV cache is indexed by it.
 
-This module knows transformers models and tokenizers. It must not import `cacher` (hence its own copy
-of `vocab_fingerprint`, which MUST stay identical to `cacher.models.vocab_fingerprint`) and knows
-nothing about the cache format or the training loop.
+Model names resolve by common.models' one rule; tokenizers are loaded and fingerprinted by common.tokenizers.
+This module knows transformers models; it must not import `cacher` and knows nothing about the cache
+format or the training loop.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from common.models import model_folder
+from common.tokenizers import vocab_fingerprint
 
 # model_type -> dotted path of the ModuleList of transformer layers.
 LAYER_LISTS = {
@@ -32,40 +33,6 @@ LAYER_LISTS = {
     "qwen2": "model.layers",
     "qwen3": "model.layers",
 }
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-
-
-def student_folder(path_or_id: str, need_config: bool = True) -> Path:
-    """A local folder with config.json as is; otherwise a Hugging Face hub id (local HF cache offline)."""
-    path = Path(os.path.expanduser(path_or_id))
-    if path.is_dir():
-        if need_config and not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model folder {path} has no config.json; pass a folder written by model.save_pretrained(...)"
-            )
-        return path
-    from huggingface_hub import snapshot_download
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    try:
-        path = Path(
-            snapshot_download(path_or_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline)
-        )
-    except Exception as e:  # hub errors come from several libraries (httpx, hub, OS)
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        if offline:
-            reason = f"HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; {reason}"
-        raise FileNotFoundError(
-            f"model {path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({reason}); pass a local folder with config.json and weights, or run on a machine with hub access"
-        ) from e
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"hub repository {path_or_id!r} has no config.json; pass a transformers model"
-        )
-    return path
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,23 +46,10 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_student(path_or_id: str, dtype: torch.dtype | str = torch.float32):
-    """A causal LM from a local folder or a hub id."""
+    """A causal LM from a model name (common.models: the embedded default, a local folder or a hub id)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(student_folder(path_or_id), dtype=as_dtype(dtype))
-
-
-def load_student_tokenizer(path_or_id: str):
-    """The tokenizer saved in a model (or tokenizer-only) folder, with a clear error when there is none."""
-    from transformers import AutoTokenizer
-
-    path = student_folder(path_or_id, need_config=False)
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
-        raise FileNotFoundError(
-            f"model folder {path} has no tokenizer (tokenizer.json / tokenizer_config.json); "
-            f"save one with tokenizer.save_pretrained({str(path)!r})"
-        )
-    return AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(model_folder(path_or_id), dtype=as_dtype(dtype))
 
 
 def kept_layer_indices(num_layers: int, keep_layers: int) -> list[int]:
@@ -173,18 +127,6 @@ def student_from_config(config_file: str | Path, vocab_size: int):
     except ValueError as e:
         raise ValueError(f"student config {config_file}: {e}") from None
     return AutoModelForCausalLM.from_config(config)
-
-
-def vocab_fingerprint(tokenizer) -> str:
-    """sha256 of the sorted (token, id) vocabulary plus the special tokens.
-
-    Two tokenizers that map the same strings to the same ids, with the same special tokens, hash the
-    same, whatever their class or file layout. Kept identical to `cacher.models.vocab_fingerprint`.
-    """
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted(set(tokenizer.all_special_tokens))
-    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def check_tokenizer_matches(

@@ -10,7 +10,7 @@ then save the student as a plain Hugging Face folder in --out with run.json besi
 - `--loss ce` with a cache trains on the cache's tokens in the same order and ignores the teacher's
   log-probs (the fair baseline); its held-out metrics still include eval_kl and eval_top1_agreement
   against the cache's teacher, so it compares with the KD runs. Without a cache, `--dataset` is tokenized
-  with the student's tokenizer (shared.data.load_sequences) and the same loop trains cross-entropy.
+  with the student's tokenizer (common.sequences.load_sequences) and the same loop trains cross-entropy.
 - The loss and the held-out metrics see the student's logits of token ids only (trainer.student.cache_token_ids:
   the cache's vocab_size, which kdcache build sets to the tokenizer's size; without a cache the tokenizer's
   size): padded embedding rows beyond them (Qwen2.5-0.5B: 151936 rows for 151665 ids) never enter a softmax,
@@ -346,18 +346,14 @@ def _teacher_path(config: TrainConfig, reader: CacheReader | None) -> str | None
 
 def _build_student(config: TrainConfig, teacher_path: str | None, vocab_size: int | None):
     """(model, tokenizer, name) from --student, --student-from-teacher or --student-config."""
-    from trainer.student import (
-        load_student,
-        load_student_tokenizer,
-        student_from_config,
-        student_from_teacher,
-    )
+    from common.tokenizers import tokenizer_of
+    from trainer.student import load_student, student_from_config, student_from_teacher
 
     torch.manual_seed(config.seed)
     try:
         if config.student:
-            return load_student(config.student), load_student_tokenizer(config.student), config.student
-        tokenizer = load_student_tokenizer(teacher_path)
+            return load_student(config.student), tokenizer_of(config.student), config.student
+        tokenizer = tokenizer_of(teacher_path)
         if config.student_from_teacher:
             return (student_from_teacher(teacher_path, config.keep_layers), tokenizer,
                     f"{teacher_path} keeping {config.keep_layers} layers")
@@ -516,7 +512,7 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
         info = {"num_sequences": len(index), "num_heldout": int(held.sum()),
                 "teacher_outcomes": _outcomes_note(config, reader.manifest.top_k, reader.manifest.tail_samples, tail)}
     else:
-        from shared.data import load_sequences
+        from common.sequences import load_sequences
 
         sequences, data_info = load_sequences(
             config.dataset, tokenizer, split=config.split, text_field=config.text_field,

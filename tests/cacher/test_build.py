@@ -19,7 +19,10 @@ import pytest
 
 from cacher import engines
 from cacher.build import BuildConfig, BuildError, build, default_out_name
-from shared.data import PLAIN_TEMPLATE, DataError, extract_gsm8k_answer, prompt_only_ids, text_sha256
+from common.datasets import DataError
+from common.gsm8k import extract_gsm8k_answer
+from common.sequences import text_sha256
+from common.templates import PLAIN_TEMPLATE, prompt_only_ids
 from shared.format import CacheMismatchError
 from shared.reader import CacheReader
 from shared.writer import EXACT_RANKS, TRIMMED_MANTISSA_BITS
@@ -54,12 +57,13 @@ def read_cache(url) -> tuple[CacheReader, list[dict]]:
 def stored_objects(root) -> dict[str, bytes]:
     """Every object under a cache folder by key; build.json and manifest.json without created_at.
 
-    Leaves out `.tmp-` objects and locks, which the format allows a killed writer to leave behind.
+    Leaves out `.tmp-` objects and locks, which the format allows a killed writer to leave behind, and the
+    folder's owner.json marker (a random id per folder).
     """
     out = {}
     for path in sorted(Path(root).rglob("*")):
         key = path.relative_to(root).as_posix()
-        if path.is_dir() or path.name.startswith(".tmp-") or key.startswith("locks/"):
+        if path.is_dir() or path.name.startswith(".tmp-") or key.startswith("locks/") or key == "owner.json":
             continue
         data = path.read_bytes()
         if key in ("build.json", "manifest.json"):
@@ -352,7 +356,7 @@ def test_filter_keeps_only_right_answers(tiny_gpt2_dir, gsm8k_rows, tmp_path, mo
 
 
 def test_gsm8k_answers_are_read_after_the_last_marker_else_in_the_last_box():
-    """shared.data.extract_gsm8k_answer, the one reader of --filter gsm8k-answer and of the gsm8k metric: real rows
+    """common.gsm8k.extract_gsm8k_answer, the one reader of --filter gsm8k-answer and of the gsm8k metric: real rows
     of GSM8K's train split, and the same solutions ending in \\boxed{N} (Qwen2.5-Instruct's style) instead."""
     with GSM8K.open(encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(200)]

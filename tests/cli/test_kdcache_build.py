@@ -286,7 +286,7 @@ def test_minillm_prompts_are_the_rouge_prompts(tiny_gpt2_dir, tmp_path):
     loss_mask covers the response (then EOS) only, and the template and field count in the cache_key."""
     from transformers import AutoTokenizer
 
-    from shared.data import MINILLM_TEMPLATE, MINILLM_TEMPLATE_WITH_INPUT
+    from common.templates import MINILLM_TEMPLATE, MINILLM_TEMPLATE_WITH_INPUT
     from trainer.evaluate import EvalConfig, prompts_for
 
     data = write_dolly_like(tmp_path / "dolly.jsonl")

