@@ -138,8 +138,11 @@ def eval_(
     model: str = typer.Option(..., "--model", help="Model folder to evaluate."),
     dataset: str = typer.Option(None, "--dataset", help="Evaluation data (ppl, rouge, gsm8k)."),
     dataset_config: str = typer.Option(None, "--dataset-config", help="Configuration of a hub data set, e.g. main for openai/gsm8k."),
-    metrics: str = typer.Option("ppl", "--metrics", help="Comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore."),
+    metrics: str = typer.Option("ppl", "--metrics", help="Comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore, "
+                                "acceptance, grounding."),
     cache: str = typer.Option(None, "--cache", help="Teacher cache: agreement, and ppl on its held-out rows when no --dataset."),
+    teacher: str = typer.Option(None, "--teacher", help="acceptance: the teacher model folder (exact alpha, and on its "
+                                "sampled continuations); without it, bounds from the cache's top-K."),
     out: str = typer.Option(None, "--out", help="Write all numbers to this JSON file."),
     split: str = typer.Option(None, "--split"),
     text_field: str = typer.Option(None, "--text-field"),
@@ -167,7 +170,7 @@ def eval_(
 
     try:
         config = EvalConfig(model=model, dataset=dataset, dataset_config=dataset_config, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
-                            cache=cache, split=split, text_field=text_field, prompt_field=prompt_field,
+                            cache=cache, teacher=teacher, split=split, text_field=text_field, prompt_field=prompt_field,
                             response_field=response_field, input_field=input_field, max_length=max_length,
                             max_prompt_length=max_prompt_length, limit=limit,
                             seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), greedy=greedy,

@@ -222,6 +222,7 @@ def acceptance_metric(model, sequences: list[dict], num_ids: int, *, teacher=Non
         out.update(alpha=heldout["alpha"], alpha_source="teacher logits", alpha_exact=heldout["alpha"],
                    tokens_per_teacher_forward=heldout["tokens_per_teacher_forward"])
         out["teacher_continuations"] = _continuation_acceptance(model, teacher, sequences, num_ids, seed, batch_size)
+        out["alpha_teacher_continuations"] = out["teacher_continuations"]["alpha"]
     return out
 
 

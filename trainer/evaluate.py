@@ -49,8 +49,9 @@ from common.gsm8k import extract_gsm8k_answer, gsm8k_final_answer
 from common.sequences import load_sequences
 from common.templates import prompt_only_ids
 from shared.reader import CacheReader
+from trainer.hallucination import gsm8k_hallucination
 
-METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore")
+METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore", "acceptance", "grounding")
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
 # Appended to each GSM8K question (after a blank line) so the answer ends in the form the metric and
 # `kdcache build --filter gsm8k-answer` read. examples/prepare_gsm8k.py adds the same line to training prompts.
@@ -75,9 +76,11 @@ class EvalConfig:
     dataset_config: str | None = None
     """Configuration (subset) of a hub data set that has several, e.g. 'main' for openai/gsm8k."""
     metrics: tuple[str, ...] = ("ppl",)
-    """Metrics to compute: ppl, agreement, rouge, gsm8k, mauve, bertscore."""
+    """Metrics to compute: ppl, agreement, rouge, gsm8k, mauve, bertscore, acceptance, grounding."""
     cache: str | None = None
-    """Teacher cache for `agreement`."""
+    """Teacher cache for `agreement` and `acceptance`."""
+    teacher: str | None = None
+    """acceptance: the teacher model folder: alpha from its logits (exact), also on continuations it samples."""
     split: str | None = None
     """Split of the evaluation data set."""
     text_field: str | None = None
@@ -119,7 +122,14 @@ class EvalConfig:
             raise EvalError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
         if "agreement" in self.metrics and not self.cache:
             raise EvalError("metric 'agreement' needs --cache (a teacher cache to compare with)")
-        needs_data = [m for m in self.metrics if m in ("rouge", "gsm8k", "mauve", "bertscore")]
+        if "acceptance" in self.metrics and not self.cache:
+            raise EvalError("metric 'acceptance' needs --cache (held-out text and the teacher's top-K there); add "
+                            "--teacher MODEL for the exact value")
+        if self.teacher and "acceptance" not in self.metrics:
+            raise EvalError("--teacher is used by metric 'acceptance' only: add acceptance to --metrics, or drop --teacher")
+        if "grounding" in self.metrics and not self.prompt_field:
+            raise EvalError("metric 'grounding' needs --prompt-field (and --input-field for the context, dolly's context)")
+        needs_data = [m for m in self.metrics if m in ("rouge", "gsm8k", "mauve", "bertscore", "grounding")]
         if "ppl" in self.metrics and not (self.dataset or self.cache):
             needs_data.append("ppl (or --cache: its held-out sequences)")
         if needs_data and not self.dataset:
@@ -254,6 +264,26 @@ def fold_missing_ids(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, to
         return topk_logprobs, tail_logprob
     moved = torch.logsumexp(torch.where(outside, topk_logprobs, -math.inf), dim=-1)  # (M,)
     return torch.where(outside, -math.inf, topk_logprobs), torch.logaddexp(tail_logprob, moved)
+
+
+@torch.no_grad()
+def draft_acceptance(model, config: EvalConfig, eval_fraction: float) -> dict:
+    """The model as a speculative-decoding draft of the cache's teacher, on the cache's held-out sequences
+    (trainer.acceptance.acceptance_metric): bounds from the top-K, exact with --teacher."""
+    from trainer.acceptance import acceptance_metric
+    from trainer.student import cache_token_ids
+
+    reader = CacheReader(config.cache, verify_on_read=True)
+    selected = cache_sequences(reader, heldout_only=config.heldout_only, limit=config.limit, eval_fraction=eval_fraction)
+    num_ids = cache_token_ids(reader.manifest.tokenizer)
+    teacher = load_model(config.teacher)[0] if config.teacher else None
+    for name, m in (("--model", model), ("--teacher", teacher)):
+        rows = m.get_output_embeddings().weight.shape[0] if m is not None else num_ids
+        if rows < num_ids:
+            raise EvalError(f"{name}: its vocabulary ({rows}) is smaller than the cache's {num_ids} token ids: another "
+                            "tokenizer? The draft and the teacher must share the cache's tokenizer")
+    return {**acceptance_metric(model, selected, num_ids, teacher=teacher, batch_size=config.batch_size),
+            "cache": config.cache, "teacher": config.teacher}
 
 
 def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None, eval_fraction: float = 0.05) -> list[dict]:
@@ -439,7 +469,8 @@ def gsm8k_metric(model, tokenizer, config: EvalConfig) -> dict:
     correct = [a is not None and a == extract_gsm8k_answer(r) for (a, _), r in zip(found, refs)]
     return {"gsm8k_exact_match": float(np.mean(correct)), "num_correct": int(sum(correct)),
             "num_without_answer": sum(a is None for a, _ in found),
-            "num_boxed_answers": sum(form == "boxed" for _, form in found), **counts}
+            "num_boxed_answers": sum(form == "boxed" for _, form in found), **counts,
+            **gsm8k_hallucination(preds)}  # wrong arithmetic statements, answers without a final answer
 
 
 OPTIONAL = {  # metric -> (module, pip package, env var naming the local feature model)
@@ -549,7 +580,8 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
     for metric in config.metrics:
         if metric in OPTIONAL:
             optional_metric_setup(metric)  # a feature model that cannot work fails now, not after generating
-    on_cache_rows = "agreement" in config.metrics or ("ppl" in config.metrics and not config.dataset)
+    on_cache_rows = ("agreement" in config.metrics or "acceptance" in config.metrics
+                     or ("ppl" in config.metrics and not config.dataset))
     if on_cache_rows and config.heldout_only:
         fraction, split_from = heldout_split(config)  # before loading anything: a refusal costs nothing
         rows = {"source": "cache held-out", "eval_fraction": fraction, "split_from": split_from}
@@ -574,6 +606,12 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
             value = agreement(model, config.cache, heldout_only=config.heldout_only, limit=config.limit,
                               batch_size=config.batch_size, eval_fraction=fraction)
             value.update(rows)
+        elif metric == "acceptance":
+            value = {**draft_acceptance(model, config, fraction), **rows}
+        elif metric == "grounding":
+            from trainer.hallucination_eval import grounding_metric
+
+            value = grounding_metric(model, tokenizer, config, generate)
         elif metric == "rouge":
             value = rouge_metric(model, tokenizer, config)
         elif metric == "gsm8k":

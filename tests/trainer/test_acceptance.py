@@ -269,3 +269,52 @@ def test_continuations_are_seeded_and_sized(trained_cache, trained_teacher_dir):
         assert prompt == continuation_prompt_length(s["loss_mask"])
         assert np.array_equal(ids[:prompt], s["input_ids"][:prompt])
         assert 1 <= len(ids) - prompt <= n - prompt  # no longer than the text it replaces
+
+
+# ---------------------------------------------------------------------------------------------
+# kdtrain eval --metrics acceptance
+
+
+def quiet(message):
+    pass
+
+
+def test_kdtrain_eval_acceptance(trained_cache, trained_teacher_dir, tiny_llama_dir, tmp_path):
+    import json
+
+    from trainer.evaluate import EvalConfig, evaluate
+
+    out = tmp_path / "eval.json"
+    result = evaluate(EvalConfig(model=str(tiny_llama_dir), cache=trained_cache, teacher=str(trained_teacher_dir),
+                                 metrics=("acceptance",), limit=3, batch_size=2, out=str(out)), log=quiet)
+    value = result.metrics["acceptance"]
+    assert value["alpha_source"] == "teacher logits" and value["alpha"] == value["alpha_exact"]
+    assert value["alpha_cache_lower"] - 2e-3 <= value["alpha"] <= value["alpha_cache_upper"] + 2e-3
+    assert 0 < value["alpha_teacher_continuations"] < 1
+    assert value["source"] == "cache held-out" and value["eval_fraction"] == pytest.approx(0.05)
+    assert json.loads(out.read_text())["metrics"]["acceptance"]["alpha"] == value["alpha"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metrics": ("acceptance",)}, "'acceptance' needs --cache"),
+    ({"metrics": ("ppl",), "cache": "c", "teacher": "t"}, "--teacher is used by metric 'acceptance' only"),
+])
+def test_kdtrain_eval_acceptance_refusals(kwargs, message):
+    from trainer.evaluate import EvalConfig, EvalError
+
+    with pytest.raises(EvalError, match=message):
+        EvalConfig(model="m", **kwargs)
+
+
+def test_kdtrain_eval_acceptance_refuses_a_teacher_with_fewer_token_ids(trained_cache, tiny_llama_dir,
+                                                                        tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from trainer.evaluate import EvalConfig, EvalError, evaluate
+
+    small = tmp_path / "small-teacher"
+    GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=32, n_layer=1, n_head=2)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(small)
+    with pytest.raises(EvalError, match=r"--teacher: its vocabulary \(16\) is smaller than the cache's"):
+        evaluate(EvalConfig(model=str(tiny_llama_dir), cache=trained_cache, teacher=str(small),
+                            metrics=("acceptance",), limit=1), log=quiet)

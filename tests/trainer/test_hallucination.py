@@ -241,3 +241,98 @@ def test_grounding_hallucination_nothing_stated_and_mismatched_lengths():
     assert out["unsupported_rate"] is None and out["num_answers_with_unsupported"] == 0
     with pytest.raises(ValueError, match="one prompt and one context"):
         grounding_hallucination(["a", "b"], ["p"], [None, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Wired into kdtrain eval: the gsm8k metric's answers, and the grounding metric (generation faked)
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gsm8k_metric_reports_the_hallucination_rates(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import trainer.evaluate as ev
+
+    data = write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"Question {i}?", "answer": "#### 72"} for i in range(3)])
+    answers = ["48/2 = <<48/2=24>>24 and 48 + 24 = 72\n#### 72", "3 * 4 = 13, so \\boxed{13}", "I do not know."]
+    monkeypatch.setattr(ev, "generate", lambda *args, **kwargs: answers)
+    config = ev.EvalConfig(model="unused", dataset=data, metrics=("gsm8k",), prompt_field="question",
+                           response_field="answer")
+    out = ev.gsm8k_metric(None, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), config)
+    # statements: 48/2=24 (annotation), 48+24=72, 3*4=13 (wrong): 1 of 3; no final answer: the third, 1 of 3
+    assert (out["num_statements"], out["num_wrong_statements"]) == (3, 1)
+    assert out["wrong_statement_rate"] == pytest.approx(1 / 3)
+    assert out["num_without_final_answer"] == out["num_without_answer"] == 1
+    assert out["no_final_answer_rate"] == pytest.approx(1 / 3) and out["num_correct"] == 1
+
+
+DOLLY = [
+    {"instruction": "When was the tower finished?", "context": "The tower in Paris was finished in 1889.",
+     "response": "1889", "category": "closed_qa"},
+    {"instruction": "Write a poem about Rome.", "context": "", "response": "...", "category": "creative_writing"},
+    {"instruction": "List the members.", "context": "The members were Anna and Ben.", "response": "Anna, Ben",
+     "category": "information_extraction"},
+]
+
+
+def grounding_config(data, **kwargs):
+    from trainer.evaluate import EvalConfig
+
+    fields = {"prompt_field": "instruction", "input_field": "context", **kwargs}
+    return EvalConfig(model="unused", dataset=data, metrics=("grounding",), **fields)
+
+
+def test_grounding_metric_on_the_grounded_categories(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from trainer.hallucination_eval import grounding_metric
+
+    data = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
+    asked = []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        asked.extend(tokenizer.decode(p) for p in prompts)
+        return ["It was finished in 1889 by Gustave Eiffel.", "The members were Anna, Ben and Carl."]
+
+    out = grounding_metric(None, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), grounding_config(data), fake_generate)
+    # the creative_writing row is not asked; MiniLLM's template with the context as its input
+    assert len(asked) == 2 and "When was the tower finished?" in asked[0] and "### Input:" in asked[0]
+    # numbers {1889}: supported; names {gustave, eiffel} + {anna, ben, carl}: gustave, eiffel and carl unsupported
+    assert (out["num_numbers"], out["num_unsupported_numbers"]) == (1, 0)
+    assert (out["num_names"], out["num_unsupported_names"]) == (5, 3)
+    assert out["unsupported_rate"] == pytest.approx(3 / 6) and out["num_answers_with_unsupported"] == 2
+    assert out["num_examples"] == 2 and out["categories"] == ["closed_qa", "information_extraction"]
+
+
+def test_grounding_metric_without_a_category_column_takes_every_row(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from trainer.hallucination_eval import grounded_rows
+
+    data = write_jsonl(tmp_path / "plain.jsonl", [{k: v for k, v in r.items() if k != "category"} for r in DOLLY])
+    ids, prompts, contexts, counts = grounded_rows(grounding_config(data), AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    assert len(ids) == 3 and prompts == [r["instruction"] for r in DOLLY] and contexts == [DOLLY[0]["context"], None, DOLLY[2]["context"]]
+    assert counts["categories"] == "all rows (no category column)"
+
+
+def test_grounding_refusals(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from trainer.evaluate import EvalConfig, EvalError
+    from trainer.hallucination_eval import grounded_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    with pytest.raises(EvalError, match="'grounding' needs --prompt-field"):
+        EvalConfig(model="m", dataset="d.jsonl", metrics=("grounding",))
+    data = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
+    with pytest.raises(ValueError, match="field 'question' is not in"):
+        grounded_rows(grounding_config(data, prompt_field="question"), tokenizer)
+    only_open = write_jsonl(tmp_path / "open.jsonl", [DOLLY[1]])
+    with pytest.raises(ValueError, match="no rows of category closed_qa or information_extraction"):
+        grounded_rows(grounding_config(only_open), tokenizer)
