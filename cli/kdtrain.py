@@ -196,18 +196,21 @@ def eval_(
 def _plan_progress():
     """(log, progress) for run_plan: stage lines printed above a live bar of stages with the running
     stage's latest log line (its own progress bar or training step) beside it."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from orchestration.runner import printable
 
     with Progress(TextColumn("[bold]stages"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=False) as bar:
         task = bar.add_task("", total=None)
 
         def log(message: str) -> None:
-            bar.console.print(message, highlight=False, soft_wrap=True, markup=False)
+            bar.console.print(printable(message), highlight=False, soft_wrap=True, markup=False)
 
         def progress(finished: int, total: int, stage_id: str, line: str) -> None:
-            bar.update(task, completed=finished, total=total,
-                       description=f"{stage_id}: {line[-90:]}" if line else stage_id)
+            shown = escape(printable(f"{stage_id}: {line[-90:]}" if line else stage_id))  # the bar renders markup
+            bar.update(task, completed=finished, total=total, description=shown)
 
         yield log, progress
 
@@ -224,7 +227,7 @@ def chain(
     """Run a sequential/parallel distillation plan, resumably; write report.md/json and plots."""
     from orchestration.checks import check_plan
     from orchestration.plan import PlanError, load_plan
-    from orchestration.runner import describe_stages, run_plan
+    from orchestration.runner import describe_stages, dry_run_lines, printable, run_plan
 
     try:
         p = load_plan(plan, out=out)
@@ -233,20 +236,14 @@ def chain(
         if cache_root:
             p.cache_root = cache_root
         if dry_run:
-            for note in check_plan(p, strict=False):  # a tokenizer mismatch is an error here too
-                console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+            for note in check_plan(p, strict=False):  # a tokenizer mismatch or a bad setting is an error here too
+                console.print(f"note: {printable(note)}", highlight=False, soft_wrap=True, markup=False)
             rows = describe_stages(p)
             if as_json:
                 stdout.print_json(json.dumps(rows))
                 return
-            table = Table(title=f"plan {p.name}: {len(rows)} stages -> {p.out}")
-            for col in ("stage", "state", "details"):
-                table.add_column(col)
-            for r in rows:
-                state = "done" if r["done"] else ("cache " + r["cache_state"] if r["kind"] == "cache" else "to run")
-                details = (r["cache"] + (" (reused)" if r.get("reused") else "")) if r["kind"] == "cache" else r["command"][:80]
-                table.add_row(r["stage"], state, details)
-            stdout.print(table)
+            for line in dry_run_lines(p, rows):
+                stdout.print(line, highlight=False, soft_wrap=True, markup=False)
             return
         with _plan_progress() as (log, progress):
             report = run_plan(p, log=log, progress=progress)

@@ -7,8 +7,11 @@ run on another machine; this package only plans, validates, runs and reports the
 - plan.py: plan files: bounded loading, parsing and key checks (`Plan`, `PlanError`).
 - stages.py: the plan as an ordered list of stages, each with its settings and its command.
 - caches.py: what the cache stages left: markers, recorded caches, their manifests and keys.
+- identity.py: a stage's settings as its command's dataclass takes them, their validation, and the
+  stage's identity (its settings after defaults and its inputs' identities).
+- state.py: where each stage stands (done, to run, to rerun and why, waiting for an earlier stage).
 - checks.py: what is checked before any stage runs (files, tokenizers).
-- runner.py: running stages as processes, done-markers, the dry run.
+- runner.py: running stages as processes, their markers, the dry run.
 - report.py: report.json, report.md and the plots, from what the stages left on disk.
 - demo.py: the embedded default plan (`kdtrain demo`).
 """

@@ -13,30 +13,48 @@ import json
 import os
 
 from orchestration.plan import TEACHER, Plan, PlanError
-from orchestration.stages import BUILD_STATUSES, cache_dir_of, marker_of
+from orchestration.stages import BUILD_STATUSES, marker_of
 from shared.format import CacheError
+
+
+def read_marker(path: str) -> dict | None:
+    """A stage marker's JSON object, or None when there is none (or it is not a JSON object)."""
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def recorded_cache(plan: Plan, node: str) -> str | None:
     """The cache node's finished cache stage recorded (what `kdcache build` reported), if any."""
-    try:
-        with open(marker_of(plan, "cache", node)) as f:
-            recorded = json.load(f).get("cache")
-    except (FileNotFoundError, ValueError, AttributeError):
-        return None
+    recorded = (read_marker(marker_of(plan, "cache", node)) or {}).get("cache")
     return recorded if isinstance(recorded, str) and recorded else None
 
 
-def cache_of(plan: Plan, node: str) -> str:
-    """The cache that node's students train on: the one its cache stage recorded, else where it asks for one."""
-    return recorded_cache(plan, node) or cache_dir_of(plan, node)
+def cache_output(url: str) -> dict | None:
+    """What a complete cache gives the stages after it, read from its manifest: {"cache", "cache_key", "teacher"
+    (the identity of its teacher: weights sha256, else name and revision), "teacher_path"}. None when url holds
+    no readable complete cache."""
+    try:
+        manifest = read_manifest(url)
+    except (CacheError, OSError, ValueError):
+        return None
+    teacher = manifest.teacher
+    identity = teacher.get("weights_sha256") or json.dumps([teacher.get("name"), teacher.get("revision")])
+    return {"cache": url, "cache_key": manifest.cache_key, "teacher": f"weights:{identity}",
+            "teacher_path": teacher.get("path")}
 
 
 def teacher_folder(plan: Plan) -> str:
     """The root teacher's local folder: the plan's model if it is a folder, else what its cache recorded."""
     if os.path.isdir(plan.teacher["model"]):
         return plan.teacher["model"]
-    cache = cache_of(plan, TEACHER)
+    cache = recorded_cache(plan, TEACHER)
+    if cache is None:
+        raise PlanError(f"cannot find the teacher's folder: {plan.teacher['model']} is not a folder and the teacher "
+                        "cache is not built yet")
     try:
         return read_manifest(cache).teacher["path"]
     except (CacheError, OSError, ValueError, KeyError, TypeError) as exc:

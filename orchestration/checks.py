@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from orchestration.caches import cache_of, read_manifest
+from orchestration.caches import read_manifest, recorded_cache
 from orchestration.plan import TEACHER, Plan, PlanError
 from shared.format import CacheError
 
@@ -62,7 +62,10 @@ def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str, int | None] | None:
     from trainer.student import cache_token_ids
 
     try:
-        m = read_manifest(cache_of(plan, TEACHER))
+        cache = recorded_cache(plan, TEACHER)
+        if cache is None:
+            raise FileNotFoundError("no teacher cache yet")
+        m = read_manifest(cache)
         return (m.tokenizer["vocab_sha256"], cache_token_ids(m.tokenizer), str(m.teacher.get("name", plan.teacher["model"])),
                 m.tokenizer.get("tokenizer_size"))
     except (CacheError, OSError, ValueError, KeyError):

@@ -16,9 +16,9 @@ import json
 import os
 import struct
 
-from orchestration.caches import cache_of, teacher_folder
+from orchestration.caches import read_marker, teacher_folder
 from orchestration.plan import TEACHER, PlanError
-from orchestration.stages import model_dir_of
+from orchestration.stages import model_dir_of, stage_id
 
 ARROW = " → "
 COLUMNS = (  # (metric file key, value key, column title, better)
@@ -131,6 +131,13 @@ def _model_parameters(plan, node: str, run_dir: str | None) -> int | None:
 
 
 def write_report(plan, stages) -> dict:
+    """report.json, report.md and the plots under plan.out, from what the stages left on disk.
+
+    The settings it states are those each stage's done-marker recorded (the settings its result was produced
+    with, state.marker_record), never the plan's current ones: "train" holds the settings every KD train
+    stage shared, each row its own train stage's, "cache" the root teacher cache stage's.
+    """
+    markers = {st.id: read_marker(st.marker) or {} for st in stages}
     runs = {st.node: st.outputs["run"] for st in stages if st.kind == "train"}
     rows = []
     for st in stages:
@@ -146,6 +153,7 @@ def write_report(plan, stages) -> dict:
                "teacher": plan.teacher["model"] if teacher else "", "assistants": assistants,
                "model": model_dir_of(plan, node),
                "num_parameters": _model_parameters(plan, node, runs.get(node) if node != TEACHER else None),
+               "train_settings": markers.get(stage_id("train", node), {}).get("settings"),
                "metrics": {}}
         for metric, key, title, _ in COLUMNS:
             value = metrics.get(metric, {}).get(key)
@@ -158,19 +166,26 @@ def write_report(plan, stages) -> dict:
             if isinstance(value, dict) and "skipped" in value:
                 row["metrics"][f"{metric} (skipped)"] = value["skipped"]
         rows.append(row)
-    caches = {st.node: cache_of(plan, st.node) for st in stages if st.kind == "cache"}
-    report = {"plan": plan.name, "teacher": plan.teacher["model"], "train": plan.train, "cache": plan.cache,
+    caches = {st.node: markers[st.id].get("cache") for st in stages if st.kind == "cache"}
+    kd_settings = [markers[st.id].get("settings") or {} for st in stages
+                   if st.kind == "train" and not st.node.startswith("ce:")]
+    report = {"plan": plan.name, "teacher": plan.teacher["model"], "train": _shared(kd_settings),
+              "cache": markers.get(stage_id("cache", TEACHER), {}).get("settings"),
               "caches": caches, "rows": rows, "comparisons": _comparisons(rows)}
     os.makedirs(plan.out, exist_ok=True)
-    with open(os.path.join(plan.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    plots = _plots(plan, stages, rows)
-    report["plots"] = plots
+    report["plots"] = _plots(plan, stages, rows)
     with open(os.path.join(plan.out, "report.md"), "w") as f:
         f.write(render_markdown(report))
     with open(os.path.join(plan.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def _shared(settings: list[dict]) -> dict:
+    """The items every one of settings has with one value (the student's own fields differ per stage)."""
+    if not settings:
+        return {}
+    return {k: v for k, v in settings[0].items() if all(k in s and s[k] == v for s in settings[1:])}
 
 
 def _comparisons(rows: list[dict]) -> list[dict]:

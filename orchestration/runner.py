@@ -1,7 +1,11 @@
 """Running a plan: each stage not yet done, in order, as its own process; done-markers; the dry run.
 
-A stage that finished has a marker in `<out>/stages/` and is skipped on the next run; a stage's output
-goes to `<out>/logs/<stage>.log`. When every stage is done the report is written (report.py).
+A stage runs when it is not done (state.py: never run, interrupted, or its identity changed); before its
+process starts, `<out>/stages/<stage>.started.json` records the identity it runs with, and when it
+finishes `<out>/stages/<stage>.done.json` records that identity, its settings after defaults, its
+inputs and (a cache stage) the cache `kdcache build` reported. A train stage whose identity changed
+runs `kdtrain run --overwrite` on its run folder; any other runs with `--resume`. A stage's output goes
+to `<out>/logs/<stage>.log`. When every stage is done the report is written (report.py).
 """
 
 from __future__ import annotations
@@ -12,54 +16,64 @@ import shlex
 import subprocess
 import time
 
-from orchestration.caches import cache_of, cache_state, reported_cache, teacher_folder
+from orchestration.caches import cache_state, reported_cache
 from orchestration.checks import check_plan
 from orchestration.plan import Plan, PlanError
 from orchestration.report import write_report
-from orchestration.stages import TEACHER_FOLDER, Stage, stages_of
+from orchestration.stages import CACHE_DIR, TEACHER_FOLDER, stage_id, stages_of
+from orchestration.state import CHANGED, DONE, assess, marker_record, output_after_run, predicted_output
 
-
-def stage_done(stage: Stage, plan: Plan | None = None) -> bool:
-    """A stage is done when its marker exists; a cache stage also needs its recorded cache to be complete."""
-    if not os.path.exists(stage.marker):
-        return False
-    if stage.kind == "cache" and plan is not None:
-        return cache_state(cache_of(plan, stage.node)) == "complete"
-    return True
-
-
-def resolve_command(plan: Plan, command: list[str], *, strict: bool = True) -> list[str]:
-    """Replace the placeholders of a stage's command: the teacher's folder and the caches of nodes.
-
-    strict=False (for --dry-run) keeps a placeholder that cannot be resolved yet.
-    """
-    out = []
-    for c in command:
-        if c == TEACHER_FOLDER:
-            try:
-                c = teacher_folder(plan)
-            except PlanError:
-                if strict:
-                    raise
-        elif c.startswith("{cache:") and c.endswith("}"):
-            c = cache_of(plan, c[len("{cache:"):-1])
-        out.append(c)
-    return out
+STATE_WORDS = {DONE: "done", "new": "to run", CHANGED: "reruns", "interrupted": "continues", "waits": "may rerun"}
 
 
 def describe_stages(plan: Plan) -> list[dict]:
-    rows = []
+    """What a run would do now, stage by stage (the dry run): {"stage", "kind", "node", "done", "state", "reasons",
+    "waits_for", "command"} and, for cache stages, {"cache", "cache_state", "reused"}. A stage after one that
+    is still to run is assessed with what that one is known to give (state.predicted_output)."""
+    rows, known = [], {}
     for st in stages_of(plan):
-        row = {"stage": st.id, "kind": st.kind, "node": st.node, "done": stage_done(st, plan)}
+        a = assess(plan, st, known)
+        known[st.id] = a.output if a.state == DONE else predicted_output(a)
+        row = {"stage": st.id, "kind": st.kind, "node": st.node, "done": a.state == DONE, "state": a.state,
+               "reasons": a.reasons, "waits_for": a.waits_for, "identity": a.identity}
         if st.kind == "cache":
-            cache = cache_of(plan, st.node)
-            row["cache"] = cache
-            row["cache_state"] = cache_state(cache)
-            if cache != st.outputs["cache"]:
+            planned = a.values["out"]
+            row["cache"] = a.output["cache"] if a.state == DONE else planned
+            row["cache_state"] = cache_state(row["cache"]) if a.identity is not None else "missing"
+            if row["cache"] != planned:
                 row["reused"] = True  # an identical cache another build (another plan) wrote
-        row["command"] = " ".join(shlex.quote(c) for c in resolve_command(plan, st.command, strict=False))
+        row["command"] = shlex.join(_shown_placeholder(c, st) for c in a.command)
         rows.append(row)
     return rows
+
+
+def _shown_placeholder(arg: str, stage) -> str:
+    """A placeholder a dry run cannot resolve yet, as words that say what it waits for."""
+    if arg == TEACHER_FOLDER:
+        return "<the teacher's folder, as cache:teacher records it>"
+    if arg == CACHE_DIR:
+        return f"<a folder named by this stage's identity, known once {stage.inputs['model'][1]} ran>"
+    if arg.startswith("{cache:") and arg.endswith("}"):
+        return f"<the cache {stage_id('cache', arg[len('{cache:'):-1])} reports>"
+    return arg
+
+
+def dry_run_lines(plan: Plan, rows: list[dict]) -> list[str]:
+    """The dry run as text: per stage its state and why, then its whole command (placeholders resolved where
+    they can be; otherwise which stage it waits for)."""
+    lines = [f"plan {plan.name}: {len(rows)} stages -> {plan.out}"]
+    for r in rows:
+        state = STATE_WORDS[r["state"]]
+        if r["kind"] == "cache" and r["state"] == DONE:
+            state += f": {r['cache']}" + (" (reused)" if r.get("reused") else "")
+        lines.append(f"{r['stage']}: {state}" + "".join(f"\n    - {reason}" for reason in r["reasons"]))
+        lines.append(f"    $ {r['command']}")
+    return lines
+
+
+def printable(text: str) -> str:
+    """text with control characters (terminal escapes, carriage returns) shown as escapes; newlines and tabs kept."""
+    return "".join(c if c in "\n\t" or (c.isprintable() and c != "\x7f") else repr(c)[1:-1] for c in text)
 
 
 def _last_line(path: str) -> str:
@@ -94,9 +108,17 @@ def run_stage(command: list[str], log_path: str, env: dict, on_line=None, poll_s
             raise
 
 
-def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None) -> dict:
+def _write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None, only: set[str] | None = None) -> dict:
     """Run every stage not yet done, in order; then write the report. Returns the report dict.
 
+    only: run only these stage ids (the others must be done already, where a selected stage needs them);
+    the report is then written only when every stage is done.
     progress, if given, is called as progress(stages_finished, num_stages, stage_id, last_log_line) about
     twice a second while a stage runs and once after each stage (the CLI draws it as a progress bar).
     """
@@ -106,31 +128,53 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None) -
     with open(os.path.join(plan.out, "plan.json"), "w") as f:
         json.dump(plan.__dict__, f, indent=1, default=str)
     stages = stages_of(plan)
+    known: dict[str, dict] = {}
     for i, st in enumerate(stages, 1):
-        if stage_done(st, plan):
+        a = assess(plan, st, known)
+        if a.state == DONE:
             log(f"[{i}/{len(stages)}] {st.id}: done earlier, skipped")
+            known[st.id] = a.output
             continue
-        command = resolve_command(plan, st.command)
-        log(f"[{i}/{len(stages)}] {st.id}: " + " ".join(shlex.quote(c) for c in command[2:]))
-        started = time.time()
-        log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")
-        on_line = None if progress is None else (lambda line, i=i, sid=st.id: progress(i - 1, len(stages), sid, line))
-        rc = run_stage(command, log_path, {**os.environ, **(env or {})}, on_line)
-        if rc != 0:
-            with open(log_path) as lf:
-                tail = lf.read()[-3000:]
-            raise PlanError(f"stage {st.id} failed with exit code {rc}; log: {log_path}\n{tail}\n"
-                            "Fix the cause and rerun the same command: finished stages are skipped.")
-        marker = {"stage": st.id, "seconds": round(time.time() - started, 1), "command": command}
-        if st.kind == "cache":
-            with open(log_path) as lf:
-                marker.update(reported_cache(plan, lf.read()))
-            if marker["cache"] != st.outputs["cache"]:
-                log(f"    {marker['status']}: {marker['cache']} (cache_key {marker['cache_key'][:12]})")
-        with open(st.marker + ".tmp", "w") as f:
-            json.dump(marker, f)
-        os.replace(st.marker + ".tmp", st.marker)
-        log(f"    done in {time.time() - started:.0f}s")
+        if only is not None and st.id not in only:
+            log(f"[{i}/{len(stages)}] {st.id}: not selected ({STATE_WORDS[a.state]})")
+            continue
+        if a.waits_for:
+            raise PlanError(f"stage {st.id} needs {', '.join(a.waits_for)} done first; run the plan without --stage, "
+                            "or select those stages too")
+        for reason in a.reasons:
+            log(f"[{i}/{len(stages)}] {st.id}: {STATE_WORDS[a.state]}: {reason}")
+        known[st.id] = _run_one(plan, a, f"[{i}/{len(stages)}]", log, env,
+                                None if progress is None else (lambda line, i=i, sid=st.id: progress(i - 1, len(stages), sid, line)))
         if progress is not None:
             progress(i, len(stages), st.id, "")
+    if len(known) < len(stages):
+        return {}
     return write_report(plan, stages)
+
+
+def _run_one(plan: Plan, a, counter: str, log, env: dict | None, on_line) -> dict:
+    """Run one assessed stage's process, write its done-marker; what it gives the stages after it."""
+    st, command = a.stage, a.command
+    log(f"{counter} {st.id}: " + shlex.join(command[2:]))
+    started = time.time()
+    _write_json(st.started_marker, {**marker_record(a), "started_at": started})
+    log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")
+    rc = run_stage(command, log_path, {**os.environ, **(env or {})}, on_line)
+    if rc != 0:
+        with open(log_path) as lf:
+            tail = lf.read()[-3000:]
+        raise PlanError(f"stage {st.id} failed with exit code {rc}; log: {log_path}\n{tail}\n"
+                        "Fix the cause and rerun the same command: finished stages are skipped.")
+    marker = {**marker_record(a), "seconds": round(time.time() - started, 1), "command": command}
+    if st.kind == "cache":
+        with open(log_path) as lf:
+            marker.update(reported_cache(plan, lf.read()))
+        if marker["cache"] != a.values["out"]:
+            log(f"    {marker['status']}: {marker['cache']} (cache_key {marker['cache_key'][:12]})")
+    output = output_after_run(st, marker)
+    if output is None:
+        raise PlanError(f"stage {st.id} exited 0 but left no complete output ({st.outputs or marker.get('cache')}); "
+                        f"see its log {log_path}")
+    _write_json(st.marker, marker)
+    log(f"    done in {time.time() - started:.0f}s")
+    return output

@@ -1,22 +1,25 @@
 """A plan as an ordered list of stages: build a cache, train a student, evaluate a model.
 
 Each stage runs as its own process (`kdcache build`, `kdtrain run`, `kdtrain eval`), so any stage can
-run on another machine. Train stages always run with `--resume`: an interrupted `kdtrain run`
-continues from its latest checkpoint, or starts again from step 0 when it was killed before its first.
+run on another machine. A stage is its command's settings (keyed by the field names of the command's
+settings dataclass: BuildConfig, TrainConfig, EvalConfig) plus the inputs that earlier stages or
+local files provide; its command line is produced from those settings. Values that only an earlier
+stage can provide are placeholders until it has run: the cache a node's cache stage recorded
+(`{cache:<node>}`), the root teacher's local folder (`{teacher_folder}`), and a cache stage's own
+folder (`{cache_dir}`, named by the stage's identity).
 
 Caches live under `cache_root` (shared across plans) in folders named
-`<plan name>__<node>-<digest of the build's model, data and cache settings>`, so plans that share a
-name but not their data never write into one folder.
+`<plan name>__<node>-<first 8 hex digits of the cache stage's identity>`, so plans that share a name
+but not their data, settings or teacher never write into one folder, and a retrained assistant gets a
+new cache folder instead of overwriting its old one (another plan may still use that).
 
 Students are initialized independently of the path they are trained on (a layer-dropped copy of
 the plan's teacher, a model folder or hub id, or a config), so paths are compared from the same
-starting point. Knows plans and command lines; runs nothing and reads nothing from disk.
+starting point. Knows plans and command lines; runs nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,20 +34,54 @@ TEACHER_FOLDER = "{teacher_folder}"
 # "{cache:<node>}" stands for the cache of <node> in train and eval commands until its cache stage has
 # run and recorded the cache `kdcache build` reported (its own --out, or an identical cache it reused).
 CACHE_REF = "{{cache:{}}}"
+# A cache stage's --out until its identity is known (cache_dir_of).
+CACHE_DIR = "{cache_dir}"
 # What `kdcache build --json` prints last, on a line of its own (cacher.build.BuildResult.to_json).
 BUILD_STATUSES = ("built", "already built", "reused", "partial")
+# The module and subcommand each kind of stage runs.
+COMMANDS = {"cache": ("cli.kdcache", "build"), "train": ("cli.kdtrain", "run"), "eval": ("cli.kdtrain", "eval")}
 
 
 @dataclass
 class Stage:
-    """One step of a plan: build a cache, train a student, or evaluate a model."""
+    """One step of a plan: build a cache, train a student, or evaluate a model.
+
+    settings: the command's options by settings-dataclass field name (placeholders where an earlier
+    stage provides the value). inputs: what else determines the output, name -> (kind, value):
+    ("stage", id) the output of an earlier stage (a cache stage's cache_key, a train stage's identity),
+    ("teacher", id) the teacher weights recorded in that cache stage's manifest, ("local", path or
+    name) a local file or folder's fingerprint, or the name itself when it is not a local path.
+    """
 
     id: str
     kind: str  # "cache" | "train" | "eval"
     node: str  # "teacher", "teacher>assistant", "ce:student", ...
-    command: list[str]
+    settings: dict
     marker: str
+    inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> list[str]:
+        """The command with its placeholders (runner.resolve fills them in)."""
+        return command_of(self.kind, self.settings)
+
+    @property
+    def started_marker(self) -> str:
+        """Written before the stage's process starts: the identity it was started with."""
+        return self.marker[: -len(".done.json")] + ".started.json"
+
+
+def command_of(kind: str, settings: dict, *, overwrite: bool = False) -> list[str]:
+    """The stage's command line: its settings as options, and the flags the chain always passes.
+
+    kdcache build prints its JSON report (--json), which the chain reads. kdtrain run gets --resume (an
+    interrupted run continues from its latest checkpoint, or starts over when it was killed before its
+    first), or --overwrite when the stage's identity changed since its run folder was written.
+    """
+    module, subcommand = COMMANDS[kind]
+    flags = {"cache": ["--json"], "train": ["--overwrite" if overwrite else "--resume"], "eval": []}[kind]
+    return python_cli(module) + [subcommand] + _options(settings) + flags
 
 
 def nodes_of(plan: Plan) -> list[str]:
@@ -62,14 +99,18 @@ def slug(node: str) -> str:
     return node.replace(">", "__").replace(":", "-")
 
 
-def _python_cli(module: str) -> list[str]:
+def stage_id(kind: str, node: str) -> str:
+    return f"{kind}:{slug(node)}"
+
+
+def python_cli(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def _options(settings: dict, mapping: dict[str, str] | None = None) -> list[str]:
+def _options(settings: dict) -> list[str]:
     args = []
     for key, value in settings.items():
-        flag = "--" + (mapping or {}).get(key, key).replace("_", "-")
+        flag = "--" + key.replace("_", "-")
         if value is None:
             continue
         if isinstance(value, bool):
@@ -90,18 +131,12 @@ def model_dir_of(plan: Plan, node: str) -> str:
     return os.path.join(plan.out, "runs", slug(node))
 
 
-def cache_dir_of(plan: Plan, node: str) -> str:
-    """The folder the chain asks `kdcache build` to write node's cache to (see cache_of for the one used).
-
-    Named by the plan, the node and a digest of what the build depends on (model, data and cache
-    settings), so two plans with one name but other data or teachers never share a folder.
-    """
-    model = model_dir_of(plan, node)
-    if node != TEACHER:
-        model = os.path.abspath(model)
-    settings = json.dumps({"model": model, "data": plan.data, "cache": plan.cache}, sort_keys=True, default=str)
-    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
-    return os.path.join(plan.cache_root, f"{plan.name}__{slug(node)}-{digest}")
+def cache_dir_of(plan: Plan, node: str, identity: str) -> str:
+    """The folder the chain asks `kdcache build` to write node's cache to (the cache used is the one the build
+    reports: caches.recorded_cache). Named by the plan, the node and the cache stage's identity, which covers
+    the model (the root teacher's name or files, a trained node's train stage), the data and every build
+    setting: a plan whose data, settings or teacher changed never writes into an earlier build's folder."""
+    return os.path.join(plan.cache_root, f"{plan.name}__{slug(node)}-{identity[:8]}")
 
 
 def marker_of(plan: Plan, kind: str, node: str) -> str:
@@ -109,34 +144,34 @@ def marker_of(plan: Plan, kind: str, node: str) -> str:
 
 
 def stages_of(plan: Plan) -> list[Stage]:
-    """The plan as an ordered list of stages; each runs as its own process."""
+    """The plan as an ordered list of stages; each runs as its own process after the stages it needs."""
     stages: list[Stage] = []
     teacher_nodes = [TEACHER] + [n for n in nodes_of(plan) if any(m.startswith(n + ">") for m in nodes_of(plan))]
 
-    def add(kind, node, command, **outputs):
-        sid = f"{kind}:{slug(node)}"
-        stages.append(Stage(sid, kind, node, command, marker_of(plan, kind, node), outputs))
+    def add(kind, node, settings, inputs, **outputs):
+        stages.append(Stage(stage_id(kind, node), kind, node, settings, marker_of(plan, kind, node), inputs, outputs))
 
-    build_common = _options(plan.data) + _options(plan.cache)
     for node in [TEACHER] + nodes_of(plan):
         if node != TEACHER:  # train the node first: it is the teacher of its own cache
-            parent = node.rsplit(">", 1)[0]
-            student = node.rsplit(">", 1)[1]
-            add("train", node, _train_command(plan, student, CACHE_REF.format(parent), model_dir_of(plan, node), None),
+            parent, student = node.rsplit(">", 1)
+            add("train", node, *_train_stage(plan, student, parent, model_dir_of(plan, node), None),
                 run=model_dir_of(plan, node))
         if node in teacher_nodes:
-            add("cache", node, _python_cli("cli.kdcache") + ["build", "--model", model_dir_of(plan, node),
-                                                            "--out", cache_dir_of(plan, node), "--json"] + build_common,
-                cache=cache_dir_of(plan, node))
+            settings = {"model": model_dir_of(plan, node), "out": CACHE_DIR, **plan.data, **plan.cache}
+            model = ("local", plan.teacher["model"]) if node == TEACHER else ("stage", stage_id("train", node))
+            add("cache", node, settings, {"model": model, **_data_input(plan.data)})
     for student in _baseline_students(plan):
         node = f"ce:{student}"
-        add("train", node, _train_command(plan, student, CACHE_REF.format(TEACHER), model_dir_of(plan, node), "ce"),
+        add("train", node, *_train_stage(plan, student, TEACHER, model_dir_of(plan, node), "ce"),
             run=model_dir_of(plan, node))
     for node in [TEACHER] + nodes_of(plan) + [f"ce:{s}" for s in _baseline_students(plan)]:
         out_file = os.path.join(plan.out, "eval", f"{slug(node)}.json")
-        model = TEACHER_FOLDER if node == TEACHER and not os.path.isdir(plan.teacher["model"]) else model_dir_of(plan, node)
-        add("eval", node, _eval_command(plan, model, out_file), eval=out_file)
+        add("eval", node, *_eval_stage(plan, node, out_file), eval=out_file)
     return stages
+
+
+def _data_input(settings: dict) -> dict:
+    return {"dataset": ("local", settings["dataset"])} if settings.get("dataset") else {}
 
 
 def _baseline_students(plan: Plan) -> list[str]:
@@ -154,35 +189,49 @@ def _students_in_paths(plan: Plan) -> list[str]:
     return seen
 
 
-def _train_command(plan: Plan, student: str, cache: str, out: str, loss: str | None) -> list[str]:
+def _train_stage(plan: Plan, student: str, parent: str, out: str, loss: str | None) -> tuple[dict, dict]:
+    """(settings, inputs) of `kdtrain run` training student on parent's cache into out."""
     spec = plan.students[student]
-    # --resume always: continue from the latest checkpoint, or start from step 0 in a run folder that a
-    # killed stage left without one (kdtrain run clears its own files then).
-    cmd = _python_cli("cli.kdtrain") + ["run", "--cache", cache, "--out", out, "--resume"]
+    settings: dict = {"cache": CACHE_REF.format(parent), "out": out}
+    inputs = {"cache": ("stage", stage_id("cache", parent))}
     if "keep_layers" in spec:
-        cmd += ["--student-from-teacher", "--keep-layers", str(spec["keep_layers"]), "--teacher", TEACHER_FOLDER]
+        settings.update(student_from_teacher=True, keep_layers=spec["keep_layers"], teacher=TEACHER_FOLDER)
+        inputs["teacher"] = ("teacher", stage_id("cache", TEACHER))
     elif "model" in spec:
-        cmd += ["--student", spec["model"]]
+        settings["student"] = spec["model"]
+        inputs["student"] = ("local", spec["model"])
     else:
-        cmd += ["--student-config", spec["config"]]
-    settings = dict(plan.train)
+        settings["student_config"] = spec["config"]
+        inputs["student"] = ("local", spec["config"])
+    train = dict(plan.train)
     if loss is not None:
-        settings["loss"] = loss
-        settings.pop("alpha", None)
-    return cmd + _options(settings)
+        train["loss"] = loss
+        train.pop("alpha", None)
+    return {**settings, **train}, inputs
 
 
-def _eval_command(plan: Plan, model: str, out_file: str) -> list[str]:
-    """ppl and agreement default to the teacher cache's held-out sequences (the same text for every
-    stage, never trained on); generation metrics read eval.dataset (default: the plan's data)."""
-    settings = {k: v for k, v in plan.eval.items()}
+def _eval_stage(plan: Plan, node: str, out_file: str) -> tuple[dict, dict]:
+    """(settings, inputs) of `kdtrain eval` on node's model.
+
+    ppl and agreement default to the teacher cache's held-out sequences (the same text for every
+    stage, never trained on); generation metrics read eval.dataset (default: the plan's data).
+    """
+    from orchestration.identity import default_of
+
+    settings = dict(plan.eval)
     metrics = settings.pop("metrics")
     if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")) and "dataset" not in settings:
         for key in ("dataset", "dataset_config", "split", "prompt_field", "response_field", "input_field"):
             if key not in settings and key in plan.data:
                 settings[key] = plan.data[key]
-    cmd = _python_cli("cli.kdtrain") + ["eval", "--model", model, "--metrics", ",".join(metrics), "--out", out_file,
-                                        "--eval-fraction", str(plan.train.get("eval_fraction", 0.05))]
+    if node == TEACHER:
+        model = plan.teacher["model"] if os.path.isdir(plan.teacher["model"]) else TEACHER_FOLDER
+        inputs = {"model": ("teacher", stage_id("cache", TEACHER))}
+    else:
+        model, inputs = model_dir_of(plan, node), {"model": ("stage", stage_id("train", node))}
+    head = {"model": model, "metrics": list(metrics), "out": out_file,
+            "eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction"))}
     if "agreement" in metrics or ("ppl" in metrics and "dataset" not in settings):
-        cmd += ["--cache", CACHE_REF.format(TEACHER)]
-    return cmd + _options(settings)
+        head["cache"] = CACHE_REF.format(TEACHER)
+        inputs["cache"] = ("stage", stage_id("cache", TEACHER))
+    return {**head, **settings}, {**inputs, **_data_input(settings)}

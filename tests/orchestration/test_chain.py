@@ -18,7 +18,8 @@ from orchestration.caches import reported_cache
 from orchestration.checks import check_plan
 from orchestration.plan import PlanError, load_plan, parse_plan
 from orchestration.runner import describe_stages, run_plan, run_stage
-from orchestration.stages import cache_dir_of, nodes_of, stages_of
+from orchestration.stages import nodes_of, stages_of
+from orchestration.state import assess, marker_record, planned_cache_dir
 
 runner = CliRunner()
 EXAMPLES = REPO_ROOT / "examples"
@@ -235,6 +236,19 @@ def _plan_spec(teacher, root, **over):
     return spec
 
 
+def _fake_kdtrain_output(command):
+    """What `kdtrain run` / `kdtrain eval` leave when they finish: a complete run.json, an eval JSON file."""
+    out = command[command.index("--out") + 1]
+    if "run" in command:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump({"status": "complete"}, f)
+    else:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"metrics": {}}, f)
+
+
 def test_second_plan_trains_from_the_cache_kdcache_build_reused(tmp_path, tiny_cache, tiny_gpt2_dir, monkeypatch):
     """kdcache build finds an identical cache under the root, prints `reused: <that cache>` and writes nothing
     at --out; the second plan's train and eval stages must use that cache, and --dry-run must show it."""
@@ -256,17 +270,19 @@ def test_second_plan_trains_from_the_cache_kdcache_build_reused(tmp_path, tiny_c
                     out = command[command.index("--out") + 1]
                     shutil.copytree(tiny_cache, out)
                     f.write(_summary_line("built", out, key))
+            else:
+                _fake_kdtrain_output(command)
         return 0
 
     monkeypatch.setattr(chain_runner, "run_stage", fake_stage)
     first = parse_plan({"name": "first", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "first"))
     run_plan(first, log=lambda m: None)
-    built = cache_dir_of(first, "teacher")
+    built = planned_cache_dir(first)
     assert os.path.isfile(os.path.join(built, "manifest.json"))
     commands.clear()
     second = parse_plan({"name": "second", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "second"))
     run_plan(second, log=lambda m: None)
-    assert not os.path.exists(cache_dir_of(second, "teacher"))  # nothing was built for the second plan
+    assert not os.path.exists(planned_cache_dir(second))  # nothing was built for the second plan
     caches = [c[c.index("--cache") + 1] for c in commands if "--cache" in c]
     assert len(caches) == 2 + 3 and set(caches) == {built}  # KD + CE train stages, 3 evals (ppl, agreement)
     marker = json.loads((tmp_path / "second" / "stages" / "cache-teacher.done.json").read_text())
@@ -304,9 +320,9 @@ def test_plans_with_one_name_but_other_data_never_share_a_cache_folder(tmp_path)
     same = parse_plan(base_plan(cache_root=str(tmp_path)), out=str(tmp_path / "o"))
     other = parse_plan(base_plan(cache_root=str(tmp_path), data={"dataset": "builtin:pydoc-topics", "limit": 10}),
                        out=str(tmp_path / "o"))
-    assert cache_dir_of(one, "teacher") == cache_dir_of(same, "teacher")
-    assert cache_dir_of(one, "teacher") != cache_dir_of(other, "teacher")
-    assert os.path.basename(cache_dir_of(one, "teacher")).startswith("p__teacher-")
+    assert planned_cache_dir(one, "teacher") == planned_cache_dir(same, "teacher")
+    assert planned_cache_dir(one, "teacher") != planned_cache_dir(other, "teacher")
+    assert os.path.basename(planned_cache_dir(one, "teacher")).startswith("p__teacher-")
 
 
 @pytest.mark.slow
@@ -317,22 +333,14 @@ def test_two_plans_share_one_teacher_cache(tmp_path, tiny_gpt2_dir):
 
     root = tmp_path / "caches"
 
-    def run_only(plan, wanted):
-        for st in stages_of(plan):
-            if st.id not in wanted:  # the other stages count as done: this test is about the cache
-                os.makedirs(os.path.dirname(st.marker), exist_ok=True)
-                with open(st.marker, "w") as f:
-                    json.dump({"stage": st.id}, f)
-        return run_plan(plan, log=lambda m: None)
-
     first = parse_plan({"name": "first", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "first"))
-    run_only(first, {"cache:teacher"})
+    run_plan(first, log=lambda m: None, only={"cache:teacher"})  # the other stages: not this test's
     second = parse_plan({"name": "second", **_plan_spec(tiny_gpt2_dir, root)}, out=str(tmp_path / "second"))
-    run_only(second, {"cache:teacher", "train:teacher__s"})
-    built = cache_dir_of(first, "teacher")
+    run_plan(second, log=lambda m: None, only={"cache:teacher", "train:teacher__s"})
+    built = planned_cache_dir(first)
     log = (tmp_path / "second" / "logs" / "cache-teacher.log").read_text()
     assert "reused" in log and built in log
-    assert not os.path.exists(cache_dir_of(second, "teacher"))
+    assert not os.path.exists(planned_cache_dir(second))
     assert [c["path"] for c in find_caches(str(root))] == [os.path.basename(built)]  # the teacher ran once
     run = json.loads((tmp_path / "second" / "runs" / "teacher__s" / "run.json").read_text())
     assert run["status"] == "complete" and run["config"]["cache"] == built
@@ -342,29 +350,38 @@ def test_two_plans_share_one_teacher_cache(tmp_path, tiny_gpt2_dir):
 # A train stage killed before its first checkpoint
 
 
+def _record_teacher_cache(plan, url):
+    """The root teacher cache stage's done-marker, as run_plan writes it after `kdcache build` reported url."""
+    from shared.reader import CacheReader
+
+    stage = next(s for s in stages_of(plan) if s.id == "cache:teacher")
+    record = marker_record(assess(plan, stage, {}))
+    os.makedirs(os.path.dirname(stage.marker), exist_ok=True)
+    with open(stage.marker, "w") as f:
+        json.dump({**record, "cache": url, "cache_key": CacheReader(url).manifest.cache_key, "status": "reused"}, f)
+
+
 def test_rerun_completes_a_train_stage_killed_before_its_first_checkpoint(tmp_path, tiny_cache, tiny_gpt2_dir):
-    """The killed stage left run.json and metrics.jsonl, no checkpoint and no done-marker. The rerun passes
-    --resume, so `kdtrain run` starts that run over instead of refusing a non-empty --out."""
+    """The killed stage left its run folder (marker, run.json, metrics.jsonl), no checkpoint and no done-marker.
+    The rerun passes --resume, so `kdtrain run` starts that run over instead of refusing a non-empty --out."""
     plan = parse_plan({"name": "killed", **_plan_spec(tiny_gpt2_dir, tmp_path / "caches", baselines=False)},
                       out=str(tmp_path / "out"))
-    stages = stages_of(plan)
-    for st in stages:  # every other stage is done; the teacher cache stage recorded tiny_cache
-        if st.id != "train:teacher__s":
-            os.makedirs(os.path.dirname(st.marker), exist_ok=True)
-            with open(st.marker, "w") as f:
-                json.dump({"stage": st.id, **({"cache": tiny_cache} if st.kind == "cache" else {})}, f)
+    _record_teacher_cache(plan, tiny_cache)
     run_dir = tmp_path / "out" / "runs" / "teacher__s"
     run_dir.mkdir(parents=True)
+    # what `kdtrain run` writes first (docs/runs-and-plans.md 1.1): its marker, then run.json and metrics lines
+    (run_dir / "kdtrain-run.json").write_text(json.dumps({"tool": "kdtrain", "kind": "run", "id": "0" * 32,
+                                                          "created_at": "2026-12-04T00:00:00Z", "files": []}))
     (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 9.9}) + "\n")
-    run_plan(plan, log=lambda m: None)
+    assert run_plan(plan, log=lambda m: None, only={"train:teacher__s"}) == {}  # the evals still to run: no report
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete" and run["steps"] == 2 and run["config"]["cache"] == tiny_cache
     assert (run_dir / "model.safetensors").is_file()
     steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 7 not in steps and max(steps) == 2  # the killed run's lines are gone
     marker = json.loads((tmp_path / "out" / "stages" / "train-teacher__s.done.json").read_text())
-    assert "--resume" in marker["command"]
+    assert "--resume" in marker["command"] and marker["settings"]["steps"] == 2 and marker["settings"]["loss"] == "fkl"
 
 
 # ---------------------------------------------------------------------------------------------
