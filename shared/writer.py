@@ -20,6 +20,7 @@ Knows the format and numpy; nothing about models, tokenizers or torch.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -374,18 +375,74 @@ def _validate_tail_samples(ids, counts, topk_ids, tail_logprob, m: int, vocab_si
 def encode_zarr_group(arrays: dict[str, np.ndarray], chunk_rows: int) -> dict[str, bytes]:
     """Encode arrays as one Zarr v3 group in memory; returns {key inside the group: bytes}."""
     import zarr
-    from zarr.codecs import BloscCodec
     from zarr.storage import MemoryStore
 
     mem = MemoryStore()
     group = zarr.open_group(store=mem, mode="w", zarr_format=3)
     for name, arr in arrays.items():
-        rows = max(1, min(chunk_rows, len(arr))) if name != "offsets" else max(1, len(arr))
-        chunks = (rows,) + tuple(arr.shape[1:])
-        za = group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
-                                compressors=BloscCodec(**BLOSC), fill_value=0)
-        za[...] = arr
+        _create_zarr_array(group, name, arr.shape, arr.dtype, chunk_rows)[...] = arr
     return {key: buf.to_bytes() for key, buf in sorted(mem._store_dict.items())}
+
+
+# A shard streamed in pieces (a builder encoding chunks while its teacher runs) gets exactly the bytes of
+# encode_zarr_group: encode_zarr_layout gives the metadata objects, encode_zarr_rows the chunks.
+Shapes = dict  # {array name: (shape, dtype name)} of a whole shard
+
+
+def zarr_chunk_shape(name: str, shape: tuple[int, ...], chunk_rows: int) -> tuple[int, ...]:
+    """chunk_rows rows per chunk (all rows when the shard has fewer); offsets is one chunk."""
+    rows = max(1, min(chunk_rows, shape[0])) if name != "offsets" else max(1, shape[0])
+    return (rows, *shape[1:])
+
+
+def _create_zarr_array(group, name: str, shape: tuple[int, ...], dtype, chunk_rows: int):
+    from zarr.codecs import BloscCodec
+
+    return group.create_array(name, shape=tuple(shape), chunks=zarr_chunk_shape(name, tuple(shape), chunk_rows),
+                              dtype=dtype, compressors=BloscCodec(**BLOSC), fill_value=0)
+
+
+def encode_zarr_layout(shapes: Shapes, chunk_rows: int) -> dict[str, bytes]:
+    """The metadata objects (zarr.json) that encode_zarr_group writes for arrays of these shapes, no chunk."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    mem = MemoryStore()
+    group = zarr.open_group(store=mem, mode="w", zarr_format=3)
+    for name, (shape, dtype) in shapes.items():
+        _create_zarr_array(group, name, shape, dtype, chunk_rows)
+    return {key: buf.to_bytes() for key, buf in sorted(mem._store_dict.items())}
+
+
+def encode_zarr_rows(rows: dict[str, np.ndarray], first_row: int, shapes: Shapes, chunk_rows: int) -> dict[str, bytes]:
+    """The chunk objects holding rows [first_row, first_row + n) of each named array, byte for byte as
+    encode_zarr_group stores them (a chunk of zeros only is not stored, as Zarr does).
+
+    The rows are whole chunks: first_row is a multiple of the array's chunk rows, and first_row + n is one
+    too or the array's end. Pure and picklable, so that builders call it in worker processes.
+    """
+    out = {}
+    for name, arr in rows.items():
+        shape, dtype = shapes[name]
+        per_chunk = zarr_chunk_shape(name, tuple(shape), chunk_rows)[0]
+        stop = first_row + len(arr)
+        if first_row % per_chunk or (stop % per_chunk and stop != shape[0]) or stop > shape[0]:
+            raise ValueError(f"{name}: rows [{first_row}, {stop}) of {shape[0]} are not whole chunks of {per_chunk} rows")
+        mem, za = _rows_array(name, tuple(shape), str(np.dtype(dtype)), chunk_rows)
+        za[first_row:stop] = arr
+        for key in [k for k in mem._store_dict if k != f"{name}/zarr.json" and k != "zarr.json"]:
+            out[key] = mem._store_dict.pop(key).to_bytes()
+    return dict(sorted(out.items()))
+
+
+@functools.lru_cache(maxsize=32)
+def _rows_array(name: str, shape: tuple[int, ...], dtype: str, chunk_rows: int):
+    """One in-memory Zarr array per (name, shape) for encode_zarr_rows; its chunks are popped after each call."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    mem = MemoryStore()
+    return mem, _create_zarr_array(zarr.open_group(store=mem, mode="w", zarr_format=3), name, shape, dtype, chunk_rows)
 
 
 def encode_meta(rows: list[dict], offsets: np.ndarray) -> bytes:
@@ -699,12 +756,28 @@ class CacheWriter:
             objects={k: ObjectInfo(len(v), sha256_hex(v)) for k, v in objects.items()},
         )
         parse_shard(entry.to_json(), index)  # never commit what a reader would refuse
-        self._refuse_to_rewrite(index, where)
+        self.begin_shard(index)
+        for key, data in objects.items():
+            self.store.write_bytes(key, data)
+        return self.commit_shard(index, entry)
+
+    def begin_shard(self, index: int) -> None:
+        """Before shard `index`'s first object: refuse a committed shard or a complete cache, delete leftovers.
+
+        write_shard calls it; a builder that streams a shard's objects (store.write_bytes, key by key) calls it
+        first, then commit_shard. Until its commit file exists the shard does not exist (module docstring).
+        """
+        if not 0 <= index < self.header.num_shards:
+            raise CacheError(f"shard {index} is outside the plan of {self.header.num_shards} shards")
+        self._refuse_to_rewrite(index, f"shard {shard_name(index)}")
         # Leftovers of an earlier, uncommitted attempt at this shard go first.
         self.store.delete(shard_path(index))
         self.store.delete(meta_path(index))
-        for key, data in objects.items():
-            self.store.write_bytes(key, data)
+
+    def commit_shard(self, index: int, entry: ShardEntry) -> ShardEntry:
+        """Write shard `index`'s commit file for `entry`, whose objects were written since begin_shard."""
+        parse_shard(entry.to_json(), index)  # never commit what a reader would refuse
+        self._refuse_to_rewrite(index, f"shard {shard_name(index)}")
         commit = {"cache_key": self.header.cache_key, **entry.to_json()}
         self.store.write_bytes(f"{shard_path(index)}/{COMMIT_FILE}", json.dumps(commit, indent=1).encode())
         self.heartbeat()
@@ -905,6 +978,8 @@ __all__ = [
     "BuildHeader",
     "CacheWriter",
     "ShardBuffer",
+    "encode_zarr_layout",
+    "encode_zarr_rows",
     "finalize_cache",
     "header_differences",
     "id_dtype",
