@@ -1,8 +1,11 @@
-"""What is checked before any stage runs: local teacher and data exist, model students share the tokenizer.
+"""What is checked before any stage runs: every stage's settings, local teacher and data, tokenizers.
 
-Before any stage runs (and on --dry-run), students given as model folders or hub ids already in the
-local Hugging Face cache are checked to share the teacher's tokenizer (layer-dropped and config
-students use the teacher's by construction). Reads tokenizers through the trainer; runs no model.
+Before any stage runs (and on --dry-run): every stage's settings pass the checks of its command's own
+settings dataclass (identity.validate: `loss: kl` is refused before the teacher cache is built, naming
+train.loss and the valid choices); local teacher folders and data files exist; students given as model
+folders or hub ids already in the local Hugging Face cache share the teacher's tokenizer (layer-dropped
+and config students use the teacher's by construction). Reads tokenizers through the trainer; runs no
+model.
 """
 
 from __future__ import annotations
@@ -11,17 +14,22 @@ import json
 import os
 
 from orchestration.caches import read_manifest, recorded_cache
+from orchestration.identity import typed_settings, validate
 from orchestration.plan import TEACHER, Plan, PlanError
+from orchestration.stages import stages_of
 from shared.format import CacheError
 
 
 def check_plan(plan: Plan, *, strict: bool = True) -> list[str]:
     """What can be checked before a stage runs: local teacher and data exist, model students share the tokenizer.
 
-    Raises PlanError for a student whose tokenizer differs from the teacher's (found now, not after the
-    teacher cache is built), and with strict=True for a missing local teacher folder or data file.
-    Returns notes on what is missing or could not be checked (a --dry-run prints them).
+    Raises PlanError for a stage setting its command would refuse and for a student whose tokenizer differs
+    from the teacher's (found now, not after the teacher cache is built), and with strict=True for a
+    missing local teacher folder or data file. Returns notes on what is missing or could not be checked
+    (a --dry-run prints them).
     """
+    for stage in stages_of(plan):
+        validate(stage, typed_settings(stage))
     notes = []
     teacher = plan.teacher["model"]
     if os.path.isabs(teacher) and not os.path.isdir(teacher):

@@ -127,7 +127,8 @@ def validate(stage, settings: dict):
         return cls(**settings)
     except error as exc:
         message = str(exc)
-        named = [k for k in settings if re.search(rf"(--{k.replace('_', '-')}|\b{k})\b", message)]
+        found = {k: re.search(rf"(--{k.replace('_', '-')}|\b{k})\b", message) for k in settings}
+        named = sorted((k for k in found if found[k]), key=lambda k: found[k].start())  # as the message names them
         where = ", ".join(plan_key(stage, k) for k in named) or f"the settings of stage {stage.id}"
         raise PlanError(f"plan: {where}: {message} (stage {stage.id})") from exc
 

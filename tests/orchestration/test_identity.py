@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from orchestration import runner as plan_runner
-from orchestration.plan import parse_plan
+from orchestration.plan import PlanError, parse_plan
 from orchestration.report import write_report
 from orchestration.runner import describe_stages, run_plan
 from orchestration.stages import stages_of
@@ -166,3 +166,28 @@ def test_a_marker_without_identity_reruns_its_stage(tmp_path, tiny_gpt2_dir, fak
         json.dump({"stage": stage.id}, f)
     row = next(r for r in describe_stages(plan) if r["stage"] == stage.id)
     assert row["state"] == CHANGED and row["reasons"] == ["its marker records no settings (written by an older kdcache)"]
+
+
+def test_a_selected_stage_whose_inputs_are_not_done_is_refused(tmp_path, tiny_gpt2_dir, fake):
+    plan = parse_plan(spec(tiny_gpt2_dir, tmp_path), out=str(tmp_path / "out"))
+    with pytest.raises(PlanError, match=r"stage train:teacher__s needs cache:teacher done first"):
+        run_plan(plan, log=lambda m: None, only={"train:teacher__s"})
+    assert fake.ran == []
+
+
+def test_a_stage_that_exits_0_without_its_output_is_not_marked_done(tmp_path, tiny_gpt2_dir, monkeypatch, tiny_cache):
+    """A train stage whose process exits 0 but leaves no complete run.json: no done-marker, the plan stops."""
+    fake = FakeStages(tiny_cache)
+
+    def no_run_json(command, log_path, env, on_line=None, poll_s=0.5):
+        rc = fake(command, log_path, env)
+        if "cli.kdtrain" in command and "run" in command:
+            os.remove(os.path.join(command[command.index("--out") + 1], "run.json"))
+        return rc
+
+    monkeypatch.setattr(plan_runner, "run_stage", no_run_json)
+    plan = parse_plan(spec(tiny_gpt2_dir, tmp_path), out=str(tmp_path / "out"))
+    with pytest.raises(PlanError, match=r"stage train:teacher__a exited 0 but left no complete output"):
+        run_plan(plan, log=lambda m: None)
+    stage = next(st for st in stages_of(plan) if st.id == "train:teacher__a")
+    assert not os.path.exists(stage.marker) and os.path.exists(stage.started_marker)

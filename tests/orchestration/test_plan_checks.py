@@ -1,0 +1,69 @@
+"""What a plan is checked for before any stage runs: every stage's settings, as its own command checks them."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.kdtrain import app
+from orchestration import runner as plan_runner
+from orchestration.checks import check_plan
+from orchestration.plan import PlanError, parse_plan
+from orchestration.runner import run_plan
+from orchestration.stages import stages_of
+from orchestration.state import assess
+
+runner = CliRunner()
+
+
+def plan_spec(**over):
+    spec = {"name": "p", "teacher": {"model": "gpt2"}, "data": {"dataset": "builtin:pydoc-topics"},
+            "students": {"a": {"keep_layers": 2}, "s": {"keep_layers": 1}}, "paths": [["a", "s"], ["s"]]}
+    spec.update(over)
+    return spec
+
+
+def test_a_bad_loss_is_refused_at_start_naming_the_key_and_the_choices(tmp_path, monkeypatch):
+    """Issue 13 item 2: `loss: kl` used to be refused by stage 2, after the teacher cache was built."""
+    ran = []
+    monkeypatch.setattr(plan_runner, "run_stage", lambda command, *a, **k: ran.append(command) or 0)
+    plan = parse_plan(plan_spec(train={"loss": "kl"}), out=str(tmp_path / "out"))
+    with pytest.raises(PlanError) as err:
+        run_plan(plan, log=lambda m: None)
+    assert str(err.value).startswith("plan: train.loss: ")
+    assert "'kl'" in str(err.value) and "fkl" in str(err.value) and "jsd" in str(err.value)
+    assert ran == [] and not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan_spec(train={"loss": "kl"})))
+    res = runner.invoke(app, ["chain", str(path), "--dry-run", "--out", str(tmp_path / "dry")])
+    assert res.exit_code == 2 and "train.loss" in res.output and "fkl" in res.output
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"train": {"steps": 0}}, "plan: train.steps: --steps must be >= 1"),
+    ({"train": {"alpha": 2}}, "plan: train.alpha: "),
+    ({"train": {"loss": "jsd", "beta": 1.0}}, "plan: train.beta, train.loss: --beta must be in (0, 1)"),
+    ({"train": {"lr": "fast"}}, "plan: train.lr must be a number, got 'fast'"),
+    ({"train": {"steps": 2.5}}, "plan: train.steps must be an integer, got 2.5"),
+    ({"train": {"bf16": "yes"}}, "plan: train.bf16 must be true or false, got 'yes'"),
+    ({"train": {"eval_fraction": 1.5}}, "plan: train.eval_fraction: "),
+    ({"cache": {"top_k": 0}}, "plan: cache.top_k: --top-k must be >= 1"),
+    ({"cache": {"engine": "tpu"}}, "plan: cache.engine: "),
+    ({"cache": {"tail_samples": 8, "engine": "vllm"}}, "plan: cache.tail_samples, cache.engine: --tail-samples needs"),
+    ({"data": {"dataset": "x.jsonl", "input_field": "context"}}, "plan: data.input_field: "),
+    ({"eval": {"metrics": ["rouge"]}}, "needs --prompt-field and --response-field (prompts and references) "
+                                       "(stage eval:teacher)"),
+    ({"eval": {"max_length": 1}}, "plan: eval.max_length: "),
+])
+def test_every_stage_setting_is_checked_by_its_commands_dataclass(change, message):
+    with pytest.raises(PlanError) as err:
+        check_plan(parse_plan(plan_spec(**change), out="/nonexistent/out"))
+    assert message in str(err.value)
+
+
+def test_values_are_read_as_the_command_line_reads_them():
+    """YAML reads 1e-3 as a string; the command line (and so the plan) reads it as the number it is."""
+    plan = parse_plan(plan_spec(train={"lr": "1e-3", "steps": "30"}), out="/nonexistent/out")
+    assert check_plan(plan) == []
+    train = next(st for st in stages_of(plan) if st.id == "train:teacher__a")
+    command = assess(plan, train, {}).command
+    assert command[command.index("--lr") + 1] == "0.001" and command[command.index("--steps") + 1] == "30"
