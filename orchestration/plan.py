@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import yaml
@@ -47,6 +48,9 @@ EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "respo
              "gsm8k_instruction"}
 STUDENT_KEYS = {"keep_layers", "model", "config"}
 TEACHER = "teacher"  # the root of every path; no student may take its name
+# Bounds of a plan file (read_plan_yaml): the shipped plans have a few kilobytes and four levels.
+MAX_PLAN_BYTES = 1 << 20
+MAX_PLAN_DEPTH = 32
 
 
 class PlanError(ValueError):
@@ -82,14 +86,51 @@ def _check_keys(obj, allowed, where: str) -> dict:
 
 def load_plan(path: str, *, out: str | None = None) -> Plan:
     """Read and validate a plan file (see PLAN_KEYS); relative paths are relative to the plan file."""
+    raw = read_plan_yaml(path)
+    return parse_plan(raw, base_dir=os.path.dirname(os.path.abspath(path)), out=out, source=path)
+
+
+def read_plan_yaml(path: str):
+    """A plan file's YAML with bounded resources: a regular file of at most MAX_PLAN_BYTES, no aliases, at most
+    MAX_PLAN_DEPTH nested collections; then the safe loader (plain values only, never Python objects).
+
+    Aliases are refused because a few hundred bytes of nested aliases (`b: [*a, *a, ...]`) expand to
+    billions of nodes when loaded; a plan writes each value out instead.
+    """
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        info = os.stat(path)
     except FileNotFoundError as exc:
         raise PlanError(f"plan file {path} does not exist") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise PlanError(f"plan file {path} is not a regular file; pass a YAML file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"plan file {path} is larger than {MAX_PLAN_BYTES} bytes, the most a plan may have")
+    try:
+        text = data.decode("utf-8")
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise PlanError(f"plan file {path}: an alias (*{event.anchor}) at {_where(event)}; plans may not use "
+                                "YAML anchors and aliases (they can expand without bound): write the value out")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_PLAN_DEPTH:
+                    raise PlanError(f"plan file {path}: collections nested deeper than {MAX_PLAN_DEPTH} at "
+                                    f"{_where(event)}; a plan needs a few levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"plan file {path} is not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise PlanError(f"plan file {path} is not valid YAML: {exc}") from exc
-    return parse_plan(raw, base_dir=os.path.dirname(os.path.abspath(path)), out=out, source=path)
+
+
+def _where(event) -> str:
+    mark = event.start_mark
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str = "") -> Plan:

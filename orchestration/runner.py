@@ -155,7 +155,7 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None, o
 def _run_one(plan: Plan, a, counter: str, log, env: dict | None, on_line) -> dict:
     """Run one assessed stage's process, write its done-marker; what it gives the stages after it."""
     st, command = a.stage, a.command
-    log(f"{counter} {st.id}: " + shlex.join(command[2:]))
+    log(f"{counter} {st.id}: " + shlex.join(command[command.index("-m") + 1:]))
     started = time.time()
     _write_json(st.started_marker, {**marker_record(a), "started_at": started})
     log_path = os.path.join(plan.out, "logs", st.id.replace(":", "-") + ".log")

@@ -104,7 +104,13 @@ def stage_id(kind: str, node: str) -> str:
 
 
 def python_cli(module: str) -> list[str]:
-    return [sys.executable, "-m", module]
+    """The interpreter running this plan, on one of kdcache's installed command modules.
+
+    `python -m` puts the working directory first on sys.path, so a `cli/` or `shared/` folder there would
+    run instead of the installed kdcache; -P (Python 3.11+) leaves it out, and -I (3.10) isolates the
+    interpreter (it also ignores PYTHON* variables and the user's site-packages).
+    """
+    return [sys.executable, "-P" if sys.version_info >= (3, 11) else "-I", "-m", module]
 
 
 def _options(settings: dict) -> list[str]:

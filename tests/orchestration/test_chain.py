@@ -12,7 +12,6 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.kdtrain import app
-from tests.conftest import REPO_ROOT, SHAKESPEARE, build_tiny_model, train_tokenizer
 from orchestration import runner as chain_runner
 from orchestration.caches import reported_cache
 from orchestration.checks import check_plan
@@ -20,6 +19,7 @@ from orchestration.plan import PlanError, load_plan, parse_plan
 from orchestration.runner import describe_stages, run_plan, run_stage
 from orchestration.stages import nodes_of, stages_of
 from orchestration.state import assess, marker_record, planned_cache_dir
+from tests.conftest import REPO_ROOT, SHAKESPEARE, build_tiny_model, train_tokenizer
 
 runner = CliRunner()
 EXAMPLES = REPO_ROOT / "examples"

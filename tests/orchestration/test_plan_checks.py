@@ -1,4 +1,7 @@
-"""What a plan is checked for before any stage runs: every stage's settings, as its own command checks them."""
+"""What a plan is checked for before any stage runs: every stage's settings, as its own command checks them;
+how a plan file is read; which code its stages run."""
+
+import os
 
 import pytest
 import yaml
@@ -7,8 +10,8 @@ from typer.testing import CliRunner
 from cli.kdtrain import app
 from orchestration import runner as plan_runner
 from orchestration.checks import check_plan
-from orchestration.plan import PlanError, parse_plan
-from orchestration.runner import run_plan
+from orchestration.plan import MAX_PLAN_BYTES, MAX_PLAN_DEPTH, PlanError, load_plan, parse_plan
+from orchestration.runner import run_plan, run_stage
 from orchestration.stages import stages_of
 from orchestration.state import assess
 
@@ -50,8 +53,7 @@ def test_a_bad_loss_is_refused_at_start_naming_the_key_and_the_choices(tmp_path,
     ({"cache": {"engine": "tpu"}}, "plan: cache.engine: "),
     ({"cache": {"tail_samples": 8, "engine": "vllm"}}, "plan: cache.tail_samples, cache.engine: --tail-samples needs"),
     ({"data": {"dataset": "x.jsonl", "input_field": "context"}}, "plan: data.input_field: "),
-    ({"eval": {"metrics": ["rouge"]}}, "needs --prompt-field and --response-field (prompts and references) "
-                                       "(stage eval:teacher)"),
+    ({"eval": {"metrics": ["rouge"]}}, "needs --prompt-field and --response-field (prompts and references) (stage eval"),
     ({"eval": {"max_length": 1}}, "plan: eval.max_length: "),
 ])
 def test_every_stage_setting_is_checked_by_its_commands_dataclass(change, message):
@@ -67,3 +69,59 @@ def test_values_are_read_as_the_command_line_reads_them():
     train = next(st for st in stages_of(plan) if st.id == "train:teacher__a")
     command = assess(plan, train, {}).command
     assert command[command.index("--lr") + 1] == "0.001" and command[command.index("--steps") + 1] == "30"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a plan file with bounded resources; stages run the installed kdcache
+
+
+def test_nested_aliases_are_refused_before_they_expand(tmp_path):
+    """Issue 14 class 6: a few hundred bytes of nested aliases expand to 9**levels nodes once anything walks them."""
+    lines = ['name: laughs', 'teacher: {model: gpt2}', 'students: {s: {keep_layers: 1}}', 'paths: [[s]]',
+             'l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 6)]
+    lines += ["eval: {metrics: [ppl], seeds: *l5}"]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 600
+    with pytest.raises(PlanError, match=r"an alias \(\*l0\) at line 6, column 10; plans may not use YAML anchors"):
+        load_plan(str(path))
+    res = runner.invoke(app, ["chain", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "alias" in res.output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["too large", "too deep", "fifo", "not utf-8"])
+def test_plan_files_are_read_within_bounds(tmp_path, kind):
+    path = tmp_path / "plan.yaml"
+    if kind == "too large":
+        path.write_text("# padding\n" * (MAX_PLAN_BYTES // 10 + 1) + "name: big\n")
+        message = f"is larger than {MAX_PLAN_BYTES} bytes"
+    elif kind == "too deep":
+        path.write_text("name: deep\neval: {seeds: " + "[" * 40 + "1" + "]" * 40 + "}\n")
+        message = f"collections nested deeper than {MAX_PLAN_DEPTH} at line 2"
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would wait for a writer forever
+        message = "is not a regular file"
+    else:
+        path.write_bytes(b"name: \xff\xfe\n")
+        message = "is not UTF-8 text"
+    with pytest.raises(PlanError, match=message):
+        load_plan(str(path))
+
+
+def test_a_stage_runs_the_installed_kdcache_whatever_the_working_directory(tmp_path, monkeypatch):
+    """Issue 14 class 6: `python -m cli.kdcache` run from a folder holding cli/ or shared/ imported those."""
+    touched = tmp_path / "poisoned"
+    cwd = tmp_path / "cwd"
+    for package in ("cli", "shared", "common", "cacher", "trainer", "orchestration"):
+        (cwd / package).mkdir(parents=True)
+        (cwd / package / "__init__.py").write_text(f"open({str(touched)!r}, 'a').write('{package}\\n')\n"
+                                                   "raise SystemExit(99)\n")
+    monkeypatch.chdir(cwd)
+    plan = parse_plan(plan_spec(), out=str(tmp_path / "out"))
+    for stage in stages_of(plan)[:2]:  # kdcache build, kdtrain run: each asked only for its --help
+        log = tmp_path / f"{stage.kind}.log"
+        assert run_stage(stage.command + ["--help"], str(log), dict(os.environ)) == 0, log.read_text()
+        assert "Usage" in log.read_text() and "--out" in log.read_text()
+    assert not touched.exists()
