@@ -21,6 +21,7 @@ from orchestration.plan import TEACHER, PlanError
 from orchestration.stages import model_dir_of, stage_id
 
 ARROW = " → "
+MARKDOWN_SPECIAL = set("\\`*_[]<>|")
 COLUMNS = (  # (metric file key, value key, column title, better)
     ("ppl", "ppl", "ppl", "lower"),
     ("agreement", "top1_agreement", "top-1 agr.", "higher"),
@@ -238,28 +239,35 @@ def _verdict(better) -> str:
     return "same" if better is None else ("better" if better else "worse")
 
 
+def md_text(value) -> str:
+    """value as literal text in GitHub-flavoured Markdown, also inside a table cell: the characters Markdown gives
+    a meaning (a pipe ends a cell, backticks, emphasis, links, HTML) are backslash-escaped, newlines become
+    spaces. Names in a report come from plans, folders and caches, so none of them may change the table."""
+    text = " ".join(str(value).splitlines())
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
+
+
 def render_markdown(report: dict) -> str:
     titles = [t for _, _, t, _ in COLUMNS if any(t in r["metrics"] for r in report["rows"])]
-    lines = [f"# kdcache plan `{report['plan']}`", "", f"Teacher: `{report['teacher']}`", "",
-             "| teacher | assistant(s) | student | params | " + " | ".join(titles) + " |",
+    lines = [f"# kdcache plan {md_text(report['plan'])}", "", f"Teacher: {md_text(report['teacher'])}", "",
+             _table_row(["teacher", "assistant(s)", "student", "params", *titles]),
              "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in titles) + " |"]
     for r in report["rows"]:
         if r["kind"] == "teacher":
-            who = (short_name(r["teacher"]), "-", "- (the teacher itself)")
+            who = [short_name(r["teacher"]), "-", "- (the teacher itself)"]
         elif r["kind"] == "ce":
-            who = ("- (CE baseline)", "-", r["student"])
+            who = ["- (CE baseline)", "-", r["student"]]
         else:
-            who = (short_name(r["teacher"]), ARROW.join(r["assistants"]) or "-", r["student"])
-        cells = [_cell(t, r["metrics"]) for t in titles]
-        lines.append(f"| {' | '.join(who)} | {human_count(r.get('num_parameters'))} | " + " | ".join(cells) + " |")
+            who = [short_name(r["teacher"]), ARROW.join(r["assistants"]) or "-", r["student"]]
+        lines.append(_table_row([*who, human_count(r.get("num_parameters")), *(_cell(t, r["metrics"]) for t in titles)]))
     better = {t: b for _, _, t, b in COLUMNS}
-    lines += ["", "Lower is better for " + ", ".join(t for t in titles if better[t] == "lower") + "; higher for the rest."
-              if titles else ""]
+    lines += ["", md_text("Lower is better for " + ", ".join(t for t in titles if better[t] == "lower")
+                          + "; higher for the rest.") if titles else ""]
     if "ROUGE-L" in titles:
         lines.append("ROUGE-L: mean ± standard deviation over the sampling seeds.")
     skipped = [(r["path"], k, v) for r in report["rows"] for k, v in r["metrics"].items() if k.endswith("(skipped)")]
     if skipped:
-        lines += ["", "Skipped metrics:"] + [f"- {p}: {k[:-10]}: {v}" for p, k, v in skipped]
+        lines += ["", "Skipped metrics:"] + [f"- {md_text(p)}: {md_text(k[:-10])}: {md_text(v)}" for p, k, v in skipped]
     sections = (("ce", "## KD against the cross-entropy baseline (same student, data and steps)"),
                 ("direct", "## Multi-step against direct distillation (same student)"))
     for against, heading in sections:
@@ -270,10 +278,14 @@ def render_markdown(report: dict) -> str:
         for c in entries:
             shown = "; ".join(f"{t} {_cell(t, {t: m['value']})} vs {_cell(t, {t: m['baseline']})} ({_verdict(m['better'])})"
                               for t, m in c["metrics"].items())
-            lines.append(f"- {c['path']} vs {c['baseline']}: {shown}")
+            lines.append(f"- {md_text(c['path'])} vs {md_text(c['baseline'])}: {md_text(shown)}")
     if report.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in report["plots"]]
+        lines += ["", "## Plots", ""] + [f"![{md_text(os.path.basename(p))}]({os.path.basename(p)})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _table_row(cells) -> str:
+    return "| " + " | ".join(md_text(c) for c in cells) + " |"
 
 
 def _plots(plan, stages, rows) -> list[str]:

@@ -50,9 +50,9 @@ def describe_stages(plan: Plan) -> list[dict]:
 def _shown_placeholder(arg: str, stage) -> str:
     """A placeholder a dry run cannot resolve yet, as words that say what it waits for."""
     if arg == TEACHER_FOLDER:
-        return "<the teacher's folder, as cache:teacher records it>"
+        return "<the teacher folder that cache:teacher records>"
     if arg == CACHE_DIR:
-        return f"<a folder named by this stage's identity, known once {stage.inputs['model'][1]} ran>"
+        return f"<a folder named by the identity of this stage, known once {stage.inputs['model'][1]} ran>"
     if arg.startswith("{cache:") and arg.endswith("}"):
         return f"<the cache {stage_id('cache', arg[len('{cache:'):-1])} reports>"
     return arg

@@ -8,6 +8,7 @@ exactly which stages a plan runs, with which flags.
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -191,3 +192,42 @@ def test_a_stage_that_exits_0_without_its_output_is_not_marked_done(tmp_path, ti
         run_plan(plan, log=lambda m: None)
     stage = next(st for st in stages_of(plan) if st.id == "train:teacher__a")
     assert not os.path.exists(stage.marker) and os.path.exists(stage.started_marker)
+
+
+def test_dry_run_prints_whole_commands_with_placeholders_resolved_or_named(tmp_path, tiny_gpt2_dir, fake):
+    """Issue 17: --dry-run prints every stage's whole command; what only an earlier stage can tell is named."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli.kdtrain import app
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(spec(tiny_gpt2_dir, tmp_path)))
+    out = str(tmp_path / "out")
+    res = CliRunner().invoke(app, ["chain", str(path), "--dry-run", "--out", out])
+    assert res.exit_code == 0, res.output
+    commands, current = {}, None
+    for line in res.stdout.splitlines():
+        if not line.startswith("    "):
+            current = line.split(": ")[0]
+        elif line.startswith("    $ "):
+            commands[current] = line[len("    $ "):]
+    assert len(commands) == len(stages_of(parse_plan(spec(tiny_gpt2_dir, tmp_path), out=out))), res.stdout
+    first = commands["train:teacher__a"]
+    assert first.split()[:4] == [sys.executable, "-P", "-m", "cli.kdtrain"] and first.endswith("--resume")
+    assert f"--teacher {tiny_gpt2_dir} " in first and "{" not in first  # a local teacher folder: known now
+    assert f"--cache {tmp_path / 'caches'}/ident__teacher-" in first  # the folder cache:teacher asks for
+    assert "--cache '<the cache cache:teacher__a reports>'" in commands["train:teacher__a__s"]
+    assert "--out '<a folder named by the identity of this stage, known once train:teacher__a ran>'" in commands[
+        "cache:teacher__a"]
+    assert "runs after cache:teacher, cache:teacher__a" in res.stdout
+
+    run_plan(parse_plan(spec(tiny_gpt2_dir, tmp_path), out=out), log=lambda m: None)
+    path.write_text(yaml.safe_dump(spec(tiny_gpt2_dir, tmp_path, loss="jsd")))
+    res = CliRunner().invoke(app, ["chain", str(path), "--dry-run", "--out", out])
+    assert res.exit_code == 0, res.output
+    assert "train:teacher__a: reruns\n    - train.loss fkl -> jsd\n    $ " in res.stdout
+    assert "cache:teacher: done: " in res.stdout and "eval:ce-s: done\n" in res.stdout
+    recorded = json.loads((tmp_path / "out" / "stages" / "cache-teacher.done.json").read_text())["cache"]
+    rerun = next(line for line in res.stdout.splitlines() if "--out " + out + "/runs/teacher__a " in line)
+    assert f"--cache {recorded} " in rerun and rerun.endswith("--overwrite") and "<" not in rerun
