@@ -367,13 +367,15 @@ def test_rerun_completes_a_train_stage_killed_before_its_first_checkpoint(tmp_pa
     plan = parse_plan({"name": "killed", **_plan_spec(tiny_gpt2_dir, tmp_path / "caches", baselines=False)},
                       out=str(tmp_path / "out"))
     _record_teacher_cache(plan, tiny_cache)
+    from trainer.run_folder import RunFolder
+
     run_dir = tmp_path / "out" / "runs" / "teacher__s"
-    run_dir.mkdir(parents=True)
-    # what `kdtrain run` writes first (docs/runs-and-plans.md 1.1): its marker, then run.json and metrics lines
-    (run_dir / "kdtrain-run.json").write_text(json.dumps({"tool": "kdtrain", "kind": "run", "id": "0" * 32,
-                                                          "created_at": "2026-12-04T00:00:00Z", "files": []}))
-    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    # what `kdtrain run` writes before its first checkpoint (docs/runs-and-plans.md 1): the folder, its marker,
+    # run.json and metrics lines; then it was killed
+    folder = RunFolder.open(str(run_dir), resume=False, overwrite=False, log=lambda m: None)
+    folder.write_json("run.json", {"status": "running"})
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 9.9}) + "\n")
+    folder.release()
     assert run_plan(plan, log=lambda m: None, only={"train:teacher__s"}) == {}  # the evals still to run: no report
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete" and run["steps"] == 2 and run["config"]["cache"] == tiny_cache
