@@ -18,6 +18,7 @@ BUILD_FILE = "build.json"  # the build's intent (header, plan), written first; l
 SHARDS_DIR = "shards"
 META_DIR = "meta"
 LOCKS_DIR = "locks"
+OWNER_FILE = "owner.json"  # the marker a cache root gets when kdcache creates it (written before anything else)
 COMMIT_FILE = "commit.json"  # inside a shard's group, written after every other object of that shard
 
 SHARD_NAME_RE = re.compile(r"^shard-[0-9]{5,}$")
@@ -34,6 +35,12 @@ LOGPROB_MAX = 1e-3
 # (storage_layout.md 3.1 and 6.3). A real cache is far below both.
 MAX_CHUNK_BYTES = 2**30  # decoded size of one Zarr chunk
 MAX_SHARD_SEQUENCES = 2**24  # sequences in one shard (offsets and the meta table are read whole)
+
+# The most bytes read whole from one object of a cache root, by kind (storage_layout.md 8): a size is
+# checked before anything is read, so a FIFO, /dev/zero or a huge file never fills memory.
+MAX_MANIFEST_BYTES = 512 * 2**20
+MAX_BOOKKEEPING_BYTES = 64 * 2**20  # build.json, commit.json, lock files, owner.json
+MAX_OBJECT_BYTES = 2 * MAX_CHUNK_BYTES  # any other object: a chunk (<= 1 GiB decoded) or a meta Parquet file
 
 # The meta Parquet file (storage_layout.md 4): a reader decodes only META_COLUMNS, and only after
 # checking, from the footer and from every page header of those columns, that they decode to at most
@@ -119,6 +126,13 @@ class CacheMismatchError(CacheError):
 
 class CacheLockedError(CacheError):
     """Another live process holds this cache (or this worker's part of it)."""
+
+
+class UnsafePathError(CacheError):
+    """A path inside a cache root is a symbolic link, a FIFO, a device or a folder where a file belongs.
+
+    kdcache never reads, writes or deletes through a link inside a cache root, and opens regular files only.
+    """
 
 
 def shard_name(index: int) -> str:

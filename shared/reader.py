@@ -36,11 +36,13 @@ from shared.format import (
     COMMIT_FILE,
     LOGPROB_MAX,
     MANIFEST_FILE,
+    MAX_BOOKKEEPING_BYTES,
     MAX_CHUNK_BYTES,
     MAX_TEXT_SHA256_CHARS,
     META_BYTES_FIXED,
     META_BYTES_PER_SEQUENCE,
     META_COLUMNS,
+    OWNER_FILE,
     ROW_ARRAYS,
     SHARDS_DIR,
     TAIL_ARRAYS,
@@ -128,37 +130,46 @@ def _batches(keys: list[str], entry: ShardEntry, max_bytes: int) -> list[list[st
 
 
 def check_bookkeeping(store: Store, manifest: Manifest) -> list[Problem]:
-    """build.json and the shards' commit.json files against the manifest (storage_layout.md 7).
+    """owner.json, build.json and the shards' commit.json files against the manifest (storage_layout.md 7).
 
     Readers never read them once manifest.json exists, so damage here does not affect training;
-    it would mislead a later writer (`kdcache finalize`, a resumed build), so `kdcache verify`
-    reports it. A missing commit file is fine after completion: the manifest is authoritative.
+    it would mislead a later writer (`kdcache finalize`, a resumed build, --overwrite), so `kdcache
+    verify` reports it. A missing commit file is fine after completion: the manifest is authoritative.
     """
+    from shared.ownership import KIND, TOOL, read_marker
+
     problems = []
     fix = "readers do not use it once the cache is complete; delete it (the manifest is authoritative)"
-    if store.exists(BUILD_FILE):
-        try:
-            build = json.loads(store.read_bytes(BUILD_FILE))
-            ok = isinstance(build, dict) and build.get("cache_key") == manifest.cache_key
-        except (ValueError, UnicodeDecodeError):
-            ok = False
-        if not ok:
-            problems.append(Problem("cache", BUILD_FILE, f"damaged or from another build: {fix}"))
+    try:
+        marker = read_marker(store)
+        ok = marker == {} or (marker is not None and (marker.get("tool"), marker.get("kind")) == (TOOL, KIND))
+    except (OSError, CacheError):
+        ok = False
+    if not ok:
+        problems.append(Problem("cache", OWNER_FILE, "is not the marker kdcache writes (damaged?): readers do not use "
+                                                     "it, but no kdcache build will write into or delete this folder"))
+    build = _bookkeeping_json(store, BUILD_FILE)
+    if build is not None and not (isinstance(build, dict) and build.get("cache_key") == manifest.cache_key):
+        problems.append(Problem("cache", BUILD_FILE, f"damaged or from another build: {fix}"))
     for entry in manifest.shards:
         key = f"{entry.path}/{COMMIT_FILE}"
-        try:
-            raw = store.read_bytes(key)
-        except FileNotFoundError:
+        commit = _bookkeeping_json(store, key)
+        if commit is None:
             continue
-        try:
-            commit = json.loads(raw)
-            ok = (isinstance(commit, dict) and commit.pop("cache_key", None) == manifest.cache_key
-                  and commit == json.loads(json.dumps(entry.to_json())))
-        except (ValueError, UnicodeDecodeError):
-            ok = False
-        if not ok:
+        if not (isinstance(commit, dict) and commit.pop("cache_key", None) == manifest.cache_key
+                and commit == json.loads(json.dumps(entry.to_json()))):
             problems.append(Problem(entry.name, key, f"does not match the manifest's entry (damaged): {fix}"))
     return problems
+
+
+def _bookkeeping_json(store: Store, key: str):
+    """The JSON value of a bookkeeping file; None when absent; ... (Ellipsis) when it is not a readable JSON file."""
+    try:
+        return json.loads(store.read_bytes(key, max_bytes=MAX_BOOKKEEPING_BYTES))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError, OSError, CacheError):
+        return ...
 
 
 def count_committed(store: Store) -> int:
@@ -556,6 +567,8 @@ class CacheReader:
         self.store = open_store(url, storage_options=storage_options)
         if self.store.local and not self.store.fs.exists(self.store.root):
             raise CacheError(f"no cache at {url}: the folder does not exist (build one with `kdcache build`)")
+        if self.store.local and not self.store.fs.isdir(self.store.root):
+            raise CacheError(f"no cache at {url}: it is a file, not a cache folder")
         if not self.store.exists(MANIFEST_FILE):
             if not self.store.exists(BUILD_FILE) and not self.store.exists(SHARDS_DIR):
                 raise CacheError(f"{url} is not a kdcache cache: it has no {MANIFEST_FILE}")

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
-import uuid
 from dataclasses import dataclass, field
 
 import fsspec
 
-from shared.format import CacheError, check_object_key
+from shared import localfs
+from shared.format import MAX_OBJECT_BYTES, CacheError, CacheFormatError, UnsafePathError, check_object_key
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -57,13 +56,25 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
+        if self.local:
+            return localfs.entry_kind(self.root, key) is not None
         return self.fs.exists(self.path(key))
 
     def isfile(self, key: str) -> bool:
+        if self.local:
+            return localfs.entry_kind(self.root, key) == "file"
         return self.fs.isfile(self.path(key))
 
-    def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
+    def read_bytes(self, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
+        """The whole object, refused before reading when it is over max_bytes (or, locally, not a regular file
+        inside the root: a link, FIFO or device is never opened for reading; shared.localfs)."""
+        if self.local:
+            return localfs.read_file(self.root, key, max_bytes)
+        data = self.fs.cat_file(self.path(key), start=0, end=max_bytes + 1)
+        if len(data) > max_bytes:
+            raise CacheFormatError(f"{key} is over the {max_bytes:,} bytes such an object may hold "
+                                   "(storage_layout.md 8); refused")
+        return data
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | Exception]:
         """Several objects at once: concurrent requests on object stores, plain reads locally.
@@ -75,7 +86,7 @@ class Store:
             for key in keys:
                 try:
                     out[key] = self.read_bytes(key)
-                except OSError as exc:
+                except (OSError, CacheError) as exc:
                     out[key] = exc
             return out
         paths = {self.fs._strip_protocol(self.path(key)): key for key in keys}
@@ -104,7 +115,12 @@ class Store:
         return out
 
     def list_dir(self, prefix: str) -> list[str]:
-        """Names directly under prefix (files and folders), sorted; [] when it does not exist."""
+        """Names directly under prefix (files and folders), sorted; [] when it does not exist.
+
+        Locally a prefix that is a symbolic link (or has one on its path) is refused, not followed.
+        """
+        if self.local:
+            return sorted(localfs.list_folder(self.root, check_object_key(prefix)))
         base = self.path(prefix)
         if not self.fs.exists(base):
             return []
@@ -113,31 +129,17 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------------
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Write one object so that it is either absent or whole (see module docstring)."""
+        """Write one object so that it is either absent or whole (see module docstring); locally never through a link."""
         target = self.path(key)
         if self.local:
-            folder = os.path.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-        else:
-            parent = target.rsplit("/", 1)[0]
-            try:
-                self.fs.makedirs(parent, exist_ok=True)
-            except (OSError, NotImplementedError):
-                pass
-            self.fs.pipe_file(target, data)
+            localfs.write_file(self.root, key, data)
+            return
+        parent = target.rsplit("/", 1)[0]
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+        except (OSError, NotImplementedError):
+            pass
+        self.fs.pipe_file(target, data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create an object only if absent, whole; True if this call created it.
@@ -148,33 +150,7 @@ class Store:
         """
         target = self.path(key)
         if self.local:
-            folder = os.path.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, target)
-                return True
-            except FileExistsError:
-                return False
-            except OSError as exc:  # a filesystem without hard links: O_EXCL (a loser may read it half written)
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                try:
-                    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                return True
-            finally:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
+            return localfs.create_file(self.root, key, data)
         parent = target.rsplit("/", 1)[0]
         try:
             self.fs.makedirs(parent, exist_ok=True)
@@ -202,10 +178,8 @@ class Store:
         """
         import fcntl
 
-        target = self.path(key)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         while True:
-            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+            fd, _ = localfs.open_lock_file(self.root, key)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -214,13 +188,9 @@ class Store:
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise NotImplementedError(f"no flock on {target}: {exc}") from exc
+                    raise NotImplementedError(f"no flock on {self.path(key)}: {exc}") from exc
                 raise
-            try:
-                same = os.fstat(fd).st_ino == os.stat(target).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # else the holder unlinked it between our open and flock: start over
+            if localfs.still_named(self.root, key, fd):  # else the holder unlinked it between our open and flock
                 break
             os.close(fd)
         self.rewrite_local_lock(fd, data)
@@ -242,28 +212,29 @@ class Store:
     def unlock_local(self, key: str, fd: int) -> None:
         """Remove the lock file, then drop the flock (unlink first: see lock_local's inode check)."""
         try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+            localfs.remove(self.root, key)
+        finally:
+            os.close(fd)
 
     def local_file_problem(self, key: str) -> str | None:
         """Local stores: why `key` is not a plain file inside the cache (a symlink, a FIFO...), else None."""
-        path = self.path(key)
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return "missing"
-        if stat.S_ISLNK(st.st_mode):
-            return "is a symbolic link; a cache holds plain files only (a link could point outside it)"
-        if not stat.S_ISREG(st.st_mode):
-            return "is not a regular file"
-        real_root = os.path.realpath(self.root)
-        if not os.path.realpath(path).startswith(real_root.rstrip("/") + "/"):
+            kind = localfs.entry_kind(self.root, key)
+        except UnsafePathError:
             return "resolves outside the cache (a folder on its path is a symbolic link)"
+        if kind is None:
+            return "missing"
+        if kind == "link":
+            return "is a symbolic link; a cache holds plain files only (a link could point outside it)"
+        if kind != "file":
+            return "is not a regular file"
         return None
 
     def delete(self, key: str) -> None:
+        """Delete an object or a folder of them; locally never through a link (refused: shared.localfs.remove)."""
+        if self.local:
+            localfs.remove(self.root, key)
+            return
         target = self.path(key)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)

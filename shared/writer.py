@@ -43,12 +43,12 @@ from shared.format import (
     LOGPROB_DTYPE,
     LOGPROB_MAX,
     MANIFEST_FILE,
+    MAX_BOOKKEEPING_BYTES,
     MAX_CHUNK_BYTES,
     MAX_SHARD_SEQUENCES,
     MAX_TEXT_SHA256_CHARS,
     MAX_TOPK_MASS,
     META_COLUMNS,
-    META_DIR,
     SHARDS_DIR,
     TAIL_SAMPLES_EXTENSION,
     TARGET_SENTINEL,
@@ -75,6 +75,7 @@ from shared.manifest import (
     parse_manifest,
     parse_shard,
 )
+from shared.ownership import claim_root, remove_build
 from shared.store import Store, open_store
 
 TOOL_VERSION = "0.1.0"
@@ -518,12 +519,14 @@ class CacheWriter:
         self._lock_fd: int | None = None
         self._lock_token = uuid.uuid4().hex
         self._lock_since = utc_now()
+        self._owner_id = ""
 
     # -- opening -----------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:  # noqa: PYI034 (typing.Self needs Python 3.11; 3.10 is supported)
         store = self.store
         if store.local and os.path.exists(store.root) and not os.path.isdir(store.root):
             raise CacheError(f"--out {store.root} is a file, not a directory; pass a new folder path")
+        self._owner_id = claim_root(store)  # only a new, empty or kdcache-marked folder, without links (5.1)
         if store.exists(MANIFEST_FILE):
             existing = self._read_manifest_or_none()
             if existing is not None and existing.cache_key == self.header.cache_key and not self.overwrite:
@@ -542,7 +545,7 @@ class CacheWriter:
                 )
             self._wipe()
         elif store.exists(BUILD_FILE):
-            old = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE))
+            old = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE, max_bytes=MAX_BOOKKEEPING_BYTES))
             diffs = header_differences(old, self.header)
             if diffs and not self.overwrite:
                 raise CacheMismatchError(
@@ -554,22 +557,10 @@ class CacheWriter:
             else:
                 self.header.created_at = old.created_at
                 self.header.tool_version = old.tool_version
-        else:
-            # Another builder starting on the same empty folder may be writing build.json (a ".tmp-" name,
-            # then build.json itself) and its lock right now: kdcache's own names, not someone's files.
-            own = (BUILD_FILE, LOCKS_DIR)
-            foreign = [name for name in os.listdir(store.root) if not name.startswith(".tmp-") and name not in own] \
-                if store.local and os.path.isdir(store.root) else []
-            if foreign and not store.exists(BUILD_FILE):
-                if not self.overwrite:
-                    raise CacheMismatchError(
-                        f"--out {store.root} is a non-empty folder that is not a kdcache build; choose an empty or new folder"
-                    )
-                self._wipe(require_kdcache=False)
         if not store.exists(BUILD_FILE):
             data = json.dumps(self.header.to_json(), indent=1).encode()
             if not store.create_exclusive(BUILD_FILE, data):
-                old = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE))
+                old = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE, max_bytes=MAX_BOOKKEEPING_BYTES))
                 if header_differences(old, self.header):
                     raise CacheMismatchError(f"another builder started a different build in {self.url} at the same time")
                 self.header.created_at = old.created_at
@@ -591,8 +582,8 @@ class CacheWriter:
         except CacheError:
             return None
 
-    def _wipe(self, require_kdcache: bool = True) -> None:
-        """--overwrite: remove the previous build (only kdcache's own names), unless someone is building it."""
+    def _wipe(self) -> None:
+        """--overwrite: remove the previous build (only kdcache's own names, shared.ownership), unless someone builds it."""
         for name in self.store.list_dir(LOCKS_DIR):
             key = f"{LOCKS_DIR}/{name}"
             held = read_lock(self.store, key)
@@ -600,8 +591,7 @@ class CacheWriter:
                 raise CacheLockedError(
                     f"--overwrite: {self.url} is being built by pid {held.get('pid')} on host {held.get('host')} "
                     f"since {held.get('since')} ({key}); stop that build first, then rerun with --overwrite")
-        for key in (MANIFEST_FILE, SHARDS_DIR, META_DIR, LOCKS_DIR, BUILD_FILE):
-            self.store.delete(key)
+        remove_build(self.store, self._owner_id)
 
     # -- locking -----------------------------------------------------------------------------
     def _lock_body(self) -> dict:
@@ -877,8 +867,9 @@ def finalize_cache(store: Store | str, header: BuildHeader | None = None) -> Man
     if header is None:
         if not store.exists(BUILD_FILE):
             raise CacheError(f"{store.url} has no {BUILD_FILE}: it is not a kdcache build")
-        header = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE))
-    if store.exists(MANIFEST_FILE):  # a complete cache is never changed (storage_layout.md 5.1)
+        claim_root(store, create=False)
+        header = BuildHeader.from_bytes(store.read_bytes(BUILD_FILE, max_bytes=MAX_BOOKKEEPING_BYTES))
+    if store.exists(MANIFEST_FILE):  # a complete cache is never changed (storage_layout.md 5)
         try:
             existing = parse_manifest(store.read_bytes(MANIFEST_FILE))
         except CacheError:

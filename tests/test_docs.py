@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW = re.compile(r"^\| ([A-G][0-9]+) \|")
+ROW = re.compile(r"^\| ([A-Z][0-9]+) \|")
 # `path::name[id]`; the id runs to the last `]` before the closing backtick (ids may hold brackets).
 TEST_REF = re.compile(r"^(tests/[\w/]+\.py|…)::(\w+)(?:\[(.*)\])?$")
 CASE_REF = re.compile(r"^…?\[(.*)\]$")

@@ -21,11 +21,12 @@ def command(tool: str, *args) -> list[str]:
 
 
 def contents(url) -> dict[str, bytes]:
-    """Every object of a cache but locks and .tmp- leftovers; build.json and manifest.json without created_at."""
+    """Every object of a cache but locks, .tmp- leftovers and owner.json (a random id); build.json and manifest.json
+    without created_at."""
     store = open_store(str(url))
     out = {}
     for key in sorted(store.list_files()):
-        if key.startswith("locks/") or key.rsplit("/", 1)[-1].startswith(".tmp-"):
+        if key.startswith("locks/") or key.rsplit("/", 1)[-1].startswith(".tmp-") or key == "owner.json":
             continue
         data = store.read_bytes(key)
         if key in ("build.json", "manifest.json"):

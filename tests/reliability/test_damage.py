@@ -4,7 +4,7 @@ For each object of a complete two-shard cache (tiny GPT-2 teacher, written by
 tests/trainer/teacher_cache.py) the object is damaged in place, then:
 - `kdcache verify` exits 1 and names the shard and the object (manifest.json: a clear format error);
 - `kdtrain run` exits 2 before training, naming the shard (or manifest.json).
-The bookkeeping objects (build.json, shards/*/commit.json) are not part of the cache's content:
+The bookkeeping objects (owner.json, build.json, shards/*/commit.json) are not part of the cache's content:
 readers never read them once manifest.json exists. `kdcache verify` still reports their damage
 (exit 1), and `kdtrain run` trains normally. storage_layout.md section 7 states this rule.
 """
@@ -28,7 +28,7 @@ from tests.shared.test_hostile import replace_object
 from tests.trainer.teacher_cache import write_teacher_cache
 
 runner = CliRunner()
-BOOKKEEPING = ("build.json", "commit.json")
+BOOKKEEPING = ("build.json", "commit.json", "owner.json")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def stored_keys(root: Path) -> list[str]:
 
 def object_keys(chunks_of_shard=(3, 2)) -> list[str]:
     """The keys of the fixture's cache, known before it is written (pytest parametrizes at collection)."""
-    keys = ["build.json", "manifest.json"]
+    keys = ["build.json", "manifest.json", "owner.json"]
     for index, num_chunks in enumerate(chunks_of_shard):
         shard = f"shard-{index:05d}"
         keys += [f"meta/{shard}.parquet", f"shards/{shard}/zarr.json", f"shards/{shard}/commit.json",

@@ -138,10 +138,10 @@ def test_failed_fsync_inside_an_atomic_write_leaves_no_object(clean, tmp_path, m
     assert contents(url) == want
 
 
-@pytest.mark.parametrize("nth_put", [pytest.param(1, marks=pytest.mark.slow), 9, pytest.param(18, marks=pytest.mark.slow),
-                                     pytest.param(-1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nth_put", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 10,
+                                     pytest.param(19, marks=pytest.mark.slow), pytest.param(-1, marks=pytest.mark.slow)])
 def test_s3_put_refused_mid_build_then_resume(clean, s3, s3_server, nth_put):
-    """The Nth PUT on S3 is refused: build.json, an object of shard 0, its commit file, the manifest (-1).
+    """The Nth PUT on S3 is refused: owner.json, build.json, an object of shard 0, its commit file, the manifest (-1).
 
     A rerun completes the cache to the bytes of the clean local build (the encoding does not depend on the store).
     """
@@ -159,7 +159,8 @@ def test_s3_put_refused_mid_build_then_resume(clean, s3, s3_server, nth_put):
     with pytest.raises(OSError, match="injected fault"):
         build(url)
     s3_server.fail = None
-    assert puts[-1].endswith({1: "/build.json", 18: "/shard-00000/commit.json", -1: "/manifest.json"}.get(nth_put, ""))
+    assert puts[-1].endswith({1: "/owner.json", 2: "/build.json", 19: "/shard-00000/commit.json",
+                              -1: "/manifest.json"}.get(nth_put, ""))
     assert_nothing_half_committed(url)
     build(url)
     assert contents(url) == want

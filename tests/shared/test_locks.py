@@ -153,7 +153,7 @@ def test_without_flock_the_pid_and_heartbeat_rules_apply(tmp_path, monkeypatch):
 def test_without_hard_links_exclusive_create_still_refuses_the_second(tmp_path, monkeypatch):
     import errno
 
-    def no_links(src, dst):
+    def no_links(*args, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
