@@ -90,18 +90,22 @@ def bench_home() -> Path:
     return kdcache_home() / "bench"
 
 
-def tiny_teacher(steps: int = 150) -> str:
-    """examples/make_tiny_teacher.py's 4-layer GPT-2 trained on tiny Shakespeare, built once and kept."""
+def tiny_teacher(steps: int = 150, text: str | None = None) -> str:
+    """examples/make_tiny_teacher.py's 4-layer GPT-2 trained on `text` (default: the repository's
+    data/shakespeare.txt), built once and kept under a name that holds the steps and the text's sha256."""
+    import hashlib
     import sys
 
-    out = bench_home() / f"tiny-teacher-{steps}"
+    repo = Path(__file__).resolve().parents[1]
+    text = Path(text) if text else repo / "data" / "shakespeare.txt"
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
+    out = bench_home() / f"tiny-teacher-{steps}-{digest}"
     if not (out / "model.safetensors").exists():
-        repo = Path(__file__).resolve().parents[1]
         sys.path.insert(0, str(repo / "examples"))
         from make_tiny_teacher import make_tiny_teacher
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        make_tiny_teacher(str(out), steps=steps, log=lambda m: None)
+        make_tiny_teacher(str(out), steps=steps, text=text, log=lambda m: None)
     return str(out)
 
 
