@@ -37,9 +37,9 @@ def describe_stages(plan: Plan) -> list[dict]:
         row = {"stage": st.id, "kind": st.kind, "node": st.node, "done": a.state == DONE, "state": a.state,
                "reasons": a.reasons, "waits_for": a.waits_for, "identity": a.identity}
         if st.kind == "cache":
-            planned = a.values["out"]
+            planned = a.values["out"] if a.identity is not None else None  # None: known once its model is
             row["cache"] = a.output["cache"] if a.state == DONE else planned
-            row["cache_state"] = cache_state(row["cache"]) if a.identity is not None else "missing"
+            row["cache_state"] = cache_state(row["cache"]) if row["cache"] else "missing"
             if row["cache"] != planned:
                 row["reused"] = True  # an identical cache another build (another plan) wrote
         row["command"] = shlex.join(_shown_placeholder(c, st) for c in a.command)

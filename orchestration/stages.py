@@ -24,6 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from orchestration.identity import default_of
 from orchestration.plan import TEACHER, Plan
 
 # Boolean train settings whose kdtrain flag defaults to on: false in a plan passes --no-<flag>.
@@ -39,7 +40,8 @@ CACHE_DIR = "{cache_dir}"
 # What `kdcache build --json` prints last, on a line of its own (cacher.build.BuildResult.to_json).
 BUILD_STATUSES = ("built", "already built", "reused", "partial")
 # The module and subcommand each kind of stage runs.
-COMMANDS = {"cache": ("cli.kdcache", "build"), "train": ("cli.kdtrain", "run"), "eval": ("cli.kdtrain", "eval")}
+COMMANDS = {"cache": ("cli.kdcache", "build"), "train": ("cli.kdtrain", "run"),
+            "eval": ("cli.kdtrain", "eval")}
 
 
 @dataclass
@@ -222,8 +224,6 @@ def _eval_stage(plan: Plan, node: str, out_file: str) -> tuple[dict, dict]:
     ppl and agreement default to the teacher cache's held-out sequences (the same text for every
     stage, never trained on); generation metrics read eval.dataset (default: the plan's data).
     """
-    from orchestration.identity import default_of
-
     settings = dict(plan.eval)
     metrics = settings.pop("metrics")
     if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")) and "dataset" not in settings:

@@ -27,7 +27,15 @@ from orchestration.identity import (
     validate,
 )
 from orchestration.plan import TEACHER, Plan
-from orchestration.stages import CACHE_DIR, TEACHER_FOLDER, Stage, cache_dir_of, command_of, stage_id
+from orchestration.stages import (
+    CACHE_DIR,
+    TEACHER_FOLDER,
+    Stage,
+    cache_dir_of,
+    command_of,
+    stage_id,
+    stages_of,
+)
 
 DONE, NEW, CHANGED, INTERRUPTED, WAITS = "done", "new", "changed", "interrupted", "waits"
 
@@ -71,10 +79,12 @@ def assess(plan: Plan, stage: Stage, known: dict[str, dict]) -> Assessment:
     a = Assessment(stage, NEW, settings, inputs, identity, values, waits_for=sorted(set(waits)))
     if waits:
         before = done or started
-        changed = [line for line in changes(stage, before, settings, {}) if not line.startswith("input ")] if before else []
+        changed = [c for c in changes(stage, before, settings, {}) if not c.startswith("input ")] if before else []
         a.state = CHANGED if changed else (WAITS if before else NEW)
-        a.reasons = changed + [f"runs after {', '.join(a.waits_for)}" + (
-            ", and reruns if what that makes differs from what this stage last used" if before and not changed else "")]
+        after = f"runs after {', '.join(a.waits_for)}"
+        if before and not changed:
+            after += ", and reruns if what that makes differs from what this stage last used"
+        a.reasons = changed + [after]
     elif done and done.get("identity") == identity:
         a.output = _output(stage, done, identity)
         if a.output is not None:
@@ -169,8 +179,6 @@ def _placeholder_stage(value) -> str | None:
 def planned_cache_dir(plan: Plan, node: str = TEACHER) -> str:
     """The folder node's cache stage asks `kdcache build` for, given the stages that are done (for the root
     teacher it is always known: its inputs are the plan's own)."""
-    from orchestration.stages import stages_of
-
     known: dict[str, dict] = {}
     for stage in stages_of(plan):
         a = assess(plan, stage, known)
