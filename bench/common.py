@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: models, teacher rows from real text, timing by alternation, results.
 
 Benchmarks report ratios of two things measured in the same process, alternately, as the median of
-repeats; never a single absolute time. Every helper calls kdcache's own components (cacher.engines,
+repeats; never a single absolute time. Every helper calls kdcache's own components (cacher.engine_hf,
 shared.writer, trainer.losses, trainer.data) so that a figure measures what the tools run.
 
 Knows everything (it is a benchmark); the packages it measures know nothing of it.
@@ -167,7 +167,7 @@ def raw_rows(seqs: list[np.ndarray], results: list[dict], top_k: int) -> dict[st
 
 
 def split_rows(stored: dict[str, np.ndarray]) -> list[dict]:
-    """Per-sequence dicts (the shape trainer.data.collate takes) from concatenated stored rows."""
+    """Per-sequence dicts (the shape trainer.batch.collate takes) from concatenated stored rows."""
     offsets = stored["offsets"]
     out = []
     for a, b in itertools.pairwise(offsets):

@@ -7,7 +7,7 @@ bucket, i.e. K + 2 outcomes from the cache's target_logprob; `--loss ce` is cros
 `kdtrain run --loss ce` trains), backward, gradient clip, AdamW step. The two steps are alternated on the
 same batch, median of the per-pair ratios. The student is a layer-dropped copy of the teacher
 (trainer.student.student_from_teacher) with ~param-ratio fewer parameters, the teacher's top-K are real
-(cacher.engines.score_hf on real text, stored through shared.writer's validation).
+(cacher.engine_hf.score_hf on real text, stored through shared.writer's validation).
 The loss alone (forward + backward on fixed logits) is timed too, to say where an overhead comes from.
 With --tail-split K+M (default 48+16) the same is timed for a cache built with `--top-k K --tail-samples M`
 (what the trainer does with such a cache: tail_sample_targets, K + M outcomes), an extra printed ratio.
@@ -150,7 +150,7 @@ def profile_step(step, steps: int, row_limit: int = 15) -> dict:
 
 def tail_split_batch(teacher, seqs, vocab_size: int, spec: str) -> dict:
     """A collated batch as `kdcache build --top-k K --tail-samples M` stores it (spec "K+M")."""
-    from cacher.engines import score_hf
+    from cacher.engine_hf import score_hf
     from shared.writer import validate_shard_arrays
     from trainer.data import collate
 
@@ -197,7 +197,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_size, args.max_length, args.repeats = 1, 256, 5
-    from cacher.engines import load_hf_teacher, score_hf
+    from cacher.engine_hf import load_hf_teacher, score_hf
     from common.tokenizers import load_tokenizer
     from trainer.data import collate
     from trainer.student import student_from_teacher

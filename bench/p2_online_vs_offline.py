@@ -6,7 +6,7 @@ copy (trainer.student.student_from_teacher). Both steps train the same student o
 - online: teacher forward under no_grad -> full (B, L, V) logits, student forward,
   trainer.losses.dense_kd_loss (fkl), backward, clip, AdamW step;
 - offline: student forward, trainer.losses.sparse_kd_loss on the cached top-K (real teacher rows
-  from cacher.engines.score_hf, stored through shared.writer's validation), backward, clip, step.
+  from cacher.engine_hf.score_hf, stored through shared.writer's validation), backward, clip, step.
 
 Alternated, median of the per-pair ratios.
 
@@ -81,7 +81,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_size, args.max_length, args.repeats = 1, 256, 4
-    from cacher.engines import load_hf_teacher, score_hf
+    from cacher.engine_hf import load_hf_teacher, score_hf
     from common.tokenizers import load_tokenizer
     from trainer.data import collate
     from trainer.student import student_from_teacher

@@ -1,7 +1,7 @@
 """P3: capture tokens/s / bare teacher forward tokens/s (same batches). Target >= 0.85.
 
 Both sides see the same length-sorted batches of real text. "bare" is the model's own forward
-producing (B, L, V) logits and nothing else; "capture" is cacher.engines.score_hf (float32 head on
+producing (B, L, V) logits and nothing else; "capture" is cacher.engine_hf.score_hf (float32 head on
 hidden-state row chunks, top-K, target, tail). Alternated, median of the per-pair ratios.
 
 A stricter second baseline, "hidden+head", runs the base model and the output head on the same row
@@ -94,7 +94,7 @@ def main(argv=None):
         if not vllm_python:
             raise SystemExit("--engine vllm needs an interpreter with vllm: pass --vllm-python PATH or set "
                              "KDCACHE_VLLM_PYTHON (e.g. .venv-vllm/bin/python after `bash .ci/install --vllm`)")
-    from cacher.engines import length_sorted_batches, load_hf_teacher, score_hf
+    from cacher.engine_hf import length_sorted_batches, load_hf_teacher, score_hf
     from common.tokenizers import load_tokenizer
 
     path = model_path(args.model)

@@ -1,6 +1,6 @@
 """P4: bytes on disk per (token x K) at K = 16, 64, 128, and fidelity of the stored log-probs. Target <= 2.5 at K=64.
 
-The teacher's top-128 rows are captured once on real text (cacher.engines.score_hf); each K is the
+The teacher's top-128 rows are captured once on real text (cacher.engine_hf.score_hf); each K is the
 first K columns, with the tail recomputed for that K. Every encoding is written with the real
 shared.writer (validate_shard_arrays + encode_zarr_group), and the bytes count every array of a shard
 (ids, log-probs, tail, target, input ids, mask, offsets). Encodings compared:
@@ -108,7 +108,7 @@ def rs_storage(teacher, seqs, num_samples: int) -> dict:
 def tail_storage(teacher, seqs, top_k: int, num_samples: int) -> dict:
     """Bytes of a shard of top-K + M tail samples (kdcache build --top-k K --tail-samples M), as written."""
     import shared.writer as W
-    from cacher.engines import score_hf
+    from cacher.engine_hf import score_hf
 
     results = score_hf(teacher, seqs, top_k=top_k, tail_samples=num_samples, tail_seed=0,
                        sample_keys=[(i, 0) for i in range(len(seqs))])
@@ -134,7 +134,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.rs_tokens = 4096, 1024
-    from cacher.engines import load_hf_teacher, score_hf
+    from cacher.engine_hf import load_hf_teacher, score_hf
     from common.tokenizers import load_tokenizer
 
     path = model_path(args.model)

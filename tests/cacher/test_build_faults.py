@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cacher import engines
+from cacher import engine_hf
 from cacher.build import BuildConfig, build
 from cli.kdcache import app
 from shared.reader import CacheReader
@@ -111,22 +111,22 @@ def test_write_error_through_the_cli(settings, tmp_path, monkeypatch):
 
 def test_teacher_crash_resumes_only_missing_shards(settings, clean, tmp_path, monkeypatch):
     out = tmp_path / "cache"
-    real = engines.score_hf
+    real = engine_hf.score_batches
     calls = []
 
     def crashing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise engines.EngineError("the teacher crashed")
+            raise engine_hf.EngineError("the teacher crashed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engines, "score_hf", crashing)
-    with pytest.raises(engines.EngineError, match="crashed"):
+    monkeypatch.setattr(engine_hf, "score_batches", crashing)
+    with pytest.raises(engine_hf.EngineError, match="crashed"):
         build(BuildConfig(out=str(out), **settings), **QUIET)
     assert committed(out) == [0, 1] and not (out / "manifest.json").exists()  # shard 1 was in flight: finished
 
     calls.clear()
-    monkeypatch.setattr(engines, "score_hf", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(engine_hf, "score_batches", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert build(BuildConfig(out=str(out), **settings), **QUIET).num_shards_written == 3
     assert len(calls) == 3  # the teacher ran on the missing shards only
     assert stored_objects(out) == stored_objects(clean[0])

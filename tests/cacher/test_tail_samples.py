@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cacher import engines
+from cacher import engine_hf
+from cacher import rows as engine_rows
 from cacher.build import BuildConfig, BuildError, build
 from shared.format import row_arrays
 from shared.reader import CacheReader
@@ -15,7 +16,7 @@ QUIET = {"log": lambda m: None}
 
 def test_distinct_counts_orders_by_count_then_id():
     draws = np.array([[5, 3, 5, 9, 3, 5], [7, 7, 7, 7, 7, 7], [4, 2, 8, 6, 0, 1]])
-    ids, counts = engines.distinct_counts(draws, vocab_size=10)
+    ids, counts = engine_rows.distinct_counts(draws, vocab_size=10)
     np.testing.assert_array_equal(ids, [[5, 3, 9, 0, 0, 0], [7, 0, 0, 0, 0, 0], [0, 1, 2, 4, 6, 8]])
     np.testing.assert_array_equal(counts, [[3, 2, 1, 0, 0, 0], [6, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
 
@@ -24,7 +25,7 @@ def test_fill_unused_gives_smallest_free_ids():
     ids = np.array([[5, 3, 9, 0], [7, 0, 0, 0]])
     counts = np.array([[3, 2, 1, 0], [6, 0, 0, 0]])
     topk = np.array([[0, 1], [2, 0]])
-    out = engines.fill_unused(ids, counts, topk)
+    out = engine_rows.fill_unused(ids, counts, topk)
     np.testing.assert_array_equal(out, [[5, 3, 9, 2], [7, 1, 3, 4]])
     for row, k in zip(out, topk):
         assert len(set(row) | set(k)) == len(row) + len(k)
@@ -37,7 +38,7 @@ def test_draws_follow_the_tail_distribution():
     logits = (torch.randn(vocab) * 2).repeat(rows, 1)  # (R, V)
     uniforms = np.random.default_rng(0).random((rows, m))
     targets = torch.full((rows,), -1, dtype=torch.long)
-    ids, lps, _, tail, tail_ids, tail_counts = engines.topk_rows(logits, top_k, targets, 4096, uniforms=uniforms)
+    ids, lps, _, tail, tail_ids, tail_counts = engine_rows.topk_rows(logits, top_k, targets, 4096, uniforms=uniforms)
     p = torch.softmax(logits[0].double(), -1).numpy()
     top = set(ids[0].tolist())
     freq = np.zeros(vocab)
@@ -52,19 +53,19 @@ def test_draws_follow_the_tail_distribution():
 
 
 def test_draws_do_not_depend_on_batching(tiny_gpt2_dir):
-    teacher = engines.load_hf_teacher(str(tiny_gpt2_dir))
+    teacher = engine_hf.load_hf_teacher(str(tiny_gpt2_dir))
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, teacher.vocab_size, int(n)) for n in rng.integers(5, 30, 7)]
     keys = [(10 + i, 0) for i in range(len(seqs))]
-    a = engines.score_hf(teacher, seqs, top_k=6, batch_tokens=4096, tail_samples=8, tail_seed=3, sample_keys=keys)
-    b = engines.score_hf(teacher, seqs, top_k=6, batch_tokens=40, tail_samples=8, tail_seed=3, sample_keys=keys)
-    c = engines.score_hf(teacher, seqs[3:], top_k=6, batch_tokens=64, tail_samples=8, tail_seed=3, sample_keys=keys[3:])
+    a = engine_hf.score_hf(teacher, seqs, top_k=6, batch_tokens=4096, tail_samples=8, tail_seed=3, sample_keys=keys)
+    b = engine_hf.score_hf(teacher, seqs, top_k=6, batch_tokens=40, tail_samples=8, tail_seed=3, sample_keys=keys)
+    c = engine_hf.score_hf(teacher, seqs[3:], top_k=6, batch_tokens=64, tail_samples=8, tail_seed=3, sample_keys=keys[3:])
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["tail_ids"], y["tail_ids"])
         np.testing.assert_array_equal(x["tail_counts"], y["tail_counts"])
     for x, y in zip(a[3:], c):
         np.testing.assert_array_equal(x["tail_ids"], y["tail_ids"])
-    d = engines.score_hf(teacher, seqs, top_k=6, tail_samples=8, tail_seed=4, sample_keys=keys)
+    d = engine_hf.score_hf(teacher, seqs, top_k=6, tail_samples=8, tail_seed=4, sample_keys=keys)
     assert any(not np.array_equal(x["tail_ids"], y["tail_ids"]) for x, y in zip(a, d))  # the seed matters
 
 
@@ -93,7 +94,7 @@ def test_tail_samples_refusals(tiny_gpt2_dir, tmp_path):
         BuildConfig(model="m", engine="vllm", tail_samples=4)
     with pytest.raises(BuildError, match=r"--tail-samples must be in \[0, 255\]"):
         BuildConfig(model="m", tail_samples=256)
-    vocab = engines.load_hf_teacher(str(tiny_gpt2_dir)).vocab_size
+    vocab = engine_hf.load_hf_teacher(str(tiny_gpt2_dir)).vocab_size
     with pytest.raises(BuildError, match="exceeds the teacher's vocabulary"):
         build(BuildConfig(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), limit=2, max_length=16,
                           top_k=vocab - 3, tail_samples=4, out=str(tmp_path / "x"), reuse=False), **QUIET)
@@ -109,7 +110,7 @@ def test_near_certain_rows_whose_stored_tail_is_empty_get_no_draws():
     logits[1] = torch.linspace(0, 3, vocab)  # an ordinary row
     logits[2, 3] = 30.0
     uniforms = np.random.default_rng(0).random((3, m))
-    ids, _, _, tail, tail_ids, tail_counts = engines.topk_rows(logits, top_k, torch.full((3,), -1), 4096,
+    ids, _, _, tail, tail_ids, tail_counts = engine_rows.topk_rows(logits, top_k, torch.full((3,), -1), 4096,
                                                                uniforms=uniforms)
     assert np.isneginf(tail[0]) and np.isneginf(tail[2]) and np.isfinite(tail[1])
     assert tail_counts[0].sum() == 0 and tail_counts[2].sum() == 0 and tail_counts[1].sum() == m

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cacher import engines
+from cacher import engine_hf
 from cli.kdcache import app
 from shared.reader import CacheReader
 from tests.cacher.test_build import read_cache, stored_objects, write_speeches
@@ -389,7 +389,7 @@ def test_found_again_refused_and_overwritten(tiny_gpt2_dir, speeches, tmp_path, 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although an identical cache exists")
 
-    monkeypatch.setattr(engines, "load_hf_teacher", no_teacher)
+    monkeypatch.setattr(engine_hf, "load_hf_teacher", no_teacher)
     again = runner.invoke(app, [*args, "--out", str(a)])
     assert again.exit_code == 0 and f"already built: {a}" in one_line(again.output)
     reused = runner.invoke(app, [*args, "--out", str(b)])

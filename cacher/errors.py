@@ -1,0 +1,5 @@
+"""The cacher's own refusal: a build that cannot run as asked (the message says what to change)."""
+
+
+class BuildError(ValueError):
+    """A build that cannot run as asked; the message says what to change."""
