@@ -103,6 +103,8 @@ def run(
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard scalars to <out>/tensorboard."),
     stop_after: int = typer.Option(None, "--stop-after", hidden=True, help="Checkpoint and stop after this step (as if killed)."),
     trace_data: bool = typer.Option(False, "--trace-data", hidden=True, help="Write each rank's sequence ids to <out>/trace/."),
+    skip_nonfinite: int = typer.Option(0, "--skip-nonfinite", help="Skip up to N steps whose loss or gradient norm is "
+                                       "not finite (counted in metrics.jsonl) before stopping; 0: the first one stops the run."),
 ):
     """Train a student from a teacher cache with a sparse KD loss (or plain CE on a data set)."""
     from common.datasets import DataError
@@ -119,6 +121,7 @@ def run(
             dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
             prompt_template=prompt_template, input_field=input_field, max_length=max_length, limit=limit,
             eval_max_sequences=eval_max_sequences, tensorboard=tensorboard, stop_after=stop_after, trace_data=trace_data,
+            skip_nonfinite=skip_nonfinite,
         )
         bar, progress = _progress_factory()
         with bar:

@@ -9,7 +9,8 @@
   the data order depends on, `data`, those the optimization depends on, `train`, and `schedule_steps`).
 Loading refuses weights that do not fit the model key for key and shape for shape (another architecture).
 A checkpoint is written into `.tmp-step-NNNNNN/` and renamed into place, so a folder named `step-*`
-is always complete; the last `keep` stay.
+is always complete; the last `keep` stay. Symbolic links are never followed: a `step-*` that is a link
+is not a checkpoint, and a link in the way of a write is removed, not written through.
 
 Knows torch and safetensors; nothing about the cache, the losses or the loop.
 """
@@ -33,12 +34,21 @@ def checkpoint_dir(out: str, step: int) -> str:
 
 
 def list_checkpoints(out: str) -> list[str]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (links are not checkpoints)."""
     root = os.path.join(out, CHECKPOINTS_DIR)
-    if not os.path.isdir(root):
+    if not os.path.isdir(root) or os.path.islink(root):
         return []
-    names = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, STATE_FILE)))
+    names = sorted(d for d in os.listdir(root) if d.startswith("step-") and not os.path.islink(os.path.join(root, d))
+                   and os.path.exists(os.path.join(root, d, STATE_FILE)))
     return [os.path.join(root, d) for d in names]
+
+
+def _clear(path: str) -> None:
+    """Remove what is at path: a link itself (never its target), or a folder tree."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(out: str) -> str | None:
@@ -50,7 +60,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dic
     """Write checkpoint `step` (state: JSON-able, e.g. cursors and data settings); keep the last `keep`."""
     final = checkpoint_dir(out, step)
     tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
-    shutil.rmtree(tmp, ignore_errors=True)
+    _clear(tmp)
     os.makedirs(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     rng = {"torch_rng": torch.get_rng_state()}
@@ -68,7 +78,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dic
     }
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(body, f)
-    shutil.rmtree(final, ignore_errors=True)
+    _clear(final)
     os.replace(tmp, final)
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,7 +1,9 @@
 """`<out>/metrics.jsonl`: one JSON object per logged step and per evaluation (optionally TensorBoard too).
 
 A resumed run first drops the lines of steps after its checkpoint (a run killed after its last
-checkpoint logged steps it is about to redo), so the file reads as one uninterrupted run.
+checkpoint logged steps it is about to redo), so the file reads as one uninterrupted run. The kept
+lines are written to a temporary file renamed into place, and the file is then opened with O_NOFOLLOW:
+a symbolic link named metrics.jsonl is replaced, never written through.
 
 Knows files and numbers; nothing about models, data or losses.
 """
@@ -30,9 +32,14 @@ class MetricsLog:
     def __init__(self, out: str, *, resume_step: int = 0, tensorboard: bool = False):
         path = os.path.join(out, METRICS_FILE)
         kept = [r for r in read_metrics(out) if resume_step > 0 and r.get("step", 0) <= resume_step]
-        with open(path, "w") as f:
+        tmp = os.path.join(out, ".tmp-" + METRICS_FILE)
+        if os.path.islink(tmp):
+            os.unlink(tmp)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._file = open(path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
+        os.replace(tmp, path)
+        # kept open for the run, closed in close()
+        self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "a")
         self._tb = None
         if tensorboard:
             try:

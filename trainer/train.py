@@ -21,7 +21,11 @@ then save the student as a plain Hugging Face folder in --out with run.json besi
   order, loss, optimizer, schedule; the student's weights must fit the checkpoint key for key). A larger
   --steps is allowed: the learning-rate schedule keeps the horizon the run started with, so the extra
   steps run at its final value (10% of --lr). Without a complete checkpoint, `--resume` on a run folder
-  starts over from step 0, first deleting what this tool wrote there (RESTART_CLEARS), and says so.
+  starts over from step 0, first deleting what this tool wrote there, and says so.
+- --out is a run folder (trainer/run_folder.py, docs/runs-and-plans.md 1): marked at creation, locked while a
+  run uses it (rank 0 holds the lock), written only through names kdtrain owns, never through a link.
+- A step whose loss or gradient norm is not finite is never applied: the run stops naming the step (or, with
+  --skip-nonfinite N, skips up to N such steps); weights are checked before every checkpoint and the final save.
 
 Knows models, losses, the cache reader and the data path; never imports the cacher.
 """
@@ -32,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,7 +45,6 @@ import torch
 from shared.format import CacheError
 from shared.reader import CacheReader
 from trainer.checkpoint import (
-    CHECKPOINTS_DIR,
     latest_checkpoint,
     load_checkpoint,
     read_state,
@@ -68,7 +70,8 @@ from trainer.losses import (
     sparse_kd_loss,
     tail_sample_targets,
 )
-from trainer.metrics import METRICS_FILE, MetricsLog
+from trainer.metrics import MetricsLog
+from trainer.run_folder import RunFolder
 
 # Caches up to this size are hashed completely before training starts (a few seconds per GiB);
 # larger ones are hashed shard by shard the first time a shard is read (CacheReader verify_on_read),
@@ -76,11 +79,12 @@ from trainer.metrics import METRICS_FILE, MetricsLog
 VERIFY_ALL_BYTES = 4 * 2**30
 # Chunk-aligned blocks whose sequences are shuffled together (trainer/data.py).
 SHUFFLE_WINDOW_BLOCKS = 4
-# Any of these in --out marks it as a kdtrain run folder (the only kind --overwrite deletes or --resume enters).
-RUN_MARKERS = ("run.json", METRICS_FILE, CHECKPOINTS_DIR, "model.safetensors", "model.safetensors.index.json")
-# What `--resume` without a complete checkpoint deletes before starting over: everything a run writes as it
-# goes (the final model files are written only at the end and are replaced then).
-RESTART_CLEARS = (METRICS_FILE, "run.json", CHECKPOINTS_DIR, "trace", "tensorboard")
+# Largest --lr: AdamW moves each weight by about lr per step, and weights are of order 1 or smaller, so above
+# this every step rewrites the weights and the loss diverges (--lr 1e30 trained NaN and saved it).
+MAX_LR = 1.0
+# --temperature divides logits; outside this range the tempered distributions are one-hot or flat to float32
+# precision (no published KD recipe leaves 0.5-10), and T^2 scales the KD term by up to 1e4.
+TEMPERATURE_RANGE = (0.01, 100.0)
 
 
 class TrainError(ValueError):
@@ -181,8 +185,12 @@ class TrainConfig:
     """Checkpoint and stop after this step, as if killed (tests of --resume)."""
     trace_data: bool = False
     """Write the (shard, sequence) ids each rank trains on to <out>/trace/rank-R.jsonl."""
+    skip_nonfinite: int = 0
+    """Skip up to N optimizer steps whose loss or gradient norm is not finite (their batches are dropped, nothing
+    is updated; each skip is counted in metrics.jsonl) before stopping; 0: the first one stops the run."""
 
     def __post_init__(self):
+        self._check_finite()
         if self.loss not in LOSSES:
             raise TrainError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -229,6 +237,29 @@ class TrainConfig:
             raise TrainError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.resume and self.overwrite:
             raise TrainError("--resume and --overwrite contradict each other; pass one")
+        self._check_numbers()
+
+    def _check_finite(self) -> None:
+        """Non-finite numbers are refused before anything runs (--lr inf trained a NaN student with exit 0)."""
+        for name in ("alpha", "temperature", "beta", "skew", "epochs", "lr", "weight_decay", "clip", "eval_fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+    def _check_numbers(self) -> None:
+        """Absurd numbers are refused before anything runs (--lr 1e30 trained a NaN student with exit 0)."""
+        if not 0 < self.lr <= MAX_LR:
+            raise TrainError(f"--lr must be in (0, {MAX_LR}] (AdamW moves each weight by about lr per step; typical "
+                             f"values are 1e-5 to 1e-2), got {self.lr}")
+        if not (self.weight_decay >= 0 and self.lr * self.weight_decay < 1):
+            raise TrainError(f"--weight-decay must be >= 0 with --lr x --weight-decay < 1 (AdamW multiplies the weights "
+                             f"by 1 - lr x weight_decay each step; at 1 or more it zeroes or flips them), got "
+                             f"--weight-decay {self.weight_decay} with --lr {self.lr}")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:
+            raise TrainError(f"--temperature must be in [{low}, {high}] (1.0 means no tempering), got {self.temperature}")
+        if self.skip_nonfinite < 0:
+            raise TrainError(f"--skip-nonfinite must be >= 0, got {self.skip_nonfinite}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,45 +298,6 @@ def _ddp(model, device: torch.device):
     if device.type == "cuda":
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
     return torch.nn.parallel.DistributedDataParallel(model)
-
-
-def _prepare_out(config: TrainConfig, rank: int, log) -> None:
-    """Check --out against --resume/--overwrite (every rank checks; rank 0 acts).
-
-    A non-empty --out is used only when it holds a kdtrain run (RUN_MARKERS): --overwrite deletes it,
-    --resume continues it, or, without a complete checkpoint, clears RESTART_CLEARS and starts over.
-    """
-    if os.path.isfile(config.out):
-        raise TrainError(f"--out {config.out} is a file; pass a folder")
-    entries = set(os.listdir(config.out)) if os.path.isdir(config.out) else set()
-    is_run = bool(entries & set(RUN_MARKERS))
-    if entries and not is_run:
-        markers = ", ".join(RUN_MARKERS)
-        if config.overwrite:
-            raise TrainError(f"--overwrite: --out {config.out} does not look like a kdtrain run folder (none of {markers}), "
-                             f"so kdtrain will not delete it; delete {config.out} by hand if you mean to replace it, "
-                             "or pass another --out")
-        raise TrainError(f"--out {config.out} is not empty and holds no kdtrain run (none of {markers}); pass a new or "
-                         "empty folder")
-    if entries and not (config.resume or config.overwrite):
-        raise TrainError(f"--out {config.out} is not empty; pass --resume to continue the run in it or --overwrite "
-                         "to replace it")
-    if rank == 0:
-        if config.overwrite and entries:
-            shutil.rmtree(config.out)
-        elif config.resume and entries and latest_checkpoint(config.out) is None:
-            removed = sorted(entries & set(RESTART_CLEARS))
-            for name in removed:
-                path = os.path.join(config.out, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
-            log(f"--resume: {config.out} holds no complete checkpoint (the run there stopped before its first one, "
-                f"or saved none); starting over from step 0 (deleted {', '.join(removed) or 'nothing'})")
-        elif config.resume and not entries:
-            log(f"--resume: no checkpoint in {config.out} yet; starting from step 0")
-        os.makedirs(config.out, exist_ok=True)
 
 
 def _open_cache(config: TrainConfig, log) -> CacheReader:
@@ -529,6 +521,40 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
     return train_src, eval_src, info
 
 
+def student_context(model) -> tuple[int, str] | None:
+    """(longest input the model's config allows, the config field saying so), or None when it names none."""
+    stored = model.config.to_dict()  # the names config.json uses (GPT-2's n_positions, not its alias)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = stored.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def _check_context(config: TrainConfig, model, student_name: str, sources: tuple[Source, ...]) -> None:
+    """Refuse, before training, sequences longer than the student's context (they crashed deep inside torch).
+
+    kdtrain never cuts a cache's sequences: the teacher's rows of a cut window would describe a context the
+    student does not see.
+    """
+    context = student_context(model)
+    if context is None:
+        return
+    limit, key = context
+    if config.cache is None and config.max_length > limit:
+        raise TrainError(f"--max-length {config.max_length} exceeds the context of student {student_name} ({key} = "
+                         f"{limit} tokens); use --max-length {limit} or less")
+    longer = [(int(src.lengths[i]), src.ids[i]) for src in sources for i in np.flatnonzero(src.lengths > limit)]
+    if longer:
+        length, where = max(longer, key=lambda item: item[0])
+        where = f"shard {where[0]} sequence {where[1]}" if config.cache else f"sequence {where}"
+        raise TrainError(f"cache {config.cache}: {len(longer)} sequence(s) are longer than the context of student "
+                         f"{student_name} ({key} = {limit} tokens), the longest {where} with "
+                         f"{length} tokens; kdtrain does not cut a cache's sequences (the teacher's rows describe the "
+                         f"whole window): use a student with a context of at least {length}, or rebuild the cache with "
+                         f"kdcache build --max-length {limit} or less")
+
+
 def _uses_tail_samples(config: TrainConfig, reader: CacheReader | None) -> bool:
     """Whether the loss trains on the cache's tail samples: a cache that has them, --tail-samples, --loss fkl."""
     return bool(reader is not None and reader.manifest.tail_samples and config.tail_samples and config.loss == "fkl")
@@ -589,6 +615,44 @@ def _check_resume_state(state: dict, data_state: dict, training: dict, total_ste
     return horizon
 
 
+def _nonfinite_step(loss: float, grad_norm: float, world: int, device: torch.device) -> str | None:
+    """Why a step must not be applied (its loss or gradient norm is not finite), else None; all ranks agree."""
+    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if world > 1:
+        flag = torch.tensor([float(bad)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return f"loss {loss:.6g}, gradient norm {grad_norm:.6g} (not finite on this or another rank)" if bad else None
+
+
+def _failed(folder, run_info: dict, message: str) -> TrainError:
+    """Record the failure in run.json (rank 0) and return the error to raise; checkpoints stay, no student is saved."""
+    if folder is not None:
+        folder.write_json("run.json", {**run_info, "status": "failed", "error": message})
+    return TrainError(message)
+
+
+def _stop_nonfinite(config: TrainConfig, folder, run_info: dict, step: int, reason: str, skipped: int) -> TrainError:
+    kept = latest_checkpoint(config.out)
+    budget = (f" after {skipped - 1} such step(s) skipped (--skip-nonfinite {config.skip_nonfinite})"
+              if config.skip_nonfinite else "")
+    return _failed(folder, run_info,
+                   f"step {step}: {reason}, so the step was not applied and the run stops{budget}. Kept: "
+                   f"{kept or 'no checkpoint yet'}; no student was saved. Lower --lr (now {config.lr}) or add "
+                   "--warmup-steps, check the cache or data, or pass --skip-nonfinite N to skip up to N such steps; "
+                   "then rerun with --resume to continue from the last checkpoint")
+
+
+def _refuse_nonfinite_weights(config: TrainConfig, folder, run_info: dict, model, step: int) -> None:
+    """Never write a student holding NaN or infinity: stop before a checkpoint or the final save."""
+    name = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if name is not None:
+        raise _failed(folder, run_info,
+                      f"after step {step} the student's weights are not finite ({name}), so they were not saved; "
+                      f"kept: {latest_checkpoint(config.out) or 'no checkpoint yet'}. Lower --lr (now {config.lr}) "
+                      "or --weight-decay, then rerun with --resume to continue from the last checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -603,7 +667,17 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     hf_logging.disable_progress_bar()
     rank, world, device = _dist()
     log = log if rank == 0 else (lambda message: None)
-    _prepare_out(config, rank, log)
+    folder = RunFolder.open(config.out, resume=config.resume, overwrite=config.overwrite, log=log) if rank == 0 else None
+    try:
+        return _train(config, folder, rank, world, device, progress=progress, log=log)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int, device: torch.device, *, progress,
+           log) -> dict:
+    """train()'s body, with --out held (`folder`, rank 0 only; None on the other ranks)."""
     if world > 1:
         torch.distributed.barrier()
 
@@ -629,6 +703,7 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
         log(f"student: {model.get_output_embeddings().weight.shape[0]} logit rows for {num_ids} token ids; the loss "
             f"sees the first {num_ids} (the rest are padding no tokenizer produces)")
     train_src, eval_src, data_info = _split_data(config, reader, tokenizer)
+    _check_context(config, model, student_name, (train_src, eval_src))
     if "teacher_outcomes" in data_info:
         log(f"teacher targets: {data_info['teacher_outcomes']}")
     eval_batches = [{**collate(eval_src.read(list(range(a, b))), eval_src.has_teacher), "ids": eval_src.ids[a:b]}
@@ -658,13 +733,13 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.warmup_steps, schedule_steps))
-    step, cursors = 0, [None] * world
+    step, cursors, skipped = 0, [None] * world, 0  # skipped: steps not applied (non-finite), --skip-nonfinite
     if ckpt is not None:
         try:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
         except ValueError as exc:
             raise TrainError(f"{exc}; resume with the student the run started with, or start over with --overwrite") from exc
-        step, cursors = state["step"], state["cursors"]
+        step, cursors, skipped = state["step"], state["cursors"], state.get("nonfinite_skips", 0)
         log(f"resumed from {ckpt} at step {step}" + (f"; steps {schedule_steps + 1}-{total_steps} run at the final "
             "learning rate (the schedule keeps the run's first horizon)" if total_steps > schedule_steps else ""))
     ddp = _ddp(model, device) if world > 1 else model
@@ -677,13 +752,13 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                 **data_info, "cache_key": data_state["cache_key"]}
     metrics = None
     if rank == 0:
-        with open(os.path.join(config.out, "run.json"), "w") as f:
-            json.dump({**run_info, "status": "running"}, f, indent=1)
+        folder.write_json("run.json", {**run_info, "status": "running"})
         metrics = MetricsLog(config.out, resume_step=step, tensorboard=config.tensorboard)
     trace = None
     if config.trace_data:
         os.makedirs(os.path.join(config.out, "trace"), exist_ok=True)
-        trace = open(os.path.join(config.out, "trace", f"rank-{rank}.jsonl"), "a")  # noqa: SIM115 - closed below
+        trace = os.fdopen(os.open(os.path.join(config.out, "trace", f"rank-{rank}.jsonl"),  # closed below
+                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a")
     tick = progress(total_steps, step) if (progress and rank == 0) else (lambda **kw: None)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -709,7 +784,18 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                 ce_sum += float(stats["ce"]) / config.grad_accum
                 kd_sum += float(stats["kd"]) / config.grad_accum
                 step_tokens += batch["num_tokens"]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip)) if config.clip > 0 else float("nan")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip) if config.clip > 0 else
+                              torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            reason = _nonfinite_step(loss_sum, grad_norm, world, device)
+            if reason:  # never applied: the weights, the optimizer state and the schedule stay as they are
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                if skipped > config.skip_nonfinite:
+                    raise _stop_nonfinite(config, folder, run_info, step + 1, reason, skipped)
+                if metrics:
+                    metrics.write({"step": step + 1, "skipped_nonfinite": skipped, "reason": reason})
+                log(f"step {step + 1}: {reason}; step skipped ({skipped} of --skip-nonfinite {config.skip_nonfinite})")
+                continue
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
             optimizer.step()
             scheduler.step()
@@ -720,7 +806,8 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
             tokens_seen += step_tokens * world
             tps = step_tokens * world / max(seconds, 1e-9)
             last = {"step": step, "loss": loss_sum, "ce": ce_sum, "kd": kd_sum, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens_seen, "epoch": batcher.cursor["epoch"]}
+                    "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens_seen, "epoch": batcher.cursor["epoch"],
+                    "skipped_nonfinite": skipped}
             if metrics and (step % config.log_every == 0 or step == total_steps):
                 metrics.write(last)
             tick(step=step, loss=loss_sum, tps=tps)
@@ -736,9 +823,10 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
                     all_cursors = [None] * world
                     torch.distributed.all_gather_object(all_cursors, batcher.cursor)
                 if rank == 0:
+                    _refuse_nonfinite_weights(config, folder, run_info, model, step)
                     save_checkpoint(config.out, step, model, optimizer, scheduler,
                                     {"cursors": all_cursors, "data": data_state, "train": training,
-                                     "schedule_steps": schedule_steps})
+                                     "schedule_steps": schedule_steps, "nonfinite_skips": skipped})
                 if world > 1:
                     torch.distributed.barrier()
             if stopping:
@@ -758,9 +846,9 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     if rank == 0:
         from trainer.student import save_student
 
-        save_student(model, tokenizer, config.out)
-        with open(os.path.join(config.out, "run.json"), "w") as f:
-            json.dump({**run_info, **summary}, f, indent=1)
+        _refuse_nonfinite_weights(config, folder, run_info, model, step)
+        folder.save_student(lambda staging: save_student(model, tokenizer, staging))
+        folder.write_json("run.json", {**run_info, **summary})
     if world > 1:
         torch.distributed.barrier()
     return {**summary, "student": student_name, "out": config.out}

@@ -58,41 +58,187 @@ def test_dataset_path_needs_ce(tmp_path, tiny_gpt2_dir):
     assert code == 2 and "without --cache there is no teacher: use --loss ce" in text
 
 
+COMMON = ("--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--batch-tokens", 256)
+
+
+def snapshot(folder) -> dict:
+    """Every entry under folder (links not followed) with its kind and bytes: to show nothing changed."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                out[rel] = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    out[rel] = ("file", f.read())
+            else:
+                out[rel] = ("dir", None)
+    return out
+
+
+def marker_of(out) -> dict:
+    return json.loads((out / "owner.json").read_text())
+
+
 def test_nonempty_out_refused_without_resume_or_overwrite(cache, tmp_path):
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "run.json").write_text("{}")  # a previous run
-    (tmp_path / "o" / "x").write_text("keep")
-    code, text = run("--cache", cache, "--out", tmp_path / "o", "--student-from-teacher", "--keep-layers", 1,
-                     "--steps", 1)
-    assert code == 2 and "is not empty; pass --resume" in text and "--overwrite" in text
-    assert (tmp_path / "o" / "x").exists()
-
-
-@pytest.mark.parametrize("flag,message", [
-    (None, "is not empty and holds no kdtrain run (none of run.json, metrics.jsonl, checkpoints, model.safetensors"),
-    ("--resume", "is not empty and holds no kdtrain run"),
-    ("--overwrite", ("does not look like a kdtrain run folder (none of run.json, metrics.jsonl, checkpoints, "
-                     "model.safetensors, model.safetensors.index.json), so kdtrain will not delete it; delete")),
-], ids=["no-flag", "resume", "overwrite"])
-def test_out_that_is_not_a_run_folder_is_neither_deleted_nor_written(cache, tmp_path, flag, message):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep")
-    code, text = run("--cache", cache, "--out", out, "--student-from-teacher", "--keep-layers", 1, "--steps", 1,
-                     *([flag] if flag else []))
-    assert code == 2 and message in text and str(out) in text, text
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-
-
-def test_overwrite_replaces_a_run_folder(cache, tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
-    (out / "stale.txt").write_text("from the old run")
-    code, text = run("--cache", cache, "--out", out, "--student-from-teacher", "--keep-layers", 1, "--steps", 1,
-                     "--batch-tokens", 256, "--overwrite")
+    code, text = run("--cache", cache, "--out", out, *COMMON)
     assert code == 0, text
-    assert not (out / "stale.txt").exists() and json.loads((out / "run.json").read_text())["status"] == "complete"
+    marker = marker_of(out)
+    assert marker["tool"] == "kdtrain" and marker["kind"] == "run" and len(marker["id"]) == 32
+    assert {"model.safetensors", "config.json"} <= set(marker["files"])  # the student's files, listed as it saved them
+    assert not (out / "run.lock").exists()  # released at the end
+    before = snapshot(out)
+    code, text = run("--cache", cache, "--out", out, *COMMON)
+    assert code == 2 and "is not empty; pass --resume" in text and "--overwrite" in text
+    assert snapshot(out) == before
+
+
+def hf_model_folder(path, tiny_gpt2_dir):
+    shutil.copytree(tiny_gpt2_dir, path)
+
+
+def cache_folder(path, _):
+    """A cache with the marker kdcache writes when it creates one (owner.json of kind cache)."""
+    shutil.copytree(CACHE[0], path)
+    if not (path / "owner.json").exists():
+        (path / "owner.json").write_text(json.dumps({"tool": "kdcache", "kind": "cache", "id": "cd" * 16,
+                                                     "created_at": "2026-12-04T00:00:00Z"}))
+
+
+def old_cache_folder(path, _):
+    """A cache without a marker (written before markers, or copied without it)."""
+    shutil.copytree(CACHE[0], path)
+    if (path / "owner.json").exists():
+        (path / "owner.json").unlink()
+
+
+def users_folder(path, _):
+    path.mkdir()
+    (path / "notes.txt").write_text("keep")
+    (path / "meta").mkdir()  # a name a cache uses too, in a folder that is no cache: still the user's
+    (path / "meta" / "plan.txt").write_text("mine")
+
+
+def old_run_folder(path, _):
+    """A run folder of a kdtrain before markers: run.json, metrics.jsonl, checkpoints/ and the student."""
+    path.mkdir()
+    (path / "run.json").write_text('{"status": "complete"}')
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (path / "checkpoints").mkdir()
+    (path / "model.safetensors").write_bytes(b"weights")
+
+
+CACHE = []  # the module's cache, for cache_folder
+
+
+@pytest.mark.parametrize("flag", [None, "--resume", "--overwrite"])
+@pytest.mark.parametrize("make,message", [
+    (hf_model_folder, "is a model folder (it holds config.json, generation_config.json, model.safetensors, "),
+    (cache_folder, "owner.json marks it as a 'kdcache' 'cache' folder, not a kdtrain run folder, so kdtrain cannot "
+                   "tell what it owns in "),
+    (old_cache_folder, "is a kdcache cache (it holds build.json, "),  # the rest of the sentence: the next assertion
+    (users_folder, "is a folder kdtrain did not create (it holds meta, notes.txt; no owner.json). Pass a new or "
+                   "empty folder as --out, or delete that one by hand"),
+    (old_run_folder, "is a model folder (it holds model.safetensors)"),
+], ids=["model", "cache", "old-cache", "user", "old-run"])
+def test_out_that_is_not_a_run_folder_is_neither_deleted_nor_written(cache, tmp_path, tiny_gpt2_dir, make, message,
+                                                                     flag):
+    """A teacher's model folder as --out with --overwrite had its weights deleted; with --resume, overwritten.
+    Whatever the flag, an unmarked non-empty folder is refused, naming it, and not one byte in it changes."""
+    CACHE[:] = [cache]
+    out = tmp_path / "target"
+    make(out, tiny_gpt2_dir)
+    before = snapshot(out)
+    code, text = run("--cache", cache, "--out", out, *COMMON, *([flag] if flag else []))
+    assert code == 2 and (f"--out {out} {message}" in text or f"{out}/{message}" in text), text
+    if make in (hf_model_folder, old_run_folder):
+        assert "): kdtrain never writes into or deletes a model's files. Pass a new or empty folder as --out" in text
+    if make is old_cache_folder:
+        assert "manifest.json, meta, shards): a cache is never a run folder. Pass a new or empty folder" in text, text
+    assert snapshot(out) == before
+
+
+def test_overwrite_deletes_only_what_kdtrain_wrote(cache, tmp_path):
+    out = tmp_path / "o"
+    code, text = run("--cache", cache, "--out", out, *COMMON, "--save-every", 1)
+    assert code == 0, text
+    first = marker_of(out)["id"]
+    (out / "notes.txt").write_text("the user's")
+    (out / "extra").mkdir()
+    (out / "extra" / "data.bin").write_bytes(b"mine")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # to see it replaced
+    code, text = run("--cache", cache, "--out", out, *COMMON, "--overwrite")
+    assert code == 0, text
+    assert "kept what kdtrain did not write: extra, notes.txt" in text
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "extra" / "data.bin").read_bytes() == b"mine"
+    assert "9.0" not in (out / "metrics.jsonl").read_text()
+    assert not (out / "checkpoints").exists()  # the first run's; this one saved none
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert marker_of(out)["id"] != first  # a new run
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "metrics.jsonl", "run.json"])
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_links_in_a_run_folder_are_never_followed(cache, tmp_path, name, flag):
+    """A run folder in which an owned name is a symbolic link (to someone's folder or file): refused before anything
+    is written or deleted, naming the link; what it points to is untouched."""
+    out = tmp_path / "o"
+    code, text = run("--cache", cache, "--out", out, *COMMON, "--save-every", 1)
+    assert code == 0, text
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    target = victim if name == "checkpoints" else victim / "precious.txt"
+    _remove(out / name)
+    os.symlink(target, out / name)
+    before, outside = snapshot(out), snapshot(victim)
+    code, text = run("--cache", cache, "--out", out, *COMMON, flag)
+    assert code == 2 and f"{out / name} in run folder {out} is a symbolic link" in text, text
+    assert snapshot(out) == before and snapshot(victim) == outside
+
+
+def _remove(path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def test_out_that_is_a_link_or_has_a_bad_marker_is_refused(cache, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link")
+    code, text = run("--cache", cache, "--out", tmp_path / "link", *COMMON)
+    assert code == 2 and f"--out {tmp_path / 'link'} is a symbolic link" in text and str(real) in text
+    assert list(real.iterdir()) == []
+    forged = tmp_path / "forged"  # a marker whose file list reaches outside the folder
+    forged.mkdir()
+    (forged / "owner.json").write_text(json.dumps({"tool": "kdtrain", "kind": "run", "id": "0" * 32,
+                                                         "files": ["../victim"]}))
+    (forged / "run.json").write_text("{}")
+    (tmp_path / "victim").write_text("keep")
+    code, text = run("--cache", cache, "--out", forged, *COMMON, "--overwrite")
+    assert code == 2 and f"{forged / 'owner.json'} is not a kdtrain run marker" in text, text
+    assert (tmp_path / "victim").read_text() == "keep" and (forged / "run.json").exists()
+
+
+def test_second_run_into_a_held_folder_is_refused_naming_the_holder(cache, tmp_path):
+    """In one process, the way two processes meet (flock is per open file; the multiproc test uses two processes)."""
+    import socket
+
+    from trainer.run_folder import RunFolder
+
+    out = tmp_path / "o"
+    held = RunFolder.open(str(out), resume=False, overwrite=False, log=lambda m: None)
+    try:
+        code, text = run("--cache", cache, "--out", out, *COMMON)
+        assert code == 2, text
+        assert (f"--out {out} is in use by another kdtrain run: pid {os.getpid()} on host {socket.gethostname()} "
+                "since 20") in text and "Wait for it to end or stop it, or pass another --out" in text
+    finally:
+        held.release()
+    code, text = run("--cache", cache, "--out", out, *COMMON)
+    assert code == 0, text
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(cache, tmp_path):
@@ -100,6 +246,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(cache, t
     step 0, and metrics.jsonl holds each step once."""
     out = tmp_path / "o"
     out.mkdir()
+    (out / "owner.json").write_text(json.dumps({"tool": "kdtrain", "kind": "run", "id": "ab" * 16, "files": []}))
     (out / "run.json").write_text(json.dumps({"status": "running"}))
     (out / "metrics.jsonl").write_text('{"step": 0, "eval_kl": 5.0}\n{"step": 1, "loss": 9.0}\n')
     (out / "checkpoints").mkdir()
@@ -221,3 +368,26 @@ def test_student_with_fewer_padded_rows_than_the_teacher_trains(tmp_path, tiny_t
     assert ("student" in text and "400 embedding rows, enough for the 384 token ids" in text
             and "written by an older kdcache that kept the teacher's padded embedding rows" in text
             and "kdcache build ... --overwrite" in text), text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "1e30"], "--lr must be in (0, 1.0] (AdamW moves each weight by about lr per step; typical values are "
+                       "1e-5 to 1e-2), got 1e+30"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--weight-decay", "2000"], "--weight-decay must be >= 0 with --lr x --weight-decay < 1 (AdamW multiplies the "
+                                 "weights by 1 - lr x weight_decay each step; at 1 or more it zeroes or flips them), got "
+                                 "--weight-decay 2000.0 with --lr 0.0005"),
+    (["--clip", "inf"], "--clip must be a finite number, got inf"),
+    (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
+    (["--temperature", "1e-5"], "--temperature must be in [0.01, 100.0] (1.0 means no tempering), got 1e-05"),
+    (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
+], ids=["lr-inf", "lr-nan", "lr-1e30", "weight-decay-nan", "weight-decay-2000", "clip-inf", "epochs-inf",
+        "temperature-1e-5", "alpha-nan", "skip-nonfinite-negative"])
+def test_nonfinite_or_absurd_numbers_refused(cache, tmp_path, args, message):
+    """--lr inf, --lr 1e30 and --weight-decay nan trained NaN students and saved them with exit 0."""
+    code, text = run("--cache", cache, "--out", tmp_path / "o", *COMMON, *args)
+    assert code == 2 and message in text, text
+    assert not (tmp_path / "o").exists()

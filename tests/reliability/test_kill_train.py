@@ -10,9 +10,11 @@ tests/trainer/test_train.py::test_resume_is_bit_exact; this test adds real proce
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -83,3 +85,60 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(cache, tmp_path):
     rows_part = [r for r in read_metrics(str(part)) if "loss" in r]
     assert [r["step"] for r in rows_part] == list(range(1, steps + 1))
     assert [r["loss"] for r in rows_part] == [r["loss"] for r in rows_full]
+
+
+def lock_body(out: Path) -> dict:
+    try:
+        return json.loads((out / "run.lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_a_second_run_into_a_held_out_is_refused_and_a_dead_holders_lock_is_recovered(cache, tmp_path):
+    """Two `kdtrain run` into one --out at once both exited 0 and left a mix of the two runs. Now the second is
+    refused before it touches anything, naming the first's host, pid and start time; the first ends as if alone.
+    A holder killed with SIGKILL leaves its lock file, but not its flock: `--resume` takes the folder over.
+    The first run is stopped (SIGSTOP) while the others try, so that it still holds the folder however slowly
+    they start."""
+    out = tmp_path / "run"
+    train = command("kdtrain", "run", "--cache", cache, "--student-from-teacher", "--keep-layers", 1, "--batch-tokens",
+                    384, "--seed", 3, "--save-every", 4, "--out", out)
+    first = subprocess.Popen([*train, "--steps", "24"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 180
+    while not (lock_body(out).get("pid") == first.pid and (out / "run.json").exists()):
+        assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() is not None else ""
+        time.sleep(0.01)
+    since = lock_body(out)["since"]
+    os.kill(first.pid, signal.SIGSTOP)  # holds its lock however long the others take to start
+    for flag in ([], ["--overwrite"], ["--resume"]):
+        second = subprocess.run([*train, "--steps", "6", *flag], cwd=REPO, capture_output=True, text=True, timeout=120,
+                                check=False)
+        assert second.returncode == 2, second.stderr
+        message = " ".join(second.stderr.split())
+        assert (f"--out {out} is in use by another kdtrain run: pid {first.pid} on host {socket.gethostname()} "
+                f"since {since}") in message, message
+    os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["config"]["steps"] == 24  # the first run's, whole
+    from trainer.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(str(out)) if "loss" in r] == list(range(1, 25))
+    assert not (out / "run.lock").exists()
+
+    killed = subprocess.Popen([*train, "--steps", "24", "--overwrite"], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    while "step-000008" not in checkpoints(out):
+        assert killed.poll() is None and time.time() < deadline + 120
+        time.sleep(0.01)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    assert lock_body(out).get("pid") == killed.pid  # its lock file is left behind; the kernel dropped its flock
+    resumed = subprocess.run([*train, "--steps", "24", "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and not (out / "run.lock").exists()

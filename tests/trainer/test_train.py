@@ -431,3 +431,130 @@ def test_resume_with_more_steps_continues_at_the_final_lr(tiny_cache, tmp_path):
     assert [r["lr"] for r in rows[4:]] == pytest.approx([1e-4, 1e-4])
     run = read_run(out)
     assert (run["total_steps"], run["schedule_steps"], run["final"]["step"]) == (6, 4, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite steps (docs/runs-and-plans.md 1.5): never applied, never saved
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward; backward multiplies the gradient by infinity (a finite loss, a non-finite gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def poison_steps(monkeypatch, bad_calls: set[int], how: str = "loss"):
+    """Make the loss (how="loss": NaN) or the gradient (how="gradient": infinite) of the given calls of the trainer's
+    loss non-finite; calls count from 1, one per step attempt with --grad-accum 1."""
+    import trainer.train as trainer_train
+
+    real, calls = trainer_train._loss, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        value, stats = real(*args, **kwargs)
+        if calls[0] in bad_calls:
+            value = value * math.nan if how == "loss" else InfiniteGradient.apply(value)
+        return value, stats
+
+    monkeypatch.setattr(trainer_train, "_loss", loss)
+
+
+NONFINITE_RUN = {"student_from_teacher": True, "keep_layers": 1, "batch_tokens": 384, "lr": 2e-3}
+
+
+@pytest.mark.parametrize("how", ["loss", "gradient"])
+def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_checkpoint(tiny_cache, tmp_path, monkeypatch, how):
+    """A NaN loss (or an infinite gradient) at step 5 trained on and saved an all-NaN student with exit 0. Now the run
+    stops there naming the step, the checkpoints of steps 2 and 4 stay (finite), no student is saved, run.json says
+    why, and --resume once the cause is gone continues from step 4."""
+    common = {"cache": tiny_cache, "steps": 8, "save_every": 2, **NONFINITE_RUN}
+    out = tmp_path / "o"
+    poison_steps(monkeypatch, {5}, how)
+    with pytest.raises(TrainError, match=r"^step 5: loss \S+, gradient norm \S+ \(not finite on this or another rank\), "
+                                         r"so the step was not applied and the run stops\. Kept: .*step-000004; no "
+                                         r"student was saved\. Lower --lr"):
+        train(TrainConfig(out=str(out), **common), log=quiet)
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["step-000002", "step-000004"]
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(out / "checkpoints" / "step-000004" /
+                                                                  "model.safetensors").values())
+    assert not (out / "model.safetensors").exists()
+    run = read_run(str(out))
+    assert run["status"] == "failed" and run["error"].startswith("step 5: ")
+    monkeypatch.undo()
+    assert train(TrainConfig(out=str(out), resume=True, **common), log=quiet)["status"] == "complete"
+    assert all(bool(torch.isfinite(t).all()) for t in weights(str(out)).values())
+
+
+def test_skip_nonfinite_skips_up_to_n_steps_and_counts_them(tiny_cache, tmp_path, monkeypatch):
+    """--skip-nonfinite 2: two non-finite attempts are skipped without touching the weights, the optimizer or the
+    schedule (the logged learning rates are the schedule's at steps 1..6; AdamW counts 6 steps); metrics.jsonl
+    counts them; a third stops the run."""
+    common = {"cache": tiny_cache, "steps": 6, "save_every": 6, "warmup_steps": 0, **NONFINITE_RUN}
+    out = str(tmp_path / "o")
+    poison_steps(monkeypatch, {3, 4})
+    summary = train(TrainConfig(out=out, skip_nonfinite=2, **common), log=quiet)
+    assert summary["status"] == "complete" and summary["steps"] == 6
+    rows = read_metrics(out)
+    assert [(r["step"], r["skipped_nonfinite"]) for r in rows if "reason" in r] == [(3, 1), (3, 2)]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert [r["skipped_nonfinite"] for r in steps] == [0, 0, 2, 2, 2, 2]
+    assert [r["lr"] for r in steps] == pytest.approx([2e-3 * _schedule(s, 0, 6) for s in range(6)])
+    optimizer = torch.load(os.path.join(out, "checkpoints", "step-000006", "optimizer.pt"), weights_only=True)
+    assert {int(s["step"]) for s in optimizer["optimizer"]["state"].values()} == {6}
+    assert all(bool(torch.isfinite(t).all()) for t in weights(out).values())
+
+    monkeypatch.undo()
+    poison_steps(monkeypatch, {3, 4, 5})
+    with pytest.raises(TrainError, match=r"^step 3: loss nan, .* after 2 such step\(s\) skipped \(--skip-nonfinite 2\)"):
+        train(TrainConfig(out=str(tmp_path / "o2"), skip_nonfinite=2, **common), log=quiet)
+
+
+def test_nonfinite_weights_are_never_saved(tiny_cache, tmp_path, monkeypatch):
+    """Weights that became non-finite in an optimizer step (a finite loss and gradient) are refused before the
+    checkpoint and before the final save."""
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        if self.state[self.param_groups[0]["params"][0]]["step"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "o"
+    with pytest.raises(TrainError, match=r"^after step 3 the student's weights are not finite \(\S+\), so they were not "
+                                         r"saved; kept: .*step-000002"):
+        train(TrainConfig(out=str(out), cache=tiny_cache, steps=3, save_every=2, **NONFINITE_RUN), log=quiet)
+    assert not (out / "model.safetensors").exists() and read_run(str(out))["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# a student's context
+
+
+def test_student_with_a_shorter_context_than_the_caches_sequences_is_refused(tiny_cache, tiny_gpt2_dir, tmp_path):
+    """The cache's windows are 64 tokens; a student of 32 positions crashed deep inside torch (an index error in its
+    position embedding). It is refused before training, naming the limit, the longest sequence and the fixes."""
+    config = tmp_path / "short.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}))
+    out = tmp_path / "o"
+    with pytest.raises(TrainError, match=r"sequence\(s\) are longer than the context of student .*short\.json "
+                                         r"\(n_positions = 32 tokens\), the longest shard \d+ sequence \d+ with 64 "
+                                         r"tokens; kdtrain does not cut a cache's sequences .* use a student with a "
+                                         r"context of at least 64, or rebuild the cache with kdcache build "
+                                         r"--max-length 32 or less"):
+        train(TrainConfig(out=str(out), cache=tiny_cache, student_config=str(config), steps=1), log=quiet)
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
+    with pytest.raises(TrainError, match=r"--max-length 64 exceeds the context of student .*short\.json \(n_positions "
+                                         r"= 32 tokens\); use --max-length 32 or less"):
+        train(TrainConfig(out=str(tmp_path / "o2"), dataset=str(SHAKESPEARE), student_config=str(config),
+                          teacher=str(tiny_gpt2_dir), loss="ce", max_length=64, limit=5, steps=1), log=quiet)
