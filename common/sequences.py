@@ -8,6 +8,9 @@ Sequences:
   non-overlapping windows of `max_length` tokens; `loss_mask` is true on every row but the last of
   a window. A final window of a single token cannot be trained on; it is counted (`num_dropped`)
   and reported, never silently lost.
+- a text value is a string; an empty or null value is the empty text and a number is its decimal text
+  (a CSV column of numbers); any other value (a list, a dict, a boolean, bytes) is refused naming the row
+  and the field (`row_text`), never turned into its Python repr.
 - prompt/response rows (`--prompt-field`, `--response-field`): the prompt formatted by a template
   (`--prompt-template`, common.templates; default: `chat` when the tokenizer has a chat template,
   else `plain`), then the response and EOS; `loss_mask` is true exactly on the rows whose next token
@@ -92,11 +95,28 @@ def _check_field(name: str | None, columns: list[str], option: str, dataset: str
         raise DataError(f"{option} {name!r} is not a field of {dataset}; its fields are: {', '.join(columns)}")
 
 
-def _row_input(row: dict, input_field: str | None) -> str | None:
+def row_text(row: dict, field: str, index: int, option: str, dataset: str) -> str:
+    """The text in `row[field]` (see the module docstring); a DataError naming the row and field otherwise.
+
+    index: the row's position in the data set (0-based); option: the flag that named the field.
+    """
+    value = row[field]
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{option} {field!r}: row {index} of {dataset} (counting from 0) holds a {type(value).__name__}, "
+                    f"not text: {value!r:.80}; every row's {field!r} must be a string (a number or an empty value "
+                    "is read as text); fix or drop such rows, or pick another field")
+
+
+def _row_input(row: dict, input_field: str | None, index: int, dataset: str) -> str | None:
     """The row's input text for the minillm template; None when there is no input field or it is empty."""
-    if input_field is None or not row[input_field]:
+    if input_field is None:
         return None
-    return str(row[input_field])
+    return row_text(row, input_field, index, "--input-field", dataset) or None
 
 
 def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None,
@@ -156,7 +176,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
                 _add_pair(sequences, info, tokenizer, index, row, prompt_field, response_field, max_length,
                           template, input_field)
         else:
-            texts = [str(row[text_field] or "") for _, row in batch]
+            texts = [row_text(row, text_field, index, "--text-field", info.name) for index, row in batch]
             encoded = tokenizer(texts)["input_ids"]
             for (index, _row), text, ids in zip(batch, texts, encoded):
                 if full():
@@ -207,8 +227,9 @@ def _sha_parts(prompt: str, response: str, input_field: str | None, input_text: 
 
 def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: dict, prompt_field: str,
               response_field: str, max_length: int, template: str, input_field: str | None) -> None:
-    prompt, response = str(row[prompt_field] or ""), str(row[response_field] or "")
-    input_text = _row_input(row, input_field)
+    prompt = row_text(row, prompt_field, index, "--prompt-field", info.name)
+    response = row_text(row, response_field, index, "--response-field", info.name)
+    input_text = _row_input(row, input_field, index, info.name)
     prompt_ids, full_ids, _ = prompt_ids_with_template(tokenizer, prompt, response, template, input_text)
     if len(prompt_ids) >= max_length - 1 or len(full_ids) <= len(prompt_ids):
         info.num_skipped_rows += 1
@@ -240,9 +261,9 @@ def load_prompts(dataset: str, tokenizer, *, split: str | None = None, config: s
     out: list[Sequence] = []
     for index, row in enumerate(rows):
         info.num_source_rows += 1
-        prompt = str(row[prompt_field] or "")
-        reference = str(row[response_field]) if response_field else None
-        input_text = _row_input(row, input_field)
+        prompt = row_text(row, prompt_field, index, "--prompt-field", info.name)
+        reference = row_text(row, response_field, index, "--response-field", info.name) if response_field else None
+        input_text = _row_input(row, input_field, index, info.name)
         ids = prompt_only_ids(tokenizer, prompt, template, input_text)
         if len(ids) >= max_length:
             info.num_skipped_rows += 1

@@ -1,12 +1,16 @@
 """The trainer's data path: which sequences, in which order, in which batches.
 
 Held-out rule (`heldout_mask`). A sequence is held out for evaluation iff
-    int(sha256(f"{text_sha256}:{window_index}")[:8], 16) % 10_000 < round(eval_fraction * 10_000)
+    int(sha256(f"{text_sha256}:{source_index}:{window_index}")[:8], 16) % 10_000
+        < round(eval_fraction * 10_000)
 with two guards: when that holds out nothing (and there are >= 2 sequences) the one with the smallest
 value is held out, and when it holds out everything the one with the largest value is trained on.
-The rule reads only the meta parquet's `text_sha256` and `window_index` (`source_index` stands in for
-an empty hash), never the teacher's arrays or the storage order, so caches of the same data built by
-different teachers (a distillation chain) hold out exactly the same sequences.
+The rule reads only the meta parquet's `text_sha256`, `source_index` (the data set row) and
+`window_index`, never the teacher's arrays or the storage order, so caches of the same data built by
+different teachers (a distillation chain) hold out exactly the same sequences. The row is in the key so
+that identical texts at different rows are separate sequences (with the text alone, a data set of
+repeated texts held out all of them or one); the samples of one prompt (generate mode) share the key
+and are held out together.
 
 Order (`epoch_order`, pure). Reading one random sequence of a Zarr shard decompresses the whole chunk
 around it, so the order is built from *blocks*: the sequences whose first row lies in one chunk of
@@ -57,7 +61,7 @@ HASH_BUCKETS = 10_000
 
 def heldout_hash(text_sha256: str, window_index: int, source_index: int = 0) -> int:
     """The number the held-out rule looks at (see the module docstring)."""
-    key = f"{text_sha256 or source_index}:{window_index}".encode()
+    key = f"{text_sha256}:{source_index}:{window_index}".encode()
     return int(hashlib.sha256(key).hexdigest()[:8], 16)
 
 

@@ -146,8 +146,12 @@ class EvalConfig:
             raise EvalError(f"--bertscore-layers must be >= 1, got {self.bertscore_layers}")
 
 
-def load_model(path: str):
-    """(model, tokenizer) named by `path` under common.models' rule (a mistyped local path fails at once)."""
+def load_model(path: str, *, need_tokenizer: bool = True):
+    """(model, tokenizer) named by `path` under common.models' rule (a mistyped local path fails at once).
+
+    need_tokenizer: False for metrics on cache rows only, which read token ids and never text: the tokenizer
+    is then None, and a folder without one (a run's checkpoint holds weights only) will do.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -158,7 +162,7 @@ def load_model(path: str):
     folder = model_folder(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        tokenizer = load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder) if need_tokenizer else None
     except OSError as exc:
         raise EvalError(f"could not load model/tokenizer from {path}: {exc}") from exc
     model.eval()
@@ -279,7 +283,7 @@ def draft_acceptance(model, config: EvalConfig, eval_fraction: float) -> dict:
     reader = CacheReader(config.cache, verify_on_read=True)
     selected = cache_sequences(reader, heldout_only=config.heldout_only, limit=config.limit, eval_fraction=eval_fraction)
     num_ids = cache_token_ids(reader.manifest.tokenizer)
-    teacher = load_model(config.teacher)[0] if config.teacher else None
+    teacher = load_model(config.teacher, need_tokenizer=False)[0] if config.teacher else None
     for name, m in (("--model", model), ("--teacher", teacher)):
         rows = m.get_output_embeddings().weight.shape[0] if m is not None else num_ids
         if rows < num_ids:
@@ -590,7 +594,7 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
         rows = {"source": "cache held-out", "eval_fraction": fraction, "split_from": split_from}
     else:
         fraction, rows = 0.0, {"source": "cache, all rows (training rows included)"}
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, need_tokenizer=bool(config.dataset))  # text metrics need --dataset
     result = EvalResult(model=config.model)
     for metric in config.metrics:
         t0 = time.time()

@@ -407,7 +407,7 @@ def heldout_by_hand(cache: str, fraction: float) -> int:
     for path in sorted(glob.glob(f"{cache}/meta/*.parquet")):
         meta = pq.read_table(path).to_pydict()
         for text, window, source in zip(meta["text_sha256"], meta["window_index"], meta["source_index"]):
-            values.append(int(hashlib.sha256(f"{text or source}:{window}".encode()).hexdigest()[:8], 16) % 10_000)
+            values.append(int(hashlib.sha256(f"{text}:{source}:{window}".encode()).hexdigest()[:8], 16) % 10_000)
     held = sum(v < round(fraction * 10_000) for v in values)
     assert 0 < held < len(values)  # the guards of the rule play no part at these fractions
     return held
