@@ -138,28 +138,33 @@ def test_p4_storage_smoke(tiny_gpt2_dir, tmp_path):
 
     out = tmp_path / "r.jsonl"
     main(["--model", str(tiny_gpt2_dir), "--tokens", "512", "--max-length", "64", "--rs-tokens", "128",
-          "--rs-samples", "8", "--json", str(out)])
+          "--rs-samples", "8", "--repeats", "1", "--json", str(out)])
     row = _row(out)
     assert sorted({r["K"] for r in row["rows"]}) == [16, 64, 128]
-    assert all(r["bytes_per_token_k"] > 0 for r in row["rows"])
+    assert all(r["bytes_per_token_k"] > 0 and r["encode_tokens_per_cpu_s"] > 0 for r in row["rows"])
+    chosen = [r for r in row["rows"] if r["encoding"].endswith("(chosen)")]
+    assert [r["K"] for r in chosen] == [16, 64, 128] and all(r["mean_kl"] < 1e-5 for r in chosen), chosen
     assert row["rs_kd"][0]["mean_distinct_ids"] <= 8
     tail = next(r for r in row["rs_kd"] if r.get("tail_samples") == "48+16")
     assert 0 < tail["mean_distinct_ids"] <= 16 and tail["bytes_per_token_slot"] > 0
 
 
-def test_p4_code_encoding_roundtrip():
-    """The 8-bit code encoding decodes within half a step of the float32 log-probs."""
-    from bench.p4_storage import encode_codes
+def test_p4_candidates_give_back_their_rows():
+    """Every P4 candidate decodes to the ids exactly and to log-probs within its rounding (KL far below 1e-5)."""
+    import shared.writer as W
+    from bench.p4_storage import CANDIDATES, decode, encode, fidelity
 
     rng = np.random.default_rng(0)
     lp = -np.sort(rng.exponential(0.5, (50, 32)).cumsum(1), axis=1)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True)) + np.log(0.9)
-    arrays = {"input_ids": rng.integers(0, 100, 50), "offsets": np.array([0, 50]), "loss_mask": np.r_[np.ones(49, bool), [False]],
-              "topk_ids": np.tile(np.arange(32), (50, 1)), "topk_logprobs": lp, "target_logprob": lp[:, 0],
-              "tail_logprob": np.full(50, np.log(0.1))}
-    size, decoded = encode_codes(arrays, 100, 32, 256)
-    step = (lp[:, 15] - lp[:, -1]) / 255
-    assert size > 0 and np.all(np.abs(decoded[:, 16:] - lp[:, 16:]) <= step[:, None] * 0.51 + 2**-10 * np.abs(lp[:, 15:16]))
+    arrays = {"input_ids": rng.integers(40, 100, 50), "offsets": np.array([0, 50]), "loss_mask": np.r_[np.ones(49, bool), [False]],
+              "topk_ids": np.stack([rng.permutation(40)[:32] for _ in range(50)]), "topk_logprobs": lp,
+              "target_logprob": np.r_[lp[:-1, -1] - 1, [1.0]], "tail_logprob": np.full(50, np.log(0.1))}
+    v1 = W.encode_zarr_group(W.validate_shard_arrays(arrays, vocab_size=100, top_k=32, where="test"), 8192)
+    for c, objects in [(None, v1)] + [(c, encode(c, arrays, 100, 32)) for c in CANDIDATES]:
+        ids, stored = decode(c, objects, 100, 32)
+        np.testing.assert_array_equal(ids, arrays["topk_ids"])
+        assert stored.shape == (50, 32) and fidelity(lp, stored)["mean_kl"] < 5e-5, c  # a broken decode: > 1e-2
 
 
 @pytest.mark.slow
