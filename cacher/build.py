@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cacher import token_cache
 from cacher.engine import DTYPES, Engine, EngineSettings
 from cacher.engine_hf import HFEngine
 from cacher.engine_vllm_host import VllmEngine, vllm_problem
@@ -305,26 +306,16 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
         raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
 
     # -- data ----------------------------------------------------------------------------------
+    sequences, info = read_data(config, resolved.path, tokenizer)
     if config.mode == "score":
-        sequences, info = load_sequences(
-            config.dataset, tokenizer, split=config.split, config=config.dataset_config, text_field=config.text_field,
-            prompt_field=config.prompt_field, response_field=config.response_field,
-            max_length=config.max_length, limit=config.limit, prompt_template=config.prompt_template,
-            input_field=config.input_field,
-        )
         plan = plan_shards([len(s.input_ids) for s in sequences], config.shard_tokens)
-        fingerprint = sequences_fingerprint(sequences)
     else:
-        prompt_limit = config.max_length - 1
-        sequences, info = load_prompts(config.dataset, tokenizer, split=config.split, config=config.dataset_config,
-                                       prompt_field=config.prompt_field, response_field=config.response_field,
-                                       max_length=prompt_limit, limit=config.limit,
-                                       prompt_template=config.prompt_template, input_field=config.input_field)
-        budget = [len(s.input_ids) + config.num_samples * config.max_new_tokens for s in sequences]
-        plan = plan_shards(budget, config.shard_tokens)
-        fingerprint = sequences_fingerprint(sequences)
+        plan = plan_shards([len(s.input_ids) + config.num_samples * config.max_new_tokens for s in sequences],
+                           config.shard_tokens)
+    fingerprint = sequences_fingerprint(sequences)
     log(f"data: {info.num_source_rows} rows -> {len(sequences)} sequences, {sum(len(s.input_ids) for s in sequences):,} tokens"
-        f" in {len(plan)} shards (dropped tokens: {info.num_dropped}, truncated: {info.num_truncated}, skipped rows: {info.num_skipped_rows})")
+        f" in {len(plan)} shards (dropped tokens: {info.num_dropped}, truncated: {info.num_truncated}, skipped rows: "
+        f"{info.num_skipped_rows}); {time.time() - started:.1f} s since the start")
 
     header = BuildHeader(
         teacher={
@@ -370,9 +361,11 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
         log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to write")
         written = 0
         if pending:
+            loading = time.time()
             engine = ENGINES[engine_name](resolved.path, engine_settings(config, dtype, tokenizer))
+            log(f"teacher ready in {time.time() - loading:.1f} s")
             try:
-                written = run_shards(config, writer, engine, tokenizer, sequences, plan, pending, progress)
+                written = run_shards(config, writer, engine, tokenizer, sequences, plan, pending, progress, log)
             finally:
                 engine.close()
         manifest = writer.finalize()
@@ -383,6 +376,22 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
         return BuildResult(config.out, header.cache_key, "partial", len(plan), written, 0, 0, 0, time.time() - started)
     return BuildResult(config.out, header.cache_key, "built", len(plan), written, manifest.totals["num_sequences"],
                        manifest.totals["num_tokens"], manifest.totals["num_bytes"], time.time() - started)
+
+
+def read_data(config: BuildConfig, model_folder: str, tokenizer):
+    """(sequences, DataInfo): text windows or prompt/response pairs (score mode), prompts (generate mode); a local
+    file's tokens come from cacher.token_cache when it was read with the same settings and tokenizer before."""
+    data = {"split": config.split, "config": config.dataset_config, "prompt_field": config.prompt_field,
+            "response_field": config.response_field, "limit": config.limit, "prompt_template": config.prompt_template,
+            "input_field": config.input_field}
+    if config.mode == "score":
+        data.update(text_field=config.text_field, max_length=config.max_length)
+        load = load_sequences
+    else:
+        data.update(max_length=config.max_length - 1)  # room for at least one response token
+        load = load_prompts
+    return token_cache.cached(lambda: load(config.dataset, tokenizer, **data), config.dataset, model_folder,
+                              {"reader": load.__name__, **data})
 
 
 def engine_settings(config: BuildConfig, dtype: str, tokenizer) -> EngineSettings:

@@ -43,8 +43,13 @@ def default_encode_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the builder's to handle; it stops the pool
+def _start_worker() -> None:
+    """A compressing process: Ctrl-C is the builder's to handle (it stops the pool); one Blosc thread, since the
+    pool already has a process per core."""
+    import numcodecs
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    numcodecs.blosc.set_nthreads(1)
 
 
 def encode_chunk(rows: dict[str, np.ndarray], first_row: int, shapes: dict, chunk_rows: int):
@@ -85,7 +90,7 @@ class ShardPipeline:
         self.max_pending = max_pending or 2 * max(1, workers) + 2
         # spawn: the parent holds torch's threads and the zarr event loop, which a forked child must not inherit
         self._pool: Executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_ignore_sigint)
+                                                    initializer=_start_worker)
                                 if workers > 0 else ThreadPoolExecutor(1, thread_name_prefix="kdcache-encode"))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer")
         self._pending: deque[tuple[Future, int]] = deque()  # I/O tasks in order, with the shard they belong to

@@ -10,6 +10,7 @@ Knows the Engine protocol, the build's settings and the sequences; the cache fil
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,27 +25,37 @@ from shared.writer import CacheWriter
 
 
 def run_shards(config, writer: CacheWriter, engine: Engine, tokenizer, sequences: list[Sequence],
-               plan: list[list[int]], pending: list[int], progress) -> int:
+               plan: list[list[int]], pending: list[int], progress, log=print) -> int:
     """Score every pending shard and commit it as its rows come in; returns the number of shards written.
 
     config: the build's BuildConfig. progress(total sequences, total tokens) -> tick(sequences, tokens), or None.
+    log(message): how fast the teacher went, and how long the last commit took after its last row.
     """
     samples = config.num_samples if config.mode == "generate" else 1
     total_seqs = samples * sum(len(plan[s]) for s in pending)
     total_tokens = sum(len(sequences[i].input_ids) for s in pending for i in plan[s])
     if config.mode == "generate":
         total_tokens += total_seqs * config.max_new_tokens  # at most; responses stop at EOS
-    tick = progress(total_seqs, total_tokens) if progress else (lambda n, t: None)
+    show = progress(total_seqs, total_tokens) if progress else (lambda n, t: None)
+    scored = [0]
+
+    def tick(num_sequences: int, num_tokens: int) -> None:
+        scored[0] += num_tokens
+        show(num_sequences, num_tokens)
+
     shards: list[tuple[int, list[tuple[Sequence, int]]]] = []  # (shard index, (sequence, sample index)) per group
     header = writer.header
     with ShardPipeline(writer, vocab_size=header.tokenizer["vocab_size"], top_k=header.settings["top_k"],
                        tail_samples=tail_samples_of(header.settings), chunk_rows=config.chunk_rows) as pipeline:
-        group = -1
-        for scored in engine.score(_score_groups(config, engine, tokenizer, sequences, plan, pending, shards), tick):
-            if scored.group != group:
-                group = scored.group
+        group, started = -1, time.time()
+        for rows in engine.score(_score_groups(config, engine, tokenizer, sequences, plan, pending, shards), tick):
+            if rows.group != group:
+                group = rows.group
                 pipeline.start_shard(*shards[group])
-            pipeline.add(scored.position, scored.rows)
+            pipeline.add(rows.position, rows.rows)
+        scoring = time.time() - started
+    log(f"teacher: {scored[0]:,} tokens in {scoring:.1f} s ({scored[0] / max(scoring, 1e-9):,.0f} tokens/s); the last "
+        f"commit {time.time() - started - scoring:.1f} s after the last row")
     return pipeline.num_committed
 
 
