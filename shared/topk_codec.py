@@ -116,29 +116,63 @@ def _logprob_table(levels: int) -> np.ndarray:
     return table
 
 
-def decode_prob_steps(steps: np.ndarray, tail_logprob: np.ndarray, levels: int, dtype=np.float32) -> np.ndarray:
-    """(T, K) steps and the rows' stored (T,) tail_logprob -> (T, K) log-probs in `dtype` (float16 or wider).
-
-    Refuses rows whose steps sum past L (no such code) and tails that leave the top K no mass.
-    """
+def decode_prob_codes(steps: np.ndarray, levels: int) -> np.ndarray:
+    """(T, K) steps -> (T, K) codes c_r = L - (d_1 + ... + d_r), non-increasing along K; refuses a row whose
+    steps sum past L (no such code)."""
     if not 2 <= levels <= MAX_LEVELS:
         raise ValueError(f"levels must be in [2, {MAX_LEVELS}], got {levels}")
     steps = np.asarray(steps)
-    if steps.ndim != 2 or np.shape(tail_logprob) != steps.shape[:1]:
-        raise ValueError(f"steps must be (T, K) and tail_logprob (T,), got {steps.shape} and {np.shape(tail_logprob)}")
+    if steps.ndim != 2:
+        raise ValueError(f"steps must be (T, K), got shape {steps.shape}")
     codes = np.cumsum(steps, axis=1, dtype=_sum_dtype(steps.shape[1]))  # (T, K) L - c_r
     np.subtract(levels, codes, out=codes)
     if codes.size and codes[:, -1].min() < 0:  # non-increasing along K, so the last column is the row's least
         row = int(np.argmax(codes[:, -1] < 0))
         raise ValueError(f"row {row}: its steps sum to {levels - int(codes[row, -1])}, more than the {levels} levels")
+    return codes
+
+
+def _checked_log_mass(tail_logprob: np.ndarray, num_rows: int) -> np.ndarray:
+    if np.shape(tail_logprob) != (num_rows,):
+        raise ValueError(f"tail_logprob must be ({num_rows},), got {np.shape(tail_logprob)}")
     log_mass = log_topk_mass(tail_logprob)  # (T,)
-    if np.any(np.isnan(log_mass) | (log_mass == -np.inf)):
-        row = int(np.argmax(np.isnan(log_mass) | (log_mass == -np.inf)))
-        raise ValueError(f"row {row}: its tail_logprob leaves the top K no mass")
+    bad = np.isnan(log_mass) | (log_mass == -np.inf)
+    if bad.any():
+        raise ValueError(f"row {int(np.argmax(bad))}: its tail_logprob leaves the top K no mass")
+    return log_mass
+
+
+def codes_to_logprobs(codes: np.ndarray, tail_logprob: np.ndarray, levels: int, dtype=np.float32) -> np.ndarray:
+    """(T, K) codes in [0, L] and the rows' stored (T,) tail_logprob -> (T, K) log-probs 2 ln(c / L) + ln s."""
+    log_mass = _checked_log_mass(tail_logprob, len(codes))
     wide = np.promote_types(dtype, np.float32)
     out = np.take(_logprob_table(levels), codes).astype(wide, copy=False)  # (T, K)
     out += log_mass.astype(wide)[:, None]
     return out.astype(dtype, copy=False)
+
+
+def decode_prob_steps(steps: np.ndarray, tail_logprob: np.ndarray, levels: int, dtype=np.float32) -> np.ndarray:
+    """(T, K) steps and the rows' stored (T,) tail_logprob -> (T, K) log-probs in `dtype` (float16 or wider).
+
+    Refuses rows whose steps sum past L (no such code) and tails that leave the top K no mass.
+    """
+    return codes_to_logprobs(decode_prob_codes(steps, levels), tail_logprob, levels, dtype)
+
+
+def code_bounds(codes: np.ndarray, log_mass: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The log-probs that prob_codes maps to each code: [low, high] in float64 (log_mass broadcastable to codes).
+
+    Code 0 stands for -inf only; code 1 for everything below ln s + 2 ln(1.5 / L) (low = -inf); code L for
+    everything above ln s + 2 ln((L - 0.5) / L) (high = +inf: a p / s above 1 is clamped to L). A writer or
+    reader checks a value that should belong to a stored entry (the target's log-prob) against these bounds.
+    """
+    c = np.asarray(codes, dtype=np.float64)
+    log_mass = np.asarray(log_mass, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low = np.where(c <= 1, -np.inf, 2.0 * np.log((c - 0.5) / levels) + log_mass)
+        high = np.where(c >= levels, np.inf, 2.0 * np.log((c + 0.5) / levels) + log_mass)
+    high = np.where(c == 0, -np.inf, high)
+    return low, high
 
 
 def id_table_size(rows: int, top_k: int, vocab_size: int) -> int:

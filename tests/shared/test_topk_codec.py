@@ -223,3 +223,22 @@ def test_prob_codes_are_what_the_steps_decode_to():
     np.testing.assert_array_equal(500 - np.cumsum(steps.astype(np.int64), axis=1), codec.prob_codes(lp, log_mass[:, None], 500))
     assert codec.prob_codes(np.float32(-np.inf), 0.0, 500) == 0 and codec.prob_codes(np.float32(-80.0), 0.0, 500) == 1
     assert codec.prob_codes(np.float32(np.log(0.25)), np.log(0.25), 500) == 500
+
+
+def test_every_true_logprob_lies_within_the_bounds_of_its_stored_code():
+    """code_bounds, the interval a code stands for, contains the float64 truth of every entry (and no wider
+    than a code: the bounds of neighbouring codes meet)."""
+    rng = np.random.default_rng(5)
+    _, lp = _rows(rng, 100, 64, 3000)
+    lp[:3, -5:] = -np.inf  # zero-probability entries
+    tail = _tail(lp).astype(np.float16)
+    levels = codec.prob_levels(64)
+    codes = codec.decode_prob_codes(codec.encode_prob_steps(lp, tail, levels), levels)
+    log_mass = codec.log_topk_mass(tail)[:, None]
+    low, high = codec.code_bounds(codes, log_mass, levels)
+    assert np.all((low <= lp) & (lp <= high))
+    assert np.all(np.isneginf(high[:3, -5:]))
+    inner_low, _ = codec.code_bounds(codes + 1, log_mass, levels)
+    _, inner_high = codec.code_bounds(codes, log_mass, levels)
+    meet = (codes >= 1) & (codes < levels - 1)
+    np.testing.assert_allclose(inner_low[meet], inner_high[meet])
