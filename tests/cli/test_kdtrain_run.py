@@ -137,11 +137,11 @@ CACHE = []  # the module's cache, for cache_folder
 @pytest.mark.parametrize("flag", [None, "--resume", "--overwrite"])
 @pytest.mark.parametrize("make,message", [
     (hf_model_folder, "is a model folder (it holds config.json, generation_config.json, model.safetensors, "),
-    (cache_folder, "owner.json marks it as a 'kdcache' 'cache' folder, not a kdtrain run folder, so kdtrain cannot "
-                   "tell what it owns in "),
+    (cache_folder, ("owner.json marks it as a 'kdcache' 'cache' folder, not a kdtrain run folder, so kdtrain cannot "
+                    "tell what it owns in ")),
     (old_cache_folder, "is a kdcache cache (it holds build.json, "),  # the rest of the sentence: the next assertion
-    (users_folder, "is a folder kdtrain did not create (it holds meta, notes.txt; no owner.json). Pass a new or "
-                   "empty folder as --out, or delete that one by hand"),
+    (users_folder, ("is a folder kdtrain did not create (it holds meta, notes.txt; no owner.json). Pass a new or "
+                    "empty folder as --out, or delete that one by hand")),
     (old_run_folder, "is a model folder (it holds model.safetensors)"),
 ], ids=["model", "cache", "old-cache", "user", "old-run"])
 def test_out_that_is_not_a_run_folder_is_neither_deleted_nor_written(cache, tmp_path, tiny_gpt2_dir, make, message,
@@ -373,12 +373,12 @@ def test_student_with_fewer_padded_rows_than_the_teacher_trains(tmp_path, tiny_t
 @pytest.mark.parametrize("args,message", [
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
-    (["--lr", "1e30"], "--lr must be in (0, 1.0] (AdamW moves each weight by about lr per step; typical values are "
-                       "1e-5 to 1e-2), got 1e+30"),
+    (["--lr", "1e30"], ("--lr must be in (0, 1.0] (AdamW moves each weight by about lr per step; typical values are "
+                        "1e-5 to 1e-2), got 1e+30")),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
-    (["--weight-decay", "2000"], "--weight-decay must be >= 0 with --lr x --weight-decay < 1 (AdamW multiplies the "
-                                 "weights by 1 - lr x weight_decay each step; at 1 or more it zeroes or flips them), got "
-                                 "--weight-decay 2000.0 with --lr 0.0005"),
+    (["--weight-decay", "2000"], ("--weight-decay must be >= 0 with --lr x --weight-decay < 1 (AdamW multiplies the "
+                                  "weights by 1 - lr x weight_decay each step; at 1 or more it zeroes or flips them), "
+                                  "got --weight-decay 2000.0 with --lr 0.0005")),
     (["--clip", "inf"], "--clip must be a finite number, got inf"),
     (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
     (["--temperature", "1e-5"], "--temperature must be in [0.01, 100.0] (1.0 means no tempering), got 1e-05"),
