@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from tests.conftest import GSM8K, REPO_ROOT, SHAKESPEARE
@@ -21,18 +22,27 @@ CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".sh", ".json"
 OUTSIDE = re.compile(r"\.\./(?:\.\./)*shared\b|\"shared\"\s*/\s*\"data\"")
 
 
-def code_files(root: Path) -> list[Path]:
-    """The checkout's code and config files (ignored folders such as venvs and build outputs left out)."""
+def repository_files(root: Path) -> list[Path]:
+    """What .ci/run copies: in a git checkout, tracked files and untracked ones git does not ignore; elsewhere
+    (.ci/run's copy, a test folder) every file outside hidden and build folders."""
+    try:
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                capture_output=True, check=True).stdout.decode().split("\0")
+        return [root / name for name in listed if name and (root / name).is_file()]
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        pass
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith((".venv", ".kdcache")) and
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and (d == ".ci" or not d.startswith(".")) and
                    not d.endswith(".egg-info")]
-        for name in files:
-            path = Path(folder, name)
-            if path == Path(__file__) or not (path.suffix in CODE_SUFFIXES or path.parent.name == ".ci"):
-                continue  # not code, or this file (it spells the patterns it looks for)
-            found.append(path)
+        found += [Path(folder, name) for name in files]
     return found
+
+
+def code_files(root: Path) -> list[Path]:
+    """The repository's code and config files."""
+    return [path for path in repository_files(root) if path != Path(__file__) and  # it spells the patterns
+            (path.suffix in CODE_SUFFIXES or path.parent.name == ".ci")]
 
 
 def outside_references(root: Path) -> list[str]:
