@@ -2,7 +2,9 @@
 
 Both sides see the same length-sorted batches of real text. "bare" is the model's own forward
 producing (B, L, V) logits and nothing else; "capture" is cacher.engine_hf.score_hf (float32 head on
-hidden-state row chunks, top-K, target, tail). Alternated, median of the per-pair ratios.
+hidden-state row chunks, top-K, target, tail, on the teacher's device; packed batches where the engine packs:
+CUDA with a bf16/fp16 teacher, reported beside the same engine on padded batches). Alternated, median of the
+per-pair ratios.
 
 A stricter second baseline, "hidden+head", runs the base model and the output head on the same row
 chunks as the engine but stops at the logits (no log-softmax, top-K, gather or copies to numpy): its
@@ -130,22 +132,32 @@ def main(argv=None):
         with torch.inference_mode():
             for batch in batches:
                 ids, attn = padded(batch)
-                if teacher.head_weight is None:
+                if teacher.head is None:
                     _ = teacher.model(input_ids=ids, attention_mask=attn).logits
                     continue
                 rows = teacher.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[attn.bool()]
                 for start in range(0, rows.shape[0], chunk_rows):
-                    torch.nn.functional.linear(rows[start:start + chunk_rows].float(), teacher.head_weight,
-                                               teacher.head_bias)
+                    teacher.head(rows[start:start + chunk_rows])
         sync()
+
+    packed = teacher.packed
 
     def capture():
         score_hf(teacher, seqs, top_k=args.top_k, batch_tokens=args.batch_tokens)
 
+    def capture_padded():
+        teacher.packed = False
+        score_hf(teacher, seqs, top_k=args.top_k, batch_tokens=args.batch_tokens)
+        teacher.packed = packed
+
     t_bare, t_cap = alternate(bare, capture, args.repeats)
     t_head, t_cap2 = alternate(hidden_head, capture, args.repeats)
     ratio = paired_ratio(t_bare, t_cap)
-    extra = {}
+    extra = {"packed": packed}
+    if packed:  # the same engine on padded batches, as on CPU
+        t_cap3, t_padded = alternate(capture, capture_padded, args.repeats)
+        extra.update(capture_padded_tokens_per_s=num_tokens / median(t_padded),
+                     ratio_packed_over_padded=paired_ratio(t_padded, t_cap3))
     if vllm_python:
         hf_rows = score_hf(teacher, seqs, top_k=args.top_k, batch_tokens=args.batch_tokens)
         on_gpu = teacher.device == "cuda"
@@ -155,7 +167,7 @@ def main(argv=None):
         passes, vllm_rows = vllm_pass_times(vllm_python, path, seqs, args.top_k, args.dtype, args.repeats,
                                             args.gpu_memory_utilization, on_gpu)
         agree = np.concatenate([v["topk_ids"][:, 0] == h["topk_ids"][:, 0] for v, h in zip(vllm_rows, hf_rows)])
-        extra = {"vllm_python": vllm_python, "vllm_pass_s": passes,
+        extra |= {"vllm_python": vllm_python, "vllm_pass_s": passes,
                  "vllm_capture_tokens_per_s": num_tokens / median(passes),
                  "ratio_vllm_capture_over_bare": median(t_bare) / median(passes),
                  "ratio_vllm_capture_over_hf_capture": median(t_cap + t_cap2) / median(passes),

@@ -23,6 +23,7 @@ from cacher.engine import DTYPES, Engine, EngineSettings
 from cacher.engine_hf import HFEngine
 from cacher.engine_vllm_host import VllmEngine, vllm_problem
 from cacher.errors import BuildError
+from cacher.pipeline import EncodePool
 from cacher.shards import run_shards
 from common.datasets import DEFAULT_DATASET
 from common.models import EMBEDDED_DEFAULT, model_name, read_model_config, resolve_model
@@ -283,7 +284,11 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
     log(message) reports progress; warn(message) reports an option that has no effect (default: log).
     """
     started = time.time()
-    warn = warn or (lambda message: log(f"warning: {message}"))
+    with EncodePool() as pool:  # its processes start while the data and the teacher load
+        return _build(config, pool, started, progress, log, warn or (lambda message: log(f"warning: {message}")))
+
+
+def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log, warn) -> BuildResult:
     engine_name = "hf" if config.tail_samples and config.engine == "auto" else choose_engine(config.engine, warn)
     for note in ignored_options(config, engine_name):
         warn(note)
@@ -365,7 +370,7 @@ def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildR
             engine = ENGINES[engine_name](resolved.path, engine_settings(config, dtype, tokenizer))
             log(f"teacher ready in {time.time() - loading:.1f} s")
             try:
-                written = run_shards(config, writer, engine, tokenizer, sequences, plan, pending, progress, log)
+                written = run_shards(config, writer, engine, pool, tokenizer, sequences, plan, pending, progress, log)
             finally:
                 engine.close()
         manifest = writer.finalize()

@@ -43,6 +43,39 @@ def default_encode_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+class EncodePool:
+    """The processes that compress chunks (encode_chunk), started when made so that they are ready by the first chunk.
+
+    They fork from a server process that has imported only this module, numpy and zarr (never torch, never the
+    builder's threads), so each starts in milliseconds once the server is up. workers=0: one thread instead.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = default_encode_workers() if workers is None else workers
+        if self.workers == 0:
+            self.executor: Executor = ThreadPoolExecutor(1, thread_name_prefix="kdcache-encode")
+            return
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["cacher.pipeline", "zarr", "zarr.codecs", "zarr.storage"])
+        self.executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
+        for _ in range(self.workers):
+            self.executor.submit(int)  # starts the processes now, in the background
+
+    def submit(self, fn, *args) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def close(self, interrupted: bool = False) -> None:
+        """Wait for the chunks in hand (none are left after a finished build); on Ctrl-C drop them."""
+        self.executor.shutdown(wait=not interrupted, cancel_futures=True)
+
+    def __enter__(self) -> EncodePool:  # noqa: PYI034
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+        return False
+
+
 def _start_worker() -> None:
     """A compressing process: Ctrl-C is the builder's to handle (it stops the pool); one Blosc thread, since the
     pool already has a process per core."""
@@ -80,19 +113,19 @@ class _Shard:
 
 
 class ShardPipeline:
-    """with ShardPipeline(writer, ...) as p: p.start_shard(i, seqs); p.add(position, rows) ...; p.num_committed."""
+    """with ShardPipeline(writer, pool, ...) as p: p.start_shard(i, seqs); p.add(position, rows) ...; p.num_committed.
 
-    def __init__(self, writer: CacheWriter, *, vocab_size: int, top_k: int, tail_samples: int, chunk_rows: int,
-                 encode_workers: int | None = None, max_pending: int | None = None):
+    max_pending: chunks in flight before the teacher waits (default: two per compressing process, and two).
+    """
+
+    def __init__(self, writer: CacheWriter, pool: EncodePool, *, vocab_size: int, top_k: int, tail_samples: int,
+                 chunk_rows: int, max_pending: int | None = None):
         self.writer, self.vocab_size, self.top_k, self.tail_samples = writer, vocab_size, top_k, tail_samples
         self.chunk_rows = chunk_rows
-        workers = default_encode_workers() if encode_workers is None else encode_workers
-        self.max_pending = max_pending or 2 * max(1, workers) + 2
-        # spawn: the parent holds torch's threads and the zarr event loop, which a forked child must not inherit
-        self._pool: Executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_start_worker)
-                                if workers > 0 else ThreadPoolExecutor(1, thread_name_prefix="kdcache-encode"))
+        self.max_pending = max_pending or 2 * max(1, pool.workers) + 2
+        self._pool = pool
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer")
+        self._io.submit(_import_encoders)  # while the teacher runs, not after its last row
         self._pending: deque[tuple[Future, int]] = deque()  # I/O tasks in order, with the shard they belong to
         self._shard: _Shard | None = None
         self._failed = False
@@ -110,7 +143,6 @@ class ShardPipeline:
                 self._drain(0, raise_errors=exc_type is None)
         finally:
             self._io.shutdown(wait=not interrupted, cancel_futures=interrupted)
-            self._pool.shutdown(wait=not interrupted, cancel_futures=True)
         return False
 
     # -- rows in -----------------------------------------------------------------------------
@@ -237,6 +269,12 @@ class ShardPipeline:
                            objects=dict(sorted(shard.objects.items())))
         self.writer.commit_shard(shard.index, entry)
         self.num_committed += 1
+
+
+def _import_encoders() -> None:
+    """What the I/O thread needs for a shard's last objects (Zarr metadata, the meta Parquet file)."""
+    import pyarrow.parquet  # noqa: F401
+    import zarr  # noqa: F401
 
 
 def _io_error(exc: OSError, index: int, out: str) -> OSError:

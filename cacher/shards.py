@@ -17,14 +17,14 @@ import numpy as np
 
 from cacher.engine import Engine, GenerateGroup, ScoreGroup
 from cacher.errors import BuildError
-from cacher.pipeline import ShardPipeline
+from cacher.pipeline import EncodePool, ShardPipeline
 from common.gsm8k import extract_gsm8k_answer
 from common.sequences import Sequence
 from shared.format import tail_samples_of
 from shared.writer import CacheWriter
 
 
-def run_shards(config, writer: CacheWriter, engine: Engine, tokenizer, sequences: list[Sequence],
+def run_shards(config, writer: CacheWriter, engine: Engine, pool: EncodePool, tokenizer, sequences: list[Sequence],
                plan: list[list[int]], pending: list[int], progress, log=print) -> int:
     """Score every pending shard and commit it as its rows come in; returns the number of shards written.
 
@@ -45,7 +45,7 @@ def run_shards(config, writer: CacheWriter, engine: Engine, tokenizer, sequences
 
     shards: list[tuple[int, list[tuple[Sequence, int]]]] = []  # (shard index, (sequence, sample index)) per group
     header = writer.header
-    with ShardPipeline(writer, vocab_size=header.tokenizer["vocab_size"], top_k=header.settings["top_k"],
+    with ShardPipeline(writer, pool, vocab_size=header.tokenizer["vocab_size"], top_k=header.settings["top_k"],
                        tail_samples=tail_samples_of(header.settings), chunk_rows=config.chunk_rows) as pipeline:
         group, started = -1, time.time()
         for rows in engine.score(_score_groups(config, engine, tokenizer, sequences, plan, pending, shards), tick):

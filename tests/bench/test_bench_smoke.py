@@ -104,6 +104,29 @@ def test_p3_capture_speed_smoke(tiny_gpt2_dir, tmp_path):
     assert row["id"] == "P3" and row["ratio_capture_over_bare"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_p8_build_margin_smoke(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Three whole `kdcache build` runs (warm-up, small, large) and the bare forward: the figures are reported."""
+    from bench.p8_build_margin import main
+
+    monkeypatch.setenv("KDCACHE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.jsonl"
+    main(["--model", str(tiny_gpt2_dir), "--dataset", str(SHAKESPEARE), "--top-k", "4", "--max-length", "32",
+          "--small-tokens", "256", "--large-tokens", "1024", "--batch-tokens", "512", "--repeats", "1", "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P8" and row["large_tokens"] == 1024 and row["small_tokens"] == 256
+    assert row["bare_tokens_per_s"] > 0 and row["ratio_end_to_end_over_bare"] > 0
+    assert any(line.startswith("teacher: 1,024 tokens") for line in row["large_build_log"])
+
+
+def test_p8_refuses_a_missing_dataset(tmp_path):
+    from bench.p8_build_margin import main
+
+    with pytest.raises(SystemExit, match="is not a file; pass a text file"):
+        main(["--model", str(tmp_path), "--dataset", str(tmp_path / "missing.txt")])
+
+
 def test_p3_engine_vllm_without_a_vllm_interpreter_is_refused(monkeypatch, tmp_path):
     """--engine vllm with no interpreter that has vllm stops before any work, saying how to point at one."""
     from bench import p3_capture_speed

@@ -52,8 +52,8 @@ def test_hf_build_equals_direct_reference(family, tiny_gpt2_dir, tiny_llama_dir,
 
 
 def test_one_worker_equals_two_workers(tiny_gpt2_dir, tmp_path):
-    common = dict(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), max_length=32, limit=20, top_k=4,
-                  shard_tokens=100, reuse=False)
+    common = {"model": str(tiny_gpt2_dir), "dataset": str(SHAKESPEARE), "max_length": 32, "limit": 20, "top_k": 4,
+                  "shard_tokens": 100, "reuse": False}
     one = str(tmp_path / "one")
     build(BuildConfig(out=one, **common), **QUIET)
     two = str(tmp_path / "two")
@@ -115,7 +115,7 @@ def test_generate_mode_masks_response_and_filter(tiny_gpt2_dir, tmp_path, monkey
 
 
 def test_reuse_and_mismatch(tiny_gpt2_dir, tmp_path, monkeypatch):
-    common = dict(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), max_length=32, limit=4, top_k=4)
+    common = {"model": str(tiny_gpt2_dir), "dataset": str(SHAKESPEARE), "max_length": 32, "limit": 4, "top_k": 4}
     first = str(tmp_path / "root" / "a")
     build(BuildConfig(out=first, **common), **QUIET)
     assert build(BuildConfig(out=first, **common), **QUIET).status == "already built"
@@ -231,8 +231,8 @@ def test_write_error_mid_shard_then_resume(tiny_gpt2_dir, tmp_path, monkeypatch)
     """A store that fails mid-write (disk full): nothing half-committed; the rerun resumes to a clean result."""
     from shared.store import Store
 
-    common = dict(model=str(tiny_gpt2_dir), dataset=str(SHAKESPEARE), max_length=32, limit=20, top_k=4,
-                  shard_tokens=100, reuse=False)
+    common = {"model": str(tiny_gpt2_dir), "dataset": str(SHAKESPEARE), "max_length": 32, "limit": 20, "top_k": 4,
+                  "shard_tokens": 100, "reuse": False}
     clean = str(tmp_path / "clean")
     build(BuildConfig(out=clean, **common), **QUIET)
     out = str(tmp_path / "flaky")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cacher.pipeline import ShardPipeline
+from cacher.pipeline import EncodePool, ShardPipeline
 from cacher.rows import fill_unused
 from common.sequences import Sequence
 from shared.store import Store
@@ -73,8 +73,9 @@ def write_streamed(url: str, shards, tail_samples: int, chunk_rows: int, encode_
     settings = {"tail_samples": tail_samples, "tail_seed": 0} if tail_samples else {}
     rng = np.random.default_rng(seed)
     with CacheWriter(url, header(len(shards), **settings), chunk_rows=chunk_rows) as writer, \
-            ShardPipeline(writer, vocab_size=VOCAB, top_k=TOP_K, tail_samples=tail_samples, chunk_rows=chunk_rows,
-                          encode_workers=encode_workers, max_pending=3) as pipeline:
+            EncodePool(encode_workers) as pool, \
+            ShardPipeline(writer, pool, vocab_size=VOCAB, top_k=TOP_K, tail_samples=tail_samples, chunk_rows=chunk_rows,
+                          max_pending=3) as pipeline:
         for index, items in enumerate(shards):
             pipeline.start_shard(index, [(q, sample) for q, sample, _ in items])
             for position in rng.permutation(len(items)):  # an engine may finish sequences in any order

@@ -1,0 +1,154 @@
+"""P8: `kdcache build` at the margin / a bare forward of the same teacher over the same windows. Target >= 0.85.
+
+What a fast GPU shows, a tiny teacher shows on a CPU: the per-token work a build adds to the teacher's forward
+(top-K, validation, compression, writes) and its fixed start-up. Each build is a whole `kdcache build` run as a
+user runs it (a subprocess: imports, tokenizer, data, teacher, shards, manifest), timed by the wall clock:
+  margin tokens/s = (large tokens - small tokens) / (large build s - small build s)
+  start-up s      = small build s - small tokens / margin tokens/s   (what a build costs beyond its tokens)
+The bare forward is `model(input_ids).logits` in this process over the large build's windows, in batches of
+--batch-tokens, with nothing else. The three run alternately --repeats times after one warm-up of each (which
+also fills the build's caches under $KDCACHE_HOME); ratios are medians of per-repeat ratios.
+
+  python bench/p8_build_margin.py                     # the tiny teacher (bench.common.tiny_teacher), K=16, 65k / 280k tokens
+  python bench/p8_build_margin.py --model PATH --dataset FILE
+  python bench/p8_build_margin.py --baseline DIR      # + the same builds by another checkout (before/after), alternated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit, median
+
+REPO = Path(__file__).resolve().parents[1]
+FULL_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"  # 1.1 MB: enough for 280k tokens
+BUILD_LOG_PREFIXES = ("data:", "teacher ready", "teacher:")
+
+
+def build_command(args, num_windows: int, out: str) -> list[str]:
+    return [sys.executable, "-m", "cli.kdcache", "build", "--model", args.model, "--dataset", args.dataset,
+            "--top-k", str(args.top_k), "--max-length", str(args.max_length), "--limit", str(num_windows),
+            "--batch-tokens", str(args.batch_tokens), "--out", out, "--no-reuse", "--overwrite", "--json"]
+
+
+def timed_build(args, num_windows: int, work: str, repo: Path = REPO) -> tuple[float, int, list[str]]:
+    """(wall seconds, tokens built, the build's own timing lines) of one fresh `kdcache build` of checkout `repo`."""
+    out = tempfile.mkdtemp(prefix="build-", dir=work)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    started = time.perf_counter()
+    run = subprocess.run(build_command(args, num_windows, out), cwd=repo, env=env, capture_output=True, text=True,
+                         check=False)
+    seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        raise SystemExit(f"kdcache build ({repo}) failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    lines = [" ".join(line.split()) for line in run.stderr.splitlines() if line.strip().startswith(BUILD_LOG_PREFIXES)]
+    return seconds, int(result["num_tokens"]), lines
+
+
+def bare_forward(args, num_windows: int):
+    """A function running the teacher's own forward over the large build's windows; and their token count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cacher.engine_hf import length_sorted_batches
+    from common.sequences import load_sequences
+    from common.tokenizers import load_tokenizer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # as the build's teacher does
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    seqs = [s.input_ids for s in load_sequences(args.dataset, load_tokenizer(args.model), max_length=args.max_length,
+                                                limit=num_windows)[0]]
+    lengths = [len(s) for s in seqs]
+    batches = []
+    for batch in length_sorted_batches(lengths, args.batch_tokens):
+        width = max(lengths[i] for i in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[i]] = torch.as_tensor(seqs[i])
+            mask[row, : lengths[i]] = 1
+        batches.append((ids, mask))
+
+    def run():
+        with torch.inference_mode():
+            for ids, mask in batches:
+                _ = model(input_ids=ids, attention_mask=mask).logits
+    return run, sum(lengths)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="teacher folder (default: bench.common.tiny_teacher(), built once)")
+    ap.add_argument("--dataset", default=str(FULL_SHAKESPEARE), help="a text file long enough for --large-tokens")
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--small-tokens", type=int, default=65_000)
+    ap.add_argument("--large-tokens", type=int, default=280_000)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/old COMMIT`) whose "
+                    "builds run alternately with this one's; its figures are reported beside")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not os.path.isfile(args.dataset):
+        raise SystemExit(f"--dataset {args.dataset} is not a file; pass a text file of at least --large-tokens tokens "
+                         "(tiny Shakespeare, 1.1 MB, holds about 480,000 tokens of the tiny teacher's 512-id vocabulary)")
+    if not 0 < args.small_tokens < args.large_tokens:
+        raise SystemExit("--small-tokens must be > 0 and below --large-tokens")
+    if args.model is None:
+        from bench.common import tiny_teacher
+
+        args.model = tiny_teacher()
+    small, large = (math.ceil(n / args.max_length) for n in (args.small_tokens, args.large_tokens))
+    bare, bare_tokens = bare_forward(args, large)
+    repos = {"": REPO, **({"baseline_": args.baseline.resolve()} if args.baseline else {})}
+    times = {"bare": [], **{f"{name}{size}": [] for name in repos for size in ("small", "large")}}
+    logs = {}
+    with tempfile.TemporaryDirectory(prefix="p8-") as work:
+        bare()
+        for repo in repos.values():  # warm-up: fills the token and weight-hash caches
+            timed_build(args, small, work, repo)
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            bare()
+            times["bare"].append(time.perf_counter() - started)
+            for name, repo in repos.items():
+                seconds, small_tokens, _ = timed_build(args, small, work, repo)
+                times[f"{name}small"].append(seconds)
+                seconds, large_tokens, logs[name] = timed_build(args, large, work, repo)
+                times[f"{name}large"].append(seconds)
+    if large_tokens < 2 * small_tokens:
+        raise SystemExit(f"--dataset gave only {large_tokens:,} tokens for the large build; pass a longer text")
+    bare_rate = [bare_tokens / t for t in times["bare"]]
+    result = {"id": "P8", "model": args.model, "dataset": args.dataset, "top_k": args.top_k,
+              "max_length": args.max_length, "small_tokens": small_tokens, "large_tokens": large_tokens,
+              "repeats": args.repeats, "bare_tokens_per_s": median(bare_rate), "bare_s": times["bare"]}
+    for name in repos:
+        small_s, large_s = times[f"{name}small"], times[f"{name}large"]
+        margin = [(large_tokens - small_tokens) / (tl - ts) for ts, tl in zip(small_s, large_s)]
+        result.update({
+            f"{name}margin_tokens_per_s": median(margin),
+            f"{name}ratio_margin_over_bare": median([m / b for m, b in zip(margin, bare_rate)]),
+            f"{name}ratio_end_to_end_over_bare": median([large_tokens / tl / b for tl, b in zip(large_s, bare_rate)]),
+            f"{name}startup_s": median([ts - small_tokens / m for ts, m in zip(small_s, margin)]),
+            f"{name}build_small_s": small_s, f"{name}build_large_s": large_s, f"{name}large_build_log": logs[name]})
+    met = result["ratio_margin_over_bare"] >= 0.85 and result["startup_s"] < 2
+    emit({**result, "target": ">= 0.85 at the margin, start-up < 2 s", "met": bool(met)}, args.json)
+
+
+if __name__ == "__main__":
+    main()
