@@ -147,14 +147,15 @@ def stage_identity(kind: str, settings: dict, inputs: dict) -> str:
 
 def local_identity(value: str) -> str:
     """A model, data set or config named by a plan: local files by content (or size and mtime when larger than
-    CONTENT_HASH_LIMIT), anything else (a hub id, builtin:NAME) by its name."""
+    CONTENT_HASH_LIMIT), anything else (a hub id, builtin:NAME) by its name. In a folder, hidden files and
+    folders are left out: tools keep their own notes there (kdcache build's .kdcache-weights-sha256.json)."""
     if os.path.isfile(value):
         return "file:" + _file_digest(value)
     if os.path.isdir(value):
         digest = hashlib.sha256()
         for root, dirs, files in os.walk(value):
-            dirs.sort()
-            for name in sorted(files):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".")):
                 path = os.path.join(root, name)
                 if os.path.isfile(path):
                     digest.update(f"{os.path.relpath(path, value)}\0{_file_digest(path)}\n".encode())

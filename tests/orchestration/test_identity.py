@@ -231,3 +231,19 @@ def test_dry_run_prints_whole_commands_with_placeholders_resolved_or_named(tmp_p
     recorded = json.loads((tmp_path / "out" / "stages" / "cache-teacher.done.json").read_text())["cache"]
     rerun = next(line for line in res.stdout.splitlines() if "--out " + out + "/runs/teacher__a " in line)
     assert f"--cache {recorded} " in rerun and rerun.endswith("--overwrite") and "<" not in rerun
+
+
+def test_a_teacher_folder_is_identified_by_its_files_not_the_notes_tools_keep_there(tmp_path, tiny_gpt2_dir):
+    """kdcache build keeps the teacher's weights hash in <teacher>/.kdcache-weights-sha256.json: writing it must
+    not change the teacher's identity (the plan would then rebuild the cache it just built)."""
+    from orchestration.identity import local_identity
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_gpt2_dir, teacher)
+    before = local_identity(str(teacher))
+    (teacher / ".kdcache-weights-sha256.json").write_text("{}")
+    (teacher / ".cache").mkdir()
+    (teacher / ".cache" / "note").write_text("x")
+    assert local_identity(str(teacher)) == before
+    (teacher / "extra.txt").write_text("x")
+    assert local_identity(str(teacher)) != before
