@@ -255,3 +255,32 @@ def decode_id_rows(codes: np.ndarray, tables: np.ndarray, first_row: int, chunk_
         np.take(perm, codes[start:stop], out=out[start:stop])
         start = stop
     return out
+
+
+def encode_topk_rows(ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, *, chunk_rows: int,
+                     vocab_size: int, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A writer's one call: rows of whole chunks -> (id codes (T, K), id tables (C, N), prob steps (T, K) uint16).
+
+    ids (T, K) < V, logprobs (T, K) sorted most likely first, tail_logprob (T,) as stored (float16). chunk_rows:
+    the rows per chunk of the stored arrays (the shard's chunk rows, or all its rows when it has fewer): it
+    sets N = id_table_size(chunk_rows, K, V) for every chunk, the last, shorter one included.
+    """
+    ids = np.asarray(ids)
+    table_size = id_table_size(chunk_rows, ids.shape[1], vocab_size)
+    codes, tables = encode_id_rows(ids, chunk_rows, vocab_size, table_size)
+    return codes, tables, encode_prob_steps(logprobs, tail_logprob, levels)
+
+
+def decode_topk_rows(codes: np.ndarray, tables: np.ndarray, steps: np.ndarray, tail_logprob: np.ndarray, *,
+                     first_row: int, chunk_rows: int, vocab_size: int, levels: int,
+                     dtype=np.float16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A reader's one call: rows [first_row, first_row + n) -> (ids (n, K), log-probs (n, K) in dtype, prob codes).
+
+    tables: the rows of the id table for the chunks these rows touch (from first_row // chunk_rows on);
+    tail_logprob: the rows' stored tail. The prob codes (n, K) serve the target-agrees-with-topk rule
+    (code_bounds). Refuses (ValueError) what no writer stores: codes >= V, tables that are not distinct
+    ids < V, steps summing past L, tails that leave the top K no mass.
+    """
+    ids = decode_id_rows(codes, tables, first_row, chunk_rows, vocab_size)
+    prob = decode_prob_codes(steps, levels)
+    return ids, codes_to_logprobs(prob, tail_logprob, levels, dtype), prob

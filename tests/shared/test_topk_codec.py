@@ -242,3 +242,26 @@ def test_every_true_logprob_lies_within_the_bounds_of_its_stored_code():
     _, inner_high = codec.code_bounds(codes, log_mass, levels)
     meet = (codes >= 1) & (codes < levels - 1)
     np.testing.assert_allclose(inner_low[meet], inner_high[meet])
+
+
+def test_a_readers_row_range_decodes_to_what_the_writer_encoded_for_those_rows():
+    """decode_topk_rows over any row range equals the whole-shard decode's rows, and both equal the input
+    (ids exactly, log-probs within half a step of sqrt(p / s))."""
+    rng = np.random.default_rng(6)
+    ids, lp = _rows(rng, 45, 16, 700)
+    ids = ids.astype(np.uint16)
+    tail = _tail(lp).astype(np.float16)
+    levels = codec.prob_levels(16)
+    codes, tables, steps = codec.encode_topk_rows(ids, lp, tail, chunk_rows=10, vocab_size=700, levels=levels)
+    assert tables.shape == (5, codec.id_table_size(10, 16, 700))
+    whole_ids, whole_lp, whole_codes = codec.decode_topk_rows(codes, tables, steps, tail, first_row=0, chunk_rows=10,
+                                                              vocab_size=700, levels=levels)
+    np.testing.assert_array_equal(whole_ids, ids)
+    assert whole_lp.dtype == np.float16
+    np.testing.assert_array_equal(whole_codes, codec.prob_codes(lp, codec.log_topk_mass(tail)[:, None], levels))
+    for start, stop in [(0, 45), (7, 23), (10, 20), (44, 45)]:
+        c0, c1 = start // 10, (stop - 1) // 10 + 1
+        got = codec.decode_topk_rows(codes[start:stop], tables[c0:c1], steps[start:stop], tail[start:stop],
+                                     first_row=start, chunk_rows=10, vocab_size=700, levels=levels)
+        np.testing.assert_array_equal(got[0], ids[start:stop])
+        np.testing.assert_array_equal(got[1], whole_lp[start:stop])
