@@ -18,20 +18,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cacher import token_cache
 from cacher.engine import DTYPES, Engine, EngineSettings
 from cacher.engine_hf import HFEngine
 from cacher.engine_vllm_host import VllmEngine, vllm_problem
 from cacher.errors import BuildError
+from cacher.inputs import TeacherLoader, choose_dtype, engine_settings, model_context, model_vocab, read_data
 from cacher.pipeline import EncodePool
 from cacher.shards import run_shards
-from common.datasets import DEFAULT_DATASET
+from common.datasets import DEFAULT_DATASET, dataset_name
 from common.models import EMBEDDED_DEFAULT, model_name, read_model_config, resolve_model
-from common.sequences import load_prompts, load_sequences, plan_shards, sequences_fingerprint
+from common.sequences import plan_shards, sequences_fingerprint
 from common.templates import PROMPT_TEMPLATES
 from common.tokenizers import load_tokenizer, vocab_fingerprint
-from shared.catalog import find_by_key
-from shared.format import MAX_TAIL_SAMPLES
+from shared.catalog import find_by_key, find_caches
+from shared.format import MANIFEST_FILE, MAX_TAIL_SAMPLES, CacheError
 from shared.writer import BuildHeader, CacheWriter
 
 FILTERS = ("gsm8k-answer",)
@@ -249,35 +249,6 @@ def ignored_options(config: BuildConfig, engine: str) -> list[str]:
     return notes
 
 
-def choose_dtype(dtype: str) -> str:
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
-def model_context(path: str) -> int | None:
-    cfg = read_model_config(path)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    return None
-
-
-def model_vocab(path: str, tokenizer) -> tuple[int, int]:
-    """(V, the teacher's logit rows): V = len(tokenizer), the ids a cache can hold.
-
-    The rows come from config.json's vocab_size (or text_config's). Rows beyond the tokenizer's ids are
-    padding no tokenizer produces (Qwen2.5-7B: 152064 rows for 151665 ids, its smaller siblings 151936):
-    the engines never store them (cacher/engine_hf.py, "Padded embedding rows"), so a cache's ids mean
-    the same to every model of that tokenizer, whatever its padding.
-    """
-    cfg = read_model_config(path)
-    rows = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-    return len(tokenizer), int(rows or len(tokenizer))
-
-
 def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildResult:
     """Build (or resume, or find) the cache that `config` describes. See the module docstring.
 
@@ -294,86 +265,53 @@ def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log,
         warn(note)
     dtype = choose_dtype(config.dtype)
     resolved = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
-    teacher_name = model_name(config.model)  # a local folder by its real path: ./m and /abs/m resume one build
     read_model_config(resolved.path)  # a damaged config.json is named as such, before the tokenizer trips on it
     tokenizer = load_tokenizer(resolved.path, trust_remote_code=config.trust_remote_code)
-    vocab_size, logit_rows = model_vocab(resolved.path, tokenizer)
-    if logit_rows > vocab_size:
-        log(f"teacher: {logit_rows} embedding rows for {vocab_size} token ids; the {logit_rows - vocab_size} padded "
-            "rows are never stored (their probability counts in the tail)")
-    if config.top_k > vocab_size:
-        raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
-    if config.top_k + config.tail_samples > vocab_size:
-        raise BuildError(f"--top-k {config.top_k} + --tail-samples {config.tail_samples} exceeds the teacher's vocabulary "
-                         f"({vocab_size}); a row's K + M ids are distinct, so use at most {vocab_size - config.top_k} tail samples")
-    context = model_context(resolved.path)
-    if context is not None and config.max_length > context:
-        raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
+    vocab_size = _check_teacher(config, resolved.path, tokenizer, log)
+    with TeacherLoader(ENGINES[engine_name], resolved.path, engine_settings(config, dtype, tokenizer),
+                       early=_teacher_likely_needed(config)) as teacher:
+        sequences, info = read_data(config, resolved.path, tokenizer)
+        budget = config.num_samples * config.max_new_tokens if config.mode == "generate" else 0  # responses to come
+        plan = plan_shards([len(s.input_ids) + budget for s in sequences], config.shard_tokens)
+        log(f"data: {info.num_source_rows} rows -> {len(sequences)} sequences, "
+            f"{sum(len(s.input_ids) for s in sequences):,} tokens in {len(plan)} shards (dropped tokens: {info.num_dropped}, "
+            f"truncated: {info.num_truncated}, skipped rows: {info.num_skipped_rows}); {time.time() - started:.1f} s "
+            "since the start")
+        header = BuildHeader(
+            teacher={"name": model_name(config.model),  # a local folder by its real path: ./m and /abs/m resume one build
+                     "path": resolved.path, "revision": resolved.revision, "weights_sha256": resolved.weights_sha256,
+                     "dtype": dtype, "engine": engine_name, "engine_version": ENGINES[engine_name].version()},
+            tokenizer=_tokenizer_section(model_name(config.model), vocab_size, tokenizer),
+            dataset={**info.to_json(), "fingerprint": sequences_fingerprint(sequences), "num_sequences": len(sequences),
+                     "limit": config.limit},
+            settings=_settings_section(config, info.template),
+            num_shards=len(plan),
+        )
 
-    # -- data ----------------------------------------------------------------------------------
-    sequences, info = read_data(config, resolved.path, tokenizer)
-    if config.mode == "score":
-        plan = plan_shards([len(s.input_ids) for s in sequences], config.shard_tokens)
-    else:
-        plan = plan_shards([len(s.input_ids) + config.num_samples * config.max_new_tokens for s in sequences],
-                           config.shard_tokens)
-    fingerprint = sequences_fingerprint(sequences)
-    log(f"data: {info.num_source_rows} rows -> {len(sequences)} sequences, {sum(len(s.input_ids) for s in sequences):,} tokens"
-        f" in {len(plan)} shards (dropped tokens: {info.num_dropped}, truncated: {info.num_truncated}, skipped rows: "
-        f"{info.num_skipped_rows}); {time.time() - started:.1f} s since the start")
+        # -- an identical cache elsewhere under the same root? ------------------------------------
+        if config.reuse and not config.overwrite and not _complete_with_key(config.out, header.cache_key):
+            root = os.path.dirname(os.path.abspath(config.out)) if "://" not in config.out else config.out.rsplit("/", 1)[0]
+            found = find_by_key(root, header.cache_key)
+            if found and os.path.abspath(found) != os.path.abspath(config.out):
+                log(f"already built: {found} has the same cache_key {header.cache_key[:12]}; reusing it")
+                return _result_from_manifest(found, header, "reused", started, info)
 
-    header = BuildHeader(
-        teacher={
-            "name": teacher_name, "path": resolved.path, "revision": resolved.revision,
-            "weights_sha256": resolved.weights_sha256, "dtype": dtype, "engine": engine_name,
-            "engine_version": ENGINES[engine_name].version(),
-        },
-        tokenizer={
-            "name": teacher_name, "vocab_size": vocab_size, "vocab_sha256": vocab_fingerprint(tokenizer),
-            "tokenizer_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
-            if getattr(tokenizer, "chat_template", None) else None,
-        },
-        dataset={
-            **info.to_json(), "fingerprint": fingerprint, "num_sequences": len(sequences), "limit": config.limit,
-        },
-        settings={
-            "mode": config.mode, "top_k": config.top_k, "max_length": config.max_length, "template": info.template,
-            "shard_tokens": config.shard_tokens, "chunk_rows": config.chunk_rows,
-            **({"tail_samples": config.tail_samples, "tail_seed": config.seed} if config.tail_samples else {}),
-            **({"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                "num_samples": config.num_samples, "seed": config.seed, "filter": config.filter}
-               if config.mode == "generate" else {}),
-        },
-        num_shards=len(plan),
-    )
-
-    # -- an identical cache elsewhere under the same root? ----------------------------------------
-    if config.reuse and not config.overwrite and not _complete_with_key(config.out, header.cache_key):
-        root = os.path.dirname(os.path.abspath(config.out)) if "://" not in config.out else config.out.rsplit("/", 1)[0]
-        found = find_by_key(root, header.cache_key)
-        if found and os.path.abspath(found) != os.path.abspath(config.out):
-            log(f"already built: {found} has the same cache_key {header.cache_key[:12]}; reusing it")
-            return _result_from_manifest(found, header, "reused", started, info)
-
-    with CacheWriter(config.out, header, overwrite=config.overwrite, worker=config.worker,
-                     num_workers=config.num_workers, chunk_rows=config.chunk_rows) as writer:
-        if writer.complete:
-            log(f"already built: {config.out} (cache_key {header.cache_key[:12]})")
-            return _result_from_manifest(config.out, header, "already built", started, info)
-        pending = writer.pending_shards()
-        log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to write")
-        written = 0
-        if pending:
-            loading = time.time()
-            engine = ENGINES[engine_name](resolved.path, engine_settings(config, dtype, tokenizer))
-            log(f"teacher ready in {time.time() - loading:.1f} s")
-            try:
-                written = run_shards(config, writer, engine, pool, tokenizer, sequences, plan, pending, progress, log)
-            finally:
-                engine.close()
-        manifest = writer.finalize()
+        with CacheWriter(config.out, header, overwrite=config.overwrite, worker=config.worker,
+                         num_workers=config.num_workers, chunk_rows=config.chunk_rows) as writer:
+            if writer.complete:
+                log(f"already built: {config.out} (cache_key {header.cache_key[:12]})")
+                return _result_from_manifest(config.out, header, "already built", started, info)
+            pending = writer.pending_shards()
+            log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to write")
+            written = 0
+            if pending:
+                engine = teacher.get()
+                log(f"teacher ready (loaded in {teacher.seconds:.1f} s); {time.time() - started:.1f} s since the start")
+                try:
+                    written = run_shards(config, writer, engine, pool, tokenizer, sequences, plan, pending, progress, log)
+                finally:
+                    engine.close()
+            manifest = writer.finalize()
     if manifest is None:
         missing = sorted(set(range(len(plan))) - writer.committed_shards())
         log(f"worker {config.worker}/{config.num_workers} done; {len(missing)} shards still owed by other workers "
@@ -383,36 +321,59 @@ def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log,
                        manifest.totals["num_tokens"], manifest.totals["num_bytes"], time.time() - started)
 
 
-def read_data(config: BuildConfig, model_folder: str, tokenizer):
-    """(sequences, DataInfo): text windows or prompt/response pairs (score mode), prompts (generate mode); a local
-    file's tokens come from cacher.token_cache when it was read with the same settings and tokenizer before."""
-    data = {"split": config.split, "config": config.dataset_config, "prompt_field": config.prompt_field,
-            "response_field": config.response_field, "limit": config.limit, "prompt_template": config.prompt_template,
-            "input_field": config.input_field}
-    if config.mode == "score":
-        data.update(text_field=config.text_field, max_length=config.max_length)
-        load = load_sequences
-    else:
-        data.update(max_length=config.max_length - 1)  # room for at least one response token
-        load = load_prompts
-    return token_cache.cached(lambda: load(config.dataset, tokenizer, **data), config.dataset, model_folder,
-                              {"reader": load.__name__, **data})
+def _teacher_likely_needed(config: BuildConfig) -> bool:
+    """Whether to load the teacher while the data is read: a local --out that holds no complete cache, and (with
+    --reuse) no complete cache of the same teacher and data under its parent, which the build might reuse instead."""
+    if "://" in config.out or os.path.exists(os.path.join(config.out, MANIFEST_FILE)):
+        return False
+    if not config.reuse or config.overwrite:
+        return True
+    try:
+        caches = find_caches(os.path.dirname(os.path.abspath(config.out)))
+    except CacheError:
+        return True
+    teacher, data = model_name(config.model), dataset_name(config.dataset)
+    return not any(c.get("complete") and c.get("teacher") == teacher and c.get("dataset") == data for c in caches)
 
 
-def engine_settings(config: BuildConfig, dtype: str, tokenizer) -> EngineSettings:
-    """What the engine needs of the build's settings; ids >= len(tokenizer) (padded logit rows) are never stored."""
-    return EngineSettings(
-        dtype=dtype, top_k=config.top_k, num_token_ids=len(tokenizer), max_length=config.max_length,
-        trust_remote_code=config.trust_remote_code, batch_tokens=config.batch_tokens, tail_samples=config.tail_samples,
-        tail_seed=config.seed, tensor_parallel_size=config.tensor_parallel_size,
-        gpu_memory_utilization=config.gpu_memory_utilization, max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature, num_samples=config.num_samples, seed=config.seed,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def _check_teacher(config: BuildConfig, model_folder: str, tokenizer, log) -> int:
+    """The vocabulary V a cache of this teacher holds, after checking --top-k, --tail-samples and --max-length."""
+    vocab_size, logit_rows = model_vocab(model_folder, tokenizer)
+    if logit_rows > vocab_size:
+        log(f"teacher: {logit_rows} embedding rows for {vocab_size} token ids; the {logit_rows - vocab_size} padded "
+            "rows are never stored (their probability counts in the tail)")
+    if config.top_k > vocab_size:
+        raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
+    if config.top_k + config.tail_samples > vocab_size:
+        raise BuildError(f"--top-k {config.top_k} + --tail-samples {config.tail_samples} exceeds the teacher's vocabulary "
+                         f"({vocab_size}); a row's K + M ids are distinct, so use at most {vocab_size - config.top_k} tail samples")
+    context = model_context(model_folder)
+    if context is not None and config.max_length > context:
+        raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
+    return vocab_size
+
+
+def _tokenizer_section(name: str, vocab_size: int, tokenizer) -> dict:
+    return {"name": name, "vocab_size": vocab_size, "vocab_sha256": vocab_fingerprint(tokenizer),
+            "tokenizer_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+            if getattr(tokenizer, "chat_template", None) else None}
+
+
+def _settings_section(config: BuildConfig, template: str | None) -> dict:
+    return {
+        "mode": config.mode, "top_k": config.top_k, "max_length": config.max_length, "template": template,
+        "shard_tokens": config.shard_tokens, "chunk_rows": config.chunk_rows,
+        **({"tail_samples": config.tail_samples, "tail_seed": config.seed} if config.tail_samples else {}),
+        **({"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
+            "num_samples": config.num_samples, "seed": config.seed, "filter": config.filter}
+           if config.mode == "generate" else {}),
+    }
 
 
 def _complete_with_key(url: str, cache_key: str) -> bool:
     """True when url already holds a complete cache with this key (then it is 'already built', not 'reused')."""
-    from shared.format import CacheError
     from shared.reader import CacheReader
 
     try:

@@ -19,6 +19,8 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,7 +59,8 @@ class EncodePool:
             return
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["cacher.pipeline", "zarr", "zarr.codecs", "zarr.storage"])
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
+        self.executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                            initargs=(os.getpid(),))
         for _ in range(self.workers):
             self.executor.submit(int)  # starts the processes now, in the background
 
@@ -76,13 +79,26 @@ class EncodePool:
         return False
 
 
-def _start_worker() -> None:
+def _start_worker(builder: int) -> None:
     """A compressing process: Ctrl-C is the builder's to handle (it stops the pool); one Blosc thread, since the
-    pool already has a process per core."""
+    pool already has a process per core; it ends when the builder process does, even killed (whose pool cannot say
+    so: a worker holds both ends of its task pipe)."""
     import numcodecs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     numcodecs.blosc.set_nthreads(1)
+    threading.Thread(target=_exit_with, args=(builder,), daemon=True, name="kdcache-exit-with-builder").start()
+
+
+def _exit_with(pid: int, poll_seconds: float = 0.5) -> None:
+    while True:
+        time.sleep(poll_seconds)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # alive, another user's (cannot happen for our own parent, but do not exit)
+            pass
 
 
 def encode_chunk(rows: dict[str, np.ndarray], first_row: int, shapes: dict, chunk_rows: int):

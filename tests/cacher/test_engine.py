@@ -95,3 +95,42 @@ def test_build_stores_what_any_engine_scores(mode, tiny_gpt2_dir, tmp_path, monk
             assert ids[-3:].tolist() == [5, 6, 7]
     groups = [label for kind, label in TableEngine.calls if kind == "score"]
     assert groups == [f"shard {s}" for s in range(result.num_shards)] and TableEngine.calls[-1] == ("close", "")
+
+
+def test_the_teacher_loads_in_the_background_and_is_closed_when_not_taken():
+    from cacher.engine import EngineError
+    from cacher.inputs import TeacherLoader
+
+    settings = EngineSettings(dtype="float32", top_k=2, num_token_ids=8, max_length=8)
+    TableEngine.calls = []
+    with TeacherLoader(TableEngine, "", settings, early=True) as loader:
+        pass  # the build found nothing to do
+    assert TableEngine.calls == [("close", "")]
+    with TeacherLoader(TableEngine, "", settings, early=True) as loader:
+        assert isinstance(loader.get(), TableEngine) and loader.seconds >= 0
+    assert TableEngine.calls == [("close", "")]  # a taken engine is the caller's to close
+
+    def broken(folder, settings):
+        raise EngineError("the weights are damaged")
+
+    with TeacherLoader(broken, "", settings, early=True):
+        pass  # an error nobody asked for stays quiet (the build's own error, if any, is the one raised)
+    with pytest.raises(EngineError, match="damaged"), TeacherLoader(broken, "", settings, early=False) as loader:
+        loader.get()
+
+
+def test_an_already_built_cache_loads_no_teacher(tiny_gpt2_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(build_module.ENGINES, "hf", TableEngine)
+    config = BuildConfig(model=str(tiny_gpt2_dir), dataset=str(write_speeches(tmp_path / "s.jsonl")), max_length=32,
+                         limit=3, top_k=4, engine="hf", out=str(tmp_path / "c"), reuse=False)
+    assert build(config, **QUIET).status == "built"
+    made = []
+
+    class Recorded:
+        version = staticmethod(TableEngine.version)
+
+        def __init__(self, *args):
+            made.append(args)
+
+    monkeypatch.setitem(build_module.ENGINES, "hf", Recorded)
+    assert build(config, **QUIET).status == "already built" and made == []

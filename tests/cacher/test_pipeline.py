@@ -117,3 +117,40 @@ def test_a_failed_write_commits_nothing_of_its_shard(tmp_path, monkeypatch):
     assert committed == ["shard-00000"]
     failed_at = next(i for i, key in enumerate(calls) if key.startswith("shards/shard-00001/topk_ids/"))
     assert not [key for key in calls[failed_at + 1:] if key.startswith("shards/shard-00002")]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_compressing_processes_end_with_a_killed_builder(tmp_path):
+    """SIGKILL of the builder: its pool cannot stop the workers (each holds both ends of its task pipe), so each
+    watches the builder and ends within a second or two; the fork server then ends too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, sys, time\n"
+              "from cacher.pipeline import EncodePool\n"
+              "pool = EncodePool(2)\n"
+              "pids = {pool.submit(os.getpid).result() for _ in range(20)}\n"
+              "print(' '.join(map(str, pids)), flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers and proc.pid not in workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid)]
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((line for line in f if line.startswith("State:")), "").lower()
+    except OSError:
+        return "zombie"
