@@ -96,7 +96,7 @@ def main(argv=None):
         if not vllm_python:
             raise SystemExit("--engine vllm needs an interpreter with vllm: pass --vllm-python PATH or set "
                              "KDCACHE_VLLM_PYTHON (e.g. .venv-vllm/bin/python after `bash .ci/install --vllm`)")
-    from cacher.engine_hf import length_sorted_batches, load_hf_teacher, score_hf
+    from cacher.engine_hf import length_sorted_batches, load_hf_teacher, logit_chunk_rows, score_hf
     from common.tokenizers import load_tokenizer
 
     path = model_path(args.model)
@@ -126,7 +126,7 @@ def main(argv=None):
                 _ = teacher.model(input_ids=ids, attention_mask=attn).logits
         sync()
 
-    chunk_rows = max(1, (16 * 2**20) // teacher.vocab_size)  # as score_hf
+    chunk_rows = logit_chunk_rows(teacher)  # as score_hf
 
     def hidden_head():
         with torch.inference_mode():

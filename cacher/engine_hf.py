@@ -236,7 +236,7 @@ def score_batches(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int
     if sample_keys is not None and len(sample_keys) != len(sequences):
         raise ValueError(f"sample_keys has {len(sample_keys)} entries for {len(sequences)} sequences")
     lengths = [len(s) for s in sequences]
-    chunk_rows = max(1, (16 * 2**20) // teacher.vocab_size)  # one float32 chunk of logits: at most ~64 MiB
+    chunk_rows = logit_chunk_rows(teacher)
     forward = _forward_packed if teacher.packed else _forward_padded
     plan = (packed_batches if teacher.packed else length_sorted_batches)(lengths, batch_tokens)
     pending = None
@@ -254,6 +254,17 @@ def score_batches(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int
             pending = (batch, host)
         if pending is not None:
             yield pending[0], pending[1].numpy()
+
+
+def logit_chunk_rows(teacher: HFTeacher) -> int:
+    """Rows of float32 logits made at once: ~64 MiB on CPU (as always: CPU rows stay bit for bit); on CUDA up to
+    2 GiB, at most 1/20 of the device's memory, since a few hundred rows per matmul and top-K leave a GPU idle."""
+    budget = 2**26
+    if teacher.device.startswith("cuda"):
+        import torch
+
+        budget = min(2**31, torch.cuda.get_device_properties(teacher.device).total_memory // 20)
+    return max(1, budget // (4 * teacher.vocab_size))
 
 
 def split_rows(batch: list[int], rows: dict[str, np.ndarray], lengths: list[int]) -> Iterator[tuple[int, dict]]:
