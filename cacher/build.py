@@ -230,13 +230,8 @@ def ignored_options(config: BuildConfig, engine: str) -> list[str]:
     """One sentence per option that was set (differs from its default) but that `engine` and --mode do not use."""
     defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
     changed = {name for name in defaults if getattr(config, name) != defaults[name]}
-    notes = []
-    if engine == "hf":
-        for name in ("tensor_parallel_size", "gpu_memory_utilization"):
-            if name in changed:
-                notes.append(f"--{name.replace('_', '-')} applies to the vllm engine only; the hf engine ignores it")
-    elif "batch_tokens" in changed:
-        notes.append("--batch-tokens applies to the hf engine only; vLLM batches by itself")
+    notes = [f"--{name.replace('_', '-')} {why}" for name, why in ENGINES[engine].ignored_options.items()
+             if name in changed]
     if config.mode == "generate":
         if config.text_field is not None:
             notes.append("--text-field is ignored in --mode generate: the prompts come from --prompt-field")

@@ -88,6 +88,7 @@ class Engine(Protocol):
     """A teacher: score and generate, group by group. Close it when done (stops subprocesses)."""
 
     name: str  # recorded in the cache as teacher.engine
+    ignored_options: dict[str, str]  # build settings this engine does not use -> why (a warning when one is set)
 
     @staticmethod
     def version() -> str:

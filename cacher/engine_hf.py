@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -300,6 +301,9 @@ class HFEngine:
     """The Engine protocol over transformers: loads the teacher when made."""
 
     name = "hf"
+    ignored_options: ClassVar[dict[str, str]] = {
+        name: "applies to the vllm engine only; the hf engine ignores it"
+        for name in ("tensor_parallel_size", "gpu_memory_utilization")}
 
     def __init__(self, model_path: str, settings: EngineSettings):
         self.settings = settings

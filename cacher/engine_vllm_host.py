@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterable, Iterator
+from typing import ClassVar
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class VllmEngine:
     """The Engine protocol over a vLLM subprocess per call (nothing runs until score or generate)."""
 
     name = "vllm"
+    ignored_options: ClassVar[dict[str, str]] = {"batch_tokens": "applies to the hf engine only; vLLM batches by itself"}
 
     def __init__(self, model_path: str, settings: EngineSettings):
         self.model_path, self.settings = model_path, settings

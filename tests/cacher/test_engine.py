@@ -26,6 +26,7 @@ class TableEngine:
     """An Engine whose log-probs for the token after t are log_softmax(table[t])."""
 
     name = "hf"
+    ignored_options: ClassVar[dict[str, str]] = {}
     calls: ClassVar[list] = []
 
     def __init__(self, model_path: str, settings: EngineSettings):
@@ -71,7 +72,7 @@ def test_both_engines_have_the_protocol_methods():
             assert callable(getattr(engine, name)), (engine, name)
             assert list(inspect.signature(getattr(engine, name)).parameters) == \
                 list(inspect.signature(member).parameters), (engine, name)
-        assert engine.name in ("hf", "vllm")
+        assert engine.name in ("hf", "vllm") and isinstance(engine.ignored_options, dict)
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
@@ -128,6 +129,7 @@ def test_an_already_built_cache_loads_no_teacher(tiny_gpt2_dir, tmp_path, monkey
 
     class Recorded:
         version = staticmethod(TableEngine.version)
+        ignored_options: ClassVar[dict[str, str]] = {}
 
         def __init__(self, *args):
             made.append(args)
