@@ -5,8 +5,9 @@ copy (trainer.student.student_from_teacher). Both steps train the same student o
 
 - online: teacher forward under no_grad -> full (B, L, V) logits, student forward,
   trainer.losses.dense_kd_loss (fkl), backward, clip, AdamW step;
-- offline: student forward, trainer.losses.sparse_kd_loss on the cached top-K (real teacher rows
-  from cacher.engine_hf.score_hf, stored through shared.writer's validation), backward, clip, step.
+- offline: the step `kdtrain run` takes (bench.p1_kd_overhead.make_step: the student's forward and the sparse KD
+  loss on the cached top-K, chunked from the hidden states for a plain linear head; real teacher rows from
+  cacher.engine_hf.score_hf, stored through shared.writer's validation), backward, clip, step.
 
 Alternated, median of the per-pair ratios.
 
@@ -38,10 +39,10 @@ from bench.common import (
     split_rows,
     stored_rows,
 )
-from bench.p1_kd_overhead import flat, make_step
+from bench.p1_kd_overhead import make_step, trainer_optimizer
 
 
-def make_online_step(student, teacher, optimizer, batch: dict, kind: str, bf16: bool = False):
+def make_online_step(student, teacher, optimizer, batch, kind: str, bf16: bool = False):
     """Online KD: the teacher runs on every batch; the dense loss sees all V logits."""
     from trainer.losses import LossOptions, dense_kd_loss
 
@@ -49,12 +50,12 @@ def make_online_step(student, teacher, optimizer, batch: dict, kind: str, bf16: 
 
     def step():
         with torch.no_grad(), torch.autocast(device(), dtype=torch.bfloat16, enabled=bf16):
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+            t_logits = teacher(**batch.model_inputs()).logits  # (B, L, V)
         with torch.autocast(device(), dtype=torch.bfloat16, enabled=bf16):
-            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+            logits = student(**batch.model_inputs()).logits  # (B, L, V)
         vocab = logits.shape[-1]
         loss, _ = dense_kd_loss(logits.reshape(-1, vocab), t_logits.reshape(-1, vocab)[:, :vocab],
-                                flat(batch, "target_ids"), flat(batch, "loss_mask"), LossOptions(loss=kind))
+                                batch.target_ids.reshape(-1), batch.loss_mask.reshape(-1), LossOptions(loss=kind))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -83,7 +84,8 @@ def main(argv=None):
         args.batch_size, args.max_length, args.repeats = 1, 256, 4
     from cacher.engine_hf import load_hf_teacher, score_hf
     from common.tokenizers import load_tokenizer
-    from trainer.data import collate
+    from trainer.batch import collate
+    from trainer.step import setup_step
     from trainer.student import student_from_teacher
 
     torch.manual_seed(0)
@@ -92,19 +94,20 @@ def main(argv=None):
     seqs = real_sequences(load_tokenizer(path), args.batch_size * args.max_length, args.max_length)[: args.batch_size]
     results = score_hf(teacher, seqs, top_k=args.top_k)
     keep = args.keep_layers or keep_layers_for_ratio(teacher.model, args.param_ratio)
-    batch = collate(split_rows(stored_rows(seqs, results, teacher.vocab_size, args.top_k)), has_teacher=True)
-    batch = {k: (v.to(device()) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    vocab = teacher.vocab_size
+    batch = collate(split_rows(stored_rows(seqs, results, vocab, args.top_k)), has_teacher=True).to(device())
 
     student = student_from_teacher(path, keep).to(device()).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    optimizer = trainer_optimizer(student)
+    setup = setup_step(student, device=torch.device(device()), compile_setting="off", num_ids=vocab)
     online = make_online_step(student, teacher.model, optimizer, batch, args.loss, args.bf16)
-    offline = make_step(student, optimizer, batch, args.loss, args.bf16)
+    offline = make_step(setup, student, optimizer, batch, args.loss, vocab, args.bf16)
     t_on, t_off = alternate(online, offline, args.repeats)
     ratio = paired_ratio(t_on, t_off)
     p_teacher, p_student = num_parameters(teacher.model), num_parameters(student)
     emit({"id": "P2", "model": args.model, "student_layers": keep, "teacher_params": p_teacher,
           "student_params": p_student, "param_ratio": p_teacher / p_student, "top_k": args.top_k, "loss": args.loss,
-          "bf16": args.bf16, "batch": [args.batch_size, args.max_length], "tokens": int(batch["num_tokens"]),
+          "bf16": args.bf16, "batch": [args.batch_size, args.max_length], "tokens": batch.num_tokens,
           "repeats": args.repeats, "online_step_s_median": median(t_on), "offline_step_s_median": median(t_off),
           "ratio_online_over_offline": ratio, "ratio_of_medians": median(t_on) / median(t_off),
           "target": ">= 2.0", "met": ratio >= 2.0}, args.json)

@@ -34,9 +34,9 @@ blocks of it:
   default (--traverse-repeats).
   The runs alternate 1x, 10x; medians.
 - Streaming: in this process, alternately, (a) the trainer's data path reads and collates batches of
-  the 10x cache (trainer.data.cache_source + collate, what the prefetch thread does; also the bare
-  CacheReader.read_rows over the same chunks), and (b) the trainer's step (student forward,
-  sparse_kd_loss, backward, clip, AdamW) runs on batches of the same size. Rows per second of each,
+  the 10x cache (trainer.data.cache_source + trainer.batch.collate, what the batcher's reader does; also the
+  bare CacheReader.read_rows over the same chunks), and (b) the trainer's step (bench.p1_kd_overhead.make_step:
+  the student forward and loss as `kdtrain run` takes them, backward, clip, AdamW) runs on batches of the same size. Rows per second of each,
   median of the per-pair ratios.
 
   python -m bench.p5_memory_streaming --quick   # tiny Shakespeare GPT-2 student, 328k / 3.3M tokens, K=64
@@ -91,11 +91,15 @@ def random_rows(rng: np.random.Generator, length: int, vocab_size: int, top_k: i
     raw = -np.cumsum(rng.exponential(0.15, (length, top_k)), axis=1)  # (T, K) decreasing
     mass = rng.uniform(0.5, 0.99, length)
     lp = raw - np.log(np.exp(raw).sum(1, keepdims=True)) + np.log(mass)[:, None]
-    target = lp[:, 0].copy()
-    target[-1] = np.nan
-    return {"input_ids": rng.integers(0, vocab_size, length), "loss_mask": np.r_[np.ones(length - 1, bool), [False]],
-            "topk_ids": random_distinct_ids(rng, length, vocab_size, top_k), "topk_logprobs": lp,
-            "target_logprob": target, "tail_logprob": np.log1p(-mass)}
+    input_ids = rng.integers(0, vocab_size, length)
+    topk_ids = random_distinct_ids(rng, length, vocab_size, top_k)
+    tail = np.log1p(-mass)
+    # the next token's log-prob: its own top-K entry when among the K, else below the K-th entry and the tail
+    hit = topk_ids[:-1] == input_ids[1:, None]  # (T-1, K)
+    outside = np.minimum(lp[:-1, -1], tail[:-1]) - 0.5
+    target = np.r_[np.where(hit.any(1), (lp[:-1] * hit).sum(1), outside), np.nan]  # last row: no next token
+    return {"input_ids": input_ids, "loss_mask": np.r_[np.ones(length - 1, bool), [False]], "topk_ids": topk_ids,
+            "topk_logprobs": lp, "target_logprob": target, "tail_logprob": tail}
 
 
 def write_random_cache(url: str, *, num_tokens: int, seq_length: int, top_k: int, vocab_size: int, vocab_sha256: str,
@@ -182,7 +186,8 @@ def traverse_epoch(cache: str, batch_tokens: int) -> dict:
     from dataclasses import fields
 
     from shared.reader import CacheReader
-    from trainer.data import Batcher, cache_index, cache_source, heldout_mask
+    from trainer.data import cache_index, cache_source, heldout_mask
+    from trainer.loader import Batcher
     from trainer.train import SHUFFLE_WINDOW_BLOCKS, TrainConfig
 
     eval_fraction = next(f.default for f in fields(TrainConfig) if f.name == "eval_fraction")
@@ -197,9 +202,9 @@ def traverse_epoch(cache: str, batch_tokens: int) -> dict:
     try:
         while True:
             batch = next(batcher)
-            rows += batch["num_tokens"]
+            rows += batch.num_tokens
             batches += 1
-            if batch["cursor"]["position"] >= epoch_items:
+            if batch.cursor["position"] >= epoch_items:
                 break
     finally:
         batcher.close()
@@ -226,9 +231,11 @@ def decoded_bytes(cache: str) -> int:
 
 
 def streaming_ratio(cache: str, student_path: str, *, batch_tokens: int, num_batches: int, repeats: int) -> dict:
+    from bench.p1_kd_overhead import make_step, trainer_optimizer
     from shared.reader import CacheReader
-    from trainer.data import cache_index, cache_source, collate, epoch_order, pack_batches
-    from trainer.losses import sparse_kd_loss
+    from trainer.batch import collate
+    from trainer.data import cache_index, cache_source, epoch_order, pack_batches
+    from trainer.step import setup_step
     from trainer.student import load_student
 
     reader = CacheReader(cache)
@@ -250,7 +257,7 @@ def streaming_ratio(cache: str, student_path: str, *, batch_tokens: int, num_bat
     def data_path():  # what the Batcher's thread does for num_batches batches
         for a, b in next_spans():
             batch = collate(source.read(order[a:b].tolist()), True)
-            rows["data"] += batch["num_tokens"]
+            rows["data"] += batch.num_tokens
 
     chunk_rows = int(reader.manifest.settings.get("chunk_rows") or 8192)
     chunks = [(s, lo, min(lo + chunk_rows, e.num_tokens)) for s, e in enumerate(reader.shards)
@@ -269,21 +276,16 @@ def streaming_ratio(cache: str, student_path: str, *, batch_tokens: int, num_bat
 
     torch.manual_seed(0)
     student = load_student(student_path).to(device()).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    train_batches = [collate(source.read(order[a:b].tolist()), True) for a, b in spans[:num_batches]]
-    train_rows = sum(b["num_tokens"] for b in train_batches)
+    optimizer = trainer_optimizer(student)
+    vocab = reader.manifest.vocab_size
+    setup = setup_step(student, device=torch.device(device()), compile_setting="off", num_ids=vocab)
+    train_batches = [collate(source.read(order[a:b].tolist()), True).to(device()) for a, b in spans[:num_batches]]
+    train_rows = sum(b.num_tokens for b in train_batches)
+    steps = [make_step(setup, student, optimizer, batch, "fkl", vocab) for batch in train_batches]
 
-    def train_steps():
-        for batch in train_batches:
-            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
-            vocab, k = logits.shape[-1], batch["topk_ids"].shape[-1]
-            loss, _ = sparse_kd_loss(logits.reshape(-1, vocab), batch["topk_ids"].reshape(-1, k),
-                                     batch["topk_logprobs"].reshape(-1, k), batch["tail_logprob"].reshape(-1),
-                                     batch["target_ids"].reshape(-1), batch["loss_mask"].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def train_steps():  # the trainer's step (bench.p1_kd_overhead.make_step) on each batch
+        for step in steps:
+            step()
 
     rows["data"] = 0
     t_data, t_train = alternate(data_path, train_steps, repeats)

@@ -172,11 +172,17 @@ def candidate_parts(name: str) -> tuple[int, str | None, bool]:
 
 
 def train_variant(path: str, student_spec: str, batches: list[dict], variant: str, teacher, *, lr: float,
-                  warmup: int, eval_batches: list[dict], alpha: float = 0.0, priors: dict | None = None,
+                  warmup: int, eval_batches: list, alpha: float = 0.0, priors: dict | None = None,
                   vocab_groups: dict | None = None, eval_teacher: list | None = None) -> dict:
     """Train a fresh student on `batches` with one variant's loss; held-out metrics after."""
     from bench.tail_losses import tail_fill_kd_loss
-    from trainer.losses import LossOptions, cross_entropy_loss, dense_kd_loss, sparse_kd_loss, tail_sample_targets
+    from trainer.losses import (
+        LossOptions,
+        cross_entropy_loss,
+        dense_kd_loss,
+        sparse_kd_loss,
+        tail_sample_targets,
+    )
     from trainer.train import _schedule, evaluate_heldout
 
     torch.manual_seed(0)
@@ -251,7 +257,7 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
 
 
 @torch.no_grad()
-def heldout_kl(student, eval_batches: list[dict], eval_teacher: list, top_k: int = 64) -> dict:
+def heldout_kl(student, eval_batches: list, eval_teacher: list, top_k: int = 64) -> dict:
     """Held-out dense KL(teacher || student) per token and its split at the teacher's top-K (K + 1 buckets):
 
     dense = buckets + tail, tail = P_rest * KL(p(. | rest) || q(. | rest)): the part a top-K cache never shows.
@@ -262,8 +268,8 @@ def heldout_kl(student, eval_batches: list[dict], eval_teacher: list, top_k: int
     student.eval()
     dense = tail = count = 0.0
     for batch, t_lp in zip(eval_batches, eval_teacher):
-        mask = batch["loss_mask"]
-        logits = student(input_ids=batch["input_ids"].to(device()), attention_mask=batch["attention_mask"].to(device()))
+        mask = batch.loss_mask
+        logits = student(input_ids=batch.input_ids.to(device()), attention_mask=batch.attention_mask.to(device()))
         q = torch.log_softmax(logits.logits.float()[mask.to(device())].double().cpu(), -1)  # (M, V)
         p = t_lp.double()
         dense += float(divergence(p, q, "fkl").sum())
@@ -308,10 +314,18 @@ def variant_rows(variant: str, seqs, stored_by_k: dict, rs_by_n: dict, stored_ta
 
 
 def collate_rows(rows: list[dict], has_teacher: bool) -> dict:
-    """trainer.data.collate, plus the candidates' per-row group masses (B, L, C), right-padded with -inf."""
-    from trainer.data import collate
+    """trainer.batch.collate as the dict of tensors this bench's loop reads (teacher fields widened as the trainer
+    reads them), plus the candidates' per-row group masses (B, L, C), right-padded with -inf."""
+    from dataclasses import fields
 
-    batch = collate(rows, has_teacher)
+    from trainer.batch import collate
+
+    collated = collate(rows, has_teacher).to("cpu")
+    batch = {"input_ids": collated.input_ids, "attention_mask": collated.attention_mask,
+             "target_ids": collated.target_ids, "loss_mask": collated.loss_mask, "num_tokens": collated.num_tokens}
+    if collated.teacher is not None:
+        batch.update({f.name: getattr(collated.teacher, f.name) for f in fields(collated.teacher)
+                      if getattr(collated.teacher, f.name) is not None})
     width = batch["input_ids"].shape[1]
     for name in [n for n in rows[0] if n.startswith("group_logprobs_")]:
         out = torch.full((len(rows), width, rows[0][name].shape[1]), -math.inf, dtype=torch.float32)
@@ -420,6 +434,7 @@ def main(argv=None):
     from common.sequences import load_sequences
     from common.tokenizers import load_tokenizer
     from shared.writer import validate_shard_arrays
+    from trainer.batch import collate
     from trainer.data import epoch_order, pack_batches
 
     # the tiny teacher learns the text it is measured on (a .txt --dataset; else the repository's Shakespeare)
@@ -462,7 +477,7 @@ def main(argv=None):
     held = heldout_split(sequences, 0.05)
     eval_seqs = [s.input_ids for s, h in zip(sequences, held) if h][: args.eval_sequences]
     train_seqs = [s.input_ids for s, h in zip(sequences, held) if not h][:need]
-    eval_batches = [collate_rows([{"input_ids": s, "loss_mask": np.ones(len(s), bool)} for s in eval_seqs[a:b]], False)
+    eval_batches = [collate([{"input_ids": s, "loss_mask": np.ones(len(s), bool)} for s in eval_seqs[a:b]], False)
                     for a, b in pack_batches(np.asarray([len(s) for s in eval_seqs]), args.batch_tokens)]
 
     # -- the teacher, once: top-max(K) through the writer's validation per K, RS samples per N --
@@ -520,9 +535,9 @@ def main(argv=None):
     eval_teacher = None
     if args.eval_kl:
         with torch.no_grad():
-            eval_teacher = [torch.log_softmax(teacher.model(input_ids=b["input_ids"].to(device()),
-                                                            attention_mask=b["attention_mask"].to(device()))
-                                              .logits.float()[b["loss_mask"].to(device())].cpu(), -1)
+            eval_teacher = [torch.log_softmax(teacher.model(input_ids=b.input_ids.to(device()),
+                                                            attention_mask=b.attention_mask.to(device()))
+                                              .logits.float()[b.loss_mask.to(device())].cpu(), -1)
                             for b in eval_batches]
     torch.manual_seed(0)
     student_params = num_parameters(make_student(path, args.student, teacher.model.config.vocab_size))
@@ -583,7 +598,7 @@ def main(argv=None):
           "student_params": student_params, "teacher_params": num_parameters(teacher.model), "steps": len(spans),
           "epochs": epoch, "batch_tokens": args.batch_tokens, "lr": args.lr, "alpha": args.alpha,
           "train_tokens": int(sum(lengths[order[a:b]].sum() for a, b in spans)),
-          "eval_tokens": int(sum(b["num_loss_tokens"] for b in eval_batches)), "seeds": seeds,
+          "eval_tokens": int(sum(b.num_loss_tokens for b in eval_batches)), "seeds": seeds,
           "teacher_eval_ppl": teacher_ppl, "student_init_eval_ppl": init_ppl, "capture_s": capture_s,
           "variants": table, "target": ">= 0.95 of the dense gain at K=64 (64 stored entries per row)",
           "met_top64": bool(at64 is not None and at64 >= 0.95),

@@ -81,6 +81,13 @@ def run(
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
     clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clip (0 = off)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack sequences into rows of the data's longest sequence "
+                              "when the student keeps them apart (checked on it); off: one padded sequence per row."),
+    compile_: str = typer.Option("auto", "--compile", help="torch.compile the student's forward: auto (CUDA only), on, off."),
+    data_workers: int = typer.Option(None, "--data-workers", help="Processes reading and collating batches (0: a thread; "
+                                     "default 4 on CUDA, 0 on a CPU)."),
+    peak_tflops: float = typer.Option(None, "--peak-tflops", help="The device's peak TFLOP/s for the logged MFU (default: "
+                                      "the data-sheet bf16 figure of a known GPU under --bf16)."),
     seed: int = typer.Option(0, "--seed", help="Data order and init seed."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps and at step 0 (0: only at the end)."),
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out fraction of sequences."),
@@ -121,7 +128,8 @@ def run(
             dataset=dataset, split=split, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
             prompt_template=prompt_template, input_field=input_field, max_length=max_length, limit=limit,
             eval_max_sequences=eval_max_sequences, tensorboard=tensorboard, stop_after=stop_after, trace_data=trace_data,
-            skip_nonfinite=skip_nonfinite,
+            skip_nonfinite=skip_nonfinite, pack=pack, compile=compile_, data_workers=data_workers,
+            peak_tflops=peak_tflops,
         )
         bar, progress = _progress_factory()
         with bar:

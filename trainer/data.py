@@ -22,36 +22,30 @@ window are shuffled together by a random key per sequence. A reader therefore ke
 windows of decoded blocks (`BlockCache`) and decompresses each chunk about once per epoch, while a
 batch still mixes sequences of `window_blocks` distant places of the data.
 
-Batches (`pack_batches`, `collate`). Sequences keep their order and are right-padded, not packed
-into one row (packing would let attention cross document boundaries): a batch is the longest run of
-consecutive sequences whose rows x longest length stays within `batch_tokens`; a longer sequence is
-a batch of its own. Cache windows mostly share one length, so little is padding. Row t's target is
-token t+1 of its own sequence; the last row of each sequence has none and its loss mask is False.
+Batches (`pack_batches`). Sequences keep their order: a padded batch is the longest run of consecutive
+sequences whose rows x longest length stays within `batch_tokens`; a longer sequence is a batch of its own.
+Packed batches, the `Batch` type and `collate` are in trainer/batch.py; the prefetching `Batcher` (a thread
+or worker processes, pinned memory, copies to the GPU ahead of the step) in trainer/loader.py.
 
-`Batcher` runs a background thread that reads, collates and queues the next batches so the step does
-not wait on I/O. Resume state is the cursor `{"epoch": e, "position": p}`: the first p items of this
-rank's order for epoch e were consumed; batch boundaries restart from the cursor exactly as before.
+Sources (`cache_source`, `sequence_source`) read sequences by position as numpy arrays; a cache source
+reopens the cache in each worker process that reads from it (`CacheRows`).
 
-Knows the cache reader, numpy and torch tensors; nothing about models, losses or the cacher.
+Knows the cache reader and numpy; nothing about tensors, models, losses or the cacher.
 """
 
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from shared.format import CacheCorruptError
 from shared.reader import CacheReader
 
-IGNORE = -100  # target id of rows without a next token (and of padding)
-TARGET_UNKNOWN = 1.0  # target_logprob where none is known (the cache's sentinel for "no next token")
 HASH_BUCKETS = 10_000
 
 
@@ -90,6 +84,7 @@ class CacheIndex:
     row_starts: np.ndarray  # (S,) first row inside its shard
     hashes: np.ndarray  # (S,) heldout_hash
     blocks: np.ndarray  # (S,) global block id: (shard, chunk of its first row)
+    chunk_rows: int  # rows per Zarr chunk (a block)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -121,7 +116,7 @@ def cache_index(reader: CacheReader) -> CacheIndex:
         blocks.append(block_base + row_starts // chunk_rows)
         block_base += entry.num_tokens // chunk_rows + 1
     cat = np.concatenate
-    return CacheIndex(cat(shard_of), cat(index_of), cat(lengths), cat(starts), cat(hashes), cat(blocks))
+    return CacheIndex(cat(shard_of), cat(index_of), cat(lengths), cat(starts), cat(hashes), cat(blocks), chunk_rows)
 
 
 def heldout_sequences(reader: CacheReader, eval_fraction: float = 0.05) -> list[tuple[int, int]]:
@@ -193,6 +188,7 @@ class Source:
     read: Callable[[list[int]], list[dict]]  # item positions -> dicts of input_ids, loss_mask[, teacher arrays]
     has_teacher: bool
     window_blocks: int = 1
+    window_rows: int = 0  # rows a shuffle window of blocks spans (what one reader decodes at a time); 0: unknown
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -220,9 +216,59 @@ class BlockCache:
         return block
 
 
+class CacheRows:
+    """Reads sequences of a cache by position, block by block through a BlockCache (Source.read).
+
+    Picklable and fork-safe: a process other than the one that made it (a data worker) opens the cache
+    itself on first use, with the same verify-on-read setting, and checks each shard's offsets again.
+    """
+
+    def __init__(self, reader: CacheReader, index: CacheIndex, positions: np.ndarray, fields: tuple[str, ...],
+                 capacity: int):
+        self.url, self.verify_on_read = reader.url, reader.verify_on_read
+        self.index, self.positions, self.fields, self.capacity = index, positions, fields, capacity
+        # the row span of every block: from its first sequence's start to its last sequence's end
+        self.span: dict[int, tuple[int, int, int]] = {}
+        for b, s, start, n in zip(index.blocks, index.shard_of, index.row_starts, index.lengths):
+            lo = self.span.get(int(b), (int(s), int(start), int(start + n)))
+            self.span[int(b)] = (lo[0], min(lo[1], int(start)), max(lo[2], int(start + n)))
+        self._attach(reader)
+
+    def _attach(self, reader: CacheReader) -> None:
+        self._pid, self._reader = os.getpid(), reader
+        self._cache = BlockCache(reader, self.capacity, self.fields)
+        self._checked: set[int] = set()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_reader", "_cache", "_checked", "_pid")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = None  # opened on first use
+
+    def __call__(self, which: list[int]) -> list[dict]:
+        if self._pid != os.getpid():
+            self._attach(CacheReader(self.url, verify_on_read=self.verify_on_read))
+        index, out = self.index, []
+        for w in which:
+            g = int(self.positions[w])
+            shard, start, length = int(index.shard_of[g]), int(index.row_starts[g]), int(index.lengths[g])
+            if shard not in self._checked:  # the meta plan must agree with the (now verified) offsets
+                offsets = self._reader.shard(shard).offsets
+                if not np.array_equal(np.diff(offsets), index.lengths[index.shard_of == shard]):
+                    name = self._reader.shards[shard].name
+                    raise CacheCorruptError(f"{name}: its meta parquet disagrees with its offsets; rebuild the shard",
+                                            [(name, "offsets", "meta mismatch")])
+                self._checked.add(shard)
+            block_shard, lo, hi = self.span[int(index.blocks[g])]
+            rows = self._cache.get(block_shard, lo, hi)
+            out.append({k: v[start - lo: start - lo + length] for k, v in rows.items()})
+        return out
+
+
 def cache_source(reader: CacheReader, index: CacheIndex, positions: list[int], *, has_teacher: bool,
                  window_blocks: int = 4, tail_samples: bool = False) -> Source:
-    """A source over some sequences of a cache; reads go block by block through a BlockCache.
+    """A source over some sequences of a cache; reads go block by block (CacheRows).
 
     tail_samples: also read the cache's tail_ids / tail_counts (a cache built with --tail-samples).
     """
@@ -231,34 +277,10 @@ def cache_source(reader: CacheReader, index: CacheIndex, positions: list[int], *
         "input_ids", "loss_mask")
     if has_teacher and tail_samples:
         fields += ("tail_ids", "tail_counts")
-    # the row span of every block: from its first sequence's start to its last sequence's end
-    span: dict[int, tuple[int, int, int]] = {}
-    for b, s, start, n in zip(index.blocks, index.shard_of, index.row_starts, index.lengths):
-        lo = span.get(int(b), (int(s), int(start), int(start + n)))
-        span[int(b)] = (lo[0], min(lo[1], int(start)), max(lo[2], int(start + n)))
-    cache = BlockCache(reader, 2 * window_blocks + 1, fields)
-    checked: set[int] = set()
-
-    def read(which: list[int]) -> list[dict]:
-        out = []
-        for w in which:
-            g = int(positions[w])
-            shard, start, length = int(index.shard_of[g]), int(index.row_starts[g]), int(index.lengths[g])
-            if shard not in checked:  # the meta plan must agree with the (now verified) offsets
-                offsets = reader.shard(shard).offsets
-                mine = index.shard_of == shard
-                if not np.array_equal(np.diff(offsets), index.lengths[mine]):
-                    name = reader.shards[shard].name
-                    raise CacheCorruptError(f"{name}: its meta parquet disagrees with its offsets; rebuild the shard",
-                                            [(name, "offsets", "meta mismatch")])
-                checked.add(shard)
-            block_shard, lo, hi = span[int(index.blocks[g])]
-            rows = cache.get(block_shard, lo, hi)
-            out.append({k: v[start - lo: start - lo + length] for k, v in rows.items()})
-        return out
-
+    read = CacheRows(reader, index, positions, fields, capacity=2 * window_blocks + 1)
     ids = [(int(index.shard_of[g]), int(index.index_of[g])) for g in positions]
-    return Source(ids, index.lengths[positions], index.blocks[positions], read, has_teacher, window_blocks)
+    return Source(ids, index.lengths[positions], index.blocks[positions], read, has_teacher, window_blocks,
+                  window_rows=window_blocks * index.chunk_rows)
 
 
 def sequence_source(sequences: list, positions: list[int]) -> Source:
@@ -270,119 +292,3 @@ def sequence_source(sequences: list, positions: list[int]) -> Source:
 
     lengths = np.asarray([len(s.input_ids) for s in chosen], dtype=np.int64)
     return Source(list(positions), lengths, np.arange(len(chosen)), read, False, 1)
-
-
-def collate(seqs: list[dict], has_teacher: bool) -> dict:
-    """Right-padded tensors of B sequences padded to length L.
-
-    input_ids, attention_mask: (B, L) int64. target_ids: (B, L) int64, token t+1, IGNORE where none.
-    loss_mask: (B, L) bool. With a teacher: topk_ids (B, L, K) int64, topk_logprobs (B, L, K) float32,
-    tail_logprob (B, L) float32, target_logprob (B, L) float32 (the teacher's log-prob of target_ids; +1.0,
-    "unknown", on padding, on last rows and where a sequence dict lacks it); when the sequences carry tail
-    samples also tail_ids (B, L, M) int64 and tail_counts (B, L, M) float32 (0 on padding).
-    num_tokens: real (unpadded) tokens.
-    """
-    width = max(len(s["input_ids"]) for s in seqs)
-    num = len(seqs)
-    input_ids = torch.zeros((num, width), dtype=torch.long)
-    attention = torch.zeros((num, width), dtype=torch.long)
-    targets = torch.full((num, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((num, width), dtype=torch.bool)
-    out = {"input_ids": input_ids, "attention_mask": attention, "target_ids": targets, "loss_mask": mask}
-    if has_teacher:
-        top_k = seqs[0]["topk_ids"].shape[1]
-        out["topk_ids"] = torch.zeros((num, width, top_k), dtype=torch.long)
-        out["topk_logprobs"] = torch.zeros((num, width, top_k), dtype=torch.float32)
-        out["tail_logprob"] = torch.full((num, width), float("-inf"), dtype=torch.float32)
-        out["target_logprob"] = torch.full((num, width), TARGET_UNKNOWN, dtype=torch.float32)
-        if "tail_ids" in seqs[0]:
-            num_samples = seqs[0]["tail_ids"].shape[1]
-            out["tail_ids"] = torch.zeros((num, width, num_samples), dtype=torch.long)
-            out["tail_counts"] = torch.zeros((num, width, num_samples), dtype=torch.float32)
-    for r, s in enumerate(seqs):
-        ids = torch.as_tensor(np.asarray(s["input_ids"], dtype=np.int64))
-        n = len(ids)
-        input_ids[r, :n] = ids
-        attention[r, :n] = 1
-        targets[r, : n - 1] = ids[1:]
-        mask[r, : n - 1] = torch.as_tensor(np.asarray(s["loss_mask"][: n - 1], dtype=bool))  # last row: no target
-        if has_teacher:
-            out["topk_ids"][r, :n] = torch.as_tensor(s["topk_ids"].astype(np.int64))
-            out["topk_logprobs"][r, :n] = torch.as_tensor(s["topk_logprobs"].astype(np.float32))
-            out["tail_logprob"][r, :n] = torch.as_tensor(s["tail_logprob"].astype(np.float32))
-            if "target_logprob" in s:
-                out["target_logprob"][r, : n - 1] = torch.as_tensor(s["target_logprob"][: n - 1].astype(np.float32))
-            if "tail_ids" in out:
-                out["tail_ids"][r, :n] = torch.as_tensor(s["tail_ids"].astype(np.int64))
-                out["tail_counts"][r, :n] = torch.as_tensor(s["tail_counts"].astype(np.float32))
-    out["num_tokens"] = int(attention.sum())
-    out["num_loss_tokens"] = int(mask.sum())
-    return out
-
-
-class Batcher:
-    """Batches of one rank, epoch after epoch, from a cursor; a thread prefetches `prefetch` batches.
-
-    Each batch carries the cursor after it (`cursor`) and the ids of its items (`ids`). The cursor is
-    what a checkpoint stores: resuming from it yields exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(self, source: Source, *, batch_tokens: int, seed: int, rank: int = 0, world_size: int = 1,
-                 cursor: dict | None = None, prefetch: int = 4):
-        self.source = source
-        self.batch_tokens = batch_tokens
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.cursor = dict(cursor or {"epoch": 0, "position": 0})
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, daemon=True, name="kdtrain-prefetch")
-        self._thread.start()
-
-    def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(len(self.source), self.seed, epoch, self.rank, self.world_size,
-                           blocks=self.source.blocks, window_blocks=self.source.window_blocks)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self):
-        try:
-            epoch, position = self.cursor["epoch"], self.cursor["position"]
-            while not self._stop.is_set():
-                order = self.order(epoch)
-                if len(order) == 0:
-                    raise ValueError(f"rank {self.rank} of {self.world_size} has no training sequences: the data has "
-                                     "fewer blocks than ranks; use fewer processes or more data")
-                # the cursor is always at a batch boundary of this epoch's packing
-                for start, stop in pack_batches(self.source.lengths[order[position:]], self.batch_tokens):
-                    which = order[position + start: position + stop].tolist()
-                    batch = collate(self.source.read(which), self.source.has_teacher)
-                    batch["cursor"] = {"epoch": epoch, "position": position + stop}
-                    batch["ids"] = [self.source.ids[w] for w in which]
-                    if not self._put(batch):
-                        return
-                epoch, position = epoch + 1, 0
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(exc)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        self.cursor = item["cursor"]
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -212,6 +212,7 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
     The KL is trainer.train.heldout_kl (the trainer's eval_kl) over the model's logits of the cache's
     token ids (trainer.student.cache_token_ids; rows beyond them are the model's padding).
     """
+    from trainer.batch import TeacherRows
     from trainer.student import cache_token_ids
     from trainer.train import heldout_kl, token_logits
 
@@ -251,7 +252,7 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
             agree += int((lg.argmax(-1) == topk_ids[:, 0]).sum())
             if num_ids > lg.shape[1]:  # ids the model has no row for: probability 0 (their mass is in the tail)
                 lg = torch.nn.functional.pad(lg, (0, num_ids - lg.shape[1]), value=-math.inf)  # (M, V)
-            teacher = {"topk_ids": topk_ids, "topk_logprobs": top_lp, "tail_logprob": tail_lp}
+            teacher = TeacherRows(topk_ids=topk_ids, topk_logprobs=top_lp, tail_logprob=tail_lp)
             kl_sum += float(heldout_kl(lg, teacher, targets)) * int(mask.sum())
             count += int(mask.sum())
     if count == 0:

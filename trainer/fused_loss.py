@@ -127,9 +127,19 @@ def _kd_chunk(z, lse, ce, idx, target, logits_of, teacher: TeacherTensors, s: Ch
         named += outside
     rest = p.sum(-1)  # (n,) exactly 0 when every token has its own bucket (K = V)
     rest_lse = rest.log()  # (n,) -inf then
+    t_top, t_tail = teacher.topk_logprobs.index_select(0, idx), teacher.tail_logprob.index_select(0, idx)
+    if with_target:
+        t = teacher_bucket_logprobs(t_top, t_tail, tlp, outside, vocab_size=vocab_size)  # (n, K+2)
+    else:
+        t = teacher_bucket_logprobs(t_top, t_tail, vocab_size=vocab_size)  # (n, K+1)
+    empty = t[:, 0].isnan()  # (n,) rows without any teacher mass: every entry NaN after normalizing
+    low = (rest < REST_EXACT_BELOW) & (named < vocab_size)  # (n,) rows for the exact rest
+    any_empty, any_low = torch.stack([empty.any(), low.any()]).tolist()  # the chunk's one host sync
+    if any_empty:
+        raise EmptyTeacherRowError(int(idx[empty.nonzero()[0, 0]]), num_rows)
     exact = None
-    low = ((rest < REST_EXACT_BELOW) & (named < vocab_size)).nonzero().squeeze(1)  # a host sync per chunk
-    if low.numel():
+    if any_low:
+        low = low.nonzero().squeeze(1)  # (m,)
         z_low = logits_of(idx[low]).scatter(1, ids[low], -math.inf)  # (m, V)
         if with_target:
             z_low = torch.where(outside[low, None] & (torch.arange(vocab_size, device=z_low.device) == target[low]),
@@ -137,17 +147,11 @@ def _kd_chunk(z, lse, ce, idx, target, logits_of, teacher: TeacherTensors, s: Ch
         low_lse = torch.logsumexp(z_low, dim=-1)  # (m,)
         rest_lse[low] = low_lse - lse[low]
         exact = (low, z_low.sub_(low_lse[:, None]).exp_())  # softmax over the rest, (m, V)
-    t_top, t_tail = teacher.topk_logprobs.index_select(0, idx), teacher.tail_logprob.index_select(0, idx)
-    if not with_target:
-        s_buckets = torch.cat([top, rest_lse[:, None]], dim=1)  # (n, K+1)
-        t = teacher_bucket_logprobs(t_top, t_tail, vocab_size=vocab_size)  # (n, K+1)
-    else:
+    if with_target:
         own = torch.where(outside, -ce, -math.inf)  # (n,) student log-prob of the target
         s_buckets = torch.cat([top, own[:, None], rest_lse[:, None]], dim=1)  # (n, K+2)
-        t = teacher_bucket_logprobs(t_top, t_tail, tlp, outside, vocab_size=vocab_size)  # (n, K+2)
-    empty = t[:, 0].isnan()  # (n,) rows without any teacher mass: every entry NaN after normalizing
-    if bool(empty.any()):
-        raise EmptyTeacherRowError(int(idx[empty.nonzero()[0, 0]]), num_rows)
+    else:
+        s_buckets = torch.cat([top, rest_lse[:, None]], dim=1)  # (n, K+1)
     t_temp = F.log_softmax(t.to(cdtype) / s.temperature, dim=-1)  # (n, K+1) or (n, K+2)
     g_buckets = None
     with torch.enable_grad():
@@ -218,11 +222,9 @@ class FusedLinearKD(torch.autograd.Function):
     def forward(ctx, hidden, weight, teacher, target_ids, rows, settings, num_ids, matmul_dtype):
         cdtype = compute_dtype(matmul_dtype)
         head = weight[:num_ids].to(matmul_dtype)  # (V, H)
-        grad_hidden = grad_weight = None
-        if settings.compute_grad:
-            grad_hidden = torch.zeros_like(hidden)  # (N, H)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                      device=weight.device)  # (V', H), accumulated over chunks
+        grad_hidden = torch.zeros_like(hidden) if settings.compute_grad else None  # (N, H)
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # the head's gradient, summed over chunks
+        grad_weight = None  # (V', H), made by the first chunk (no zero-fill pass over the head when V = V')
 
         def inputs_of(idx):
             return hidden.index_select(0, idx).to(matmul_dtype)  # (n, H)
@@ -231,13 +233,24 @@ class FusedLinearKD(torch.autograd.Function):
             return (inputs_of(idx) @ head.T).to(cdtype)  # (n, V), a fresh tensor
 
         def consume(idx, grad):
+            nonlocal grad_weight
             g = grad.to(matmul_dtype)  # (n, V)
             grad_hidden.index_copy_(0, idx, (g @ head).to(grad_hidden.dtype))  # (n, H)
-            grad_weight[:num_ids] += (g.T @ inputs_of(idx)).to(grad_weight.dtype)  # (V, H)
+            if grad_weight is None and num_ids == weight.shape[0]:
+                grad_weight = (g.T @ inputs_of(idx)).to(accumulate)  # (V, H)
+                return
+            if grad_weight is None:
+                grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
+            if matmul_dtype == accumulate:
+                grad_weight[:num_ids].addmm_(g.T, inputs_of(idx))  # in place, no (V, H) temporary
+            else:
+                grad_weight[:num_ids] += (g.T @ inputs_of(idx)).to(accumulate)
 
         total, ce, kd = fused_chunks(rows, logits_of, consume, teacher, target_ids, settings,
                                      num_rows=hidden.shape[0], vocab_size=num_ids, cdtype=cdtype, device=hidden.device)
         if settings.compute_grad:
+            if grad_weight is None:  # no row masked in
+                grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce, kd)
@@ -246,6 +259,9 @@ class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_kd):
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        # A pass over the (V', H) head gradient is skipped when the incoming gradient is 1 (the usual case); on
+        # CUDA that test would cost a host synchronization, so there the multiply always runs.
+        if grad_loss.device.type == "cuda" or float(grad_loss) != 1.0:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
         return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None

@@ -195,3 +195,75 @@ def save_student(model, tokenizer, out_dir: str | Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# What the training step may rely on (checked on the student itself, not assumed from its type)
+
+
+class HiddenStates(nn.Module):
+    """The student without its LM head: forward(**inputs) -> (B, L, H) final hidden states (after the last norm).
+
+    The trainer wraps this (with DDP, torch.compile) when the loss makes the logits from the hidden states and
+    the head's weight chunk by chunk (trainer.losses.linear_kd_loss); `model` stays the full causal LM.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.model.base_model(**{"use_cache": False, **inputs}).last_hidden_state  # training: no KV cache
+
+
+def _probe_ids(model, num_tokens: int) -> torch.Tensor:
+    """(1, num_tokens) token ids spread over the vocabulary, on the model's device."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    return (torch.arange(num_tokens, device=device) * 7919 % vocab)[None]
+
+
+@torch.no_grad()
+def linear_head_weight(model) -> nn.Parameter | None:
+    """The LM head's weight when the student's logits are exactly `hidden_states @ weight.T`, else None.
+
+    A plain bias-free nn.Linear head on HiddenStates' output, checked on a short input in eval mode (so a
+    model that scales, soft-caps or biases its logits, or whose base model is not what feeds the head, gets
+    None and the trainer falls back to the full logits).
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or not hasattr(model, "base_model"):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        ids = _probe_ids(model, 8)
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (1, 8, V)
+        hidden = HiddenStates(model)(input_ids=ids).float()  # (1, 8, H)
+        rebuilt = hidden @ head.weight.float().T
+    except (TypeError, AttributeError, ValueError):  # a base model that does not take these inputs
+        return None
+    finally:
+        model.train(was_training)
+    same = rebuilt.shape == logits.shape and torch.allclose(rebuilt, logits, rtol=1e-4, atol=1e-4)
+    return head.weight if same else None
+
+
+@torch.no_grad()
+def packs_sequences(model) -> bool:
+    """Whether the student keeps packed sequences apart: two sequences in one row with position_ids restarting
+    at 0 and no attention mask give the logits each gets alone (trainer/batch.py's packed layout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = _probe_ids(model, 11)
+        first, second = ids[:, :5], ids[:, 5:]
+        alone = torch.cat([model(input_ids=first, use_cache=False).logits,
+                           model(input_ids=second, use_cache=False).logits], dim=1).float()
+        positions = torch.cat([torch.arange(5), torch.arange(6)]).to(ids.device)[None]
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()  # no KV cache: packing
+    except (TypeError, ValueError, RuntimeError):  # a model that takes no position_ids
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(packed, alone, rtol=1e-4, atol=1e-4))

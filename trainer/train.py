@@ -44,6 +44,7 @@ import torch
 
 from shared.format import CacheError
 from shared.reader import CacheReader
+from trainer.batch import Batch, TeacherRows, collate
 from trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -51,11 +52,9 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.data import (
-    Batcher,
     Source,
     cache_index,
     cache_source,
-    collate,
     epoch_order,
     heldout_hash,
     heldout_mask,
@@ -63,15 +62,19 @@ from trainer.data import (
     sequence_source,
 )
 from trainer.divergences import EmptyTeacherRowError
+from trainer.loader import Batcher, plan_spans
 from trainer.losses import (
     LOSSES,
     LossOptions,
     cross_entropy_loss,
+    linear_kd_loss,
     sparse_kd_loss,
     tail_sample_targets,
 )
 from trainer.metrics import MetricsLog
 from trainer.run_folder import RunFolder
+from trainer.step import COMPILE_SETTINGS, data_workers, make_optimizer, packing_row_tokens, setup_step
+from trainer.throughput import peak_flops, step_flops
 
 # Caches up to this size are hashed completely before training starts (a few seconds per GiB);
 # larger ones are hashed shard by shard the first time a shard is read (CacheReader verify_on_read),
@@ -137,13 +140,25 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (matrices only)."""
     batch_tokens: int = 4096
-    """Padded tokens (rows x longest sequence) per micro-batch per rank."""
+    """Tokens per micro-batch per rank, padding included: rows x longest sequence, or with packing rows x the
+    longest sequence of the data."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     clip: float = 1.0
     """Gradient-norm clip (0 = off)."""
     bf16: bool = False
     """bfloat16 autocast for the student's forward."""
+    pack: bool = True
+    """Pack sequences into rows of the data's longest sequence (no padding but at each row's end) when the student
+    keeps packed sequences apart (checked on it); off: one right-padded sequence per row."""
+    compile: str = "auto"
+    """torch.compile the student's forward: auto (on CUDA only), on, off."""
+    data_workers: int | None = None
+    """Processes that read and collate batches (0: one thread in the training process; default 4 on CUDA, 0 on a
+    CPU)."""
+    peak_tflops: float | None = None
+    """The device's peak TFLOP/s for the logged MFU (default: the data-sheet bf16 figure of a known GPU under
+    --bf16; otherwise MFU is not logged)."""
     seed: int = 0
     """Seed of the data order and of a random student init."""
     eval_every: int = 0
@@ -237,6 +252,14 @@ class TrainConfig:
             raise TrainError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.resume and self.overwrite:
             raise TrainError("--resume and --overwrite contradict each other; pass one")
+        if self.compile not in COMPILE_SETTINGS:
+            raise TrainError(f"--compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise TrainError(f"--data-workers must be >= 0 (0: read in a thread of the training process), "
+                             f"got {self.data_workers}")
+        if self.peak_tflops is not None and not (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)):
+            raise TrainError(f"--peak-tflops must be a finite number > 0 (the device's peak, e.g. 989 for an H100 "
+                             f"in bf16), got {self.peak_tflops}")
         self._check_numbers()
 
     def _check_finite(self) -> None:
@@ -298,6 +321,20 @@ def _ddp(model, device: torch.device):
     if device.type == "cuda":
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
     return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def _no_sync(forward):
+    """DDP's no_sync() of the step's forward, through a torch.compile wrapper if there is one."""
+    return getattr(forward, "_orig_mod", forward).no_sync()
+
+
+def _gpu_peak_bytes(device: torch.device) -> int | None:
+    """Peak GPU memory allocated since the previous call (None on a CPU); resets the peak."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def _open_cache(config: TrainConfig, log) -> CacheReader:
@@ -362,37 +399,41 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _flat(batch: dict, key: str) -> torch.Tensor:
-    t = batch[key]
-    return t.reshape(-1, *t.shape[2:])  # (B, L, ...) -> (B*L, ...)
-
-
 def token_logits(logits: torch.Tensor, num_ids: int | None) -> torch.Tensor:
     """(..., V') logits -> (..., V) the first num_ids columns (a view): a student's padded rows beyond the token
     ids (cache_token_ids) never reach a loss or a metric. None or num_ids >= V' keeps every column."""
     return logits if num_ids is None or num_ids >= logits.shape[-1] else logits[..., :num_ids]
 
 
-def _loss(model, batch: dict, config: TrainConfig, num_ids: int | None = None) -> tuple[torch.Tensor, dict]:
-    device_type = batch["input_ids"].device.type
+def _loss(model, batch: Batch, config: TrainConfig, num_ids: int | None = None, *, head_weight=None,
+          chunk_tokens: int = 1024) -> tuple[torch.Tensor, dict]:
+    """The step's loss on a batch on the model's device.
+
+    model returns the student's logits; or, with head_weight (trainer/step.py), its final hidden states, and the
+    loss makes the logits from them and the head's weight chunk by chunk (linear_kd_loss; the same loss).
+    """
+    device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V')
-    logits = token_logits(logits, num_ids)  # (B, L, V)
-    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V); a view also when cut (rows of stride V')
-    targets, mask = _flat(batch, "target_ids"), _flat(batch, "loss_mask")
-    if config.loss == "ce":
-        ce = cross_entropy_loss(flat_logits, targets, mask)
-        return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
-    teacher = {k: _flat(batch, k) for k in batch if k in TEACHER_FIELDS}
+        out = model(**batch.model_inputs(), use_cache=False)  # (B, L, H) hidden states, or .logits (B, L, V')
+    targets, mask = batch.target_ids.reshape(-1), batch.loss_mask.reshape(-1)
+    teacher = batch.teacher.flat() if config.loss != "ce" else None
     with _naming_rows(batch, torch.arange(mask.numel()), config.cache):
+        if head_weight is not None:
+            hidden = out.reshape(-1, out.shape[-1])  # (B*L, H)
+            ids, top_lp, tail, target_lp = _teacher_targets(teacher, config)
+            return linear_kd_loss(hidden, head_weight, ids, top_lp, tail, targets, mask, loss_options(config),
+                                  num_ids=num_ids, matmul_dtype=torch.bfloat16 if config.bf16 else None,
+                                  chunk_tokens=chunk_tokens, target_logprob=target_lp)
+        logits = token_logits(out.logits, num_ids)  # (B, L, V)
+        flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V); a view also when cut (rows of stride V')
+        if config.loss == "ce":
+            ce = cross_entropy_loss(flat_logits, targets, mask)
+            return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
         return _sparse_loss(flat_logits, teacher, targets, mask, config)
 
 
-TEACHER_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprob", "tail_ids", "tail_counts")
-
-
 @contextlib.contextmanager
-def _naming_rows(batch: dict, positions: torch.Tensor, cache: str | None):
+def _naming_rows(batch: Batch, positions: torch.Tensor, cache: str | None):
     """Turn an EmptyTeacherRowError of the loss into a TrainError naming the cache sequence and token.
 
     positions: (N,) the flattened (B*L) index in `batch` of each of the N rows given to the loss.
@@ -400,25 +441,34 @@ def _naming_rows(batch: dict, positions: torch.Tensor, cache: str | None):
     try:
         yield
     except EmptyTeacherRowError as exc:
-        b, t = divmod(int(positions[exc.row]), batch["loss_mask"].shape[1])
-        ids = batch.get("ids")
+        b, t = divmod(int(positions[exc.row]), batch.loss_mask.shape[1])
+        ids = batch.ids
         where = f"shard {ids[b][0]} sequence {ids[b][1]}" if ids else f"batch row {b}"
         raise TrainError(f"cache {cache}, {where}, token {t}: the teacher's stored log-probs hold no "
                          "probability (all -inf, or NaN), so there is nothing to distill there; a cache writer must "
                          "never store such a row: rebuild the cache (or that shard) with `kdcache build`") from exc
 
 
-def _sparse_loss(rows: torch.Tensor, teacher: dict, targets: torch.Tensor, mask: torch.Tensor, config: TrainConfig):
-    """sparse_kd_loss on (N, V) logits and the teacher's (N, ...) fields, as the config asks.
+def _teacher_targets(teacher: TeacherRows | None, config: TrainConfig) -> tuple:
+    """(ids, log-probs, rest, target log-prob or None) the KD loss compares with, from the teacher's (N, ...) rows.
 
-    With tail samples in `teacher` (present only for loss fkl, see _split_data): K + M outcomes with an
-    empty rest bucket and no target bucket; else K + 2 (target bucket) or K + 1 outcomes.
+    With tail samples (present only for loss fkl, see _split_data): K + M outcomes with an empty rest bucket
+    and no target bucket; else K + 2 (target bucket) or K + 1 outcomes. None without a teacher (loss ce).
     """
-    ids, top_lp, tail = teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"]
-    target_lp = teacher["target_logprob"] if config.target_bucket else None
-    if "tail_ids" in teacher:
-        ids, top_lp, tail = tail_sample_targets(ids, top_lp, tail, teacher["tail_ids"], teacher["tail_counts"])
+    if teacher is None:
+        return None, None, None, None
+    ids, top_lp, tail = teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob
+    target_lp = teacher.target_logprob if config.target_bucket else None
+    if teacher.tail_ids is not None:
+        ids, top_lp, tail = tail_sample_targets(ids, top_lp, tail, teacher.tail_ids, teacher.tail_counts)
         target_lp = None
+    return ids, top_lp, tail, target_lp
+
+
+def _sparse_loss(rows: torch.Tensor, teacher: TeacherRows, targets: torch.Tensor, mask: torch.Tensor,
+                 config: TrainConfig):
+    """sparse_kd_loss on (N, V) logits and the teacher's (N, ...) rows, as the config asks (_teacher_targets)."""
+    ids, top_lp, tail, target_lp = _teacher_targets(teacher, config)
     return sparse_kd_loss(rows, ids, top_lp, tail, targets, mask, loss_options(config), target_logprob=target_lp)
 
 
@@ -428,7 +478,7 @@ def loss_options(config: TrainConfig) -> LossOptions:
                        skew=config.skew)
 
 
-def heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torch.Tensor:
+def heldout_kl(rows: torch.Tensor, teacher: TeacherRows, targets: torch.Tensor) -> torch.Tensor:
     """Mean KL(teacher || student) over the K + 1 buckets at T = 1: sparse_kd_loss's KD term, rules and all.
 
     rows: (N, V) student logits of token ids only (token_logits); teacher: the cache's (N, ...) topk_ids,
@@ -436,13 +486,13 @@ def heldout_kl(rows: torch.Tensor, teacher: dict, targets: torch.Tensor) -> torc
     cover all V (K = V), whatever rounding left in the stored tail. Also kdtrain eval's agreement KL.
     """
     everything = torch.ones_like(targets, dtype=torch.bool)
-    _, stats = sparse_kd_loss(rows, teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"], targets,
+    _, stats = sparse_kd_loss(rows, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob, targets,
                               everything, LossOptions(loss="fkl"))
     return stats["kd"]
 
 
 @torch.no_grad()
-def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has_teacher: bool,
+def evaluate_heldout(model, batches: list[Batch], config: TrainConfig | None, has_teacher: bool,
                      num_ids: int | None = None) -> dict:
     """Held-out metrics over the loss rows of `batches`, one mean per token.
 
@@ -456,26 +506,26 @@ def evaluate_heldout(model, batches: list[dict], config: TrainConfig | None, has
     loss_sum = ce_sum = kl_sum = 0.0
     agree = count = 0
     for batch in batches:
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        mask = batch["loss_mask"]  # (B, L)
+        batch = batch.to(device)
+        mask = batch.loss_mask  # (B, L)
         num = int(mask.sum())
         if num == 0:
             continue
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(**batch.model_inputs()).logits.float()
         rows = token_logits(logits, num_ids)[mask]  # (M, V)
-        targets = batch["target_ids"][mask]  # (M,)
+        targets = batch.target_ids[mask]  # (M,)
         ce = float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
         ce_sum += ce
         objective_sum = ce
         if has_teacher:
-            teacher = {k: batch[k][mask] for k in batch if k in TEACHER_FIELDS}
+            teacher = batch.teacher.select(mask)
             with _naming_rows(batch, mask.reshape(-1).nonzero().squeeze(1).cpu(), config.cache):
                 kl_sum += float(heldout_kl(rows, teacher, targets)) * num
                 if config.loss != "ce":
                     objective, _ = _sparse_loss(rows, teacher, targets, torch.ones_like(targets, dtype=torch.bool),
                                                 config)
                     objective_sum = float(objective) * num
-            agree += int((rows.argmax(-1) == teacher["topk_ids"][:, 0]).sum())
+            agree += int((rows.argmax(-1) == teacher.topk_ids[:, 0]).sum())
         loss_sum += objective_sum
         count += num
     model.train()
@@ -706,20 +756,23 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
     _check_context(config, model, student_name, (train_src, eval_src))
     if "teacher_outcomes" in data_info:
         log(f"teacher targets: {data_info['teacher_outcomes']}")
-    eval_batches = [{**collate(eval_src.read(list(range(a, b))), eval_src.has_teacher), "ids": eval_src.ids[a:b]}
-                    for a, b in pack_batches(eval_src.lengths, config.batch_tokens)]
+    eval_batches = []  # padded rows, whatever the training layout
+    for a, b in pack_batches(eval_src.lengths, config.batch_tokens):
+        eval_batches.append(collate(eval_src.read(list(range(a, b))), eval_src.has_teacher))
+        eval_batches[-1].ids = eval_src.ids[a:b]
+    row_tokens = packing_row_tokens(model, config.pack, np.concatenate([train_src.lengths, eval_src.lengths]))
     data_state = {"seed": config.seed, "batch_tokens": config.batch_tokens, "eval_fraction": config.eval_fraction,
                   "num_train_sequences": len(train_src), "world_size": world,
-                  "cache_key": reader.manifest.cache_key if reader else None}
+                  "cache_key": reader.manifest.cache_key if reader else None, "row_tokens": row_tokens}
     training = _training_settings(config, reader)
 
     # -- steps ---------------------------------------------------------------------------------
     if config.steps is not None:
         total_steps = config.steps
     else:  # the rank with the fewest batches sets the length of an epoch
-        per_epoch = min(len(pack_batches(train_src.lengths[epoch_order(
+        per_epoch = min(len(plan_spans(train_src.lengths[epoch_order(
             len(train_src), config.seed, 0, r, world, blocks=train_src.blocks, window_blocks=train_src.window_blocks)],
-            config.batch_tokens)) for r in range(world))
+            config.batch_tokens, row_tokens)) for r in range(world))
         total_steps = max(1, int(config.epochs * per_epoch / config.grad_accum))
 
     # -- model, optimizer, checkpoint ----------------------------------------------------------
@@ -729,9 +782,7 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         schedule_steps = _check_resume_state(read_state(ckpt), data_state, training, total_steps, ckpt)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=config.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.warmup_steps, schedule_steps))
     step, cursors, skipped = 0, [None] * world, 0  # skipped: steps not applied (non-finite), --skip-nonfinite
     if ckpt is not None:
@@ -742,9 +793,16 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         step, cursors, skipped = state["step"], state["cursors"], state.get("nonfinite_skips", 0)
         log(f"resumed from {ckpt} at step {step}" + (f"; steps {schedule_steps + 1}-{total_steps} run at the final "
             "learning rate (the schedule keeps the run's first horizon)" if total_steps > schedule_steps else ""))
-    ddp = _ddp(model, device) if world > 1 else model
+    setup = setup_step(model, device=device, compile_setting=config.compile, num_ids=num_ids,
+                       wrap=(lambda m: _ddp(m, device)) if world > 1 else None)
+    workers = data_workers(config.data_workers, device)
+    log(f"step: {'logits from the hidden states chunk by chunk' if setup.head_weight is not None else 'full logits'}"
+        f"{', compiled' if setup.compiled else ''}; {'packed' if row_tokens else 'padded'} rows; "
+        f"{workers or 'no'} data worker process(es)")
     batcher = Batcher(train_src, batch_tokens=config.batch_tokens, seed=config.seed, rank=rank, world_size=world,
-                      cursor=cursors[rank])
+                      cursor=cursors[rank], row_tokens=row_tokens, num_workers=workers,
+                      group_tokens=train_src.window_rows, device=device)
+    peak = peak_flops(device, config.bf16, config.peak_tflops)
 
     # -- outputs -------------------------------------------------------------------------------
     run_info = {"config": asdict(config), "student": student_name, "teacher_path": teacher_path, "world_size": world,
@@ -770,20 +828,21 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         while step < total_steps:
             t0 = time.time()
             loss_sum = ce_sum = kd_sum = 0.0
-            step_tokens = 0
+            step_tokens, flops = 0, 0.0
             for micro in range(config.grad_accum):
-                batch = next(batcher)
+                batch = next(batcher)  # on the device
                 if trace:
-                    trace.write(json.dumps({"step": step + 1, "ids": batch["ids"]}) + "\n")
-                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                    trace.write(json.dumps({"step": step + 1, "ids": batch.ids}) + "\n")
                 last_micro = micro == config.grad_accum - 1
-                with ddp.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext():
-                    loss, stats = _loss(ddp, batch, config, num_ids)
+                with _no_sync(setup.forward) if (world > 1 and not last_micro) else contextlib.nullcontext():
+                    loss, stats = _loss(setup.forward, batch, config, num_ids, head_weight=setup.head_weight,
+                                        chunk_tokens=setup.chunk_tokens)
                     (loss / config.grad_accum).backward()
                 loss_sum += float(loss.detach()) / config.grad_accum
                 ce_sum += float(stats["ce"]) / config.grad_accum
                 kd_sum += float(stats["kd"]) / config.grad_accum
-                step_tokens += batch["num_tokens"]
+                step_tokens += batch.num_tokens
+                flops += step_flops(model, batch.sequence_lengths)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip) if config.clip > 0 else
                               torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             reason = _nonfinite_step(loss_sum, grad_norm, world, device)
@@ -807,7 +866,8 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
             tps = step_tokens * world / max(seconds, 1e-9)
             last = {"step": step, "loss": loss_sum, "ce": ce_sum, "kd": kd_sum, "lr": lr,
                     "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens_seen, "epoch": batcher.cursor["epoch"],
-                    "skipped_nonfinite": skipped}
+                    "skipped_nonfinite": skipped, "mfu": None if peak is None else flops / max(seconds, 1e-9) / peak,
+                    "gpu_peak_bytes": _gpu_peak_bytes(device)}
             if metrics and (step % config.log_every == 0 or step == total_steps):
                 metrics.write(last)
             tick(step=step, loss=loss_sum, tps=tps)

@@ -40,20 +40,23 @@ def test_p1_kd_overhead_smoke(tiny_gpt2_dir, tmp_path):
     row = _row(out)
     assert row["id"] == "P1" and row["ratio_kd_over_ce"] > 0 and row["student_layers"] == 1
     assert row["target_bucket"] and row["ratio_tail_samples_kd_over_ce"] > 0
+    assert row["loss_path"] == "hidden states + head, chunked" and row["ratio_linear_over_logits_kd"] > 0
     for kind in ("ce", "fkl", "tail"):
         assert 0 < row[f"profile_{kind}"]["loss_share"] < 1
 
 
 def test_p1_times_the_loss_kdtrain_runs_by_default():
-    """P1's KD loss is the trainer's default: K + 2 buckets (target bucket), not K + 1."""
+    """P1's KD step runs the trainer's loss: hidden states and the head through linear_kd_loss with the target
+    bucket (K + 2 buckets), equal to sparse_kd_loss on the materialized logits, and not the K + 1 loss."""
     import torch
 
-    from bench.p1_kd_overhead import kd_or_ce
-    from trainer.data import collate
+    from bench.p1_kd_overhead import step_loss
+    from trainer.batch import collate
     from trainer.losses import sparse_kd_loss
+    from trainer.step import StepSetup
 
     rng = np.random.default_rng(0)
-    vocab, k, length = 40, 4, 12
+    vocab, k, length, hidden = 40, 4, 12, 6
     rows = []
     for _ in range(2):
         lp = np.log(rng.dirichlet(np.ones(vocab), length))
@@ -63,13 +66,37 @@ def test_p1_times_the_loss_kdtrain_runs_by_default():
         rows.append({"input_ids": seq, "loss_mask": np.ones(length, bool), "topk_ids": ids, "topk_logprobs": top,
                      "tail_logprob": np.log1p(-np.exp(top).sum(1)),
                      "target_logprob": np.r_[lp[np.arange(length - 1), seq[1:]], np.nan]})
-    batch = collate(rows, has_teacher=True)
-    logits = torch.randn(2 * length, vocab, dtype=torch.float64)
-    flat = {name: batch[name].reshape(-1, *batch[name].shape[2:]) for name in batch if torch.is_tensor(batch[name])}
-    args = (logits, flat["topk_ids"], flat["topk_logprobs"], flat["tail_logprob"], flat["target_ids"], flat["loss_mask"])
-    with_target = sparse_kd_loss(*args, target_logprob=flat["target_logprob"])[0]
-    assert torch.allclose(kd_or_ce(logits, batch, "fkl"), with_target)
+    batch = collate(rows, has_teacher=True).to("cpu")
+
+    class FixedHidden(torch.nn.Module):  # the student without its head: a fixed hidden state per input token
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(vocab, hidden, dtype=torch.float64))
+
+        def forward(self, input_ids, **kwargs):
+            return self.table[input_ids]  # (B, L, H)
+
+    forward, head = FixedHidden(), torch.randn(vocab, hidden, dtype=torch.float64)
+    got = step_loss(StepSetup(forward, head, chunk_tokens=5, compiled=False), batch, "fkl", vocab)
+    logits = (forward.table[batch.input_ids] @ head.T).reshape(-1, vocab)  # (B*L, V)
+    t = batch.teacher.flat()
+    args = (logits, t.topk_ids, t.topk_logprobs, t.tail_logprob, batch.target_ids.reshape(-1), batch.loss_mask.reshape(-1))
+    with_target = sparse_kd_loss(*args, target_logprob=t.target_logprob)[0]
+    assert torch.allclose(got, with_target)
     assert not torch.allclose(sparse_kd_loss(*args)[0], with_target)  # K + 1 buckets: what P1 timed before
+
+
+def test_p7_data_path_smoke(tmp_path, monkeypatch):
+    from bench.p7_data_path import main
+
+    monkeypatch.setenv("KDCACHE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.jsonl"
+    main(["--tokens", "4096", "--seq-length", "64", "--shard-tokens", "2048", "--batch-tokens", "512", "--batches", "3",
+          "--warmup", "1", "--workers", "0,2", "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P7" and [r["workers"] for r in row["runs"]] == [0, 2]
+    assert all(r["tokens"] > 0 and r["tokens_per_cpu_s"] > 0 and r["cpu_s_workers"] >= 0 for r in row["runs"])
+    assert row["decode_tokens_per_cpu_s"] > 0 and row["collate_tokens_per_cpu_s"] > 0
 
 
 def test_loss_memory_smoke(tmp_path):

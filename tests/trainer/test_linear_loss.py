@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from trainer.divergences import EmptyTeacherRowError
-from trainer.losses import LOSSES, LossOptions, dense_kd_loss, linear_kd_loss, sparse_kd_loss, tail_sample_targets
+from trainer.losses import (
+    LOSSES,
+    LossOptions,
+    dense_kd_loss,
+    linear_kd_loss,
+    sparse_kd_loss,
+    tail_sample_targets,
+)
 
 DIVERGENCES = [name for name in LOSSES if name != "ce"]
 
@@ -178,7 +185,7 @@ def test_linear_keeps_no_logits_sized_tensor_for_backward():
 
 def test_linear_row_without_teacher_mass_is_refused_naming_it():
     rows = make_rows(vocab=29, num_topk=6, dtype=torch.float32)
-    ids, lps, tail = rows["teacher"]
+    _, lps, tail = rows["teacher"]
     lps[5], tail[5] = -math.inf, -math.inf
     rows["loss_mask"][5], rows["target_ids"][5] = True, 3
     with pytest.raises(EmptyTeacherRowError, match="row 5 of 23") as info:
@@ -192,7 +199,7 @@ def test_linear_row_without_teacher_mass_is_refused_naming_it():
     ({"num_ids": 20}, r"num_ids=20 must be in \[1, 19\]"),
     ({"topk_ids": None}, "topk_ids None must be an integer"),
     ({"target_ids": torch.full((23,), -100)}, r"target_ids under loss_mask must be in \[0, 19\)"),
-])
+], ids=["head-width", "hidden-shape", "num-ids", "no-teacher", "ignored-target"])
 def test_linear_bad_arguments_raise_helpful_errors(change, message):
     rows = make_rows()
     ids, lps, tail = rows["teacher"]
@@ -201,3 +208,17 @@ def test_linear_bad_arguments_raise_helpful_errors(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         linear_kd_loss(**args)
+
+
+def test_linear_backward_scales_by_the_incoming_gradient():
+    """backward multiplies the saved gradients by d(outer)/d(loss): 3 * loss has three times the gradients."""
+    rows = make_rows(padded=2)
+    grads = []
+    for scale in (1.0, 3.0):
+        h, w = rows["hidden"].clone().requires_grad_(), rows["weight"].clone().requires_grad_()
+        value, _ = linear_kd_loss(h, w, *rows["teacher"], rows["target_ids"], rows["loss_mask"], LossOptions(loss="jsd"),
+                                  num_ids=rows["vocab"], chunk_tokens=4)
+        (scale * value).backward()
+        grads.append((h.grad, w.grad))
+    for one, three in zip(*grads):
+        torch.testing.assert_close(three, 3 * one, rtol=1e-12, atol=1e-15)

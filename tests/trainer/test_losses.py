@@ -12,8 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.divergences import EmptyTeacherRowError, divergence, student_bucket_logprobs, teacher_bucket_logprobs
-from trainer.losses import LOSSES, LossOptions, cross_entropy_loss, dense_kd_loss, sparse_kd_loss, tail_sample_targets
+from trainer.divergences import (
+    EmptyTeacherRowError,
+    divergence,
+    student_bucket_logprobs,
+    teacher_bucket_logprobs,
+)
+from trainer.losses import (
+    LOSSES,
+    LossOptions,
+    cross_entropy_loss,
+    dense_kd_loss,
+    sparse_kd_loss,
+    tail_sample_targets,
+)
 
 DIVERGENCES = [name for name in LOSSES if name != "ce"]
 NEG_INF = -math.inf

@@ -261,3 +261,46 @@ def test_cache_token_ids_and_an_older_cache_of_a_padded_teacher(tiny_tokenizer_d
         check_tokenizer_matches(tokenizer, expected, 424, num_student_embeddings=400, tokenizer_size=384)
     with pytest.raises(ValueError, match=r"380 embedding rows but teacher 'teacher' emits 424 token ids"):
         check_tokenizer_matches(tokenizer, expected, 424, num_student_embeddings=380, tokenizer_size=384)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the training step relies on: a plain linear head, packed sequences kept apart
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_plain_heads_are_found_and_keep_packed_sequences_apart(teacher_dirs, family):
+    from trainer.student import HiddenStates, linear_head_weight, packs_sequences
+
+    model = load_student(str(teacher_dirs[family])).train()
+    weight = linear_head_weight(model)
+    assert weight is model.get_output_embeddings().weight and model.training  # the probe leaves the mode as it was
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(HiddenStates(model)(input_ids=ids) @ weight.T, model(input_ids=ids).logits)
+    assert packs_sequences(model)
+
+
+def test_heads_that_are_not_plain_or_ignore_positions_are_not_relied_on(teacher_dirs):
+    from transformers import GPT2LMHeadModel
+
+    from trainer.student import linear_head_weight, packs_sequences
+
+    class Scaled(GPT2LMHeadModel):  # logits scaled after the head: hidden @ W.T is not the logits
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    class NoPositions(GPT2LMHeadModel):  # drops position_ids: packed sequences would attend across each other
+        def forward(self, *args, position_ids=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    folder = str(teacher_dirs["gpt2"])
+    assert linear_head_weight(Scaled.from_pretrained(folder)) is None
+    biased = load_student(folder)
+    head = biased.get_output_embeddings()
+    biased.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    assert linear_head_weight(biased) is None
+    assert linear_head_weight(NoPositions.from_pretrained(folder)) is not None
+    assert not packs_sequences(NoPositions.from_pretrained(folder))

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import SHAKESPEARE
+from trainer.batch import collate
 from trainer.checkpoint import list_checkpoints
-from trainer.data import collate
 from trainer.metrics import read_metrics
 from trainer.train import (
     TrainConfig,
@@ -303,7 +303,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(table)  # (V, V)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         return SimpleNamespace(logits=self.table[input_ids])  # (B, L, V)
 
 
@@ -343,7 +343,8 @@ def test_heldout_row_without_teacher_mass_is_refused_naming_it(tmp_path, loss):
     seqs = [handmade_rows(seed, length=length, vocab=vocab, top_k=3) for seed in range(2)]
     seqs[1]["topk_logprobs"][2] = -np.inf
     seqs[1]["tail_logprob"][2] = -np.inf
-    batch = {**collate(seqs, True), "ids": [(0, 4), (1, 9)]}
+    batch = collate(seqs, True)
+    batch.ids = [(0, 4), (1, 9)]
     config = TrainConfig(out=str(tmp_path), cache="some/cache", student="s", loss=loss)
     model = FixedLogits(torch.zeros(vocab, vocab))
     named = r"cache some/cache, shard 1 sequence 9, token 2: the teacher's stored log-probs hold no probability"
