@@ -12,6 +12,8 @@ also fills the build's caches under $KDCACHE_HOME); ratios are medians of per-re
   python bench/p8_build_margin.py                     # the tiny teacher (bench.common.tiny_teacher), K=16, 65k / 280k tokens
   python bench/p8_build_margin.py --model PATH --dataset FILE
   python bench/p8_build_margin.py --baseline DIR      # + the same builds by another checkout (before/after), alternated
+  OMP_NUM_THREADS=1 python bench/p8_build_margin.py   # the teacher on one core, as on a GPU host the GPU runs it and
+                                                      # the other cores are left to capture and compress
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def bare_forward(args, num_windows: int):
     from common.sequences import load_sequences
     from common.tokenizers import load_tokenizer
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # as the build's teacher does
+    if not os.environ.get("OMP_NUM_THREADS"):  # as the build's teacher does
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     seqs = [s.input_ids for s in load_sequences(args.dataset, load_tokenizer(args.model), max_length=args.max_length,
                                                 limit=num_windows)[0]]

@@ -72,7 +72,8 @@ def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = N
     if dtype not in DTYPES:
         raise EngineError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not os.environ.get("OMP_NUM_THREADS"):  # torch's own default counts physical cores; use them all unless told
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (ValueError, OSError, SafetensorError) as exc:  # unknown architecture, missing or damaged weight files
