@@ -185,7 +185,8 @@ def acceptance_metric(model, sequences: list[dict], num_ids: int, *, teacher=Non
     target_logprob arrays, as CacheReader reads them); num_ids: the cache's token ids (cache_token_ids).
     Always: bounds from the cache on the loss rows. With `teacher` (a model): the exact alpha from its logits on
     the same rows, and on continuations it samples (teacher_continuations). `alpha` is the exact held-out value
-    when there is a teacher, else the cache's lower bound.
+    when there is a teacher, else the cache's lower bound. Per sequence with loss rows, in order: sequence_alpha
+    (the summed alpha `alpha` is the mean of) and sequence_tokens, so a report can bootstrap over sequences.
     """
     if not sequences:
         raise ValueError("acceptance: no cache sequences to measure on (an empty held-out set? lower --eval-fraction "
@@ -212,11 +213,12 @@ def acceptance_metric(model, sequences: list[dict], num_ids: int, *, teacher=Non
     if not lower:
         raise ValueError("acceptance: the selected cache sequences have no loss rows")
     cache_lower, cache_upper = acceptance_summary(torch.cat(lower)), acceptance_summary(torch.cat(upper))
+    reported = exact if teacher is not None else lower  # what `alpha` is the mean of
     out = {"alpha": cache_lower["alpha"], "alpha_source": "cache lower bound",
            "alpha_cache_lower": cache_lower["alpha"], "alpha_cache_upper": cache_upper["alpha"],
            "tokens_per_teacher_forward": cache_lower["tokens_per_teacher_forward"],
            "tokens_per_teacher_forward_cache_upper": cache_upper["tokens_per_teacher_forward"],
-           "num_tokens": cache_lower["num_tokens"]}
+           "num_tokens": cache_lower["num_tokens"], **_per_sequence(reported)}
     if teacher is not None:
         heldout = acceptance_summary(torch.cat(exact))
         out.update(alpha=heldout["alpha"], alpha_source="teacher logits", alpha_exact=heldout["alpha"],
@@ -236,4 +238,10 @@ def _continuation_acceptance(model, teacher, sequences: list[dict], num_ids: int
         start, end = continued[i][1] - 1, len(ids[i]) - 1  # rows predicting the generated tokens
         alphas.append(acceptance_dense(teacher_logits[start:end], student_logits[start:end]))
     summary = acceptance_summary(torch.cat(alphas))
-    return {**summary, "seed": seed, "num_sequences": len(continued)}
+    return {**summary, "seed": seed, "num_sequences": len(continued), **_per_sequence(alphas)}
+
+
+def _per_sequence(alphas: list[torch.Tensor]) -> dict:
+    """sequence_alpha (summed alpha) and sequence_tokens (rows) of each sequence's (M,) alpha tensor, in order."""
+    return {"sequence_alpha": [float(a.double().sum()) for a in alphas],
+            "sequence_tokens": [int(a.numel()) for a in alphas]}

@@ -12,9 +12,7 @@ Metrics (each a plain function returning a dict of numbers):
   the cache's loss rows (held-out rows only when `heldout_only`). The KL is the trainer's held-out KL
   (trainer.train.heldout_kl: sparse_kd_loss's forward-KL term, so a K = V cache's rest bucket is empty
   as the model's is), over the model's logits of the cache's token ids only (its padded rows cut off).
-  The model needs a row for every id of the cache's tokenizer; in a cache written before kdcache
-  dropped padded rows, ids beyond the model's rows (a teacher's padded embedding matrix) count in the
-  tail bucket, where the model's probability of them (0) is too.
+  The model needs a row for every id of the cache's tokenizer (every cached id is below it).
 - `rouge`: MiniLLM's protocol: its instruction template (common.templates' `minillm` template, the one
   `kdcache build --prompt-template minillm` trains with), responses sampled at temperature 1 with
   top_p 1 for several seeds (or greedy), ROUGE-L F1 (rouge-score, stemming on) averaged per seed, then
@@ -175,8 +173,13 @@ def load_model(path: str, *, need_tokenizer: bool = True):
 
 @torch.no_grad()
 def perplexity(model, sequences, batch_size: int = 8) -> dict:
-    """exp(token-weighted mean NLL) over the masked rows of sequences (common.sequences.Sequence)."""
+    """exp(token-weighted mean NLL) over the masked rows of sequences (common.sequences.Sequence).
+
+    Also per sequence, in order: sequence_nll (its summed NLL) and sequence_tokens (its scored tokens), so a
+    report can bootstrap over sequences (orchestration/noise.py).
+    """
     total_nll, total_tokens = 0.0, 0
+    sequence_nll, sequence_tokens = [], []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size]
         width = max(len(s.input_ids) for s in batch)
@@ -191,13 +194,17 @@ def perplexity(model, sequences, batch_size: int = 8) -> dict:
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (B, L-1, V)
         targets = ids[:, 1:]
         m = mask[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits[m], targets[m], reduction="sum")
-        total_nll += float(nll)
+        nll = torch.nn.functional.cross_entropy(logits[m], targets[m], reduction="none")  # (M,)
+        per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, m.nonzero()[:, 0], nll.double())  # (B,)
+        sequence_nll += per_row.tolist()
+        sequence_tokens += m.sum(1).tolist()
+        total_nll += float(nll.double().sum())
         total_tokens += int(m.sum())
     if total_tokens == 0:
         raise EvalError("no tokens to score for ppl (all windows shorter than 2 tokens?)")
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "num_tokens": total_tokens}
+    return {"ppl": math.exp(mean), "nll": mean, "num_tokens": total_tokens, "sequence_nll": sequence_nll,
+            "sequence_tokens": sequence_tokens}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +217,8 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
     """Top-1 agreement and mean KL(teacher || student) over the cache's K+1 buckets, per loss token.
 
     The KL is trainer.train.heldout_kl (the trainer's eval_kl) over the model's logits of the cache's
-    token ids (trainer.student.cache_token_ids; rows beyond them are the model's padding).
+    token ids (trainer.student.cache_token_ids; rows beyond them are the model's padding). Also per sequence with
+    loss rows, in order: sequence_agreed (rows agreeing), sequence_kl (summed KL), sequence_tokens (rows).
     """
     from trainer.batch import TeacherRows
     from trainer.student import cache_token_ids
@@ -221,14 +229,12 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
     if not selected:
         raise EvalError(f"cache {cache} has no {'held-out ' if heldout_only else ''}sequences to compare with")
     emb = model.get_output_embeddings().weight.shape[0]
-    # The ids a tokenizer can produce; a cache written before kdcache dropped padded rows may record a teacher's
-    # padded rows as vocab_size (Qwen2.5-7B has 152064, 3B and smaller 151936, for one 151665-token tokenizer).
-    num_token_ids = int(reader.manifest.tokenizer.get("tokenizer_size") or reader.manifest.vocab_size)
-    if emb < num_token_ids:
-        raise EvalError(f"model's vocabulary ({emb}) is smaller than the cache's tokenizer ({num_token_ids} ids): "
+    num_ids = cache_token_ids(reader.manifest.tokenizer)  # the tokenizer's ids: every cached id is below it
+    if emb < num_ids:
+        raise EvalError(f"model's vocabulary ({emb}) is smaller than the cache's tokenizer ({num_ids} ids): "
                         "different tokenizer?")
-    num_ids = cache_token_ids(reader.manifest.tokenizer)  # every cached id is below it
     kl_sum, agree, count = 0.0, 0, 0
+    per_sequence = {"sequence_agreed": [], "sequence_kl": [], "sequence_tokens": []}
     for start in range(0, len(selected), batch_size):
         seqs = selected[start:start + batch_size]
         width = max(len(s["input_ids"]) for s in seqs)
@@ -243,35 +249,22 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
             mask = torch.as_tensor(s["loss_mask"])
             if not mask.any():
                 continue
-            lg = logits[r, :n][mask]  # (M, V) or fewer columns than the cache's ids (an older padded cache)
+            lg = logits[r, :n][mask]  # (M, V): the model's padded rows cut off
             targets = torch.as_tensor(s["input_ids"][1:].astype(np.int64))[mask[: n - 1]]  # (M,) loss rows are < n-1
             topk_ids = torch.as_tensor(s["topk_ids"].astype(np.int64))[mask]  # (M, K)
-            top_lp, tail_lp = fold_missing_ids(torch.as_tensor(s["topk_logprobs"].astype(np.float32))[mask],
-                                               torch.as_tensor(s["tail_logprob"].astype(np.float32))[mask],
-                                               topk_ids, lg.shape[1])
-            agree += int((lg.argmax(-1) == topk_ids[:, 0]).sum())
-            if num_ids > lg.shape[1]:  # ids the model has no row for: probability 0 (their mass is in the tail)
-                lg = torch.nn.functional.pad(lg, (0, num_ids - lg.shape[1]), value=-math.inf)  # (M, V)
+            top_lp = torch.as_tensor(s["topk_logprobs"].astype(np.float32))[mask]  # (M, K)
+            tail_lp = torch.as_tensor(s["tail_logprob"].astype(np.float32))[mask]  # (M,)
+            agreed = int((lg.argmax(-1) == topk_ids[:, 0]).sum())
+            agree += agreed
             teacher = TeacherRows(topk_ids=topk_ids, topk_logprobs=top_lp, tail_logprob=tail_lp)
-            kl_sum += float(heldout_kl(lg, teacher, targets)) * int(mask.sum())
+            kl = float(heldout_kl(lg, teacher, targets)) * int(mask.sum())
+            kl_sum += kl
             count += int(mask.sum())
+            for key, value in (("sequence_agreed", agreed), ("sequence_kl", kl), ("sequence_tokens", int(mask.sum()))):
+                per_sequence[key].append(value)
     if count == 0:
         raise EvalError(f"cache {cache} has no loss tokens in the selected sequences")
-    return {"top1_agreement": agree / count, "kl": kl_sum / count, "num_tokens": count, "cache": cache}
-
-
-def fold_missing_ids(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, topk_ids: torch.Tensor,
-                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move the teacher's mass on ids >= vocab_size (padded rows the model lacks) into the tail bucket.
-
-    topk_logprobs (M, K), tail_logprob (M,), topk_ids (M, K). Returns (M, K) log-probs with -inf at those
-    ids and the (M,) tail with their mass added; unchanged when every id is below vocab_size.
-    """
-    outside = topk_ids >= vocab_size  # (M, K)
-    if not bool(outside.any()):
-        return topk_logprobs, tail_logprob
-    moved = torch.logsumexp(torch.where(outside, topk_logprobs, -math.inf), dim=-1)  # (M,)
-    return torch.where(outside, -math.inf, topk_logprobs), torch.logaddexp(tail_logprob, moved)
+    return {"top1_agreement": agree / count, "kl": kl_sum / count, "num_tokens": count, "cache": cache, **per_sequence}
 
 
 @torch.no_grad()
@@ -478,6 +471,7 @@ def gsm8k_metric(model, tokenizer, config: EvalConfig) -> dict:
     return {"gsm8k_exact_match": float(np.mean(correct)), "num_correct": int(sum(correct)),
             "num_without_answer": sum(a is None for a, _ in found),
             "num_boxed_answers": sum(form == "boxed" for _, form in found), **counts,
+            "example_correct": [int(c) for c in correct],  # per question, in order (a report's bootstrap)
             **gsm8k_hallucination(preds)}  # wrong arithmetic statements, answers without a final answer
 
 
