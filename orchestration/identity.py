@@ -30,7 +30,7 @@ from orchestration.plan import CACHE_KEYS, DATA_KEYS, EVAL_KEYS, TRAIN_KEYS, Pla
 # path (the cache, the teacher, the model) are identified by their own identity instead.
 NOT_IDENTITY = {"cache": {"out", "overwrite", "reuse", "worker", "num_workers", "model"},
                 "train": {"out", "resume", "overwrite", "cache", "teacher"},
-                "eval": {"out", "model", "cache"}}
+                "eval": {"out", "model", "cache", "teacher"}}
 # Files up to this size are identified by their content; larger ones (model weights) by size and mtime.
 CONTENT_HASH_LIMIT = 16 << 20
 # Fields of a train stage that come from the plan's students section.

@@ -221,23 +221,28 @@ def _train_stage(plan: Plan, student: str, parent: str, out: str, loss: str | No
 def _eval_stage(plan: Plan, node: str, out_file: str) -> tuple[dict, dict]:
     """(settings, inputs) of `kdtrain eval` on node's model.
 
-    ppl and agreement default to the teacher cache's held-out sequences (the same text for every
-    stage, never trained on); generation metrics read eval.dataset (default: the plan's data).
+    ppl, agreement and acceptance default to the teacher cache's held-out sequences (the same text for every
+    stage, never trained on); acceptance also gets the plan's teacher (--teacher: the exact alpha, and on the
+    teacher's own samples), identified by its weights. Generation metrics read eval.dataset (default: the plan's
+    data).
     """
     settings = dict(plan.eval)
     metrics = settings.pop("metrics")
-    if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore")) and "dataset" not in settings:
+    if any(m in metrics for m in ("rouge", "gsm8k", "mauve", "bertscore", "grounding")) and "dataset" not in settings:
         for key in ("dataset", "dataset_config", "split", "prompt_field", "response_field", "input_field"):
             if key not in settings and key in plan.data:
                 settings[key] = plan.data[key]
+    teacher = plan.teacher["model"] if os.path.isdir(plan.teacher["model"]) else TEACHER_FOLDER
     if node == TEACHER:
-        model = plan.teacher["model"] if os.path.isdir(plan.teacher["model"]) else TEACHER_FOLDER
-        inputs = {"model": ("teacher", stage_id("cache", TEACHER))}
+        model, inputs = teacher, {"model": ("teacher", stage_id("cache", TEACHER))}
     else:
         model, inputs = model_dir_of(plan, node), {"model": ("stage", stage_id("train", node))}
     head = {"model": model, "metrics": list(metrics), "out": out_file,
             "eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction"))}
-    if "agreement" in metrics or ("ppl" in metrics and "dataset" not in settings):
+    if "agreement" in metrics or "acceptance" in metrics or ("ppl" in metrics and "dataset" not in settings):
         head["cache"] = CACHE_REF.format(TEACHER)
         inputs["cache"] = ("stage", stage_id("cache", TEACHER))
+    if "acceptance" in metrics:
+        head["teacher"] = teacher
+        inputs["teacher"] = ("teacher", stage_id("cache", TEACHER))
     return {**head, **settings}, {**inputs, **_data_input(settings)}
