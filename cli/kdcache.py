@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.terminal import cell, shown
 from shared.catalog import describe, find_caches
 from shared.format import CacheError
 from shared.reader import CacheReader
@@ -25,7 +26,8 @@ stdout = Console()
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One red line; the message may quote a cache's own text, so it is shown, never interpreted (cli.terminal)."""
+    console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -153,52 +155,55 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
     except CacheError as exc:
         fail(str(exc))
     if as_json:
-        stdout.print_json(json.dumps(d))
+        typer.echo(json.dumps(d))  # JSON escapes every control character; never parsed as markup
         return
-    t = Table(show_header=False, title=f"kdcache {cache}")
+    teacher, tokenizer, dataset, settings = d["teacher"], d["tokenizer"], d["dataset"], d["settings"]
+    t = Table(show_header=False, title=f"kdcache {shown(cache)}")
     rows = [
-        ("teacher", (f"{d['teacher'].get('name')} ({d['teacher'].get('dtype')}, {d['teacher'].get('engine')} "
-                     f"{d['teacher'].get('engine_version')})")),
-        ("tokenizer", f"{d['tokenizer'].get('name')} (vocab {d['tokenizer']['vocab_size']})"),
-        ("dataset", f"{d['dataset'].get('name')} split={d['dataset'].get('split')} mode={d['settings']['mode']}"),
-        ("top_k / max_length", f"{d['settings']['top_k']} / {d['settings']['max_length']}"),
-        ("tail samples per row", str(d["settings"].get("tail_samples", 0))),
+        ("teacher", f"{teacher.get('name')} ({teacher.get('dtype')}, {teacher.get('engine')} {teacher.get('engine_version')})"),
+        ("tokenizer", f"{tokenizer.get('name')} (vocab {tokenizer['vocab_size']})"),
+        ("dataset", f"{dataset.get('name')} split={dataset.get('split')} mode={settings['mode']}"),
+        ("top_k / max_length", f"{settings['top_k']} / {settings['max_length']}"),
+        *([("responses written by", str(d["dataset"]["samples_from"]))] if d["dataset"].get("samples_from") else []),
+        ("tail samples per row", str(settings.get("tail_samples", 0))),
         ("shards / sequences / tokens", f"{d['num_shards']} / {d['num_sequences']:,} / {d['num_tokens']:,}"),
         ("loss tokens", f"{d['num_loss_tokens']:,}"),
         ("bytes on disk", human_bytes(d["num_bytes"])),
         ("bytes per token", f"{d['bytes_per_token']:.2f}"),
-        ("bytes per token x " + ("(K + M)" if d["settings"].get("tail_samples") else "K"), f"{d['bytes_per_token_k']:.3f}"),
+        ("bytes per token x " + ("(K + M)" if settings.get("tail_samples") else "K"), f"{d['bytes_per_token_k']:.3f}"),
         ("mean top-K mass", f"{d['mean_topk_mass']:.4f}"),
         ("cache_key", d["cache_key"]),
         ("created", f"{d['created_at']} by kdcache {d['tool_version']}"),
     ]
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(k, cell(v))  # names come from the cache: shown, never interpreted
     stdout.print(t)
 
 
 @app.command()
 def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")):
-    """Recompute every checksum. Exit 0 when good; exit 1 naming every bad shard and object."""
+    """Recompute every checksum, check every zarr.json, meta file and row. Exit 0 when good; exit 1 naming every
+    bad shard and object or row."""
     try:
         reader = CacheReader(cache, check_sizes=False)
-        problems = reader.verify(bookkeeping=True)
+        problems = reader.verify(bookkeeping=True, rows=True)
     except CacheError as exc:
         fail(str(exc), code=1)
     if problems:
         for p in problems:
-            console.print(f"[red]BAD[/] {p}", highlight=False, soft_wrap=True)
+            console.print(f"[red]BAD[/] {shown(p)}", highlight=False, soft_wrap=True)
         bad = sorted({p.shard for p in problems})
-        console.print(f"[bold red]{len(problems)} problem(s) in {len(bad)} shard(s): {', '.join(bad)}[/]", soft_wrap=True)
-        content = sorted({p.shard for p in problems if not p.object.endswith(("commit.json", "build.json"))})
+        console.print(f"[bold red]{len(problems)} problem(s) in {len(bad)} shard(s): {shown(', '.join(bad))}[/]",
+                      soft_wrap=True)
+        content = sorted({p.shard for p in problems if not p.object.endswith(("commit.json", "build.json", "owner.json"))})
         if content:
-            console.print(f"To repair: delete {cache}/manifest.json and the commit.json of {', '.join(content)}, then "
-                          "rerun the same `kdcache build` command; it rewrites only those shards.",
+            console.print(f"To repair: delete {shown(cache)}/manifest.json and the commit.json of {shown(', '.join(content))}, "
+                          "then rerun the same `kdcache build` command; it rewrites only those shards.",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     m = reader.manifest
     stdout.print(f"OK: {len(m.shards)} shards, {sum(len(s.objects) for s in m.shards)} objects, "
-              f"{human_bytes(m.totals['num_bytes'])} verified")
+                 f"{human_bytes(m.totals['num_bytes'])}, {m.totals['num_tokens']:,} rows verified", highlight=False)
 
 
 @app.command("ls")
@@ -212,21 +217,26 @@ def ls(root: str = typer.Argument("./cache", help="Folder or URL holding caches.
         fail(str(exc))
     if as_json:
         for s in found:
-            stdout.print(json.dumps(s), soft_wrap=True)
+            typer.echo(json.dumps(s))  # JSON escapes every control character; never parsed as markup
         return
     if not found:
-        console.print(f"no caches under {root}")
+        console.print(f"no caches under {shown(root)}", highlight=False)
         return
-    t = Table(title=f"caches under {root}")
+    t = Table(title=f"caches under {shown(root)}")
     for col in ("path", "state", "teacher", "dataset", "K", "tokens", "size", "cache_key"):
         t.add_column(col)
     for s in found:
         state = "complete" if s.get("complete") else (
             f"building {s.get('shards_committed')}/{s.get('shards_planned')}" if "shards_planned" in s else "broken")
-        t.add_row(s["path"], state, str(s.get("teacher", "-")), str(s.get("dataset", "-")), str(s.get("top_k", "-")),
-                  f"{s['num_tokens']:,}" if s.get("num_tokens") is not None else "-", human_bytes(s.get("num_bytes")),
-                  (s.get("cache_key") or "-")[:12])
+        cells = (s["path"], state, s.get("teacher", "-"), s.get("dataset", "-"), s.get("top_k", "-"),
+                 f"{s['num_tokens']:,}" if isinstance(s.get("num_tokens"), int) else "-",
+                 human_bytes(s.get("num_bytes")) if isinstance(s.get("num_bytes"), int) else "-",
+                 str(s.get("cache_key") or "-")[:12])
+        t.add_row(*(cell(c) for c in cells))  # everything here was read from the caches
     stdout.print(t)
+    for s in found:
+        if "error" in s:
+            console.print(f"[yellow]broken[/] {shown(s['path'])}: {shown(s['error'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -240,7 +250,7 @@ def finalize(cache: str = typer.Argument(..., help="Cache folder or URL whose wo
         fail(str(exc))
     if manifest is None:
         fail(f"{cache}: not every planned shard is committed yet; run the missing workers first")
-    stdout.print(f"complete: {len(manifest.shards)} shards, cache_key {manifest.cache_key[:12]}")
+    stdout.print(f"complete: {len(manifest.shards)} shards, cache_key {manifest.cache_key[:12]}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

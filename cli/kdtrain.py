@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli import terminal
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train students from a teacher cache with sparse KD losses; evaluate; run chains.")
 console = Console(stderr=True)
@@ -22,7 +24,8 @@ stdout = Console()
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One red line; the message may quote a cache's own text, so it is shown, never interpreted (cli.terminal)."""
+    console.print(f"[bold red]error:[/] {terminal.shown(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -133,7 +136,8 @@ def run(
         )
         bar, progress = _progress_factory()
         with bar:
-            summary = train(config, progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+            summary = train(config, progress=progress,
+                            log=lambda m: console.print(terminal.shown(m), highlight=False, soft_wrap=True))  # may quote a cache
     except (TrainError, CacheError, DataError, ValueError, OSError) as exc:
         fail(str(exc))
     if summary.get("status") == "complete":
@@ -188,7 +192,7 @@ def eval_(
                             batch_size=batch_size, heldout_only=not all_rows, eval_fraction=eval_fraction,
                             gsm8k_instruction=GSM8K_INSTRUCTION if gsm8k_instruction is None else gsm8k_instruction,
                             bertscore_layers=bertscore_layers, out=out)
-        result = evaluate(config, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        result = evaluate(config, log=lambda m: console.print(terminal.shown(m), highlight=False, soft_wrap=True))
     except (EvalError, CacheError, DataError, ValueError, OSError) as exc:
         fail(str(exc))
     table = Table(title=f"kdtrain eval {model}")

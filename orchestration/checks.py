@@ -64,8 +64,8 @@ def _local_model_folder(model: str) -> str | None:
     return os.path.dirname(found) if isinstance(found, str) else None
 
 
-def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str, int | None] | None:
-    """(vocab sha256, number of token ids, name, recorded tokenizer_size) of the root teacher, from its cache or
+def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str] | None:
+    """(vocab sha256, number of token ids, name) of the root teacher, from its cache or
     its local folder."""
     from trainer.student import cache_token_ids
 
@@ -74,8 +74,7 @@ def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str, int | None] | None:
         if cache is None:
             raise FileNotFoundError("no teacher cache yet")
         m = read_manifest(cache)
-        return (m.tokenizer["vocab_sha256"], cache_token_ids(m.tokenizer), str(m.teacher.get("name", plan.teacher["model"])),
-                m.tokenizer.get("tokenizer_size"))
+        return m.tokenizer["vocab_sha256"], cache_token_ids(m.tokenizer), str(m.teacher.get("name", plan.teacher["model"]))
     except (CacheError, OSError, ValueError, KeyError):
         pass
     folder = _local_model_folder(plan.teacher["model"])
@@ -88,7 +87,7 @@ def _teacher_tokenizer(plan: Plan) -> tuple[str, int, str, int | None] | None:
     except (OSError, ValueError):
         return None
     # As kdcache build counts them: the tokenizer's ids (padded embedding rows beyond them are never cached).
-    return vocab_fingerprint(tokenizer), len(tokenizer), plan.teacher["model"], len(tokenizer)
+    return vocab_fingerprint(tokenizer), len(tokenizer), plan.teacher["model"]
 
 
 def _config_vocab_size(folder: str) -> int | None:
@@ -131,7 +130,7 @@ def check_student_tokenizers(plan: Plan) -> list[str]:
             raise PlanError(f"plan: students.{name}: {exc}") from exc
         try:
             check_tokenizer_matches(tokenizer, teacher[0], teacher[1], num_student_embeddings=_config_vocab_size(folder),
-                                    student_name=name, teacher_name=teacher[2], tokenizer_size=teacher[3])
+                                    student_name=name, teacher_name=teacher[2])
         except ValueError as exc:
             raise PlanError(f"plan: students.{name} ({model}): {exc}") from exc
     return notes

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 
-from shared.format import BUILD_FILE, MANIFEST_FILE, CacheError
+from shared.format import BUILD_FILE, MANIFEST_FILE, MAX_BOOKKEEPING_BYTES, MAX_MANIFEST_BYTES, CacheError
 from shared.manifest import parse_manifest
-from shared.reader import CacheReader, count_committed
+from shared.reader import CacheReader
 from shared.store import Store, open_store
+from shared.verify import count_committed
 
 
 def describe(reader: CacheReader) -> dict:
@@ -44,28 +45,36 @@ def describe(reader: CacheReader) -> dict:
 
 
 def _summary(store: Store, key: str) -> dict:
+    """One cache's line: from its manifest (parsed as a reader does, identity included), else its build.json."""
     prefix = f"{key}/" if key else ""
-    if store.exists(prefix + MANIFEST_FILE):
+    path = key or "."
+    try:
+        raw = store.read_bytes(prefix + MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raw = None
+    except (OSError, CacheError) as exc:
+        return {"path": path, "complete": False, "error": str(exc)}
+    if raw is not None:
         try:
-            m = parse_manifest(store.read_bytes(prefix + MANIFEST_FILE))
+            m = parse_manifest(raw)
         except CacheError as exc:
-            return {"path": key or ".", "complete": False, "error": str(exc)}
+            return {"path": path, "complete": False, "error": str(exc)}
         return {
-            "path": key or ".", "complete": True, "teacher": m.teacher.get("name"), "dataset": m.dataset.get("name"),
+            "path": path, "complete": True, "teacher": m.teacher.get("name"), "dataset": m.dataset.get("name"),
             "top_k": m.top_k, "num_tokens": m.totals["num_tokens"], "num_bytes": m.totals["num_bytes"],
             "cache_key": m.cache_key,
         }
     try:
-        build = json.loads(store.read_bytes(prefix + BUILD_FILE))
+        build = json.loads(store.read_bytes(prefix + BUILD_FILE, max_bytes=MAX_BOOKKEEPING_BYTES))
         sub = open_store(f"{store.url.rstrip('/')}/{key}" if key else store.url)
         return {
-            "path": key or ".", "complete": False, "teacher": build["teacher"].get("name"),
+            "path": path, "complete": False, "teacher": build["teacher"].get("name"),
             "dataset": build["dataset"].get("name"), "top_k": build["settings"].get("top_k"),
             "num_tokens": None, "num_bytes": None, "cache_key": build.get("cache_key"),
             "shards_committed": count_committed(sub), "shards_planned": build["plan"]["num_shards"],
         }
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"path": key or ".", "complete": False, "error": f"unreadable {BUILD_FILE}: {exc}"}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError, CacheError) as exc:
+        return {"path": path, "complete": False, "error": f"unreadable {BUILD_FILE}: {exc}"}
 
 
 def find_caches(root: str, *, max_depth: int = 4, key_prefix: str | None = None) -> list[dict]:
@@ -73,17 +82,16 @@ def find_caches(root: str, *, max_depth: int = 4, key_prefix: str | None = None)
     store = open_store(root)
     if not store.fs.exists(store.root):
         raise CacheError(f"cache root {root} does not exist")
-    found = []
-    for full in store.fs.find(store.root, maxdepth=max_depth + 1):
+    folders = set()
+    base = store.fs._strip_protocol(store.root).rstrip("/")
+    for full in store.fs.find(store.root, maxdepth=max_depth + 1):  # links are listed, never descended into
         stripped = store.fs._strip_protocol(full)
-        base = store.fs._strip_protocol(store.root).rstrip("/")
         rel = stripped[len(base) + 1 :] if stripped.startswith(base + "/") else ""
         name = rel.rsplit("/", 1)[-1]
         folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
-        if name == MANIFEST_FILE or (name == BUILD_FILE and not store.exists(f"{folder}/{MANIFEST_FILE}" if folder else MANIFEST_FILE)):
-            if "/shards/" in f"/{folder}/":
-                continue
-            found.append(_summary(store, folder))
+        if name in (MANIFEST_FILE, BUILD_FILE) and "/shards/" not in f"/{folder}/":
+            folders.add(folder)
+    found = [_summary(store, folder) for folder in sorted(folders)]
     found.sort(key=lambda s: s["path"])
     if key_prefix:
         found = [s for s in found if (s.get("cache_key") or "").startswith(key_prefix)]

@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # storage_layout.md 11: 2 = padded vocabulary rows never stored, sealed manifest
 
 MANIFEST_FILE = "manifest.json"  # written last; its presence means "complete"
 BUILD_FILE = "build.json"  # the build's intent (header, plan), written first; lets a rerun resume
@@ -106,6 +106,19 @@ class CacheError(Exception):
 
 class CacheFormatError(CacheError):
     """The manifest or an array does not follow storage_layout.md (unknown version, field, bad type)."""
+
+
+class CacheIdentityError(CacheFormatError):
+    """A manifest whose header does not give its cache_key, or whose seal does not hold (shared.identity).
+
+    `sections` holds its four header sections and `cache_key` the key it claims, so that a caller with a
+    reference header (build.json, the build it wanted) can name the fields that differ.
+    """
+
+    def __init__(self, message: str, sections: dict, cache_key: str):
+        super().__init__(message)
+        self.sections = sections
+        self.cache_key = cache_key
 
 
 class IncompleteCacheError(CacheError):

@@ -98,12 +98,9 @@ def entry_kind(root: str, key: str) -> str | None:
         os.close(fd)
 
 
-def read_file(root: str, key: str, max_bytes: int) -> bytes:
-    """The bytes of regular file `key`, refused (before reading) when it is not one or is over max_bytes.
-
-    FileNotFoundError when absent; UnsafePathError for a link, FIFO, socket or device (opened non-blocking,
-    never read); CacheFormatError when larger than max_bytes.
-    """
+def open_regular(root: str, key: str) -> int:
+    """A read-only descriptor of regular file `key`, opened without following a link and non-blocking (a FIFO is
+    refused, never read). FileNotFoundError when absent; UnsafePathError for a link or a special file."""
     fd, name = open_parent(root, key, create=False)
     try:
         try:
@@ -115,11 +112,23 @@ def read_file(root: str, key: str, max_bytes: int) -> bytes:
             raise
     finally:
         os.close(fd)
+    info = os.fstat(file)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(file)
+        raise UnsafePathError(f"{key} is not a regular file (a {kind_of(info.st_mode)}: a FIFO, socket or device, "
+                              "or a folder); a cache holds regular files only")
+    return file
+
+
+def read_file(root: str, key: str, max_bytes: int) -> bytes:
+    """The bytes of regular file `key`, refused (before reading) when it is not one or is over max_bytes.
+
+    FileNotFoundError when absent; UnsafePathError for a link, FIFO, socket or device (opened non-blocking,
+    never read); CacheFormatError when larger than max_bytes.
+    """
+    file = open_regular(root, key)
     try:
         info = os.fstat(file)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafePathError(f"{key} is not a regular file (a {kind_of(info.st_mode)}: a FIFO, socket or device, "
-                                  "or a folder); a cache holds regular files only")
         if info.st_size > max_bytes:
             raise CacheFormatError(f"{key} is {info.st_size:,} bytes, over the {max_bytes:,} bytes such an object may "
                                    "hold (storage_layout.md 8); refused before reading it")
@@ -219,13 +228,15 @@ def _create_excl(fd: int, name: str, data: bytes) -> bool:
     return True
 
 
-def open_lock_file(root: str, key: str) -> tuple[int, bool]:
-    """(a read-write descriptor of lock file key, created or opened without following a link, whether the name
-    still refers to that file). Refuses a link or a non-regular file (UnsafePathError)."""
-    fd, name = open_parent(root, key, create=True)
+def open_lock_file(root: str, key: str, *, create: bool = True) -> tuple[int, bool]:
+    """(a descriptor of lock file key, opened without following a link, whether the name still refers to that
+    file). create: read-write, created if absent; else read-only (FileNotFoundError when absent). Refuses a
+    link or a non-regular file (UnsafePathError): a FIFO is opened non-blocking and never read."""
+    fd, name = open_parent(root, key, create=create)
+    flags = os.O_RDWR | os.O_CREAT if create else os.O_RDONLY
     try:
         try:
-            file = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=fd)
+            file = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafePathError(f"{key} is a symbolic link; kdcache never writes through a link inside a cache "

@@ -10,7 +10,6 @@ Knows JSON and the format's rules; nothing about models or training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -18,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 from shared.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MANIFEST_FILE,
     MAX_SHARD_SEQUENCES,
     MAX_TOPK_MASS,
     SHARD_NAME_RE,
     TAIL_SAMPLES_EXTENSION,
     CacheFormatError,
+    CacheIdentityError,
     array_dtypes,
     check_object_key,
     chunk_rows_of,
@@ -30,6 +31,7 @@ from shared.format import (
     shard_path,
     tail_samples_of,
 )
+from shared.identity import compute_cache_key, seal, seal_holds
 
 MAX_COUNT = 2**48  # any count above this is hostile input, not a real cache
 
@@ -39,14 +41,6 @@ SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "tokenizer": {"name": (str,), "vocab_size": (int,), "vocab_sha256": (str,)},
     "dataset": {"name": (str,), "fingerprint": (str,), "num_sequences": (int,)},
     "settings": {"mode": (str,), "top_k": (int,), "max_length": (int,)},
-}
-
-# Keys of each section that describe but do not determine the content; left out of the cache_key.
-DESCRIPTIVE_KEYS = {
-    "teacher": {"name", "path", "revision", "engine_version"},
-    "tokenizer": {"name", "path"},
-    "dataset": {"name", "path", "split", "num_source_rows", "num_windows", "num_dropped"},
-    "settings": {"shard_tokens", "chunk_rows", "batch_tokens", "num_workers", "limit_note"},
 }
 
 TOP_LEVEL_KEYS = (
@@ -63,29 +57,9 @@ TOP_LEVEL_KEYS = (
     "shards",
     "totals",
     "extensions",
+    "manifest_sha256",
 )
 KNOWN_EXTENSIONS: set[str] = {TAIL_SAMPLES_EXTENSION}
-
-
-def canonical_json(obj) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the bytes that hashes are taken over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def compute_cache_key(teacher: dict, tokenizer: dict, dataset: dict, settings: dict) -> str:
-    """sha256 over everything that determines a cache's content (storage_layout.md, "cache_key").
-
-    The teacher's name, path and revision are left out when a weights hash identifies it, so the
-    same weights under two names give one key; without a weights hash, name and revision count.
-    """
-    sections = {"teacher": teacher, "tokenizer": tokenizer, "dataset": dataset, "settings": settings}
-    identity: dict = {"format_version": FORMAT_VERSION}
-    for name, section in sections.items():
-        skip = set(DESCRIPTIVE_KEYS[name])
-        if name == "teacher" and not section.get("weights_sha256"):
-            skip -= {"name", "revision"}
-        identity[name] = {k: v for k, v in section.items() if k not in skip}
-    return hashlib.sha256(canonical_json(identity)).hexdigest()
 
 
 @dataclass
@@ -151,9 +125,10 @@ class Manifest:
         return int(self.tokenizer["vocab_size"])
 
     def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in TOP_LEVEL_KEYS}
+        """The manifest's JSON object, sealed: manifest_sha256 covers every other field (storage_layout.md 6.1)."""
+        out = {k: getattr(self, k) for k in TOP_LEVEL_KEYS if k != "manifest_sha256"}
         out["shards"] = [s.to_json() for s in self.shards]
-        return out
+        return seal(out, "manifest_sha256")
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), indent=1, sort_keys=False, allow_nan=False).encode() + b"\n"
@@ -274,12 +249,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     fmt = obj.get("format")
     if fmt != FORMAT_NAME:
         raise CacheFormatError(f"manifest: format is {fmt!r}, expected {FORMAT_NAME!r}; this is not a kdcache cache")
-    version = obj.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
-        raise CacheFormatError(
-            f"manifest: unsupported format_version {version!r}; this kdcache reads version {FORMAT_VERSION}. "
-            "Upgrade kdcache (pip install -U kdcache) or rebuild the cache with this version."
-        )
+    check_format_version(obj.get("format_version"), MANIFEST_FILE)
+    version = obj["format_version"]
     unknown = set(obj) - set(TOP_LEVEL_KEYS)
     if unknown:
         raise CacheFormatError(
@@ -306,15 +277,22 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     vocab_size = sections["tokenizer"]["vocab_size"]
     if not 1 <= vocab_size <= 2**32:
         raise CacheFormatError(f"manifest: tokenizer.vocab_size = {vocab_size} is outside [1, 2**32]")
+    if sections["tokenizer"].get("tokenizer_size", vocab_size) != vocab_size:  # version 2: V is the tokenizer's size
+        raise CacheFormatError(f"manifest: tokenizer.tokenizer_size = {sections['tokenizer']['tokenizer_size']!r:.40} "
+                               f"differs from tokenizer.vocab_size = {vocab_size}; in format {FORMAT_VERSION} both are "
+                               "the tokenizer's size (storage_layout.md 3)")
     if not 1 <= top_k <= vocab_size:
         raise CacheFormatError(f"manifest: settings.top_k = {top_k} must be in [1, vocab_size={vocab_size}]")
     if sections["settings"]["mode"] not in ("score", "generate"):
         raise CacheFormatError(f"manifest: settings.mode must be 'score' or 'generate', got {sections['settings']['mode']!r}")
     tail_samples = tail_samples_of(sections["settings"])
     try:
-        chunk_rows_of(sections["settings"], top_k, vocab_size)
+        chunk_rows = chunk_rows_of(sections["settings"], top_k, vocab_size)
     except CacheFormatError as exc:
         raise CacheFormatError(f"manifest: {exc}") from exc
+    if chunk_rows is None:
+        raise CacheFormatError(f"manifest: settings is missing mandatory field 'chunk_rows' (format {FORMAT_VERSION}: "
+                               "every zarr.json and chunk key of a shard follows from it)")
     if bool(tail_samples) != (TAIL_SAMPLES_EXTENSION in extensions):
         raise CacheFormatError(
             f"manifest: settings.tail_samples = {tail_samples} but extensions "
@@ -333,6 +311,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     if not shards_raw:
         raise CacheFormatError("manifest: shards is empty; a complete cache has at least one shard")
     shards = [parse_shard(s, i) for i, s in enumerate(shards_raw)]
+    for shard in shards:
+        check_shard_objects(shard, sections["settings"], vocab_size, chunk_rows)
     names = [s.name for s in shards]
     if names != sorted(set(names)) or [s.index for s in shards] != list(range(len(shards))):
         raise CacheFormatError("manifest: shards must be shard-00000, shard-00001, ... in order, without gaps or repeats")
@@ -342,6 +322,7 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         if _count(totals, key, "totals") != expected[key]:
             raise CacheFormatError(f"manifest: totals.{key} = {totals[key]} but the shards add up to {expected[key]}")
     cache_key = _sha(_need(obj, "cache_key", (str,), "manifest"), "cache_key")
+    check_identity(obj, sections, cache_key)
     return Manifest(
         format=fmt,
         format_version=version,
@@ -357,3 +338,63 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         totals=totals,
         extensions=extensions,
     )
+
+
+def check_shard_objects(entry: ShardEntry, settings: dict, vocab_size: int, chunk_rows: int) -> None:
+    """A shard lists exactly the objects the format's writer stores for its counts (storage_layout.md 3.1, 6.3):
+    the group and array zarr.json files, every chunk the shapes imply (none is ever an implicit fill), and the
+    meta file."""
+    from shared.encode import shard_object_keys, shard_shapes
+
+    shapes = shard_shapes(entry.num_tokens, entry.num_sequences, settings["top_k"], tail_samples_of(settings), vocab_size)
+    num_objects = 2 + sum(1 + math.ceil(shape[0] / (chunk_rows if name != "offsets" else shape[0]))
+                          for name, (shape, _) in shapes.items())  # group zarr.json, meta; zarr.json + chunks each
+    if num_objects != len(entry.objects):  # counted before any key is made: hostile counts imply billions
+        raise CacheFormatError(f"manifest: {entry.name} lists {len(entry.objects):,} objects, but {entry.num_tokens:,} rows "
+                               f"in chunks of {chunk_rows:,} rows imply {num_objects:,} (a missing chunk would be read "
+                               "as fill values)")
+    want = {f"{entry.path}/{key}" for key in shard_object_keys(shapes, chunk_rows)} | {entry.meta_path}
+    missing, extra = sorted(want - set(entry.objects)), sorted(set(entry.objects) - want)
+    if missing or extra:
+        name = missing[0] if missing else extra[0]
+        raise CacheFormatError(
+            f"manifest: {entry.name}: {name}: " + (
+                f"is not listed, but {entry.num_tokens} rows in chunks of {chunk_rows} rows imply it (a missing chunk "
+                "would be read as fill values)" if missing else
+                "is listed, but the format stores no such object for this shard's counts and chunk_rows")
+            + f" ({len(missing)} missing, {len(extra)} extra)")
+
+
+def check_format_version(version, source: str) -> None:
+    """The one place where a cache of another format version is refused (manifest.json, build.json)."""
+    if isinstance(version, int) and not isinstance(version, bool) and version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{source}: this cache has format_version {version}, written by an older kdcache; this kdcache reads "
+            f"version {FORMAT_VERSION} only (storage_layout.md 11: version 2 changed what tokenizer.vocab_size means "
+            "for teachers with padded vocabulary rows and seals the manifest). Rebuild it with this kdcache: delete the "
+            "cache folder, then rerun its `kdcache build` command.")
+    raise CacheFormatError(
+        f"{source}: unsupported format_version {version!r:.40}; this kdcache reads version {FORMAT_VERSION}. "
+        "Upgrade kdcache (pip install -U kdcache) or rebuild the cache with this version.")
+
+
+def check_identity(obj: dict, sections: dict, cache_key: str) -> None:
+    """Refuse a manifest whose header does not give its cache_key, or whose manifest_sha256 does not hold.
+
+    The key is recomputed from the four header sections (storage_layout.md 6.4): a cache relabelled with
+    another build's key is refused wherever it is opened. The seal covers every other field, descriptive
+    ones included. CacheIdentityError carries the header so that a caller with a reference (build.json, the
+    build it wanted) can name the fields that differ.
+    """
+    recomputed = compute_cache_key(*(sections[name] for name in ("teacher", "tokenizer", "dataset", "settings")))
+    if recomputed != cache_key:
+        raise CacheIdentityError(
+            f"manifest: cache_key {cache_key[:12]}... is not the key of its own header (teacher, tokenizer, dataset "
+            f"and settings give {recomputed[:12]}...): the header or the key was changed after the build",
+            sections, cache_key)
+    if not isinstance(obj.get("manifest_sha256"), str) or not seal_holds(obj, "manifest_sha256"):
+        raise CacheIdentityError(
+            "manifest: manifest_sha256 does not match the manifest's content: a field was changed after the build "
+            "(a flipped bit, or an edit)", sections, cache_key)

@@ -76,6 +76,12 @@ class Store:
                                    "(storage_layout.md 8); refused")
         return data
 
+    def open_file(self, key: str):
+        """A binary file object for reading `key` (locally a regular file inside the root, never through a link)."""
+        if self.local:
+            return os.fdopen(localfs.open_regular(self.root, key), "rb")
+        return self.fs.open(self.path(key), "rb")
+
     def read_many(self, keys: list[str]) -> dict[str, bytes | Exception]:
         """Several objects at once: concurrent requests on object stores, plain reads locally.
 

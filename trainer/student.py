@@ -137,7 +137,6 @@ def check_tokenizer_matches(
     num_student_embeddings: int | None = None,
     student_name: str = "student",
     teacher_name: str = "teacher",
-    tokenizer_size: int | None = None,
 ) -> None:
     """Raise unless the student reads token ids as the teacher that wrote the cache does.
 
@@ -147,8 +146,6 @@ def check_tokenizer_matches(
         padded embedding rows (Qwen2.5-7B: 152064 rows, 151665 ids).
     num_student_embeddings: rows of the student's input embedding; more than expected_vocab_size
         (a padded matrix) is fine, fewer is an error.
-    tokenizer_size: the cache's recorded tokenizer_size, if any; only sharpens the error message for
-        caches written before padded rows were dropped (vocab_size > tokenizer_size).
     """
     found = vocab_fingerprint(student_tokenizer)
     if found != expected_vocab_sha256:
@@ -160,14 +157,6 @@ def check_tokenizer_matches(
             "config with the teacher's vocab_size saved with the teacher's tokenizer)"
         )
     if num_student_embeddings is not None and num_student_embeddings < expected_vocab_size:
-        if tokenizer_size is not None and tokenizer_size <= num_student_embeddings:  # an older cache of a padded teacher
-            raise ValueError(
-                f"student {student_name!r} has {num_student_embeddings} embedding rows, enough for the "
-                f"{tokenizer_size} token ids of the tokenizer, but the cache of teacher {teacher_name!r} records "
-                f"vocab_size {expected_vocab_size}: it was written by an older kdcache that kept the teacher's "
-                f"padded embedding rows, so its ids may reach {expected_vocab_size - 1}. Rebuild the cache with this "
-                f"kdcache (kdcache build ... --overwrite), which stores only ids below {tokenizer_size}"
-            )
         raise ValueError(
             f"student {student_name!r} has {num_student_embeddings} embedding rows but teacher "
             f"{teacher_name!r} emits {expected_vocab_size} token ids, so cached ids could fall outside the "
@@ -179,11 +168,9 @@ def cache_token_ids(tokenizer_section: dict) -> int:
     """The number of token ids a cache's rows range over, from its manifest's `tokenizer` section.
 
     A student needs that many embedding rows, and the trainer cuts the student's logits to it, so the
-    loss sees only ids below it. kdcache build records vocab_size = tokenizer_size = the tokenizer's
-    ids and drops a teacher's padded logit rows, so this is the tokenizer's size; a cache written before
-    that by a teacher with padded rows records vocab_size = its rows > tokenizer_size and may hold ids up
-    to there, and a cache without tokenizer_size names only vocab_size: so it is always vocab_size (the
-    format's bound on every stored id), which equals tokenizer_size for every cache this kdcache writes.
+    loss sees only ids below it. It is vocab_size, the format's bound on every stored id: the tokenizer's
+    size, never a teacher's padded logit rows (storage_layout.md 3; a cache of an older format, which could
+    record them, is refused when it is opened).
     """
     return int(tokenizer_section["vocab_size"])
 

@@ -743,8 +743,7 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         try:
             check_tokenizer_matches(tokenizer, reader.manifest.tokenizer["vocab_sha256"], num_ids,
                                     num_student_embeddings=rows, student_name=student_name,
-                                    teacher_name=reader.manifest.teacher.get("name", "?"),
-                                    tokenizer_size=reader.manifest.tokenizer.get("tokenizer_size"))
+                                    teacher_name=reader.manifest.teacher.get("name", "?"))
         except ValueError as exc:
             raise TrainError(str(exc)) from exc
     else:

@@ -285,11 +285,13 @@ def test_student_with_other_tokenizer_refused(cache, tmp_path):
 
 
 def test_cache_built_elsewhere_needs_teacher(cache, tmp_path, tiny_gpt2_dir):
+    from tests.shared.fakes import reseal
+
     moved = tmp_path / "moved"
     shutil.copytree(cache, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
-    manifest["teacher"]["path"] = "/nowhere/teacher"  # descriptive key: not part of the checksums
-    (moved / "manifest.json").write_text(json.dumps(manifest))
+    manifest["teacher"]["path"] = "/nowhere/teacher"  # descriptive: not in the cache_key (the seal is recomputed)
+    (moved / "manifest.json").write_text(json.dumps(reseal(manifest)))
     common = ("--cache", moved, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--batch-tokens", 256)
     code, text = run(*common, "--out", tmp_path / "o")
     assert code == 2 and "'/nowhere/teacher' is not on this machine" in text and "--teacher FOLDER" in text
@@ -311,8 +313,8 @@ def test_cache_without_loss_tokens_refused(tiny_gpt2_dir, tmp_path):
     with CacheWriter(url, header) as w:
         with w.shard(0) as buf:
             buf.add_sequence(input_ids=np.arange(5), loss_mask=np.zeros(5, bool), topk_ids=np.tile([1, 2], (5, 1)),
-                             topk_logprobs=np.tile([-1.0, -2.0], (5, 1)), target_logprob=np.full(5, -1.0),
-                             tail_logprob=np.full(5, -1.0), source_index=0)
+                             topk_logprobs=np.tile([-1.0, -2.0], (5, 1)), target_logprob=[-1.0, -2.0, -3.0, -3.0, -3.0],
+                             tail_logprob=np.full(5, np.log1p(-np.exp(-1.0) - np.exp(-2.0))), source_index=0)
         w.finalize()
     code, text = run("--cache", url, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--out", tmp_path / "o")
     assert code == 2 and "no rows with loss_mask set" in text
@@ -327,7 +329,7 @@ def test_student_with_fewer_padded_rows_than_the_teacher_trains(tmp_path, tiny_t
     one tokenizer: the cache's vocabulary is the tokenizer's (no padded id stored), so the student is accepted
     (it was refused: '400 embedding rows but teacher emits 424 token ids'), and the loss sees its first 384
     logits only: its padded rows get no gradient. A cache an older kdcache wrote with the teacher's padded ids
-    (vocab_size 424, tokenizer_size 384) is refused with what to do."""
+    (format 1: vocab_size 424, tokenizer_size 384) is refused with what to do, where every cache is opened."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -359,15 +361,15 @@ def test_student_with_fewer_padded_rows_than_the_teacher_trains(tmp_path, tiny_t
     assert torch.equal(after[384:], before[384:])  # padded rows: never in a softmax, never trained
     assert not torch.equal(after[:384], before[:384])
 
-    old = tmp_path / "old-cache"  # what an older kdcache wrote: the teacher's row count as vocab_size
+    old = tmp_path / "old-cache"  # what an older kdcache wrote: format 1, the teacher's row count as vocab_size
     shutil.copytree(tmp_path / "cache", old)
-    manifest["tokenizer"]["vocab_size"] = 424  # descriptive to the checksums; the reader takes it as V
+    manifest.update(format_version=1)
+    manifest["tokenizer"]["vocab_size"] = 424
     (old / "manifest.json").write_text(json.dumps(manifest))
     code, text = run("--cache", old, "--student", student, "--steps", 1, "--out", tmp_path / "run-old")
     assert code == 2, text
-    assert ("student" in text and "400 embedding rows, enough for the 384 token ids" in text
-            and "written by an older kdcache that kept the teacher's padded embedding rows" in text
-            and "kdcache build ... --overwrite" in text), text
+    assert ("this cache has format_version 1, written by an older kdcache; this kdcache reads version 2 only" in text
+            and "Rebuild it with this kdcache" in text), text
 
 
 @pytest.mark.parametrize("args,message", [

@@ -77,7 +77,7 @@ def test_lock_on_s3_refuses_a_second_writer_and_recovers_a_dead_ones(s3):
     dead = {"host": socket.gethostname(), "pid": 2**22 + 4321, "since": "2026-01-01T00:00:00Z", "heartbeat": 0}
     s3fs.S3FileSystem().pipe_file(f"{url.removeprefix('s3://')}/locks/worker-00000-of-00001.json", json.dumps(dead).encode())
     with CacheWriter(url, header(2)) as w:
-        assert w._lock_key is not None
+        assert w.lock.key is not None
     other_host = {"host": "elsewhere", "pid": 1, "since": "now", "heartbeat": time.time()}
     s3fs.S3FileSystem().pipe_file(f"{url.removeprefix('s3://')}/locks/worker-00000-of-00001.json",
                                   json.dumps(other_host).encode())

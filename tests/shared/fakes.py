@@ -37,6 +37,30 @@ def random_sequence(rng: np.random.Generator, length: int, *, top_k: int = TOP_K
                 "target_logprob": target, "tail_logprob": tail}
 
 
+def reseal(manifest: dict, *, rekey: bool = True) -> dict:
+    """A hand-edited manifest made consistent again, as anyone who can write to a share can do: its cache_key
+    recomputed from its header (rekey) and its manifest_sha256 from its content."""
+    from shared.identity import compute_cache_key, seal
+
+    manifest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if rekey:
+        try:
+            manifest["cache_key"] = compute_cache_key(*(manifest[s] for s in ("teacher", "tokenizer", "dataset", "settings")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # a header too broken to key: left as edited (the parser refuses it for that)
+    try:
+        return seal(manifest, "manifest_sha256")
+    except (TypeError, ValueError):  # NaN and the like: canonical JSON refuses them, so nothing can seal it
+        return manifest
+
+
+def reseal_commit(commit: dict) -> dict:
+    """A hand-edited commit.json with its commit_sha256 recomputed."""
+    from shared.identity import seal
+
+    return seal({k: v for k, v in commit.items() if k != "commit_sha256"}, "commit_sha256")
+
+
 def write_cache(url: str, *, num_shards: int = 3, seqs_per_shard: int = 3, seed: int = 0, **kw):
     """Write a complete random cache; returns {(shard, seq): arrays as given}."""
     from shared.writer import CacheWriter

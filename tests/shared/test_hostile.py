@@ -23,7 +23,7 @@ import pytest
 from shared.format import META_COLUMNS, CacheCorruptError, CacheError, CacheFormatError
 from shared.reader import CacheReader
 from shared.writer import encode_zarr_group
-from tests.shared.fakes import write_cache
+from tests.shared.fakes import reseal, reseal_commit, write_cache
 
 ARRAY = "shards/shard-00001/topk_ids"
 
@@ -40,7 +40,8 @@ def load_manifest(root: Path) -> dict:
 
 
 def save_manifest(root: Path, manifest: dict) -> None:
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    """Write an edited manifest, resealed (cache_key and manifest_sha256 recomputed, as a hostile writer would)."""
+    (root / "manifest.json").write_text(json.dumps(reseal(manifest)))
 
 
 def replace_object(root: Path, key: str, data: bytes) -> None:
@@ -56,7 +57,7 @@ def replace_object(root: Path, key: str, data: bytes) -> None:
             if commit_file.exists():
                 commit = json.loads(commit_file.read_text())
                 commit["objects"][key] = info
-                commit_file.write_text(json.dumps(commit))
+                commit_file.write_text(json.dumps(reseal_commit(commit)))
     manifest["totals"]["num_bytes"] = sum(o["size"] for s in manifest["shards"] for o in s["objects"].values())
     save_manifest(root, manifest)
 
@@ -84,21 +85,37 @@ def refused(root: Path, error=CacheError, match: str = "") -> str:
 # zarr.json
 
 
+WRITES = "the format's writer writes"
+
+
 @pytest.mark.parametrize("edit,match", [
-    (lambda m: m.update(shape=[2**40, 8]), r"shard-00001: shards/shard-00001/topk_ids/zarr.json: claims shape \[1099511627776, 8\]"),
-    (lambda m: m.update(shape=["77", 8]), "claims shape"),
-    (lambda m: m.update(data_type="float64"), "claims data_type 'float64', the format says 'uint16'"),
-    (lambda m: m.update(data_type="object"), "claims data_type 'object'"),
-    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[2**31, 8]), "decode to 34,359,738,368 bytes"),
-    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[0, 8]), "regular chunk grid of 2 positive sizes"),
-    (lambda m: m.update(chunk_grid={"name": "rectilinear"}), "regular chunk grid"),
-    (lambda m: m["codecs"].append({"name": "numcodecs.pickle"}), "uses codecs .*numcodecs.pickle"),
-    (lambda m: m["codecs"].insert(0, {"name": "numcodecs.astype", "configuration": {"encode_dtype": "f8"}}), "uses codecs"),
-    (lambda m: m.update(codecs=[{"name": "bytes"}, {"name": "zstd"}]), "uses codecs"),
-    (lambda m: m.update(storage_transformers=[{"name": "x"}]), "storage transformers"),
-    (lambda m: m.update(node_type="group"), "is not Zarr v3 array metadata"),
-    (lambda m: m.update(zarr_format=2), "is not Zarr v3 array metadata"),
-], ids=['huge-shape', 'shape-of-strings', 'dtype-float64', 'dtype-object', 'huge-chunks', 'zero-chunk', 'irregular-grid', 'pickle-codec', 'astype-filter', 'zstd-codec', 'storage-transformer', 'group-as-array', 'zarr-v2'])
+    (lambda m: m.update(shape=[2**40, 8]),
+     rf"shard-00001: shards/shard-00001/topk_ids/zarr.json: shape is \[1099511627776, 8\], {WRITES} \[\d+, 8\]"),
+    (lambda m: m.update(shape=["77", 8]), r'shape is \["77", 8\]'),
+    (lambda m: m.update(data_type="float64"), f'data_type is "float64", {WRITES} "uint16"'),
+    (lambda m: m.update(data_type="object"), 'data_type is "object"'),
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[2**31, 8]), r"chunk_grid is .*\[2147483648, 8\]"),
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[0, 8]), r"chunk_grid is .*\[0, 8\]"),
+    (lambda m: m.update(chunk_grid={"name": "rectilinear"}), 'chunk_grid is {"name": "rectilinear"}'),
+    (lambda m: m["chunk_key_encoding"]["configuration"].update(separator="."), 'chunk_key_encoding is .*"separator": "."'),
+    (lambda m: m.update(chunk_key_encoding={"name": "v2"}), 'chunk_key_encoding is {"name": "v2"}'),
+    (lambda m: m.update(fill_value=7), f"fill_value is 7, {WRITES} 0 "),
+    (lambda m: m.update(fill_value=0.0), f"fill_value is 0.0, {WRITES} 0 "),
+    (lambda m: m.pop("fill_value"), "lacks the field 'fill_value'"),
+    (lambda m: m["codecs"].append({"name": "numcodecs.pickle"}), "codecs is .*numcodecs.pickle"),
+    (lambda m: m["codecs"].insert(0, {"name": "numcodecs.astype", "configuration": {"encode_dtype": "f8"}}), "codecs is"),
+    (lambda m: m.update(codecs=[{"name": "bytes"}, {"name": "zstd"}]), "codecs is"),
+    (lambda m: m["codecs"][0]["configuration"].update(endian="big"), 'codecs is .*"endian": "big"'),
+    (lambda m: m["codecs"][1]["configuration"].update(typesize=1), 'codecs is .*"typesize": 1'),
+    (lambda m: m.update(storage_transformers=[{"name": "x"}]), "storage_transformers is"),
+    (lambda m: m.update(attributes={"x": 1}), 'attributes is {"x": 1}'),
+    (lambda m: m.update(dimension_names=["rows", "k"]), "has the field 'dimension_names', which the format's writer never"),
+    (lambda m: m.update(node_type="group"), 'node_type is "group"'),
+    (lambda m: m.update(zarr_format=2), "zarr_format is 2"),
+], ids=['huge-shape', 'shape-of-strings', 'dtype-float64', 'dtype-object', 'huge-chunks', 'zero-chunk', 'irregular-grid',
+        'key-separator', 'key-encoding-v2', 'fill-value', 'fill-value-float', 'no-fill-value', 'pickle-codec',
+        'astype-filter', 'zstd-codec', 'big-endian', 'blosc-typesize', 'storage-transformer', 'attributes',
+        'unknown-field', 'group-as-array', 'zarr-v2'])
 def test_hostile_array_metadata(cache, edit, match):
     edit_zarr_json(cache, f"{ARRAY}/zarr.json", edit)
     message = refused(cache, CacheFormatError, match)
@@ -112,11 +129,13 @@ def test_array_metadata_not_json(cache):
 
 def test_group_metadata_that_is_not_a_group(cache):
     edit_zarr_json(cache, "shards/shard-00001/zarr.json", lambda m: m.update(node_type="array"))
-    refused(cache, CacheFormatError, "shard-00001: shards/shard-00001/zarr.json is not Zarr v3 group metadata")
+    refused(cache, CacheFormatError, "shard-00001: shards/shard-00001/zarr.json is not the Zarr v3 group metadata the "
+                                     "format's writer writes")
 
 
 def test_huge_counts_everywhere_allocate_nothing(cache):
-    """Manifest and zarr.json agree on 2^40 rows: refused at the offsets, without reading 2^40 of anything."""
+    """Manifest and zarr.json agree on 2^40 rows: refused by the manifest (so many rows imply 2^27 chunks per array,
+    and it lists a few), without making 2^27 of anything."""
     manifest = load_manifest(cache)
     manifest["shards"][1]["num_tokens"] = 2**40
     manifest["totals"]["num_tokens"] = sum(s["num_tokens"] for s in manifest["shards"])
@@ -125,7 +144,8 @@ def test_huge_counts_everywhere_allocate_nothing(cache):
         edit_zarr_json(cache, f"shards/shard-00001/{name}/zarr.json", lambda m: m["shape"].__setitem__(0, 2**40))
     tracemalloc.start()
     try:
-        refused(cache, CacheCorruptError, "shard-00001: offsets are inconsistent with the manifest")
+        refused(cache, CacheFormatError, r"manifest: shard-00001 lists 16 objects, but 1,099,511,627,776 rows in chunks "
+                                         r"of 8,192 rows imply 805,306,378 \(a missing chunk would be read as fill values\)")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -163,17 +183,20 @@ def test_ids_beyond_the_vocabulary(cache):
         return ids
 
     reencode(cache, "topk_ids", poison)
-    refused(cache, CacheFormatError, "shard-00001: topk_ids row 3 holds id 5000, outside the vocabulary of 1000")
+    refused(cache, CacheFormatError, "shard-00001: topk_ids row 3: breaks the rule that every id is below the vocabulary "
+                                     "size V")
 
 
 def test_nan_and_positive_logprobs(cache):
     reencode(cache, "topk_logprobs", lambda lp: np.where(np.arange(lp.shape[0])[:, None] == 4, np.float16("nan"), lp))
-    refused(cache, CacheFormatError, "shard-00001: topk_logprobs row 4 holds NaN or a positive log-probability")
+    refused(cache, CacheFormatError, r"shard-00001: topk_logprobs row 4: breaks the rule that log-probabilities are never "
+                                     r"NaN nor above 0 \(\+1e-3 of rounding\) \(1 row\(s\)")
 
 
 def test_positive_tail(cache):
     reencode(cache, "tail_logprob", lambda lp: np.where(np.arange(len(lp)) == 2, np.float16(3.0), lp))
-    refused(cache, CacheFormatError, "shard-00001: tail_logprob row 2 holds NaN or a positive")
+    refused(cache, CacheFormatError, "shard-00001: tail_logprob row 2: breaks the rule that the tail's log-probability is "
+                                     "never NaN nor above 0")
 
 
 @pytest.mark.parametrize("offsets_of,match", [

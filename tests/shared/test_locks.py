@@ -81,7 +81,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     with CacheWriter(url, header(1)) as w:
         assert json.loads((tmp_path / "c" / LOCK).read_text())["pid"] == os.getpid()
         w.heartbeat()
-        assert json.loads((tmp_path / "c" / LOCK).read_text())["token"] == w._lock_token
+        assert json.loads((tmp_path / "c" / LOCK).read_text())["token"] == w.lock._token
     assert not (tmp_path / "c" / LOCK).exists()
 
 
@@ -188,7 +188,7 @@ def test_builder_with_another_worker_split_refused_while_one_runs(tmp_path, firs
         with pytest.raises(CacheLockedError) as refused:
             CacheWriter(url, header(3), worker=second[0], num_workers=second[1]).__enter__()
         message = str(refused.value)
-        assert (f"is being built by pid {os.getpid()} on host {socket.gethostname()} since {b._lock_since} as worker "
+        assert (f"is being built by pid {os.getpid()} on host {socket.gethostname()} since {b.lock._since} as worker "
                 f"{first[0]} of {first[1]}") in message
         assert f"this builder is worker {second[0]} of {second[1]}" in message
         assert f"--num-workers {first[1]} --worker I" in message
@@ -222,11 +222,11 @@ def test_same_split_other_worker_and_dead_other_split_do_not_block(tmp_path):
 def test_writer_never_changes_a_complete_cache_nor_rewrites_a_committed_shard(tmp_path, monkeypatch):
     """Where the locks do not exclude (a filesystem whose locks do not reach other hosts), write_shard still
     refuses, before it deletes anything: the audit's B dies in write_shard(0) after A completed the cache."""
-    import shared.writer
+    import shared.locks
     from shared.reader import CacheReader
 
     url, root = str(tmp_path / "c"), tmp_path / "c"
-    monkeypatch.setattr(shared.writer, "lock_holder_live", lambda store, key, held: False)
+    monkeypatch.setattr(shared.locks, "lock_holder_live", lambda store, key, held: False)
     b = CacheWriter(url, header(3), worker=0, num_workers=2).__enter__()
     try:
         with CacheWriter(url, header(3)) as a:  # not excluded here, by the monkeypatch

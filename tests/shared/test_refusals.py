@@ -17,7 +17,7 @@ from shared.format import (
 )
 from shared.reader import CacheReader
 from shared.writer import CacheWriter, ShardBuffer
-from tests.shared.fakes import header, random_sequence, write_cache
+from tests.shared.fakes import header, random_sequence, reseal, write_cache
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def edit_manifest(url, fn):
         m = json.load(f)
     fn(m)
     with open(path, "w") as f:
-        json.dump(m, f)
+        json.dump(reseal(m), f)
 
 
 def test_unknown_version_refused(cache):
@@ -208,10 +208,18 @@ def test_chunk_rows_setting_validated_for_every_reader(cache, value, shown):
         header(1, chunk_rows=value)
 
 
-def test_chunk_rows_setting_in_range_accepted(cache):
-    for value in (1, 8192, 67_108_864):
-        edit_manifest(cache, lambda m, value=value: m["settings"].update(chunk_rows=value))
-        assert CacheReader(cache).manifest.settings["chunk_rows"] == value
+def test_chunk_rows_setting_in_range_accepted_and_must_be_the_stored_one(tmp_path):
+    """Caches chunked by 1, 7 or 8192 rows read back; a manifest claiming another chunk_rows than the stored chunks
+    is refused: the zarr.json files and chunk keys follow from it (storage_layout.md 3.1, 6.2)."""
+    for value in (1, 7, 8192):
+        url = str(tmp_path / f"c{value}")
+        written = write_cache(url, num_shards=1, chunk_rows=value)
+        reader = CacheReader(url)
+        assert reader.manifest.settings["chunk_rows"] == value
+        np.testing.assert_array_equal(reader.shard(0).read_sequence(0)["input_ids"], written[(0, 0)]["input_ids"])
+    edit_manifest(url, lambda m: m["settings"].update(chunk_rows=7))
+    with pytest.raises(CacheFormatError, match=r"manifest: shard-00000 lists 16 objects, but \d+ rows in chunks of 7 rows"):
+        CacheReader(url)
 
 
 def test_top_k_mass_bound_is_one_rule_for_writer_and_reader(tmp_path):
@@ -237,7 +245,8 @@ def test_top_k_mass_bound_is_one_rule_for_writer_and_reader(tmp_path):
     buf = ShardBuffer(0)
     buf.add_sequence(**seq, source_index=0)
     with CacheWriter(str(tmp_path / "d"), header(1)) as w, \
-            pytest.raises(CacheFormatError, match=r"topk_logprobs row 0 sums to probability 1\.02\d\d > 1.02; they must"):
+            pytest.raises(CacheFormatError, match=r"topk_logprobs row 0: breaks the rule that a row's top-K probabilities "
+                                                  r"sum to at most 1.02 \(log-probabilities, not logits\)"):
         w.write_shard(buf)
 
 

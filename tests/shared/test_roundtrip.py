@@ -62,7 +62,7 @@ def test_tail_error_in_probability_is_at_most_e_inv_times_2_pow_minus_11():
     n = len(tails)
     arrays = {"input_ids": np.zeros(n, np.int64), "offsets": np.array([0, n]), "loss_mask": np.zeros(n, bool),
               "topk_ids": np.zeros((n, 1), np.int64), "topk_logprobs": np.log1p(-tails)[:, None],
-              "target_logprob": np.full(n, -1.0), "tail_logprob": np.log(tails)}
+              "target_logprob": np.log1p(-tails), "tail_logprob": np.log(tails)}  # id 0 comes next: its own entry
     stored = validate_shard_arrays(arrays, vocab_size=2, top_k=1, where="test")["tail_logprob"]  # as the writer stores it
     error = np.abs(np.exp(stored.astype(np.float64)) - tails)
     bound = math.exp(-1) * 2**-11
@@ -78,7 +78,8 @@ def test_missing_cache_folder_is_clear(tmp_path):
 
 def test_low_ranks_rounded_within_bound_and_order_kept(tmp_path):
     """Ranks > 16 keep 7 mantissa bits: relative error <= 2^-8, still sorted (storage_layout.md 3.1)."""
-    from shared.writer import CacheWriter, round_mantissa
+    from shared.encode import round_mantissa
+    from shared.writer import CacheWriter
     from tests.shared.fakes import header, random_sequence
 
     rng = np.random.default_rng(1)

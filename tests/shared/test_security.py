@@ -100,18 +100,21 @@ def test_remote_code_only_by_explicit_flag():
     assert "--trust-remote-code" in help_text
 
 
-@pytest.mark.parametrize("codec", ["numcodecs.pickle", "numcodecs.astype", "vlen-utf8", "zstd", "sharding_indexed"])
-def test_only_allow_listed_zarr_codecs(codec, tmp_path):
-    """The reader refuses any codec outside bytes + blosc/crc32c before Zarr sees the array (storage_layout.md 3.1)."""
-    from shared.format import CacheFormatError
-    from shared.reader import check_array_metadata
-
-    meta = {"zarr_format": 3, "node_type": "array", "shape": [4], "data_type": "uint16",
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [4]}},
-            "codecs": [{"name": "bytes"}, {"name": codec}]}
+@pytest.mark.parametrize("codec", ["numcodecs.pickle", "numcodecs.astype", "vlen-utf8", "zstd", "sharding_indexed",
+                                   "crc32c"])
+def test_only_the_writers_zarr_codecs(codec, tmp_path):
+    """The reader refuses any zarr.json but the writer's own, codecs included, before Zarr sees the array
+    (storage_layout.md 3.1): no codec that could run code or reinterpret values is ever configured."""
     import json
 
-    with pytest.raises(CacheFormatError, match="uses codecs"):
-        check_array_metadata(json.dumps(meta).encode(), key="k/zarr.json", where="shard-00000", shape=(4,), dtype="uint16")
-    meta["codecs"] = [{"name": "bytes"}, {"name": "blosc"}, {"name": "crc32c"}]
-    assert check_array_metadata(json.dumps(meta).encode(), key="k", where="s", shape=(4,), dtype="uint16") == (8, True)
+    from shared.encode import array_metadata
+    from shared.format import CacheFormatError
+    from shared.guards import check_array_metadata
+
+    meta = array_metadata("input_ids", (4,), "uint16", chunk_rows=4)
+    assert check_array_metadata(json.dumps(meta).encode(), key="k", where="s", name="input_ids", shape=(4,),
+                                dtype="uint16", chunk_rows=4) == 8
+    meta["codecs"] = [meta["codecs"][0], {"name": codec}]
+    with pytest.raises(CacheFormatError, match="shard-00000: k/zarr.json: codecs is .*, the format's writer writes"):
+        check_array_metadata(json.dumps(meta).encode(), key="k/zarr.json", where="shard-00000", name="input_ids",
+                             shape=(4,), dtype="uint16", chunk_rows=4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.manifest import TOP_LEVEL_KEYS, ShardEntry, make_totals
-from shared.writer import array_descriptions
+from shared.encode import array_descriptions
 from tests.shared.fakes import write_cache
 
 SPEC = Path(__file__).resolve().parents[2] / "storage_layout.md"
@@ -51,3 +51,16 @@ def test_section_9_example_adds_up():
     chunk = ex["settings"]["chunk_rows"]
     chunks = -(-rows // chunk)
     assert {k.rsplit("/c/", 1)[1] for k in shard["objects"] if "/topk_ids/c/" in k} == {f"{i}/0" for i in range(chunks)}
+
+
+def test_section_3_4_is_the_table_the_code_checks():
+    """One table of row invariants: storage_layout.md 3.4 lists shared.rows.INVARIANTS by name, arrays and rule, in
+    order, and the two sequence rules; the writer, the reader and verify all check that table."""
+    from shared.rows import INVARIANTS, SEQUENCE_INVARIANTS
+
+    text = SPEC.read_text()
+    section = text[text.index("### 3.4 Row invariants"):text.index("## 4. Per-sequence metadata")]
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]*?) \| ([^|]*) \|$", section, re.MULTILINE)
+    assert rows == [(i.name, ", ".join(f"`{a}`" for a in i.arrays), i.rule) for i in INVARIANTS]
+    sequence_rules = re.findall(r"^\| `(loss-[a-z-]+)` \| ([^|]*) \|$", section, re.MULTILINE)
+    assert [rule.split(" (and so")[0] for _, rule in sequence_rules] == list(SEQUENCE_INVARIANTS)

@@ -12,7 +12,7 @@ from shared.catalog import describe
 from shared.format import ROW_ARRAYS, TAIL_ARRAYS, CacheFormatError, row_arrays
 from shared.reader import CacheReader
 from shared.writer import CacheWriter, ShardBuffer, validate_shard_arrays
-from tests.shared.fakes import TOP_K, VOCAB, header, random_sequence
+from tests.shared.fakes import TOP_K, VOCAB, header, random_sequence, reseal
 
 M = 6
 
@@ -92,7 +92,7 @@ def _edit(url, fn):
         m = json.load(f)
     fn(m)
     with open(path, "w") as f:
-        json.dump(m, f)
+        json.dump(reseal(m), f)
 
 
 def test_extension_and_setting_go_together(tail_cache):
@@ -143,13 +143,14 @@ def test_writer_accepts_valid_and_casts():
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda a: a["tail_counts"].__setitem__((0, 0), a["tail_counts"][0, 0] + 1), "sums to"),
-    (lambda a: a["tail_ids"].__setitem__((0, 0), a["topk_ids"][0, 0]), "repeats an id or holds one of the row's top-K"),
-    (lambda a: a["tail_ids"].__setitem__((1, 1), a["tail_ids"][1, 0]), "repeats an id"),
-    (lambda a: a["tail_ids"].__setitem__((0, 0), VOCAB), "outside \\[0, 1000\\)"),
-    (lambda a: a["tail_counts"].__setitem__((0, slice(None)), [1, 2, 1, 1, 1, 0]), "not sorted most drawn first"),
-    (lambda a: a["tail_counts"].__setitem__((0, slice(None)), [7, 0, 0, 0, 0, -1]), "must be in \\[0, 6\\]"),
-])
+    (lambda a: a["tail_counts"].__setitem__((0, 0), a["tail_counts"][0, 0] + 1), r"counts are in \[0, M\] and sum to M"),
+    (lambda a: a["tail_ids"].__setitem__((0, 0), a["topk_ids"][0, 0]), "a row's K top-K ids and M tail ids are all distinct"),
+    (lambda a: a["tail_ids"].__setitem__((1, 1), a["tail_ids"][1, 0]), "tail_ids row 1: breaks the rule that a row's K"),
+    (lambda a: a["tail_ids"].__setitem__((0, 0), VOCAB), "tail_ids row 0: breaks the rule that every id is below the "
+                                                         "vocabulary size V"),
+    (lambda a: a["tail_counts"].__setitem__((0, slice(None)), [1, 2, 1, 1, 1, 0]), "counts do not increase along M"),
+    (lambda a: a["tail_counts"].__setitem__((0, slice(None)), [7, 0, 0, 0, 0, -1]), r"counts are in \[0, M\]"),
+], ids=["counts-sum", "a-top-k-id", "repeated-id", "id-beyond-vocabulary", "counts-unsorted", "count-out-of-range"])
 def test_writer_refuses_bad_tail_samples(damage, message):
     arrays = _arrays()
     damage(arrays)
@@ -169,8 +170,11 @@ def test_writer_refuses_missing_or_unexpected_tail_arrays():
 
 def test_empty_tail_row_has_no_draws():
     arrays = _arrays()
-    arrays["tail_logprob"][0] = -np.inf
-    with pytest.raises(CacheFormatError, match="row 0 has 6 draws but its tail_logprob is -inf"):
+    arrays["tail_logprob"][0] = -np.inf  # the top K hold all the mass of row 0 (and its next token is not there)
+    arrays["topk_logprobs"][0] = np.log(1 / TOP_K)
+    arrays["target_logprob"][0] = np.log(1 / TOP_K) if arrays["input_ids"][1] in arrays["topk_ids"][0] else -np.inf
+    with pytest.raises(CacheFormatError, match="tail_counts, tail_logprob row 0: breaks the rule that a row whose "
+                                               "tail_logprob is -inf has no draws"):
         _validate(arrays)
     arrays["tail_counts"][0] = 0
     _validate(arrays)
@@ -200,5 +204,6 @@ def test_reader_refuses_counts_above_m(tail_cache, monkeypatch):
         return out
 
     monkeypatch.setattr(view, "_read", inflated)
-    with pytest.raises(reader_mod.CacheFormatError, match="tail_counts row 0 counts more than the 6 draws"):
+    with pytest.raises(reader_mod.CacheFormatError, match=r"tail_counts row 0: breaks the rule that a row's counts are "
+                                                           r"in \[0, M\]"):
         view.read_rows(0, 3, ("tail_counts",))

@@ -279,16 +279,17 @@ def test_bertscore_with_the_real_package_and_a_tiny_local_model(tiny_gpt2_dir, t
 
 
 def test_agreement_with_a_teacher_that_has_padded_embedding_rows(tmp_path, tiny_gpt2_dir):
-    """Teacher: the tiny GPT-2 with 40 extra (padded) rows, near-copies of rows 0..39, so cached top-K lists
-    hold ids the student lacks. Student: the tiny GPT-2 itself (same first rows). The cache records
-    vocab_size = rows and tokenizer_size = the tokenizer's ids, as kdcache build does. Agreement must
-    run (it refused before: 'smaller than the cache's') and match a dense computation in which the
-    padded ids belong to the rest bucket."""
+    """Teacher: the tiny GPT-2 with 40 extra (padded) rows, near-copies of rows 0..39, so they hold real
+    probability. Student: the tiny GPT-2 itself (same first rows). The cache is what kdcache build writes for such
+    a teacher (storage_layout.md 3): vocab_size = the tokenizer's ids, the top K among them under the softmax over
+    all rows, the padded rows' mass in the tail. Agreement must match a dense computation in which that mass
+    belongs to the rest bucket."""
+    import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.tokenizers import vocab_fingerprint
     from shared.writer import BuildHeader, CacheWriter
-    from tests.trainer.teacher_cache import shakespeare_windows, teacher_rows
+    from tests.trainer.teacher_cache import shakespeare_windows
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     student = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
@@ -298,10 +299,23 @@ def test_agreement_with_a_teacher_that_has_padded_embedding_rows(tmp_path, tiny_
     with torch.no_grad():
         teacher.get_input_embeddings().weight[num_ids:] = 0.99 * teacher.get_input_embeddings().weight[:40]  # no exact ties
     teacher.eval()
+
+    def rows_below_ids(input_ids: np.ndarray) -> dict:
+        """The cache arrays of one sequence: the 16 most likely ids below num_ids, log-probs over all rows."""
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=torch.as_tensor(input_ids)[None]).logits[0].float(), -1)
+        top_lp, top_ids = torch.topk(logp[:, :num_ids], 16, dim=-1)  # (T, 16)
+        target = np.full(len(input_ids), np.nan)
+        target[:-1] = logp[torch.arange(len(input_ids) - 1), torch.as_tensor(input_ids[1:])].double().numpy()
+        mask = np.ones(len(input_ids), dtype=bool)
+        mask[-1] = False
+        return {"topk_ids": top_ids.numpy(), "topk_logprobs": top_lp.numpy(), "target_logprob": target,
+                "tail_logprob": torch.log1p(-top_lp.double().exp().sum(-1).clamp(max=1.0)).numpy(), "loss_mask": mask}
+
     sequences = shakespeare_windows(tokenizer, num_sequences=6, max_length=32)
     header = BuildHeader(
         teacher={"name": "padded", "dtype": "float32", "engine": "test", "engine_version": "0", "path": str(tmp_path)},
-        tokenizer={"name": "padded", "vocab_size": num_ids + 40, "tokenizer_size": len(tokenizer),
+        tokenizer={"name": "padded", "vocab_size": len(tokenizer), "tokenizer_size": len(tokenizer),
                    "vocab_sha256": vocab_fingerprint(tokenizer)},
         dataset={"name": "shakespeare", "fingerprint": "x", "num_sequences": len(sequences)},
         settings={"mode": "score", "top_k": 16, "max_length": 32, "chunk_rows": 512}, num_shards=1)
@@ -309,28 +323,25 @@ def test_agreement_with_a_teacher_that_has_padded_embedding_rows(tmp_path, tiny_
     with CacheWriter(url, header, chunk_rows=512) as writer:
         with writer.shard(0) as buf:
             for seq in sequences:
-                buf.add_sequence(input_ids=seq["input_ids"], **teacher_rows(teacher, seq["input_ids"], 16),
+                buf.add_sequence(input_ids=seq["input_ids"], **rows_below_ids(seq["input_ids"]),
                                  source_index=seq["source_index"], window_index=seq["window_index"],
                                  text_sha256=seq["text_sha256"])
         writer.finalize()
     got = agreement(student, url, heldout_only=False)
-    kl, agree, count, padded_seen = 0.0, 0, 0, 0
+    kl, agree, count, padded_mass = 0.0, 0, 0, 0.0
     with torch.no_grad():
         for seq in sequences:
             ids = torch.as_tensor(seq["input_ids"])[None]
             p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1).exp()  # (T-1, V + 40)
             q = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1).exp()  # (T-1, V)
-            top = p.topk(16, dim=-1).indices  # (T-1, 16)
-            real = top < num_ids
-            padded_seen += int((~real).sum())
-            p_top = torch.where(real, p.gather(1, top), 0.0)
-            q_top = torch.where(real, q.gather(1, top.clamp(max=num_ids - 1)), 0.0)
-            p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
-            terms = torch.where(p_top > 0, p_top * (p_top.clamp_min(1e-300).log() - q_top.clamp_min(1e-300).log()), 0.0)
-            kl += float(terms.sum() + (p_rest * (p_rest.log() - q_rest.log())).sum())
+            top = p[:, :num_ids].topk(16, dim=-1).indices  # (T-1, 16)
+            padded_mass = max(padded_mass, float(p[:, num_ids:].sum(-1).max()))
+            p_top, q_top = p.gather(1, top), q.gather(1, top)
+            p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)  # the teacher's rest holds its padded rows' mass
+            kl += float((p_top * (p_top.log() - q_top.log())).sum() + (p_rest * (p_rest.log() - q_rest.log())).sum())
             agree += int((q.argmax(-1) == top[:, 0]).sum())
             count += len(top)
-    assert padded_seen > 0  # the cache really names ids the student has no row for
+    assert padded_mass > 0.01  # the padded rows really hold mass that only the tail carries
     assert got["num_tokens"] == count and got["top1_agreement"] == pytest.approx(agree / count)
     assert got["kl"] == pytest.approx(kl / count, rel=0.05, abs=2e-3)  # float16 storage
 
