@@ -74,6 +74,22 @@ def step_loss(setup, batch, kind: str, num_ids: int, bf16: bool = False):
                  chunk_tokens=setup.chunk_tokens)[0]
 
 
+def alternate_cpu(a, b, repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """bench.common.alternate timed by this process's CPU seconds (time.process_time) instead of wall time."""
+    import time
+
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.process_time()
+            fn()
+            out.append(time.process_time() - t0)
+    return ta, tb
+
+
 def _region(name: str, profiling: bool):
     from contextlib import nullcontext
 
@@ -226,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--compile", default="off", choices=("auto", "on", "off"),
                     help="torch.compile the forward as `kdtrain run --compile` (default off: compiling takes minutes)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by this process's CPU seconds with torch on one thread (a machine shared with other work)")
     ap.add_argument("--compare-logits", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the KD step with the full-logits loss against the trainer's chunked one")
     ap.add_argument("--quick", action="store_true", help="1 x 256 tokens, 5 repeats (a 2-core CPU)")
@@ -259,21 +277,24 @@ def main(argv=None):
     setup = setup_step(student, device=torch.device(device()), compile_setting=args.compile, num_ids=vocab_size)
     ce_step = make_step(setup, student, optimizer, batch, "ce", vocab_size, args.bf16)
     kd_step = make_step(setup, student, optimizer, batch, args.loss, vocab_size, args.bf16)
-    t_ce, t_kd = alternate(ce_step, kd_step, args.repeats)
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    timed = alternate_cpu if args.cpu_time else alternate
+    t_ce, t_kd = timed(ce_step, kd_step, args.repeats)
     ratio = paired_ratio(t_kd, t_ce)
     extra = {"loss_path": "hidden states + head, chunked" if setup.head_weight is not None else "full logits"}
     if tail_batch is not None:
         tail_step = make_step(setup, student, optimizer, tail_batch, args.loss, vocab_size, args.bf16)
-        t_ce2, t_tail = alternate(ce_step, tail_step, args.repeats)
+        t_ce2, t_tail = timed(ce_step, tail_step, args.repeats)
         extra["ratio_tail_samples_kd_over_ce"] = paired_ratio(t_tail, t_ce2)
         extra["tail_split"] = args.tail_split
     if args.compare_logits and setup.head_weight is not None:  # the fallback path: the model's own logits
         logits_setup = StepSetup(student, None, setup.chunk_tokens, False)
         logits_kd = make_step(logits_setup, student, optimizer, batch, args.loss, vocab_size, args.bf16)
-        t_linear, t_logits = alternate(kd_step, logits_kd, args.repeats)
+        t_linear, t_logits = timed(kd_step, logits_kd, args.repeats)
         extra["ratio_linear_over_logits_kd"] = paired_ratio(t_linear, t_logits)
 
-    l_ce, l_kd = alternate(make_loss_only(setup, student, batch, "ce", vocab_size, args.bf16),
+    l_ce, l_kd = timed(make_loss_only(setup, student, batch, "ce", vocab_size, args.bf16),
                            make_loss_only(setup, student, batch, args.loss, vocab_size, args.bf16), args.repeats)
     if args.profile:
         for kind, b in (("ce", batch), (args.loss, batch)) + ((("tail", tail_batch),) if tail_batch else ()):
@@ -291,6 +312,7 @@ def main(argv=None):
           "target_bucket": trainer_config().target_bucket, "target_bucket_rows": int(outside.sum()),
           "loss_rows": int(mask.sum()),
           "batch": [args.batch_size, args.max_length], "tokens": batch.num_tokens, "repeats": args.repeats,
+          "clock": "process CPU seconds, 1 thread" if args.cpu_time else "wall",
           "compile": setup.compiled,
           "ce_step_s_median": median(t_ce), "kd_step_s_median": median(t_kd),
           "ratio_kd_over_ce": ratio, "ratio_of_medians": median(t_kd) / median(t_ce),

@@ -36,11 +36,12 @@ def test_p1_kd_overhead_smoke(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "r.jsonl"
     main(["--model", str(tiny_gpt2_dir), "--keep-layers", "1", "--batch-size", "2", "--max-length", "32",
           "--top-k", "8", "--repeats", "1", "--tail-split", "4+4", "--profile", "--profile-steps", "1",
-          "--json", str(out)])
+          "--cpu-time", "--json", str(out)])
     row = _row(out)
     assert row["id"] == "P1" and row["ratio_kd_over_ce"] > 0 and row["student_layers"] == 1
     assert row["target_bucket"] and row["ratio_tail_samples_kd_over_ce"] > 0
     assert row["loss_path"] == "hidden states + head, chunked" and row["ratio_linear_over_logits_kd"] > 0
+    assert row["clock"] == "process CPU seconds, 1 thread"
     for kind in ("ce", "fkl", "tail"):
         assert 0 < row[f"profile_{kind}"]["loss_share"] < 1
 
