@@ -17,6 +17,7 @@ Knows torch, the student checks and the loss's chunking; nothing about caches or
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,8 +31,11 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 # size sparse_kd_loss has always used (BENCHMARKS.md P1).
 LOSS_CHUNK_BYTES = 2**30
 CPU_CHUNK_TOKENS = 1024
-# Worker processes of the data path on a CUDA machine by default (at most the CPUs less one).
+# Worker processes of the data path on a CUDA machine by default (at most the CPUs less one), if /dev/shm has
+# MIN_SHARED_MEMORY free: each batch crosses from a worker through shared memory (a container's default 64 MiB
+# /dev/shm would kill the workers), else the one reading thread.
 CUDA_DATA_WORKERS = 4
+MIN_SHARED_MEMORY = 2 * 2**30
 
 
 @dataclass
@@ -68,6 +72,8 @@ def setup_step(model, *, device: torch.device, compile_setting: str, num_ids: in
         forward = wrap(forward)
     compiled = wants_compile(compile_setting, device)
     if compiled:
+        # A student torch.compile cannot compile runs eagerly (with dynamo's warning) instead of failing the run.
+        torch._dynamo.config.suppress_errors = True
         forward = torch.compile(forward)
     return StepSetup(forward, head, loss_chunk_tokens(num_ids, device), compiled)
 
@@ -81,10 +87,21 @@ def packing_row_tokens(model, pack: bool, lengths) -> int | None:
 
 
 def data_workers(setting: int | None, device: torch.device) -> int:
-    """--data-workers, default CUDA_DATA_WORKERS processes on CUDA (at most the CPUs less one), 0 on a CPU."""
+    """--data-workers, default CUDA_DATA_WORKERS processes on CUDA (at most the CPUs less one; none without
+    MIN_SHARED_MEMORY free in /dev/shm), 0 on a CPU."""
     if setting is not None:
         return setting
-    return min(CUDA_DATA_WORKERS, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    if device.type != "cuda" or shared_memory_bytes() < MIN_SHARED_MEMORY:
+        return 0
+    return min(CUDA_DATA_WORKERS, max(0, (os.cpu_count() or 1) - 1))
+
+
+def shared_memory_bytes(path: str = "/dev/shm") -> int:
+    """Free bytes where worker processes hand batches over (0 where there is no such folder)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
 
 
 def make_optimizer(model, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:

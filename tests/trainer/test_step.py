@@ -40,10 +40,13 @@ def test_defaults_per_device(monkeypatch):
     assert not wants_compile("auto", cpu) and wants_compile("auto", cuda)
     assert wants_compile("on", cpu) and not wants_compile("off", cuda)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("trainer.step.shared_memory_bytes", lambda: 8 * 2**30)
     assert data_workers(None, cpu) == 0 and data_workers(None, cuda) == CUDA_DATA_WORKERS
     assert data_workers(3, cpu) == 3 and data_workers(0, cuda) == 0
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert data_workers(None, cuda) == 1  # never more than the CPUs less one
+    monkeypatch.setattr("trainer.step.shared_memory_bytes", lambda: 64 * 2**20)  # a container's default /dev/shm
+    assert data_workers(None, cuda) == 0 and data_workers(2, cuda) == 2  # the thread, unless asked
     assert loss_chunk_tokens(50_257, cuda) == 2**30 // (4 * 50_257)  # one float32 (chunk, V) temporary of 1 GiB
     assert loss_chunk_tokens(10, cuda) == 16384 and loss_chunk_tokens(10**8, cuda) == 256
     assert loss_chunk_tokens(50_257, cpu) == 1024
