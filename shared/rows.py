@@ -27,7 +27,6 @@ from shared.format import (
     MAX_TOPK_MASS,
     TAIL_ARRAYS,
     TARGET_SENTINEL,
-    CacheError,
     CacheFormatError,
     array_dtypes,
 )
@@ -308,68 +307,7 @@ def last_rows_mask(offsets: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing: a shard gathered in memory, checked, cast to the stored dtypes
-
-
-@dataclass
-class ShardBuffer:
-    """Sequences of one shard gathered in memory before they are validated and written."""
-
-    index: int
-    _rows: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in (
-        "input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob")})
-    meta: list[dict] = field(default_factory=list)
-
-    def add_sequence(self, *, input_ids, loss_mask, topk_ids, topk_logprobs, target_logprob, tail_logprob,
-                     tail_ids=None, tail_counts=None, **meta):
-        """Append one sequence. Row t of every array describes the token at t+1 (see storage_layout.md).
-
-        tail_ids / tail_counts (T, M): the tail samples of storage_layout.md 3.3, for a build with
-        settings.tail_samples = M; every sequence of a shard has them or none does.
-        """
-        n = len(input_ids)
-        if (tail_ids is None) != (tail_counts is None):
-            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: tail_ids and tail_counts go together")
-        if self.meta and (tail_ids is not None) != ("tail_ids" in self._rows):
-            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: every sequence of a shard has "
-                                   "tail samples or none does")
-        arrays = {
-            "input_ids": np.asarray(input_ids),
-            "loss_mask": np.asarray(loss_mask, dtype=bool),
-            "topk_ids": np.asarray(topk_ids),
-            "topk_logprobs": np.asarray(topk_logprobs),
-            "target_logprob": np.asarray(target_logprob, dtype=np.float32),
-            "tail_logprob": np.asarray(tail_logprob, dtype=np.float32),
-        }
-        if tail_ids is not None:
-            arrays.update(tail_ids=np.asarray(tail_ids), tail_counts=np.asarray(tail_counts))
-            for name in TAIL_ARRAYS:
-                self._rows.setdefault(name, [])
-        for name, arr in arrays.items():
-            if arr.shape[:1] != (n,):
-                raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: {name} has {arr.shape[:1]} "
-                                       f"rows, input_ids has {n}")
-            self._rows[name].append(arr)
-        meta = dict(meta)
-        meta.setdefault("num_tokens", n)
-        meta.setdefault("num_loss_tokens", int(arrays["loss_mask"].sum()))
-        self.meta.append(meta)
-
-    @property
-    def num_sequences(self) -> int:
-        return len(self.meta)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(a) for a in self._rows["input_ids"])
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        if not self.meta:
-            raise CacheError(f"shard {self.index} has no sequences; a shard holds at least one")
-        out = {k: np.concatenate(v) for k, v in self._rows.items()}
-        lengths = [len(a) for a in self._rows["input_ids"]]
-        out["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return out
+# Writing: a shard's arrays as given, checked and cast to the stored dtypes
 
 
 def _check_shapes(arrays: dict[str, np.ndarray], top_k: int, tail_samples: int, where: str) -> np.ndarray:

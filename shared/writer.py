@@ -23,6 +23,7 @@ Knows the format and numpy; nothing about models, tokenizers or torch.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,7 +56,9 @@ from shared.format import (
     MAX_CHUNK_BYTES,
     MAX_SHARD_SEQUENCES,
     SHARDS_DIR,
+    TAIL_ARRAYS,
     CacheError,
+    CacheFormatError,
     CacheLockedError,
     CacheMismatchError,
     id_dtype,
@@ -68,10 +71,71 @@ from shared.format import (
 from shared.locks import BuildLock, refuse_live_locks
 from shared.manifest import Manifest, ObjectInfo, ShardEntry, check_shard_objects, parse_shard
 from shared.ownership import claim_root, remove_build
-from shared.rows import ShardBuffer, validate_shard_arrays
+from shared.rows import validate_shard_arrays
 from shared.store import Store, open_store
 
 DEFAULT_CHUNK_ROWS = 8192
+
+
+@dataclass
+class ShardBuffer:
+    """Sequences of one shard gathered in memory before they are validated and written."""
+
+    index: int
+    _rows: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in (
+        "input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob")})
+    meta: list[dict] = field(default_factory=list)
+
+    def add_sequence(self, *, input_ids, loss_mask, topk_ids, topk_logprobs, target_logprob, tail_logprob,
+                     tail_ids=None, tail_counts=None, **meta):
+        """Append one sequence. Row t of every array describes the token at t+1 (see storage_layout.md).
+
+        tail_ids / tail_counts (T, M): the tail samples of storage_layout.md 3.3, for a build with
+        settings.tail_samples = M; every sequence of a shard has them or none does.
+        """
+        n = len(input_ids)
+        if (tail_ids is None) != (tail_counts is None):
+            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: tail_ids and tail_counts go together")
+        if self.meta and (tail_ids is not None) != ("tail_ids" in self._rows):
+            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: every sequence of a shard has "
+                                   "tail samples or none does")
+        arrays = {
+            "input_ids": np.asarray(input_ids),
+            "loss_mask": np.asarray(loss_mask, dtype=bool),
+            "topk_ids": np.asarray(topk_ids),
+            "topk_logprobs": np.asarray(topk_logprobs),
+            "target_logprob": np.asarray(target_logprob, dtype=np.float32),
+            "tail_logprob": np.asarray(tail_logprob, dtype=np.float32),
+        }
+        if tail_ids is not None:
+            arrays.update(tail_ids=np.asarray(tail_ids), tail_counts=np.asarray(tail_counts))
+            for name in TAIL_ARRAYS:
+                self._rows.setdefault(name, [])
+        for name, arr in arrays.items():
+            if arr.shape[:1] != (n,):
+                raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: {name} has {arr.shape[:1]} "
+                                       f"rows, input_ids has {n}")
+            self._rows[name].append(arr)
+        meta = dict(meta)
+        meta.setdefault("num_tokens", n)
+        meta.setdefault("num_loss_tokens", int(arrays["loss_mask"].sum()))
+        self.meta.append(meta)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.meta)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(a) for a in self._rows["input_ids"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if not self.meta:
+            raise CacheError(f"shard {self.index} has no sequences; a shard holds at least one")
+        out = {k: np.concatenate(v) for k, v in self._rows.items()}
+        lengths = [len(a) for a in self._rows["input_ids"]]
+        out["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return out
 
 
 class CacheWriter:
