@@ -12,6 +12,8 @@ run on another machine; this package only plans, validates, runs and reports the
 - state.py: where each stage stands (done, to run, to rerun and why, waiting for an earlier stage).
 - checks.py: what is checked before any stage runs (files, tokenizers).
 - runner.py: running stages as processes, their markers, the dry run.
-- report.py: report.json, report.md and the plots, from what the stages left on disk.
+- report.py: report.json, report.md and the plots, from what the stages left on disk: results.py (rows,
+  comparisons, convergence), noise.py (the paired bootstrap over held-out sequences), report_md.py (report.md),
+  plots.py (the PNGs).
 - demo.py: the embedded default plan (`kdtrain demo`).
 """

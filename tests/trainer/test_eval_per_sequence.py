@@ -44,8 +44,9 @@ def test_agreement_per_sequence_adds_up(tiny_cache, tiny_llama_dir):
 
 
 def test_acceptance_per_sequence_adds_up(trained_cache, trained_teacher_dir, tiny_llama_dir):
-    from shared.reader import CacheReader
     from transformers import AutoModelForCausalLM
+
+    from shared.reader import CacheReader
 
     teacher = AutoModelForCausalLM.from_pretrained(trained_teacher_dir, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
