@@ -35,6 +35,7 @@ from shared.format import MANIFEST_FILE, MAX_TAIL_SAMPLES, CacheError
 from shared.writer import BuildHeader, CacheWriter
 
 FILTERS = ("gsm8k-answer",)
+MAX_SAMPLES_FROM = 1000  # characters of --samples-from (a description, recorded in every manifest)
 ENGINES: dict[str, Callable[[str, EngineSettings], Engine]] = {"hf": HFEngine, "vllm": VllmEngine}  # (model folder, settings)
 
 
@@ -61,6 +62,9 @@ class BuildConfig:
     (MiniLLM's instruction template, as kdtrain eval's ROUGE-L asks); default chat when the tokenizer has one, else plain."""
     input_field: str | None = None
     """Field holding an input for the minillm template's '### Input:' section (dolly's 'context'); empty: none."""
+    samples_from: str | None = None
+    """Who wrote the data's responses, e.g. 'student runs/s after round 1' for an on-policy round's samples (kdtrain
+    generate): recorded as the cache header's dataset.samples_from, so it is part of the cache_key and kdcache info shows it."""
     mode: str = "score"
     """'score': teacher distributions over the data's tokens; 'generate': the teacher writes the responses."""
     top_k: int = 64
@@ -159,8 +163,15 @@ class BuildConfig:
                 raise BuildError(f"--filter must be one of {FILTERS}, got {self.filter!r}")
             if self.filter == "gsm8k-answer" and self.response_field is None:
                 raise BuildError("--filter gsm8k-answer compares with the reference: pass --response-field")
+            if self.samples_from is not None:
+                raise BuildError("--samples-from names who wrote the data's responses; in --mode generate the teacher "
+                                 "writes them: drop --samples-from, or use --mode score")
         elif self.filter is not None:
             raise BuildError("--filter applies to --mode generate only")
+        if self.samples_from is not None and not (0 < len(self.samples_from) <= MAX_SAMPLES_FROM
+                                                  and self.samples_from.isprintable()):
+            raise BuildError(f"--samples-from must be 1 to {MAX_SAMPLES_FROM} printable characters, got "
+                             f"{self.samples_from[:80]!r}")
         if self.out is None:
             self.out = os.path.join("cache", default_out_name(self.model))
 
@@ -278,7 +289,7 @@ def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log,
                      "dtype": dtype, "engine": engine_name, "engine_version": ENGINES[engine_name].version()},
             tokenizer=_tokenizer_section(model_name(config.model), vocab_size, tokenizer),
             dataset={**info.to_json(), "fingerprint": sequences_fingerprint(sequences), "num_sequences": len(sequences),
-                     "limit": config.limit},
+                     "limit": config.limit, **({"samples_from": config.samples_from} if config.samples_from else {})},
             settings=_settings_section(config, info.template),
             num_shards=len(plan),
         )

@@ -56,6 +56,9 @@ def build(
         "template, the one kdtrain eval's ROUGE-L uses)."),
     input_field: str = typer.Option(None, "--input-field", help="With --prompt-template minillm: field of its '### Input:' "
                                     "section (dolly's context); empty values use the template without it."),
+    samples_from: str = typer.Option(None, "--samples-from", help="Who wrote the data's responses (e.g. a student and "
+                                     "round, for kdtrain generate's samples): recorded in the cache's header and "
+                                     "cache_key; shown by kdcache info."),
     mode: str = typer.Option("score", "--mode", help="score | generate"),
     top_k: int = typer.Option(64, "--top-k", help="Most likely next tokens stored per position."),
     tail_samples: int = typer.Option(
@@ -105,7 +108,7 @@ def build(
             model=model or EMBEDDED_DEFAULT, dataset=dataset or DEFAULT_DATASET, dataset_config=dataset_config,
             split=split, text_field=text_field,
             prompt_field=prompt_field, response_field=response_field, prompt_template=prompt_template,
-            input_field=input_field, mode=mode, top_k=top_k, tail_samples=tail_samples, max_length=max_length,
+            input_field=input_field, samples_from=samples_from, mode=mode, top_k=top_k, tail_samples=tail_samples, max_length=max_length,
             engine=engine, out=out, shard_tokens=shard_tokens, worker=worker, num_workers=num_workers, limit=limit,
             dtype=dtype, overwrite=overwrite, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
@@ -164,6 +167,7 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
         ("tokenizer", f"{tokenizer.get('name')} (vocab {tokenizer['vocab_size']})"),
         ("dataset", f"{dataset.get('name')} split={dataset.get('split')} mode={settings['mode']}"),
         ("top_k / max_length", f"{settings['top_k']} / {settings['max_length']}"),
+        *([("responses written by", str(d["dataset"]["samples_from"]))] if d["dataset"].get("samples_from") else []),
         *([("responses written by", str(d["dataset"]["samples_from"]))] if d["dataset"].get("samples_from") else []),
         ("tail samples per row", str(settings.get("tail_samples", 0))),
         ("shards / sequences / tokens", f"{d['num_shards']} / {d['num_sequences']:,} / {d['num_tokens']:,}"),
