@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.progress import teacher_progress
 from cli.terminal import cell, shown
 from shared.catalog import describe, find_caches
 from shared.format import CacheError
@@ -88,15 +88,6 @@ def build(
                                  "counts) instead of the summary line; progress and messages stay on stderr."),
 ):
     """Run a teacher once over a data set and write its top-K cache (resumable; see storage_layout.md)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from cacher.build import BuildConfig, BuildError
     from cacher.build import build as run_build
     from cacher.engine import EngineError
@@ -117,20 +108,7 @@ def build(
         )
     except BuildError as exc:
         fail(str(exc))
-    bar = Progress(TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("seqs"),
-                   TextColumn("{task.fields[tps]:>8} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=console, transient=False)
-
-    def progress(total_sequences: int, total_tokens: int):
-        task = bar.add_task("score", total=total_sequences, tps="-")
-        start = time.time()
-        seen = [0]
-
-        def tick(num_sequences: int, num_tokens: int):
-            seen[0] += num_tokens
-            rate = seen[0] / max(time.time() - start, 1e-9)
-            bar.update(task, advance=num_sequences, tps=f"{rate:,.0f}")
-        return tick
+    bar, progress = teacher_progress(console)  # a live bar on a terminal, else a line every few seconds
 
     try:
         with bar:
