@@ -138,19 +138,21 @@ class ShardView:
         return out
 
     def _check(self, rows: dict[str, np.ndarray], start: int, stop: int) -> None:
-        """The table of row invariants on the block, and its whole sequences against their meta rows."""
+        """The table of row invariants on the block, and the sequences it touches against their meta rows."""
         last = last_rows_mask(self.offsets, start, stop)
         following = None
         if "input_ids" in rows and stop < int(self.offsets[-1]) and not last[-1]:
             following = int(self._read("input_ids", slice(stop, stop + 1))[0])  # the last row's next token
         check_rows(RowBlock(rows, start, last, vocab_size=self.vocab_size, top_k=self.top_k,
                             tail_samples=self.tail_samples, following_id=following), self.entry.name)
-        if "loss_mask" in rows:
+        if "loss_mask" in rows:  # the sequences the block touches, whole: their other rows' mask is read too
             num_loss_tokens, prompt_length = self.reader.sequence_meta(self.entry.index)
-            first, counts = check_sequence_rows(rows["loss_mask"], start, self.offsets, prompt_length, self.entry.name)
-            touched = np.arange(first, first + len(counts))
-            whole = (self.offsets[touched] >= start) & (self.offsets[touched + 1] <= stop)
-            check_loss_counts(first, counts, whole, num_loss_tokens, self.entry.name)
+            first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
+            lo, hi = int(self.offsets[first]), int(self.offsets[last + 1])
+            mask = rows["loss_mask"] if (lo, hi) == (start, stop) else self._read("loss_mask", slice(lo, hi))
+            first, counts = check_sequence_rows(mask, lo, self.offsets, prompt_length, self.entry.name)
+            check_loss_counts(first, counts, np.ones(len(counts), dtype=bool), num_loss_tokens, self.entry.name)
 
     def read_sequence(self, i: int, fields: tuple[str, ...] = ROW_ARRAYS) -> dict[str, np.ndarray]:
         return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]), fields)
