@@ -163,9 +163,17 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
 
 
 @app.command()
-def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")):
+def verify(cache: str = typer.Argument(..., help="Cache folder or URL."),
+           against_teacher: bool = typer.Option(
+               False, "--against-teacher", help="Also recompute --rows rows, chosen at random, with the teacher and "
+               "compare ids and log-probabilities (storage_layout.md 8.1): the only check that the rows are the "
+               "teacher's."),
+           model: str = typer.Option(None, "--model", help="--against-teacher: the teacher's folder (default: the "
+                                     "cache's teacher.path)."),
+           rows: int = typer.Option(64, "--rows", help="--against-teacher: how many rows to recompute."),
+           seed: int = typer.Option(0, "--seed", help="--against-teacher: the seed that chooses the rows.")):
     """Recompute every checksum, check every zarr.json, meta file and row. Exit 0 when good; exit 1 naming every
-    bad shard and object or row."""
+    bad shard and object or row. With --against-teacher, also recompute rows with the teacher."""
     try:
         reader = CacheReader(cache, check_sizes=False)
         problems = reader.verify(bookkeeping=True, rows=True)
@@ -186,6 +194,33 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")):
     m = reader.manifest
     stdout.print(f"OK: {len(m.shards)} shards, {sum(len(s.objects) for s in m.shards)} objects, "
                  f"{human_bytes(m.totals['num_bytes'])}, {m.totals['num_tokens']:,} rows verified", highlight=False)
+    if against_teacher:
+        _against_teacher(cache, model=model, rows=rows, seed=seed)
+
+
+def _against_teacher(cache: str, *, model: str | None, rows: int, seed: int) -> None:
+    from cacher.verify_teacher import check_against_teacher
+    from shared.errors import UserError, as_flag
+
+    try:
+        report = check_against_teacher(cache, num_rows=rows, seed=seed, model=model,
+                                       log=lambda line: console.print(shown(line), highlight=False, soft_wrap=True))
+    except UserError as exc:
+        fail(exc.render(as_flag), code=1)
+    except (CacheError, OSError) as exc:
+        fail(str(exc), code=1)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
+    checked = f"{len(report.rows)} row(s) (seed {report.seed}) recomputed with {report.model} ({report.engine}, {report.dtype})"
+    if report.findings:
+        for finding in report.findings:
+            console.print(f"[red]NOT THE TEACHER'S[/] {shown(finding)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]{len(report.findings)} of {shown(checked)} disagree with the teacher beyond the "
+                      "tolerance of storage_layout.md 8.1: these rows are not what the teacher computes[/]",
+                      soft_wrap=True)
+        raise typer.Exit(1)
+    stdout.print(f"OK: {shown(checked)} agree with the teacher (largest difference of a stored log-probability "
+                 f"{report.worst:.2g})", highlight=False, soft_wrap=True)
 
 
 @app.command("ls")
