@@ -146,6 +146,8 @@ def test_p8_build_margin_smoke(tiny_gpt2_dir, tmp_path, monkeypatch):
     assert row["id"] == "P8" and row["large_tokens"] == 1024 and row["small_tokens"] == 256
     assert row["bare_tokens_per_s"] > 0 and row["ratio_end_to_end_over_bare"] > 0
     assert any(line.startswith("teacher: 1,024 tokens") for line in row["large_build_log"])
+    assert row["bare_cpu_us_per_token"] > 0 and "cpu_margin_us_per_token" in row  # tiny sizes: only noise
+    assert all(len(used) == 2 and used[0] > 0 for used in row["cpu_build_large"])
 
 
 def test_p8_refuses_a_missing_dataset(tmp_path):
