@@ -77,8 +77,9 @@ def _curves(plt, out: str, stages, rows) -> str | None:
                 value = dict(points).get(c["steps"])
                 if value is not None:
                     ax.plot([c["steps"]], [value], marker="*", markersize=12, color=color, linestyle="none")
-        if key == "eval_ppl":
-            ax.set_yscale("log")  # a random start is orders of magnitude above the end
+        values = [r[key] for _, log in logs for r in log if isinstance(r.get(key), (int, float))]
+        if key == "eval_ppl" and values and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # a random start can be orders of magnitude above the end
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(label.split(" (")[0])

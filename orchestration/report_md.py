@@ -17,6 +17,9 @@ from orchestration.results import ARROW, BETTER, COLUMNS, CONVERGENCE_FRACTION, 
 MARKDOWN_SPECIAL = set("\\`*_[]<>|")
 FOUR_DECIMALS = {"top-1 agr.", "KL(T||S)", "accept. α", "α on T samples", "wrong arith.", "no answer", "unsupported"}
 DRAFT_METRICS = ("accept. α", "α on T samples")
+# Below this many held-out sequences, a percentile bootstrap's interval is too narrow (it sees at most n^n draws of
+# n values and no variation beyond them): report.md says so.
+FEW_SEQUENCES = 20
 
 
 def md_text(value) -> str:
@@ -86,12 +89,17 @@ def _setup_lines(report: dict) -> list[str]:
     if seeds:
         lines.append(md_text(f"Training seeds: {len(seeds)} ({', '.join(str(s) for s in seeds)}); each student was "
                              "trained once per path."))
-    if any(m.get("interval") is not None for c in report["comparisons"] for m in c["metrics"].values()):
+    noise_shown = any(m.get("interval") is not None for c in report["comparisons"] for m in c["metrics"].values())
+    if noise_shown:
         lines.append(md_text(
             f"Noise: a difference is within noise when its {CONFIDENCE:.0%} paired-bootstrap interval over the held-out "
             f"sequences ({RESAMPLES} resamples of the sequences; both models on the same draws) contains 0. This is the "
             "noise of the held-out sample only: with one training seed the spread between seeds is not measured "
             "(docs/evaluation.md, Noise). Metrics without per-sequence values show no interval."))
+    if noise_shown and held and held["num_sequences"] < FEW_SEQUENCES:
+        lines.append(md_text(f"Only {held['num_sequences']} held-out sequences: a bootstrap over so few understates the "
+                             f"noise (fewer than {FEW_SEQUENCES}); hold out more (train.eval_fraction, or more data) "
+                             "before trusting a verdict."))
     return [line for item in lines for line in ("", item)]
 
 

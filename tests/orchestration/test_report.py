@@ -213,6 +213,7 @@ def test_differences_within_noise_by_a_paired_bootstrap_over_sequences(tmp_path,
     assert report["seeds"] == [0]
     assert "Held-out set: 6 sequences, 600 tokens" in md and "Training seeds: 1 (0)" in md
     assert "95% paired-bootstrap interval" in md
+    assert "Only 6 held-out sequences: a bootstrap over so few understates the noise" in md
     assert "## Is the chain-distilled student a better draft?" in md
     assert "- teacher → a → s vs teacher → s, accept. α: 0.5980 vs 0.4980: yes, outside noise" in md
     assert "ppl 20.54 vs 20.09 (worse, within noise:" in md  # exp(1813.5 / 600) vs exp(3)
