@@ -115,6 +115,10 @@ def run(
     trace_data: bool = typer.Option(False, "--trace-data", hidden=True, help="Write each rank's sequence ids to <out>/trace/."),
     skip_nonfinite: int = typer.Option(0, "--skip-nonfinite", help="Skip up to N steps whose loss or gradient norm is "
                                        "not finite (counted in metrics.jsonl) before stopping; 0: the first one stops the run."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute each layer's "
+                                                "activations in the backward pass instead of keeping them, for students "
+                                                "that do not fit otherwise (same loss and gradients, about one more "
+                                                "forward per step)."),
 ):
     """Train a student from a teacher cache with a sparse KD loss (or plain CE on a data set)."""
     from common.datasets import DataError
@@ -132,7 +136,7 @@ def run(
             prompt_template=prompt_template, input_field=input_field, max_length=max_length, limit=limit,
             eval_max_sequences=eval_max_sequences, tensorboard=tensorboard, stop_after=stop_after, trace_data=trace_data,
             skip_nonfinite=skip_nonfinite, pack=pack, compile=compile_, data_workers=data_workers,
-            peak_tflops=peak_tflops,
+            peak_tflops=peak_tflops, gradient_checkpointing=gradient_checkpointing,
         )
         bar, progress = _progress_factory()
         with bar:

@@ -203,6 +203,21 @@ class HiddenStates(nn.Module):
         return self.model.base_model(**{"use_cache": False, **inputs}).last_hidden_state  # training: no KV cache
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them (transformers'
+    gradient_checkpointing_enable with non-reentrant torch.utils.checkpoint).
+
+    A step then holds the activations of the layer inputs and one layer at a time instead of every layer's, for about
+    one more forward per step; loss and gradients are unchanged (the recompute replays the saved RNG state, so dropout
+    draws the same masks). The layers are the base model's, so HiddenStates' forward is checkpointed too. Active in
+    train mode only. Raises ValueError when the model's class has no checkpointing support.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"the student ({type(model).__name__}) does not support gradient checkpointing "
+                         "(transformers' supports_gradient_checkpointing is False for its class)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _probe_ids(model, num_tokens: int) -> torch.Tensor:
     """(1, num_tokens) token ids spread over the vocabulary, on the model's device."""
     vocab = model.get_input_embeddings().weight.shape[0]

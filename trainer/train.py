@@ -203,6 +203,10 @@ class TrainConfig:
     skip_nonfinite: int = 0
     """Skip up to N optimizer steps whose loss or gradient norm is not finite (their batches are dropped, nothing
     is updated; each skip is counted in metrics.jsonl) before stopping; 0: the first one stops the run."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (transformers' gradient
+    checkpointing), for students that do not fit otherwise: a step holds about one layer's activations instead of
+    every layer's, for about one more forward per step; the loss and gradients are the same."""
 
     def __post_init__(self):
         self._check_finite()
@@ -734,7 +738,7 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
     # -- cache, student, data ------------------------------------------------------------------
     reader = _open_cache(config, log) if config.cache else None
     teacher_path = _teacher_path(config, reader)
-    from trainer.student import cache_token_ids, check_tokenizer_matches
+    from trainer.student import cache_token_ids, check_tokenizer_matches, enable_gradient_checkpointing
 
     num_ids = cache_token_ids(reader.manifest.tokenizer) if reader else None
     model, tokenizer, student_name = _build_student(config, teacher_path, num_ids)
@@ -780,6 +784,11 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
     if ckpt is not None:
         schedule_steps = _check_resume_state(read_state(ckpt), data_state, training, total_steps, ckpt)
     model.to(device).train()
+    if config.gradient_checkpointing:
+        try:
+            enable_gradient_checkpointing(model)
+        except ValueError as exc:
+            raise TrainError(f"--gradient-checkpointing: {exc}; train without it, or with a smaller --batch-tokens") from exc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.warmup_steps, schedule_steps))
@@ -796,7 +805,8 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
                        wrap=(lambda m: _ddp(m, device)) if world > 1 else None)
     workers = data_workers(config.data_workers, device)
     log(f"step: {'logits from the hidden states chunk by chunk' if setup.head_weight is not None else 'full logits'}"
-        f"{', compiled' if setup.compiled else ''}; {'packed' if row_tokens else 'padded'} rows; "
+        f"{', compiled' if setup.compiled else ''}{', gradient checkpointing' if config.gradient_checkpointing else ''}; "
+        f"{'packed' if row_tokens else 'padded'} rows; "
         f"{workers or 'no'} data worker process(es)")
     batcher = Batcher(train_src, batch_tokens=config.batch_tokens, seed=config.seed, rank=rank, world_size=world,
                       cursor=cursors[rank], row_tokens=row_tokens, num_workers=workers,
