@@ -18,170 +18,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cacher.engine import DTYPES, Engine, EngineSettings
+from cacher.config import BuildConfig
+from cacher.engine import Engine, EngineSettings
 from cacher.engine_hf import HFEngine
 from cacher.engine_vllm_host import VllmEngine, vllm_problem
 from cacher.errors import BuildError
 from cacher.inputs import TeacherLoader, choose_dtype, engine_settings, model_context, model_vocab, read_data
 from cacher.pipeline import EncodePool
 from cacher.shards import run_shards
-from common.datasets import DEFAULT_DATASET, dataset_name
-from common.models import EMBEDDED_DEFAULT, model_name, read_model_config, resolve_model
+from common.datasets import dataset_name
+from common.models import model_name, read_model_config, resolve_model
 from common.sequences import plan_shards, sequences_fingerprint
-from common.templates import PROMPT_TEMPLATES
 from common.tokenizers import load_tokenizer, vocab_fingerprint
 from shared.catalog import find_by_key, find_caches
-from shared.format import MANIFEST_FILE, MAX_TAIL_SAMPLES, CacheError
+from shared.errors import flagged
+from shared.format import MANIFEST_FILE, CacheError
 from shared.writer import BuildHeader, CacheWriter
 
-FILTERS = ("gsm8k-answer",)
 MAX_SAMPLES_FROM = 1000  # characters of --samples-from (a description, recorded in every manifest)
 ENGINES: dict[str, Callable[[str, EngineSettings], Engine]] = {"hf": HFEngine, "vllm": VllmEngine}  # (model folder, settings)
-
-
-@dataclass
-class BuildConfig:
-    """Settings of one `kdcache build` (each field's docstring is its --help text)."""
-
-    model: str = EMBEDDED_DEFAULT
-    """Teacher: a hub id, a local folder, or the embedded default 'smollm2-135m'."""
-    dataset: str = DEFAULT_DATASET
-    """Data: a hub name, a local .jsonl/.json/.parquet/.csv/.txt file or folder, or builtin:NAME."""
-    dataset_config: str | None = None
-    """Configuration (subset) of a hub or folder data set that has several, e.g. 'main' for openai/gsm8k."""
-    split: str | None = None
-    """Split of the data set (default: train); a single file is the split 'train', sliceable as 'train[:1000]'."""
-    text_field: str | None = None
-    """Field holding plain text (default 'text'); long texts are cut into --max-length windows."""
-    prompt_field: str | None = None
-    """Field holding the prompt of prompt/response data (with --response-field)."""
-    response_field: str | None = None
-    """Field holding the response; only response tokens are distilled."""
-    prompt_template: str | None = None
-    """How prompts are formatted: chat (the tokenizer's chat template), plain (common.templates.PLAIN_TEMPLATE) or minillm
-    (MiniLLM's instruction template, as kdtrain eval's ROUGE-L asks); default chat when the tokenizer has one, else plain."""
-    input_field: str | None = None
-    """Field holding an input for the minillm template's '### Input:' section (dolly's 'context'); empty: none."""
-    samples_from: str | None = None
-    """Who wrote the data's responses, e.g. 'student runs/s after round 1' for an on-policy round's samples (kdtrain
-    generate): recorded as the cache header's dataset.samples_from, so it is part of the cache_key and kdcache info shows it."""
-    mode: str = "score"
-    """'score': teacher distributions over the data's tokens; 'generate': the teacher writes the responses."""
-    top_k: int = 64
-    """Number of most likely next tokens stored per position."""
-    tail_samples: int = 0
-    """Also store M ids drawn from the teacher's distribution outside the top K, with counts (hf engine)."""
-    max_length: int = 256
-    """Longest sequence in tokens (text is windowed to it; prompt + response are truncated to it)."""
-    engine: str = "auto"
-    """'vllm', 'hf' (transformers), or 'auto' (vllm when CUDA and vLLM are present, else hf)."""
-    out: str | None = None
-    """Output folder or URL; default ./cache/<last path component of --model>."""
-    shard_tokens: int = 1 << 20
-    """Rows per shard (about); shards are the unit of commit, resume and worker split."""
-    worker: int = 0
-    """This worker's index in [0, --num-workers)."""
-    num_workers: int = 1
-    """Number of workers splitting the shards (index % num_workers == worker)."""
-    limit: int | None = None
-    """Use only the first N sequences (prompts in generate mode) of the data set."""
-    dtype: str = "auto"
-    """Teacher dtype: float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
-    overwrite: bool = False
-    """Replace a different or unfinished build at --out instead of refusing."""
-    batch_tokens: int = 8192
-    """Padded tokens per teacher forward batch (hf engine)."""
-    chunk_rows: int = 8192
-    """Rows per Zarr chunk (the unit a reader decompresses)."""
-    tensor_parallel_size: int = 1
-    """vLLM: GPUs to split the teacher over."""
-    gpu_memory_utilization: float = 0.9
-    """vLLM: fraction of GPU memory vLLM may take."""
-    trust_remote_code: bool = False
-    """Allow model repositories to run their own Python code (off unless asked for)."""
-    max_new_tokens: int = 256
-    """Generate mode: longest response."""
-    temperature: float = 1.0
-    """Generate mode: sampling temperature (0 = greedy)."""
-    num_samples: int = 1
-    """Generate mode: responses per prompt."""
-    seed: int = 0
-    """Generate mode: sampling seed."""
-    filter: str | None = None
-    """Generate mode: 'gsm8k-answer' keeps samples whose final answer ('#### N', else the last \\boxed{N}) equals
-    the reference's."""
-    reuse: bool = True
-    """Return an existing complete cache with the same cache_key under --out's parent instead of rebuilding."""
-
-    def __post_init__(self):
-        if self.mode not in ("score", "generate"):
-            raise BuildError(f"--mode must be 'score' or 'generate', got {self.mode!r}")
-        if self.engine not in ("auto", "hf", "vllm"):
-            raise BuildError(f"--engine must be auto, hf or vllm, got {self.engine!r}")
-        if self.top_k < 1:
-            raise BuildError(f"--top-k must be >= 1, got {self.top_k}")
-        if not 0 <= self.tail_samples <= MAX_TAIL_SAMPLES:
-            raise BuildError(f"--tail-samples must be in [0, {MAX_TAIL_SAMPLES}] (0 = none), got {self.tail_samples}")
-        if self.tail_samples and self.engine == "vllm":
-            raise BuildError("--tail-samples needs the hf engine: vLLM returns only the top log-probs of a prompt, not "
-                             "its full distribution. Pass --engine hf, or drop --tail-samples")
-        if self.max_length < 2:
-            raise BuildError(f"--max-length must be >= 2, got {self.max_length}")
-        if self.prompt_template is not None and self.prompt_template not in PROMPT_TEMPLATES:
-            raise BuildError(f"--prompt-template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
-        if self.prompt_field is None and (self.prompt_template is not None or self.input_field is not None):
-            option = "--prompt-template" if self.prompt_template is not None else "--input-field"
-            raise BuildError(f"{option} formats prompts of prompt/response data: give --prompt-field and --response-field")
-        if self.input_field is not None and self.prompt_template != "minillm":
-            raise BuildError(f"--input-field {self.input_field} is read by --prompt-template minillm only (its "
-                             "'### Input:' section); add --prompt-template minillm, or drop --input-field")
-        if self.shard_tokens < 1 or self.batch_tokens < 1 or self.chunk_rows < 1:
-            raise BuildError("--shard-tokens, --batch-tokens and --chunk-rows must be >= 1")
-        if not (self.num_workers >= 1 and 0 <= self.worker < self.num_workers):
-            raise BuildError(f"--worker {self.worker} must be in [0, --num-workers {self.num_workers})")
-        if self.dtype not in ("auto", *DTYPES):
-            raise BuildError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.limit is not None and self.limit < 1:
-            raise BuildError(f"--limit must be >= 1, got {self.limit}")
-        if self.tensor_parallel_size < 1:
-            raise BuildError(f"--tensor-parallel-size must be >= 1 (GPUs per teacher), got {self.tensor_parallel_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise BuildError("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be in (0, 1], "
-                             f"got {self.gpu_memory_utilization}")
-        if self.mode == "generate":
-            if self.prompt_field is None:
-                raise BuildError("--mode generate needs --prompt-field (and --response-field for --filter)")
-            if self.max_new_tokens < 1:
-                raise BuildError("--max-new-tokens must be >= 1")
-            if self.temperature < 0:
-                raise BuildError("--temperature must be >= 0 (0 = greedy)")
-            if self.num_samples < 1:
-                raise BuildError("--num-samples must be >= 1")
-            if self.temperature == 0 and self.num_samples > 1:
-                raise BuildError("greedy decoding (--temperature 0) gives one response per prompt; use --num-samples 1 or a temperature > 0")
-            if self.filter is not None and self.filter not in FILTERS:
-                raise BuildError(f"--filter must be one of {FILTERS}, got {self.filter!r}")
-            if self.filter == "gsm8k-answer" and self.response_field is None:
-                raise BuildError("--filter gsm8k-answer compares with the reference: pass --response-field")
-            if self.samples_from is not None:
-                raise BuildError("--samples-from names who wrote the data's responses; in --mode generate the teacher "
-                                 "writes them: drop --samples-from, or use --mode score")
-        elif self.filter is not None:
-            raise BuildError("--filter applies to --mode generate only")
-        if self.samples_from is not None and not (0 < len(self.samples_from) <= MAX_SAMPLES_FROM
-                                                  and self.samples_from.isprintable()):
-            raise BuildError(f"--samples-from must be 1 to {MAX_SAMPLES_FROM} printable characters, got "
-                             f"{self.samples_from[:80]!r}")
-        if self.out is None:
-            self.out = os.path.join("cache", default_out_name(self.model))
-
-
-def default_out_name(model: str) -> str:
-    """The last path component of --model ('org/name' -> 'name'; '.' -> the current folder's name)."""
-    name = model.rstrip("/").rsplit("/", 1)[-1]
-    if name in ("", ".", ".."):
-        name = os.path.basename(os.path.abspath(os.path.expanduser(model)))
-    return name or "teacher"
 
 
 @dataclass
@@ -212,11 +67,11 @@ class BuildResult:
 
 
 def choose_engine(engine: str, warn=print) -> str:
-    """'hf' or 'vllm' for --engine auto|hf|vllm.
+    """'hf' or 'vllm' for the setting engine: auto, hf or vllm.
 
     auto picks vllm only when CUDA is available and a vLLM interpreter (engine_vllm.find_vllm_python)
     reports its vllm version; when KDCACHE_VLLM_PYTHON is set but that interpreter cannot run vLLM,
-    auto warns and uses hf. --engine vllm without a working vLLM interpreter is a BuildError.
+    auto warns and uses hf. vllm without a working vLLM interpreter is a BuildError.
     """
     if engine == "hf":
         return "hf"
@@ -229,40 +84,42 @@ def choose_engine(engine: str, warn=print) -> str:
     if problem is None:
         return "vllm"
     if engine == "vllm":
-        raise BuildError(f"--engine vllm: {problem}; or use --engine hf")
+        raise BuildError(f"{{engine}} vllm: {problem}; or use {{engine}} hf")
     from cacher.engine_vllm import PYTHON_ENV_VAR
 
     if os.environ.get(PYTHON_ENV_VAR):  # asked for vLLM, and it is broken: say so; no vLLM at all is the normal case
-        warn(f"--engine auto: {problem}; using the hf engine")
+        warn(f"{{engine}} auto: {problem}; using the hf engine")
     return "hf"
 
 
 def ignored_options(config: BuildConfig, engine: str) -> list[str]:
-    """One sentence per option that was set (differs from its default) but that `engine` and --mode do not use."""
+    """One sentence per option that was set (differs from its default) but that `engine` and the mode do not use;
+    settings are named as `{field}` (shared.errors)."""
     defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
     changed = {name for name in defaults if getattr(config, name) != defaults[name]}
-    notes = [f"--{name.replace('_', '-')} {why}" for name, why in ENGINES[engine].ignored_options.items()
+    notes = [f"{{{name}}} {why}" for name, why in ENGINES[engine].ignored_options.items()
              if name in changed]
     if config.mode == "generate":
         if config.text_field is not None:
-            notes.append("--text-field is ignored in --mode generate: the prompts come from --prompt-field")
+            notes.append("{text_field} is ignored in {mode} generate: the prompts come from {prompt_field}")
     else:
         for name in ("max_new_tokens", "temperature", "num_samples"):
             if name in changed:
-                notes.append(f"--{name.replace('_', '-')} applies to --mode generate only; --mode score ignores it")
+                notes.append(f"{{{name}}} applies to {{mode}} generate only; {{mode}} score ignores it")
         if "seed" in changed and not config.tail_samples:
-            notes.append("--seed seeds generate mode and --tail-samples only; this build uses neither")
+            notes.append("{seed} seeds generate mode and {tail_samples} only; this build uses neither")
     return notes
 
 
 def build(config: BuildConfig, *, progress=None, log=print, warn=None) -> BuildResult:
     """Build (or resume, or find) the cache that `config` describes. See the module docstring.
 
-    log(message) reports progress; warn(message) reports an option that has no effect (default: log).
+    log(message) reports progress; warn(message) reports an option that has no effect, naming settings as `{field}`
+    (default: log, spelled as flags).
     """
     started = time.time()
     with EncodePool() as pool:  # its processes start while the data and the teacher load
-        return _build(config, pool, started, progress, log, warn or (lambda message: log(f"warning: {message}")))
+        return _build(config, pool, started, progress, log, warn or (lambda message: log(f"warning: {flagged(message)}")))
 
 
 def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log, warn) -> BuildResult:
@@ -328,8 +185,8 @@ def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log,
 
 
 def _teacher_likely_needed(config: BuildConfig) -> bool:
-    """Whether to load the teacher while the data is read: a local --out that holds no complete cache, and (with
-    --reuse) no complete cache of the same teacher and data under its parent, which the build might reuse instead."""
+    """Whether to load the teacher while the data is read: a local out that holds no complete cache, and (with
+    reuse) no complete cache of the same teacher and data under its parent, which the build might reuse instead."""
     if "://" in config.out or os.path.exists(os.path.join(config.out, MANIFEST_FILE)):
         return False
     if not config.reuse or config.overwrite:
@@ -343,19 +200,21 @@ def _teacher_likely_needed(config: BuildConfig) -> bool:
 
 
 def _check_teacher(config: BuildConfig, model_folder: str, tokenizer, log) -> int:
-    """The vocabulary V a cache of this teacher holds, after checking --top-k, --tail-samples and --max-length."""
+    """The vocabulary V a cache of this teacher holds, after checking top_k, tail_samples and max_length."""
     vocab_size, logit_rows = model_vocab(model_folder, tokenizer)
     if logit_rows > vocab_size:
         log(f"teacher: {logit_rows} embedding rows for {vocab_size} token ids; the {logit_rows - vocab_size} padded "
             "rows are never stored (their probability counts in the tail)")
     if config.top_k > vocab_size:
-        raise BuildError(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
+        raise BuildError(f"{{top_k}} {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most "
+                         f"{vocab_size}")
     if config.top_k + config.tail_samples > vocab_size:
-        raise BuildError(f"--top-k {config.top_k} + --tail-samples {config.tail_samples} exceeds the teacher's vocabulary "
+        raise BuildError(f"{{top_k}} {config.top_k} + {{tail_samples}} {config.tail_samples} exceeds the teacher's vocabulary "
                          f"({vocab_size}); a row's K + M ids are distinct, so use at most {vocab_size - config.top_k} tail samples")
     context = model_context(model_folder)
     if context is not None and config.max_length > context:
-        raise BuildError(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; use --max-length {context} or less")
+        raise BuildError(f"{{max_length}} {config.max_length} exceeds the model's context of {context} tokens; use "
+                         f"{{max_length}} {context} or less")
     return vocab_size
 
 

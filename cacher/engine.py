@@ -24,10 +24,12 @@ from typing import Protocol
 
 import numpy as np
 
+from shared.errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError):
     """The teacher could not be run as asked (bad model, NaN outputs, vLLM unavailable...)."""
 
 
@@ -110,4 +112,4 @@ def check_finite(rows: dict[str, np.ndarray], where: str) -> None:
     """EngineError when a sequence's top-K or tail log-probs are NaN/inf: nothing of its shard is committed."""
     if not np.all(np.isfinite(rows["topk_logprobs"])) or np.isnan(rows["tail_logprob"]).any():
         raise EngineError(f"the teacher produced NaN/inf log-probs for {where} (length {len(rows['tail_logprob'])}); "
-                          "nothing of this shard is committed. Try --dtype float32, or check the model's weights.")
+                          "nothing of this shard is committed. Try {dtype} float32, or check the model's weights.")

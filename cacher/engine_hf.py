@@ -70,7 +70,7 @@ def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = N
 
     hf_logging.disable_progress_bar()
     if dtype not in DTYPES:
-        raise EngineError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise EngineError(f"{{dtype}} {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not os.environ.get("OMP_NUM_THREADS"):  # torch's own default counts physical cores; use them all unless told
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -78,7 +78,7 @@ def load_hf_teacher(path: str, *, dtype: str = "float32", device: str | None = N
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (ValueError, OSError, SafetensorError) as exc:  # unknown architecture, missing or damaged weight files
         if "trust_remote_code" in str(exc):
-            raise EngineError(f"model {path} needs custom code; rerun with --trust-remote-code if you trust it") from exc
+            raise EngineError(f"model {path} needs custom code; rerun with {{trust_remote_code}} if you trust it") from exc
         raise EngineError(f"could not load model {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
                           "check its config.json and weight files (re-save with model.save_pretrained)") from exc
     model.to(device).eval()
@@ -234,7 +234,7 @@ def score_batches(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int
     import torch
 
     if top_k > teacher.num_token_ids:
-        raise EngineError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.num_token_ids} token ids)")
+        raise EngineError(f"{{top_k}} {top_k} is larger than the teacher's vocabulary ({teacher.num_token_ids} token ids)")
     if sample_keys is not None and len(sample_keys) != len(sequences):
         raise ValueError(f"sample_keys has {len(sample_keys)} entries for {len(sequences)} sequences")
     lengths = [len(s) for s in sequences]

@@ -558,7 +558,7 @@ def generate_vllm(
             if padded and (response >= num_token_ids).any():
                 raise RuntimeError(f"prompt {prompt_index} sample {completion.index}: vLLM sampled id "
                                    f"{int(response.max())}, a padded logit row (the tokenizer has {num_token_ids} ids), "
-                                   "despite a logit bias of -100; use --engine hf, which masks those rows")
+                                   "despite a logit bias of -100; use {engine} hf, which masks those rows")
             ids, lps, target = _split_flat(completion.logprobs, R, width, first=0)
             ids, lps = keep_token_ids(ids, lps, top_k, num_token_ids)
             results.append({

@@ -86,7 +86,7 @@ class VllmEngine:
                 raise EngineError(str(exc)) from exc
         if position != len(sequences):
             raise EngineError(f"the vLLM engine returned {position} of the {len(sequences)} sequences asked for; the "
-                              "shards still owed are not committed. Rerun to resume, or use --engine hf")
+                              "shards still owed are not committed. Rerun to resume, or use {engine} hf")
 
     def generate(self, groups: Iterable[GenerateGroup]) -> Iterator[list[list[np.ndarray]]]:
         """One subprocess samples every group's prompts; each prompt is seeded by its place in the data set, so
@@ -111,7 +111,7 @@ class VllmEngine:
             raise EngineError(
                 f"the vLLM engine returned {sum(len(r) for r in responses)} of the {len(prompts) * s.num_samples} "
                 f"responses asked for (prompt {indices[missing[0]]} got {len(responses[missing[0]])} of {s.num_samples}); "
-                "nothing of these shards is committed. Rerun to retry, or use --engine hf")
+                "nothing of these shards is committed. Rerun to retry, or use {engine} hf")
         start = 0
         for group in groups:
             yield responses[start:start + len(group.prompts)]

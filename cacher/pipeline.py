@@ -170,7 +170,7 @@ class ShardPipeline:
             raise CacheError(f"shard {index} has no sequences; a shard holds at least one")
         if len(sequences) > MAX_SHARD_SEQUENCES:
             raise CacheError(f"shard {shard_name(index)} holds {len(sequences):,} sequences; a shard holds at most "
-                             f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller --shard-tokens")
+                             f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller {{shard_tokens}}")
         num_rows = sum(len(q.input_ids) for q, _ in sequences)
         dtypes = array_dtypes(self.vocab_size, self.tail_samples)
         shapes = {name: ((num_rows, *((self.top_k,) if name in ("topk_ids", "topk_logprobs") else

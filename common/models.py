@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.smollm2 import EMBEDDED_DEFAULT, ensure_smollm2
+from shared.errors import UserError
 
 # Next to the weights: {"files": {name: [size, mtime_ns]}, "sha256": ...} so the hash is not recomputed.
 WEIGHTS_HASH_FILE = ".kdcache-weights-sha256.json"
@@ -40,7 +41,7 @@ _HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model folder whose config or tokenizer cannot be loaded; the message says which and how to fix it."""
 
 

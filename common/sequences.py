@@ -98,7 +98,7 @@ def _check_field(name: str | None, columns: list[str], option: str, dataset: str
 def row_text(row: dict, field: str, index: int, option: str, dataset: str) -> str:
     """The text in `row[field]` (see the module docstring); a DataError naming the row and field otherwise.
 
-    index: the row's position in the data set (0-based); option: the flag that named the field.
+    index: the row's position in the data set (0-based); option: the setting that named the field (`{text_field}`).
     """
     value = row[field]
     if value is None:
@@ -116,7 +116,7 @@ def _row_input(row: dict, input_field: str | None, index: int, dataset: str) -> 
     """The row's input text for the minillm template; None when there is no input field or it is empty."""
     if input_field is None:
         return None
-    return row_text(row, input_field, index, "--input-field", dataset) or None
+    return row_text(row, input_field, index, "{input_field}", dataset) or None
 
 
 def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None,
@@ -132,28 +132,28 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
     empty result.
     """
     if max_length < 2:
-        raise DataError(f"--max-length must be >= 2 tokens, got {max_length}")
+        raise DataError(f"{{max_length}} must be >= 2 tokens, got {max_length}")
     if limit is not None and limit < 1:
-        raise DataError(f"--limit must be >= 1, got {limit}")
+        raise DataError(f"{{limit}} must be >= 1, got {limit}")
     if (prompt_field is None) != (response_field is None):
-        raise DataError("--prompt-field and --response-field go together: give both for prompt/response data, or neither")
+        raise DataError("{prompt_field} and {response_field} go together: give both for prompt/response data, or neither")
     pairs = prompt_field is not None
     check_template_options(prompt_template, input_field, pairs)
     template = resolve_template(tokenizer, prompt_template) if pairs else None
     rows, columns = load_rows(dataset, split, config)
     if pairs:
-        _check_field(prompt_field, columns, "--prompt-field", dataset)
-        _check_field(response_field, columns, "--response-field", dataset)
-        _check_field(input_field, columns, "--input-field", dataset)
+        _check_field(prompt_field, columns, "{prompt_field}", dataset)
+        _check_field(response_field, columns, "{response_field}", dataset)
+        _check_field(input_field, columns, "{input_field}", dataset)
         if text_field is not None:
-            raise DataError("give either --text-field or --prompt-field/--response-field, not both")
+            raise DataError("give either {text_field} or {prompt_field}/{response_field}, not both")
         fields = {"prompt": prompt_field, "response": response_field, **({"input": input_field} if input_field else {})}
     else:
         text_field = text_field or "text"
         if text_field not in columns:
             raise DataError(
-                f"--text-field {text_field!r} is not a field of {dataset}; its fields are: {', '.join(columns)}. "
-                "Pass --text-field NAME, or --prompt-field/--response-field for prompt/response data."
+                f"{{text_field}} {text_field!r} is not a field of {dataset}; its fields are: {', '.join(columns)}. "
+                "Pass {text_field} NAME, or {prompt_field}/{response_field} for prompt/response data."
             )
         fields = {"text": text_field}
     info = DataInfo(name=dataset_name(dataset), split=split, fields=fields, template=template, config=config)
@@ -176,7 +176,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
                 _add_pair(sequences, info, tokenizer, index, row, prompt_field, response_field, max_length,
                           template, input_field)
         else:
-            texts = [row_text(row, text_field, index, "--text-field", info.name) for index, row in batch]
+            texts = [row_text(row, text_field, index, "{text_field}", info.name) for index, row in batch]
             encoded = tokenizer(texts)["input_ids"]
             for (index, _row), text, ids in zip(batch, texts, encoded):
                 if full():
@@ -198,7 +198,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
     if not sequences:
         raise DataError(
             f"{dataset} gave no sequences to train on ({info.num_source_rows} rows read, {info.num_skipped_rows} skipped); "
-            "check the data set, --split, the fields and --max-length"
+            "check the data set, {split}, the fields and {max_length}"
         )
     return sequences, info
 
@@ -227,8 +227,8 @@ def _sha_parts(prompt: str, response: str, input_field: str | None, input_text: 
 
 def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: dict, prompt_field: str,
               response_field: str, max_length: int, template: str, input_field: str | None) -> None:
-    prompt = row_text(row, prompt_field, index, "--prompt-field", info.name)
-    response = row_text(row, response_field, index, "--response-field", info.name)
+    prompt = row_text(row, prompt_field, index, "{prompt_field}", info.name)
+    response = row_text(row, response_field, index, "{response_field}", info.name)
     input_text = _row_input(row, input_field, index, info.name)
     prompt_ids, full_ids, _ = prompt_ids_with_template(tokenizer, prompt, response, template, input_text)
     if len(prompt_ids) >= max_length - 1 or len(full_ids) <= len(prompt_ids):
@@ -253,16 +253,16 @@ def load_prompts(dataset: str, tokenizer, *, split: str | None = None, config: s
     check_template_options(prompt_template, input_field, True)
     template = resolve_template(tokenizer, prompt_template)
     rows, columns = load_rows(dataset, split, config)
-    _check_field(prompt_field, columns, "--prompt-field", dataset)
-    _check_field(response_field, columns, "--response-field", dataset)
-    _check_field(input_field, columns, "--input-field", dataset)
+    _check_field(prompt_field, columns, "{prompt_field}", dataset)
+    _check_field(response_field, columns, "{response_field}", dataset)
+    _check_field(input_field, columns, "{input_field}", dataset)
     fields = {"prompt": prompt_field, "response": response_field, **({"input": input_field} if input_field else {})}
     info = DataInfo(name=dataset_name(dataset), split=split, fields=fields, template=template, config=config)
     out: list[Sequence] = []
     for index, row in enumerate(rows):
         info.num_source_rows += 1
-        prompt = row_text(row, prompt_field, index, "--prompt-field", info.name)
-        reference = row_text(row, response_field, index, "--response-field", info.name) if response_field else None
+        prompt = row_text(row, prompt_field, index, "{prompt_field}", info.name)
+        reference = row_text(row, response_field, index, "{response_field}", info.name) if response_field else None
         input_text = _row_input(row, input_field, index, info.name)
         ids = prompt_only_ids(tokenizer, prompt, template, input_text)
         if len(ids) >= max_length:
@@ -276,7 +276,7 @@ def load_prompts(dataset: str, tokenizer, *, split: str | None = None, config: s
             break
     info.num_windows = len(out)
     if not out:
-        raise DataError(f"{dataset} gave no prompts shorter than --max-length {max_length}")
+        raise DataError(f"{dataset} gave no prompts shorter than {{max_length}} {max_length}")
     return out, info
 
 
@@ -301,7 +301,7 @@ def plan_shards(lengths, shard_tokens: int) -> list[list[int]]:
     The plan depends only on the sequence lengths and shard_tokens, never on the number of workers.
     """
     if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+        raise DataError(f"{{shard_tokens}} must be >= 1, got {shard_tokens}")
     shards: list[list[int]] = []
     current: list[int] = []
     size = 0

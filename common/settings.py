@@ -1,22 +1,28 @@
-"""One definition per setting: settings dataclasses -> command-line options, plan sections and argv.
+"""One definition per setting: settings dataclasses -> command-line options, plan sections, config files and argv.
 
-Each command's settings are one dataclass (nested dataclasses group fields: teacher, data, capture,
-...). A field is written once, with its default, its type and its help: the string literal right under
-the field (litgpt's convention), read here from the source. From that one definition this module
-derives what every other place used to spell again:
+Each command's settings are one dataclass (nested dataclasses may group fields). A field is written
+once, with its default, its type and its help: the string literal right under the field (litgpt's
+convention), read here from the source. From that one definition this module derives what every other
+place used to spell again:
 
 - `options_of(cls)`: the flat list of `Option`s (nested groups flattened; a field's flag is its name,
   `top_k` -> `--top-k`, so names are unique across a command's groups);
-- `typer_command(cls, run)`: a function whose signature Typer turns into the command's options;
-- `from_values(cls, values, where)`: the dataclass from flat values (a plan section, a YAML config),
-  refusing unknown keys and values of the wrong type, naming them;
+- `typer_command(cls, run)`: a function whose signature Typer turns into the command's options
+  (optionally on top of values from a config file: flags given on the command line win);
+- `from_values(cls, values)`: the dataclass from flat values (a plan section, a YAML config), refusing
+  unknown keys and values of the wrong type, naming them;
 - `to_argv(config)`: the flags that reproduce `config` on a command line (a plan stage's argv);
-- `schema_of(cls)`: name, type, default, choices and help of every field (a plan's schema).
+- `schema_of(cls)`: name, type, default, choices and help of every field (a plan's schema);
+- `check_choices(config)`: every `Literal` field holds one of its choices (call it in `__post_init__`).
 
 Field metadata (dataclasses.field(metadata=...)) can set: "flag" (another flag name), "short" (e.g.
 "-m"), "cli": False (not a command-line option), "plan": False (set by the plan runner, not a plan
-key), "hidden": True (not in --help). A `typing.Literal[...]` annotation gives the choices. Tuples of
-str/int/float are written comma-separated on a command line.
+key), "hidden": True (not in --help), "off" (the flag that sets a bool to False; default --no-NAME, none for a bool
+that is False by default), "section" (the plan section it is written in; default: the class's
+`SECTION`), "identity": False (does not change what the command computes: where it writes, how it
+logs). A `typing.Literal[...]` annotation gives the choices. Tuples of str/int/float are written
+comma-separated on a command line. Help text and error messages may name fields as `{field}`; each
+reader spells them (`--top-k` on a command line, `cache.top_k` in a plan).
 
 This module knows dataclasses, typing and Typer's option objects; it knows no command.
 """
@@ -24,24 +30,35 @@ This module knows dataclasses, typing and Typer's option objects; it knows no co
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
 import itertools
 import math
+import re
 import textwrap
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 
-from shared.errors import UserError, as_flag
+from shared.errors import FIELD_RE, UserError, as_flag
 
 SCALARS = (bool, int, float, str)
+CONTEXT = "typer_context"  # the click context Typer passes a generated command (which options were given)
+INT_RE = re.compile(r"[-+]?\d+")
 
 
 class SettingError(UserError):
     """A settings value that cannot be used; `{field}` names in the message are rendered by the reader."""
+
+
+class CliError(UserError):
+    """A UserError whose message is already spelled for the command line (rendering leaves it as it is)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, spell=lambda name: "{" + name + "}")
 
 
 @dataclass(frozen=True)
@@ -54,13 +71,16 @@ class Option:
     item: type | None  # the element type of a tuple setting
     optional: bool  # None is a valid value
     default: object  # MISSING when required
-    help: str
+    help: str  # may name fields as {field}
     choices: tuple | None
     flag: str  # "--top-k"
+    off_flag: str | None  # a bool's flag for False ("--no-reuse"); None for a plain flag (False by default)
     short: str | None
     cli: bool
     plan: bool
     hidden: bool
+    section: str | None  # the plan section the setting is written in ("data", "cache", "train", ...)
+    identity: bool  # whether it changes what the command computes (a plan stage's identity)
 
     @property
     def required(self) -> bool:
@@ -105,8 +125,6 @@ def _unwrap(annotation) -> tuple[type, type | None, bool, tuple | None]:
         item = args[0]
         if item not in SCALARS or (len(args) == 2 and args[1] is not Ellipsis):
             raise TypeError(f"tuple settings are tuple[scalar, ...], got {annotation}")
-        if typing.get_origin(item) is typing.Literal:
-            raise TypeError("tuple of Literal is not supported")
         return tuple, item, optional, None
     if annotation not in SCALARS:
         raise TypeError(f"a settings field is bool, int, float, str, a Literal, a tuple of those or a dataclass; "
@@ -130,16 +148,41 @@ def options_of(cls: type) -> tuple[Option, ...]:
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else MISSING)
         meta = f.metadata
+        flag = meta.get("flag", as_flag(f.name))
+        off_flag = meta.get("off", "--no-" + flag[2:]) if kind is bool and default is not False else None
         found.append(Option(
             name=f.name, path=(f.name,), kind=kind, item=item, optional=optional, default=default,
             help=meta.get("help", docs.get(f.name, "")), choices=choices,
-            flag=meta.get("flag", as_flag(f.name)), short=meta.get("short"), cli=meta.get("cli", True),
-            plan=meta.get("plan", True), hidden=meta.get("hidden", False)))
+            flag=flag, off_flag=off_flag, short=meta.get("short"), cli=meta.get("cli", True),
+            plan=meta.get("plan", True), hidden=meta.get("hidden", False),
+            section=meta.get("section", getattr(cls, "SECTION", None)), identity=meta.get("identity", True)))
     names = [o.name for o in found]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise TypeError(f"{cls.__name__}: field names must be unique across nested groups, repeated: {duplicates}")
     return tuple(found)
+
+
+def default_of(cls: type, name: str):
+    """The default of cls's setting `name`, as its dataclass defines it."""
+    return next(o.default for o in options_of(cls) if o.name == name)
+
+
+def render(text: str, spell: Callable[[str], str]) -> str:
+    """text with each {field} spelled by spell."""
+    return FIELD_RE.sub(lambda m: spell(m.group(1)), text)
+
+
+def flag_speller(cls: type) -> Callable[[str], str]:
+    """Spell `{field}` as its command-line flag (cls's own flag names; any other name as --its-name)."""
+    flags = {o.name: o.flag for o in options_of(cls)}
+    return lambda name: flags.get(name, as_flag(name))
+
+
+def spell_for_plan(cls: type, section: str) -> Callable[[str], str]:
+    """Spell `{field}` as the plan key (section.field) of a field of cls; other names stay as they were."""
+    names = {o.name for o in options_of(cls)}
+    return lambda name: f"{section}.{name}" if name in names else "{" + name + "}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,25 +200,31 @@ def _coerce(option: Option, value, where: str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif not isinstance(value, (list, tuple)):
             value = [value]
-        return tuple(_scalar(option.item, v, option, where) for v in value)
-    value = _scalar(option.kind, value, option, where)
+        return tuple(_scalar(option.item, v, where) for v in value)
+    value = _scalar(option.kind, value, where)
     if option.choices is not None and value not in option.choices:
         raise SettingError(f"{where} must be one of {', '.join(map(str, option.choices))}; got {value!r}")
     return value
 
 
-def _scalar(kind: type, value, option: Option, where: str):
+def _scalar(kind: type, value, where: str):
+    """value as kind: numbers may be written as text, as on a command line (YAML reads 3e-4 as text)."""
     if kind is bool:
         if isinstance(value, bool):
             return value
         raise SettingError(f"{where} is true or false; got {value!r}")
     if kind is int:
+        if isinstance(value, str) and INT_RE.fullmatch(value.strip()):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
             raise SettingError(f"{where} is a whole number; got {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingError(f"{where} is a number; got {value!r}")
         return float(value)
@@ -185,38 +234,45 @@ def _scalar(kind: type, value, option: Option, where: str):
 
 
 def from_values(cls: type, values: dict, where: str = "", *, allow: Callable[[Option], bool] = lambda o: True,
-                base: dict | None = None):
+                base: dict | None = None, spell: Callable[[str], str] | None = None):
     """An instance of cls from flat {field name: value}; unknown or ill-typed keys raise SettingError.
 
-    where prefixes names in messages ("train" -> "train.lr"); allow filters the keys accepted (a plan
-    section accepts only plan keys); base holds values given elsewhere (e.g. --out set by the runner).
-    The dataclass's own checks (__post_init__) run as usual.
+    where prefixes names in messages ("train" -> "train.lr"), or spell names each key; allow filters the keys
+    accepted (a plan section accepts only plan keys); base holds values given elsewhere (e.g. --out set by the
+    runner). The dataclass's own checks (__post_init__) run as usual.
     """
+    return build(cls, {**(base or {}), **coerce_values(cls, values, where, allow=allow, spell=spell)})
+
+
+def coerce_values(cls: type, values: dict, where: str = "", *, allow: Callable[[Option], bool] = lambda o: True,
+                  spell: Callable[[str], str] | None = None) -> dict:
+    """{field name: value as the field's type} of a flat mapping; SettingError for unknown or ill-typed keys."""
+    name_of = spell or (lambda key: f"{where}.{key}" if where else key)
     if not isinstance(values, dict):
         raise SettingError(f"{where or 'settings'} must be a mapping of settings, got {type(values).__name__}")
     options = {o.name: o for o in options_of(cls)}
     accepted = {n for n, o in options.items() if allow(o)}
-    unknown = sorted(set(values) - accepted)
+    unknown = sorted(set(map(str, values)) - accepted)
     if unknown:
-        raise SettingError(f"unknown setting(s) {', '.join(_named(where, u) for u in unknown)}; valid: "
+        raise SettingError(f"unknown setting(s) {', '.join(name_of(u) for u in unknown)}; valid: "
                            f"{', '.join(sorted(accepted))}")
-    flat = dict(base or {})
-    for key, value in values.items():
-        flat[key] = _coerce(options[key], value, _named(where, key))
-    return build(cls, flat)
-
-
-def _named(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+    return {key: _coerce(options[key], value, name_of(key)) for key, value in values.items()}
 
 
 def build(cls: type, flat: dict):
     """An instance of cls (nested groups built too) from flat {field name: value}; absent fields default."""
+    missing = [o.name for o in options_of(cls) if o.required and o.name not in flat]
+    if missing:
+        raise SettingError(" and ".join("{" + name + "}" for name in missing) + " must be given")
+    return _build(cls, flat)
+
+
+def _build(cls: type, flat: dict):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = build(hints[f.name], flat)
+            kwargs[f.name] = _build(hints[f.name], flat)
         elif f.name in flat:
             kwargs[f.name] = flat[f.name]
     return cls(**kwargs)
@@ -233,22 +289,36 @@ def flat_values(config) -> dict:
     return out
 
 
+def check_choices(config, error: type[UserError] = SettingError) -> None:
+    """`error` (a UserError class) naming the first Literal field whose value is not one of its choices."""
+    values = flat_values(config)
+    for option in options_of(type(config)):
+        value = values[option.name]
+        if option.choices is not None and value not in option.choices and not (value is None and option.optional):
+            raise error("{" + option.name + "} must be one of " + ", ".join(map(str, option.choices))
+                               + f"; got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Values out: argv, schema
 
 
-def to_argv(config, *, include: Callable[[Option], bool] = lambda o: o.cli) -> list[str]:
-    """Flags that reproduce config on a command line: every setting whose value differs from its default."""
+def to_argv(config, *, include: Callable[[Option], bool] = lambda o: o.cli, keep: frozenset = frozenset()) -> list[str]:
+    """Flags that reproduce config on a command line: every setting whose value differs from its default, and those
+    named in `keep` whatever their value (a plan stage states every setting its plan gave)."""
     argv: list[str] = []
     values = flat_values(config)
     for option in options_of(type(config)):
         value = values[option.name]
-        if not include(option) or (option.default is not MISSING and _same(value, option.default)):
+        if not include(option) or (option.name not in keep and option.default is not MISSING
+                                   and _same(value, option.default)):
             continue
+        if option.kind is bool and not value and option.off_flag is None:
+            continue  # a plain flag, off by default
         if value is None:
             continue
         if option.kind is bool:
-            argv.append(option.flag if value else "--no-" + option.flag[2:])
+            argv.append(option.flag if value else option.off_flag)
         elif option.kind is tuple:
             argv += [option.flag, ",".join(str(v) for v in value)]
         else:
@@ -267,8 +337,9 @@ def _text(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def schema_of(cls: type, *, include: Callable[[Option], bool] = lambda o: o.plan) -> dict:
-    """{field name: {type, default, choices, help}} of the settings a plan (or config file) may set."""
+def schema_of(cls: type, *, include: Callable[[Option], bool] = lambda o: o.plan,
+              spell: Callable[[str], str] = lambda name: name) -> dict:
+    """{field name: {type, default, required, choices, help}} of the settings a plan (or config file) may set."""
     out = {}
     for o in options_of(cls):
         if not include(o):
@@ -276,7 +347,8 @@ def schema_of(cls: type, *, include: Callable[[Option], bool] = lambda o: o.plan
         kind = f"list of {o.item.__name__}" if o.kind is tuple else o.kind.__name__
         out[o.name] = {"type": kind + (" or null" if o.optional else ""),
                        "default": None if o.default is MISSING else o.default,
-                       "required": o.required, "choices": list(o.choices) if o.choices else None, "help": o.help}
+                       "required": o.required, "choices": list(o.choices) if o.choices else None,
+                       "help": render(o.help, spell)}
     return out
 
 
@@ -284,55 +356,67 @@ def schema_of(cls: type, *, include: Callable[[Option], bool] = lambda o: o.plan
 # Typer
 
 
-def _typer_parameter(option: Option) -> inspect.Parameter:
+def _typer_parameter(option: Option, spell: Callable[[str], str], *, optional_required: bool) -> inspect.Parameter:
     import typer
 
-    default = ... if option.required else (None if option.kind is tuple else option.default)
-    names = [option.flag] if option.kind is not bool else [f"{option.flag}/--no-{option.flag[2:]}"]
+    if option.required:
+        default = None if optional_required else ...
+    elif option.kind is tuple and option.default is not None:
+        default = ",".join(map(str, option.default))
+    else:
+        default = option.default
+    names = [option.flag] if option.off_flag is None else [f"{option.flag}/{option.off_flag}"]
     if option.short:
         names.append(option.short)
     extra = {}
     if option.kind is tuple:
         annotation = str | None
-        default_text = ",".join(map(str, option.default)) if option.default not in (MISSING, None) else None
-        if default_text:
-            extra["show_default"] = default_text
         extra["metavar"] = "A,B,..."
     elif option.kind is bool:
         annotation = bool
-    elif option.choices is not None:
-        annotation = typing.Literal[option.choices]
-        annotation = annotation | None if option.optional else annotation
+    elif option.choices is not None:  # checked by the dataclass (check_choices), one message for every reader
+        annotation = str | None
+        extra["metavar"] = "<" + "|".join(map(str, option.choices)) + ">"
     else:
-        annotation = option.kind | None if option.optional or option.kind is str else option.kind
-    info = typer.Option(default, *names, help=option.help, hidden=option.hidden, **extra)
+        annotation = option.kind | None if option.optional or option.kind is str or default is None else option.kind
+    help_text = render(option.help, spell) + (" [required]" if option.required and optional_required else "")
+    info = typer.Option(default, *names, help=help_text, hidden=option.hidden, **extra)
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
 def typer_command(cls: type, run: Callable, *, extra: tuple[inspect.Parameter, ...] = (), doc: str | None = None,
-                  exclude: tuple[str, ...] = ()):
+                  exclude: tuple[str, ...] = (), base: Callable[[dict], dict] | None = None,
+                  guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
     """A function whose signature is cls's options (plus extra parameters), for `app.command()(fn)`.
 
     Called by Typer with the parsed values, it builds cls (its checks run) and returns
-    run(config, **extra values). SettingError raised while building is re-raised with `{field}`
-    names spelled as flags.
+    run(config, **extra values). base(extra values), when given, returns settings from elsewhere (a config
+    file, already typed: coerce_values); options given on the command line override them, and required
+    options may come from either. Everything runs inside guard() (the CLI's error reporting); a UserError
+    raised while building is re-raised as a CliError with `{field}` names spelled as flags.
     """
+    import typer
+
+    spell = flag_speller(cls)
     options = [o for o in options_of(cls) if o.cli and o.name not in exclude]
-    parameters = [_typer_parameter(o) for o in options] + list(extra)
+    parameters = [_typer_parameter(o, spell, optional_required=base is not None) for o in options] + list(extra)
+    parameters.append(inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     extra_names = {p.name for p in extra}
 
     def command(**values):
-        flat = {}
-        for o in options:
-            value = values[o.name]
-            if o.kind is tuple:
-                value = o.default if value is None else _coerce(o, value, o.flag)
-            flat[o.name] = value
-        try:
-            config = build(cls, flat)
-        except UserError as exc:
-            raise CliError(exc.render(_flag_of(cls))) from exc
-        return run(config, **{k: values[k] for k in extra_names})
+        context = values.pop(CONTEXT, None)
+        with guard():
+            given = _given(options, context) if base is not None else {o.name for o in options}
+            flat = dict(base({k: values[k] for k in extra_names})) if base is not None else {}
+            for o in options:
+                if o.name in given:
+                    value = values[o.name]
+                    flat[o.name] = _coerce(o, value, o.flag) if o.kind is tuple and value is not None else value
+            try:
+                config = build(cls, flat)
+            except UserError as exc:
+                raise CliError(exc.render(spell)) from exc
+            return run(config, **{k: values[k] for k in extra_names})
 
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}
@@ -341,16 +425,10 @@ def typer_command(cls: type, run: Callable, *, extra: tuple[inspect.Parameter, .
     return command
 
 
-def _flag_of(cls: type) -> Callable[[str], str]:
-    flags = {o.name: o.flag for o in options_of(cls)}
-    return lambda name: flags.get(name, as_flag(name))
-
-
-def spell_for_plan(cls: type, section: str) -> Callable[[str], str]:
-    """Render `{field}` as the plan key (section.field) of a field of cls."""
-    names = {o.name for o in options_of(cls)}
-    return lambda name: f"{section}.{name}" if name in names else name
-
-
-class CliError(UserError):
-    """A UserError whose message is already spelled for the command line."""
+def _given(options: list[Option], context) -> set[str]:
+    """The options given on the command line (or by environment), not left at their defaults."""
+    if context is None:  # called directly, not by click: every value counts
+        return {o.name for o in options}
+    sources = {o.name: context.get_parameter_source(o.name) for o in options}
+    return {name for name, source in sources.items() if source is not None
+            and source.name in ("COMMANDLINE", "ENVIRONMENT")}

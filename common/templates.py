@@ -48,9 +48,9 @@ def resolve_template(tokenizer, template: str | None) -> str:
     if template is None:
         return "chat" if has_chat else "plain"
     if template not in PROMPT_TEMPLATES:
-        raise DataError(f"--prompt-template {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
+        raise DataError(f"{{prompt_template}} {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
     if template == "chat" and not has_chat:
-        raise DataError("--prompt-template chat: this tokenizer has no chat template; use --prompt-template plain or "
+        raise DataError("{prompt_template} chat: this tokenizer has no chat template; use {prompt_template} plain or "
                         "minillm")
     return template
 
@@ -88,10 +88,10 @@ def prompt_ids_with_template(tokenizer, prompt: str, response: str, template: st
 
 def check_template_options(template: str | None, input_field: str | None, pairs: bool) -> None:
     if template is not None and template not in PROMPT_TEMPLATES:
-        raise DataError(f"--prompt-template {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
+        raise DataError(f"{{prompt_template}} {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
     if not pairs and (template is not None or input_field is not None):
-        option = "--prompt-template" if template is not None else "--input-field"
-        raise DataError(f"{option} applies to prompt/response data: give --prompt-field and --response-field too")
+        option = "{prompt_template}" if template is not None else "{input_field}"
+        raise DataError(f"{option} applies to prompt/response data: give {{prompt_field}} and {{response_field}} too")
     if input_field is not None and template != "minillm":
-        raise DataError(f"--input-field {input_field} is read by --prompt-template minillm only (its '### Input:' "
-                        "section); add --prompt-template minillm, or drop --input-field")
+        raise DataError(f"{{input_field}} {input_field} is read by {{prompt_template}} minillm only (its '### Input:' "
+                        "section); add {prompt_template} minillm, or drop {input_field}")

@@ -33,7 +33,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:  # transformers' words for broken files, unknown classes, remote code
         reason = " ".join(str(exc).split())[:300]
-        fix = ("rerun with --trust-remote-code if you trust it" if "trust_remote_code" in str(exc)
+        fix = ("rerun with {trust_remote_code} if you trust it" if "trust_remote_code" in str(exc)
                else f"check its config.json and tokenizer files (re-save them with save_pretrained({str(path)!r}))")
         raise ModelError(f"could not load the tokenizer of {path} ({type(exc).__name__}: {reason}); {fix}") from exc
 

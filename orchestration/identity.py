@@ -6,7 +6,8 @@ the dataclass is built, and its checks run; so a plan is refused before anything
 what its stage's command would refuse, naming the plan key (`train.loss`) instead of the flag.
 
 A stage's identity is everything that determines its output: every setting of its command after
-defaults (the whole dataclass, less the fields that only say where to write or how to resume) and
+defaults (the whole dataclass, less the fields that only say where to write or how to resume: the settings
+metadata `identity: False`, whose paths are identified by their inputs' identities instead) and
 the identities of its inputs: the cache key of the cache it reads (from that cache's manifest), the
 identity of the teacher (its weights hash, from the teacher cache's manifest) or of the model an
 earlier stage trained (that stage's identity), and local files by content (files up to
@@ -16,21 +17,15 @@ dataclasses; runs nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import re
-import types
-import typing
 
-from orchestration.plan import CACHE_KEYS, DATA_KEYS, EVAL_KEYS, TRAIN_KEYS, PlanError
+from common.settings import build, coerce_values, flat_values, options_of
+from common.settings import default_of as setting_default
+from orchestration.plan import COMMAND_SETTINGS, PlanError
+from shared.errors import UserError
 
-# Fields that say where a stage writes or how it resumes, not what it computes; the inputs that replace a
-# path (the cache, the teacher, the model) are identified by their own identity instead.
-NOT_IDENTITY = {"cache": {"out", "overwrite", "reuse", "worker", "num_workers", "model"},
-                "train": {"out", "resume", "overwrite", "cache", "teacher"},
-                "eval": {"out", "model", "cache", "teacher"}}
 # Files up to this size are identified by their content; larger ones (model weights) by size and mtime.
 CONTENT_HASH_LIMIT = 16 << 20
 # Fields of a train stage that come from the plan's students section.
@@ -38,82 +33,33 @@ STUDENT_FIELDS = {"student": "model", "student_config": "config", "keep_layers":
                   "student_from_teacher": "keep_layers"}
 
 
-def settings_class(kind: str):
-    """(settings dataclass, its error class) of a stage kind's command."""
-    if kind == "cache":
-        from cacher.build import BuildConfig, BuildError
-
-        return BuildConfig, BuildError
-    if kind == "train":
-        from trainer.train import TrainConfig, TrainError
-
-        return TrainConfig, TrainError
-    from trainer.evaluate import EvalConfig, EvalError
-
-    return EvalConfig, EvalError
+def settings_class(kind: str) -> type:
+    """The settings dataclass of a stage kind's command."""
+    return COMMAND_SETTINGS[kind]
 
 
 def default_of(kind: str, name: str):
     """The default of a command's setting, as its settings dataclass defines it."""
-    cls, _ = settings_class(kind)
-    found = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return found.default_factory() if found.default is dataclasses.MISSING else found.default
+    return setting_default(settings_class(kind), name)
 
 
 def plan_key(stage, name: str) -> str:
     """Where a stage's setting comes from in the plan: 'train.loss', 'data.limit', 'students.s.keep_layers'."""
-    if stage.kind == "cache":
-        if name in DATA_KEYS:
-            return f"data.{name}"
-        return f"cache.{name}" if name in CACHE_KEYS else name
-    if stage.kind == "train":
-        if name in STUDENT_FIELDS:
-            student = stage.node[3:] if stage.node.startswith("ce:") else stage.node.rsplit(">", 1)[-1]
-            return f"students.{student}.{STUDENT_FIELDS[name]}"
-        return f"train.{name}" if name in TRAIN_KEYS else name
-    if name == "eval_fraction":
-        return "train.eval_fraction"
-    return f"eval.{name}" if name in EVAL_KEYS else name
-
-
-def _convert(value, hint, where: str):
-    """value as the command line would parse it into a field of type hint; PlanError naming where if it cannot."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)), where)
-    if origin is tuple:
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise PlanError(f"plan: {where} must be a list or a comma-separated string, got {value!r}")
-        return tuple(_convert(v, args[0], where) for v in items)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise PlanError(f"plan: {where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"[-+]?\d+", str(value)):
-            raise PlanError(f"plan: {where} must be an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        try:
-            number = None if isinstance(value, bool) or not isinstance(value, (int, float, str)) else float(value)
-        except ValueError:
-            number = None
-        if number is None:
-            raise PlanError(f"plan: {where} must be a number, got {value!r}")
-        return number
-    if hint is str and isinstance(value, (dict, list, tuple)):
-        raise PlanError(f"plan: {where} must be a single value, got {value!r}")
-    return str(value) if hint is str else value
+    if stage.kind == "train" and name in STUDENT_FIELDS:
+        student = stage.node[3:] if stage.node.startswith("ce:") else stage.node.rsplit(">", 1)[-1]
+        return f"students.{student}.{STUDENT_FIELDS[name]}"
+    if stage.kind == "eval" and name == "eval_fraction":
+        return "train.eval_fraction"  # an eval stage holds out the rows its train stages held out
+    option = next((o for o in options_of(settings_class(stage.kind)) if o.name == name), None)
+    return f"{option.section}.{name}" if option is not None and option.plan else name
 
 
 def typed_settings(stage) -> dict:
     """The stage's settings converted to its settings dataclass's field types (as the command line converts)."""
-    cls, _ = settings_class(stage.kind)
-    hints = typing.get_type_hints(cls)
-    return {k: _convert(v, hints[k], plan_key(stage, k)) for k, v in stage.settings.items()}
+    try:
+        return coerce_values(settings_class(stage.kind), stage.settings, spell=lambda name: plan_key(stage, name))
+    except UserError as exc:
+        raise PlanError(f"plan: {exc.template} (stage {stage.id})", spell=lambda name: plan_key(stage, name)) from exc
 
 
 def validate(stage, settings: dict):
@@ -122,21 +68,17 @@ def validate(stage, settings: dict):
     Placeholders for what earlier stages make (`{cache:teacher}`, `{teacher_folder}`, `{cache_dir}`) stand in
     for the path they will be: the dataclasses check values, not whether paths exist.
     """
-    cls, error = settings_class(stage.kind)
     try:
-        return cls(**settings)
-    except error as exc:
-        message = str(exc)
-        found = {k: re.search(rf"(--{k.replace('_', '-')}|\b{k})\b", message) for k in settings}
-        named = sorted((k for k in found if found[k]), key=lambda k: found[k].start())  # as the message names them
-        where = ", ".join(plan_key(stage, k) for k in named) or f"the settings of stage {stage.id}"
-        raise PlanError(f"plan: {where}: {message} (stage {stage.id})") from exc
+        return build(settings_class(stage.kind), settings)
+    except UserError as exc:
+        raise PlanError(f"plan: {exc.template} (stage {stage.id})", spell=lambda name: plan_key(stage, name)) from exc
 
 
 def identity_settings(stage, config) -> dict:
-    """Every setting of the stage's command after defaults, as JSON values, less the NOT_IDENTITY fields."""
-    values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    return {k: v for k, v in values.items() if k not in NOT_IDENTITY[stage.kind]}
+    """Every setting of the stage's command after defaults, as JSON values, less those that do not change what it
+    computes (where it writes, how it resumes or logs: metadata identity False)."""
+    values = json.loads(json.dumps(flat_values(config), default=str))
+    return {o.name: values[o.name] for o in options_of(type(config)) if o.identity}
 
 
 def stage_identity(kind: str, settings: dict, inputs: dict) -> str:

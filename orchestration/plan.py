@@ -19,41 +19,37 @@ from dataclasses import dataclass
 
 import yaml
 
+from cacher.config import BuildConfig
+from common.settings import options_of, schema_of
+from shared.errors import UserError
+from trainer.config import METRICS, EvalConfig, TrainConfig
+
+# The plan's own keys. A section's keys are its command's settings (common.settings: a field's plan `section`), so
+# a setting added to BuildConfig, TrainConfig or EvalConfig is a plan key with nothing else written (`plan_schema`).
 PLAN_KEYS = {
     "name": "plan name (used in cache folder names)",
-    "teacher": "{model: hub id | folder | smollm2-135m}",
-    "data": "dataset, dataset_config, split, text_field | prompt_field + response_field [+ prompt_template (chat, plain, "
-            "minillm) + input_field], limit, max_length",
-    "cache": "top_k, engine, dtype, batch_tokens, shard_tokens, mode, generate settings (max_new_tokens, temperature, num_samples, seed, filter)",
-    "train": "kdtrain run settings: loss, alpha, temperature, steps, epochs, lr, batch_tokens, seed, eval_every, warmup_steps, save_every (checkpoint every N steps; long stages should set it), ...",
+    "teacher": "kdcache build's model: a hub id, a local folder or smollm2-135m",
+    "data": "kdcache build's data settings: the data set, its split and fields, limit, max_length",
+    "cache": "kdcache build's capture settings: top_k, engine, dtype, batch sizes, generate mode's settings",
+    "train": "kdtrain run's settings: loss, lr, steps, batch_tokens, eval_every, save_every (long stages should set it)",
     "students": "name -> {keep_layers: N} | {model: path or hub id} | {config: file.json}",
     "paths": "list of student-name lists: [assistant, student] is teacher -> assistant -> student",
     "baselines": "true: train every student with plain cross-entropy too",
-    "eval": "metrics (ppl, agreement, rouge, gsm8k, ...), dataset, dataset_config and fields (default: data's), limit, max_length, gsm8k_instruction, bertscore_layers",
+    "eval": "kdtrain eval's settings: metrics, dataset and fields (default: data's), limits, decoding",
     "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default <out>/caches)",
     "out": "output folder (default runs/<name>)",
 }
-# dataset_config is passed as `kdcache build --dataset-config` (a hub data set's configuration, e.g. gsm8k's "main");
-# prompt_template and input_field as --prompt-template / --input-field (minillm: the prompts eval's ROUGE-L uses).
-DATA_KEYS = {"dataset", "dataset_config", "split", "text_field", "prompt_field", "response_field", "prompt_template",
-             "input_field", "limit", "max_length"}
-CACHE_KEYS = {"top_k", "tail_samples", "engine", "dtype", "batch_tokens", "shard_tokens", "chunk_rows", "mode", "max_new_tokens",
-              "temperature", "num_samples", "seed", "filter", "tensor_parallel_size", "gpu_memory_utilization",
-              "trust_remote_code"}
-TRAIN_KEYS = {"loss", "alpha", "temperature", "steps", "epochs", "lr", "batch_tokens", "seed", "eval_every",
-              "warmup_steps", "weight_decay", "grad_accum", "clip", "bf16", "beta", "skew", "save_every", "log_every",
-              "eval_fraction", "target_bucket", "tail_samples"}
-EVAL_KEYS = {"metrics", "dataset", "split", "text_field", "prompt_field", "response_field", "input_field", "limit",
-             "max_length", "max_prompt_length", "greedy", "seeds", "batch_size", "bertscore_layers", "dataset_config",
-             "gsm8k_instruction"}
+COMMAND_SETTINGS = {"cache": BuildConfig, "train": TrainConfig, "eval": EvalConfig}  # a stage kind's command's settings
+SECTIONS = {"teacher": "cache", "data": "cache", "cache": "cache", "train": "train", "eval": "eval"}  # -> stage kind
+DEFAULT_METRICS = ("ppl", "agreement")  # a plan's eval.metrics when it names none
 STUDENT_KEYS = {"keep_layers", "model", "config"}
 TEACHER = "teacher"  # the root of every path; no student may take its name
-# Bounds of a plan file (read_plan_yaml): the shipped plans have a few kilobytes and four levels.
+# Bounds of a plan file (read_yaml): the shipped plans have a few kilobytes and four levels.
 MAX_PLAN_BYTES = 1 << 20
 MAX_PLAN_DEPTH = 32
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot run; the message names the key and the valid choices."""
 
 
@@ -84,48 +80,105 @@ def _check_keys(obj, allowed, where: str) -> dict:
     return dict(obj)
 
 
-def load_plan(path: str, *, out: str | None = None) -> Plan:
-    """Read and validate a plan file (see PLAN_KEYS); relative paths are relative to the plan file."""
-    raw = read_plan_yaml(path)
+def load_plan(path: str, *, out: str | None = None, overrides: list[str] | None = None) -> Plan:
+    """Read and validate a plan file (see PLAN_KEYS); relative paths are relative to the plan file.
+
+    overrides: "section.key=value" items (`kdtrain chain --set`) applied to the file's values before they are
+    checked; a value is read as YAML, and a path starting with ./ or ../ is relative to the working directory.
+    """
+    raw = read_yaml(path, "plan file")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
     return parse_plan(raw, base_dir=os.path.dirname(os.path.abspath(path)), out=out, source=path)
 
 
-def read_plan_yaml(path: str):
-    """A plan file's YAML with bounded resources: a regular file of at most MAX_PLAN_BYTES, no aliases, at most
-    MAX_PLAN_DEPTH nested collections; then the safe loader (plain values only, never Python objects).
+def read_yaml(path: str, what: str = "plan file"):
+    """A YAML file (a plan, a run's config file) with bounded resources: a regular file of at most MAX_PLAN_BYTES,
+    then load_yaml's bounds."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as exc:
+        raise PlanError(f"{what} {path} does not exist") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise PlanError(f"{what} {path} is not a regular file; pass a YAML file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"{what} {path} is larger than {MAX_PLAN_BYTES} bytes, the most a plan may have")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{what} {path} is not UTF-8 text: {exc}") from exc
+    return load_yaml(text, f"{what} {path}")
+
+
+def load_yaml(text: str, where: str):
+    """YAML text with bounded resources: no aliases, at most MAX_PLAN_DEPTH nested collections; then the safe
+    loader (plain values only, never Python objects).
 
     Aliases are refused because a few hundred bytes of nested aliases (`b: [*a, *a, ...]`) expand to
     billions of nodes when loaded; a plan writes each value out instead.
     """
     try:
-        info = os.stat(path)
-    except FileNotFoundError as exc:
-        raise PlanError(f"plan file {path} does not exist") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise PlanError(f"plan file {path} is not a regular file; pass a YAML file")
-    with open(path, "rb") as f:
-        data = f.read(MAX_PLAN_BYTES + 1)
-    if len(data) > MAX_PLAN_BYTES:
-        raise PlanError(f"plan file {path} is larger than {MAX_PLAN_BYTES} bytes, the most a plan may have")
-    try:
-        text = data.decode("utf-8")
         depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
-                raise PlanError(f"plan file {path}: an alias (*{event.anchor}) at {_where(event)}; plans may not use "
+                raise PlanError(f"{where}: an alias (*{event.anchor}) at {_where(event)}; plans may not use "
                                 "YAML anchors and aliases (they can expand without bound): write the value out")
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_PLAN_DEPTH:
-                    raise PlanError(f"plan file {path}: collections nested deeper than {MAX_PLAN_DEPTH} at "
+                    raise PlanError(f"{where}: collections nested deeper than {MAX_PLAN_DEPTH} at "
                                     f"{_where(event)}; a plan needs a few levels")
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
         return yaml.safe_load(text)
-    except UnicodeDecodeError as exc:
-        raise PlanError(f"plan file {path} is not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise PlanError(f"plan file {path} is not valid YAML: {exc}") from exc
+        raise PlanError(f"{where} is not valid YAML: {exc}") from exc
+
+
+def apply_overrides(raw, overrides: list[str]) -> dict:
+    """The plan's values with each "section.key=value" item set (nested keys as dots: students.s.keep_layers=2)."""
+    if not isinstance(raw, dict):
+        raise PlanError(f"plan: the plan must be a mapping of keys, got {type(raw).__name__}")
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise PlanError(f"plan override {item!r}: write SECTION.KEY=VALUE, e.g. train.lr=3e-4")
+        value = load_yaml(text, f"plan override {key}")
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            value = os.path.abspath(value)  # given on the command line: relative to the working directory
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            child = {} if child is None else child
+            if not isinstance(child, dict):
+                raise PlanError(f"plan override {item!r}: {'.'.join(parts[:depth + 1])} is not a section of the plan")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def section_keys(section: str) -> set[str]:
+    """The keys a plan section takes: its command's settings written in that section."""
+    return {o.name for o in options_of(COMMAND_SETTINGS[SECTIONS[section]]) if o.plan and o.section == section}
+
+
+def plan_schema() -> dict:
+    """{section: {key: type, default, required, choices, help}} of every section a plan takes (`kdtrain chain
+    --schema`); the other keys of a plan with their description."""
+    def spell(cls):
+        keys = {o.name: f"{o.section}.{o.name}" for o in options_of(cls) if o.plan}
+        return lambda name: keys.get(name, name)
+
+    schema = {}
+    for section, kind in SECTIONS.items():
+        cls = COMMAND_SETTINGS[kind]
+        schema[section] = schema_of(cls, include=lambda o, s=section: o.plan and o.section == s, spell=spell(cls))
+    return {**schema, **{key: about for key, about in PLAN_KEYS.items() if key not in SECTIONS}}
 
 
 def _where(event) -> str:
@@ -138,16 +191,16 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
     name = str(raw.get("name") or "plan")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise PlanError(f"plan: name {name!r} may only use letters, digits, '.', '_' and '-'")
-    teacher = _check_keys(raw.get("teacher"), {"model"}, "teacher")
+    teacher = _check_keys(raw.get("teacher"), section_keys("teacher"), "teacher")
     if "model" not in teacher:
         raise PlanError("plan: teacher needs model (a hub id, a local folder, or smollm2-135m)")
     teacher["model"] = _resolve_local(str(teacher["model"]), base_dir)
-    data = _check_keys(raw.get("data"), DATA_KEYS, "data")
+    data = _check_keys(raw.get("data"), section_keys("data"), "data")
     if "dataset" in data:
         data["dataset"] = _resolve_local(str(data["dataset"]), base_dir)
-    cache = _check_keys(raw.get("cache"), CACHE_KEYS, "cache")
-    train = _check_keys(raw.get("train"), TRAIN_KEYS, "train")
-    evaluation = _check_keys(raw.get("eval"), EVAL_KEYS, "eval")
+    cache = _check_keys(raw.get("cache"), section_keys("cache"), "cache")
+    train = _check_keys(raw.get("train"), section_keys("train"), "train")
+    evaluation = _check_keys(raw.get("eval"), section_keys("eval"), "eval")
     if "dataset" in evaluation:
         evaluation["dataset"] = _resolve_local(str(evaluation["dataset"]), base_dir)
     students_raw = raw.get("students")
@@ -195,12 +248,10 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
     out_dir = _resolve_local(str(out_dir), base_dir) if raw.get("out") and not out else out_dir
     cache_root = raw.get("cache_root")
     cache_root = _resolve_local(str(cache_root), base_dir) if cache_root else os.path.join(out_dir, "caches")
-    metrics = evaluation.get("metrics", ["ppl", "agreement"])
+    metrics = evaluation.get("metrics", list(DEFAULT_METRICS))
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",")]
     evaluation["metrics"] = list(metrics)
-    from trainer.evaluate import METRICS
-
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise PlanError(f"plan: eval.metrics has unknown {bad}; valid: {', '.join(METRICS)}")

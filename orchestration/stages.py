@@ -24,11 +24,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from orchestration.identity import default_of
+from common.settings import build, coerce_values, to_argv
+from orchestration.identity import default_of, settings_class
 from orchestration.plan import TEACHER, Plan
 
-# Boolean train settings whose kdtrain flag defaults to on: false in a plan passes --no-<flag>.
-ON_BY_DEFAULT = {"target_bucket", "tail_samples"}
 # Stands for the root teacher's local folder in train commands until the teacher cache exists and
 # names it (a hub id or `smollm2-135m` is resolved to a folder by `kdcache build`).
 TEACHER_FOLDER = "{teacher_folder}"
@@ -75,7 +74,9 @@ class Stage:
 
 
 def command_of(kind: str, settings: dict, *, overwrite: bool = False) -> list[str]:
-    """The stage's command line: its settings as options, and the flags the chain always passes.
+    """The stage's command line: its settings as options (common.settings.to_argv of the command's settings
+    dataclass: every setting the stage was given, typed as the command takes it), and the flags the chain always
+    passes.
 
     kdcache build prints its JSON report (--json), which the chain reads. kdtrain run gets --resume (an
     interrupted run continues from its latest checkpoint, or starts over when it was killed before its
@@ -83,7 +84,9 @@ def command_of(kind: str, settings: dict, *, overwrite: bool = False) -> list[st
     """
     module, subcommand = COMMANDS[kind]
     flags = {"cache": ["--json"], "train": ["--overwrite" if overwrite else "--resume"], "eval": []}[kind]
-    return python_cli(module) + [subcommand] + _options(settings) + flags
+    cls = settings_class(kind)
+    config = build(cls, coerce_values(cls, settings))
+    return python_cli(module) + [subcommand] + to_argv(config, keep=frozenset(settings)) + flags
 
 
 def nodes_of(plan: Plan) -> list[str]:
@@ -113,24 +116,6 @@ def python_cli(module: str) -> list[str]:
     interpreter (it also ignores PYTHON* variables and the user's site-packages).
     """
     return [sys.executable, "-P" if sys.version_info >= (3, 11) else "-I", "-m", module]
-
-
-def _options(settings: dict) -> list[str]:
-    args = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            if value:
-                args.append(flag)
-            elif key in ON_BY_DEFAULT:
-                args.append("--no-" + flag[2:])
-            continue
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        args += [flag, str(value)]
-    return args
 
 
 def model_dir_of(plan: Plan, node: str) -> str:

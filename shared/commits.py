@@ -75,8 +75,8 @@ class BuildHeader:
             chunk_rows_of(self.settings, self.settings["top_k"], self.tokenizer["vocab_size"])  # readers refuse others
         if self.num_shards < 1:
             raise CacheError(
-                "the data set produced no sequences to cache (0 shards planned); check --dataset, "
-                "--split, the text/prompt/response fields and --limit"
+                "the data set produced no sequences to cache (0 shards planned); check {dataset}, "
+                "{split}, the text/prompt/response fields and {limit}"
             )
 
     @property
@@ -104,14 +104,14 @@ class BuildHeader:
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CacheFormatError(f"{BUILD_FILE} is not valid JSON ({exc}); it was damaged after it was written. "
-                                   "Rerun with --overwrite to start the build again, or choose another --out") from exc
+                                   "Rerun with {overwrite} to start the build again, or choose another {out}") from exc
         return cls.from_json(obj)
 
     @classmethod
     def from_json(cls, obj: dict) -> BuildHeader:
         """A header from build.json's object: its format version checked, its cache_key recomputed."""
         if not isinstance(obj, dict):
-            raise CacheFormatError(f"{BUILD_FILE} must hold a JSON object; delete the directory or use --overwrite")
+            raise CacheFormatError(f"{BUILD_FILE} must hold a JSON object; delete the directory or use {{overwrite}}")
         check_format_version(obj.get("format_version"), BUILD_FILE)
         try:
             header = cls(
@@ -124,10 +124,10 @@ class BuildHeader:
                 tool_version=obj["tool_version"],
             )
         except (KeyError, TypeError, ValueError, CacheError) as exc:
-            raise CacheFormatError(f"{BUILD_FILE} is malformed ({exc!r}); delete the directory or use --overwrite") from exc
+            raise CacheFormatError(f"{BUILD_FILE} is malformed ({exc!r}); delete the directory or use {{overwrite}}") from exc
         if header.cache_key != obj.get("cache_key"):
             raise CacheFormatError(f"{BUILD_FILE}: its cache_key is not the key of its own header (damaged, or edited "
-                                   "after the build started); rerun with --overwrite to start the build again")
+                                   "after the build started); rerun with {overwrite} to start the build again")
         return header
 
 
@@ -164,7 +164,7 @@ def read_commit(store: Store, index: int, cache_key: str | None) -> ShardEntry |
     if not isinstance(raw, dict) or not seal_holds(raw, "commit_sha256"):
         return None
     if cache_key is not None and raw.get("cache_key") != cache_key:
-        raise CacheMismatchError(f"{key} belongs to another build (cache_key differs); rerun with --overwrite")
+        raise CacheMismatchError(f"{key} belongs to another build (cache_key differs); rerun with {{overwrite}}")
     entry = {k: v for k, v in raw.items() if k not in ("cache_key", "commit_sha256")}
     try:
         return parse_shard(entry, index)

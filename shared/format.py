@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 
+from shared.errors import UserError
+
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 2  # storage_layout.md 11: 2 = padded vocabulary rows never stored, sealed manifest
 
@@ -100,7 +102,7 @@ META_COLUMNS = {
 }
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """Base class of every error about a cache; the message says what is wrong and how to fix it."""
 
 

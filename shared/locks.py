@@ -102,8 +102,8 @@ def refuse_live_locks(store: Store, url: str) -> None:
         held = read_lock(store, key)
         if lock_holder_live(store, key, held):
             raise CacheLockedError(
-                f"--overwrite: {url} is being built by pid {held.get('pid')} on host {held.get('host')} "
-                f"since {held.get('since')} ({key}); stop that build first, then rerun with --overwrite")
+                f"{{overwrite}}: {url} is being built by pid {held.get('pid')} on host {held.get('host')} "
+                f"since {held.get('since')} ({key}); stop that build first, then rerun with {{overwrite}}")
 
 
 class BuildLock:
@@ -182,8 +182,8 @@ class BuildLock:
             raise CacheLockedError(
                 f"{self.url} is being built by pid {held.get('pid')} on host {held.get('host')} since "
                 f"{held.get('since')} as {theirs} ({key}); this builder is worker {self.worker} of {self.num_workers}. "
-                "Builders running together on one cache must use the same --num-workers (with another split their "
-                f"shards overlap): pass --num-workers {int(split[2]) if split else 'N'} --worker I, or wait for that "
+                "Builders running together on one cache must use the same {num_workers} (with another split their "
+                f"shards overlap): pass {{num_workers}} {int(split[2]) if split else 'N'} {{worker}} I, or wait for that "
                 "build to end (or stop it) and rerun this command to resume with your split."
             )
 
@@ -191,7 +191,7 @@ class BuildLock:
         raise CacheLockedError(
             f"{self.url} (worker {self.worker} of {self.num_workers}) is being built by pid {held.get('pid')} on "
             f"host {held.get('host')} since {held.get('since')} (lock {key}). Wait for it, or stop it and rerun "
-            "the same command to resume; to split the work instead, give each builder --num-workers N --worker I."
+            "the same command to resume; to split the work instead, give each builder {num_workers} N {worker} I."
         )
 
     def heartbeat(self) -> None:

@@ -352,7 +352,7 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
         if invariant.name in GIVEN_VALUE_RULES and _applies(invariant, set(given), tail_samples):
             bad = invariant.bad_rows(raw)
             if bad.any():
-                hint = " (the model produced non-finite log-probs; try --dtype float32)" if "NaN" in invariant.rule else ""
+                hint = " (the model produced non-finite log-probs; try {dtype} float32)" if "NaN" in invariant.rule else ""
                 raise CacheFormatError(f"{where}: {', '.join(invariant.arrays)} row {int(np.argmax(bad))}: breaks the rule "
                                        f"that {invariant.rule}{hint}; the shard is not committed")
     dtypes = array_dtypes(vocab_size, tail_samples)

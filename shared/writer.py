@@ -154,14 +154,14 @@ class CacheWriter:
     def __init__(self, url: str, header: BuildHeader, *, overwrite: bool = False, worker: int = 0,
                  num_workers: int = 1, chunk_rows: int = DEFAULT_CHUNK_ROWS, storage_options: dict | None = None):
         if not (num_workers >= 1 and 0 <= worker < num_workers):
-            raise CacheError(f"--worker {worker} must be in [0, --num-workers {num_workers})")
+            raise CacheError(f"{{worker}} {worker} must be in [0, {{num_workers}} {num_workers})")
         top_k, vocab_size = header.settings["top_k"], header.tokenizer["vocab_size"]
         width = max(top_k, tail_samples_of(header.settings))
         chunk_bytes = chunk_rows * width * max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
         if chunk_rows < 1 or chunk_bytes > MAX_CHUNK_BYTES:
             raise CacheError(
-                f"--chunk-rows {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse chunks "
-                f"over {MAX_CHUNK_BYTES:,} bytes (storage_layout.md 3.1): use --chunk-rows "
+                f"{{chunk_rows}} {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse chunks "
+                f"over {MAX_CHUNK_BYTES:,} bytes (storage_layout.md 3.1): use {{chunk_rows}} "
                 f"{max_chunk_rows(top_k, vocab_size, tail_samples_of(header.settings))} or less")
         if header.settings.setdefault("chunk_rows", chunk_rows) != chunk_rows:  # the manifest records it (6.2)
             raise CacheError(f"settings.chunk_rows {header.settings['chunk_rows']!r} differs from the writer's "
@@ -182,7 +182,7 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:  # noqa: PYI034 (typing.Self needs Python 3.11; 3.10 is supported)
         store = self.store
         if store.local and store.fs.exists(store.root) and not store.fs.isdir(store.root):
-            raise CacheError(f"--out {store.root} is a file, not a directory; pass a new folder path")
+            raise CacheError(f"{{out}} {store.root} is a file, not a directory; pass a new folder path")
         self._owner_id = claim_root(store)  # only a new, empty or kdcache-marked folder, without links (5.1)
         if store.exists(MANIFEST_FILE):
             existing = read_manifest_or_none(store)
@@ -197,7 +197,7 @@ class CacheWriter:
                     detail = "; differing: " + "; ".join(header_differences(old, self.header))
                 raise CacheMismatchError(
                     f"{self.url} already holds a complete cache with another cache_key{detail}. "
-                    "Choose another --out, or pass --overwrite to replace it."
+                    "Choose another {out}, or pass {overwrite} to replace it."
                 )
             self._wipe()
         elif store.exists(BUILD_FILE):
@@ -206,7 +206,7 @@ class CacheWriter:
             if diffs and not self.overwrite:
                 raise CacheMismatchError(
                     f"{self.url} holds an unfinished build with different settings: " + "; ".join(diffs)
-                    + ". Rerun with the original settings to resume, choose another --out, or pass --overwrite."
+                    + ". Rerun with the original settings to resume, choose another {out}, or pass {overwrite}."
                 )
             if diffs:
                 self._wipe()
@@ -272,7 +272,7 @@ class CacheWriter:
         where = f"shard {shard_name(index)}"
         if buffer.num_sequences > MAX_SHARD_SEQUENCES:
             raise CacheError(f"{where} holds {buffer.num_sequences:,} sequences; a shard holds at most "
-                             f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller --shard-tokens")
+                             f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller {{shard_tokens}}")
         arrays = validate_shard_arrays(
             buffer.arrays(), vocab_size=self.header.tokenizer["vocab_size"], top_k=self.header.settings["top_k"],
             where=where, tail_samples=tail_samples_of(self.header.settings),

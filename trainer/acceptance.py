@@ -32,6 +32,7 @@ from trainer.divergences import (
     target_not_in_ids,
     teacher_bucket_logprobs,
 )
+from trainer.errors import EvalError
 
 GAMMAS = tuple(range(1, 9))  # draft lengths reported
 
@@ -189,8 +190,8 @@ def acceptance_metric(model, sequences: list[dict], num_ids: int, *, teacher=Non
     (the summed alpha `alpha` is the mean of) and sequence_tokens, so a report can bootstrap over sequences.
     """
     if not sequences:
-        raise ValueError("acceptance: no cache sequences to measure on (an empty held-out set? lower --eval-fraction "
-                         "limits or evaluate all rows)")
+        raise EvalError("acceptance: no cache sequences to measure on (an empty held-out set? a larger "
+                        "{eval_fraction}, or --all-rows)")
     lower, upper, exact = [], [], []
     ids = [s["input_ids"] for s in sequences]
     students = _batched_logits(model, ids, num_ids, batch_size)
@@ -211,7 +212,7 @@ def acceptance_metric(model, sequences: list[dict], num_ids: int, *, teacher=Non
         if teacher_item is not None:
             exact.append(acceptance_dense(teacher_item[1][: n - 1][mask], rows))
     if not lower:
-        raise ValueError("acceptance: the selected cache sequences have no loss rows")
+        raise EvalError("acceptance: the selected cache sequences have no loss rows")
     cache_lower, cache_upper = acceptance_summary(torch.cat(lower)), acceptance_summary(torch.cat(upper))
     reported = exact if teacher is not None else lower  # what `alpha` is the mean of
     out = {"alpha": cache_lower["alpha"], "alpha_source": "cache lower bound",

@@ -45,6 +45,7 @@ import numpy as np
 
 from shared.format import CacheCorruptError
 from shared.reader import CacheReader
+from trainer.config import EVAL_FRACTION
 
 HASH_BUCKETS = 10_000
 
@@ -119,7 +120,7 @@ def cache_index(reader: CacheReader) -> CacheIndex:
     return CacheIndex(cat(shard_of), cat(index_of), cat(lengths), cat(starts), cat(hashes), cat(blocks), chunk_rows)
 
 
-def heldout_sequences(reader: CacheReader, eval_fraction: float = 0.05) -> list[tuple[int, int]]:
+def heldout_sequences(reader: CacheReader, eval_fraction: float = EVAL_FRACTION) -> list[tuple[int, int]]:
     """The cache's held-out sequences as (shard, index) pairs, in storage order."""
     index = cache_index(reader)
     mask = heldout_mask(index.hashes, eval_fraction)

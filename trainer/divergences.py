@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from shared.errors import KdError
+
 # A teacher probability below float32's smallest normal number (e^-87.3) counts as that number in the
 # reverse-KL log-ratio, so that an outcome the teacher rules out (log-prob -inf) costs a large but finite
 # amount instead of +inf. No other divergence needs a floor: their second argument is a mixture that is
@@ -193,7 +195,7 @@ def teacher_bucket_logprobs(topk_logprobs: torch.Tensor, tail_logprob: torch.Ten
     return t - torch.logsumexp(t, dim=-1, keepdim=True)
 
 
-class EmptyTeacherRowError(ValueError):
+class EmptyTeacherRowError(KdError):
     """A masked-in row whose teacher buckets hold no probability (every entry -inf, or NaN).
 
     `row` is its index among the N rows given to sparse_kd_loss, so a caller can name the cache row.

@@ -47,101 +47,12 @@ from common.gsm8k import extract_gsm8k_answer, gsm8k_final_answer
 from common.sequences import load_sequences
 from common.templates import prompt_only_ids
 from shared.reader import CacheReader
+from trainer.config import EVAL_FRACTION, GSM8K_INSTRUCTION, EvalConfig
+from trainer.errors import EvalError
 from trainer.hallucination import gsm8k_hallucination
 
-METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore", "acceptance", "grounding")
-MINILLM_SEEDS = (10, 20, 30, 40, 50)
-# Appended to each GSM8K question (after a blank line) so the answer ends in the form the metric and
-# `kdcache build --filter gsm8k-answer` read. examples/prepare_gsm8k.py adds the same line to training prompts.
-GSM8K_INSTRUCTION = ("Solve the problem step by step, then write the final answer as a number alone on the last "
-                     "line, after '#### '.")
 # mauve-text 0.4 loads a feature model only when its name or path contains one of these.
 MAUVE_MODEL_MARKERS = ("gpt2", "bert")
-
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked (missing fields, missing extra...)."""
-
-
-@dataclass
-class EvalConfig:
-    """Settings of one `kdtrain eval`."""
-
-    model: str
-    """Model folder (or hub id) to evaluate."""
-    dataset: str | None = None
-    """Evaluation data (ppl, rouge, gsm8k): a local file, builtin:NAME or a hub name."""
-    dataset_config: str | None = None
-    """Configuration (subset) of a hub data set that has several, e.g. 'main' for openai/gsm8k."""
-    metrics: tuple[str, ...] = ("ppl",)
-    """Metrics to compute: ppl, agreement, rouge, gsm8k, mauve, bertscore, acceptance, grounding."""
-    cache: str | None = None
-    """Teacher cache for `agreement` and `acceptance`."""
-    teacher: str | None = None
-    """acceptance: the teacher model folder: alpha from its logits (exact), also on continuations it samples."""
-    split: str | None = None
-    """Split of the evaluation data set."""
-    text_field: str | None = None
-    """Text field for ppl on plain text."""
-    prompt_field: str | None = None
-    """Prompt field (rouge, gsm8k; ppl on prompt/response data counts response tokens only)."""
-    response_field: str | None = None
-    """Reference response field."""
-    input_field: str | None = None
-    """rouge: optional 'input' field of instruction data (dolly's `context`)."""
-    max_length: int = 512
-    """ppl window length; rouge/gsm8k: prompt + response limit."""
-    max_prompt_length: int = 256
-    """rouge/gsm8k: longest prompt (MiniLLM: 256); longer prompts are skipped and counted."""
-    limit: int | None = None
-    """Evaluate on the first N examples / windows only."""
-    seeds: tuple[int, ...] = MINILLM_SEEDS
-    """rouge: sampling seeds (MiniLLM uses 10..50)."""
-    greedy: bool = False
-    """rouge: greedy decoding instead of sampling (then one pass, no seeds)."""
-    batch_size: int = 8
-    """Sequences per forward / generation batch."""
-    gsm8k_instruction: str = GSM8K_INSTRUCTION
-    """gsm8k: the line appended to each question ('' for none; see GSM8K_INSTRUCTION)."""
-    bertscore_layers: int | None = None
-    """bertscore: the feature model's layer to use (default: bert_score's tuned layer for a folder named like a
-    model it knows, e.g. roberta-large -> 17, else the folder's last layer, config num_hidden_layers)."""
-    heldout_only: bool = True
-    """agreement: only the cache's held-out rows (the trainer's held-out rule)."""
-    eval_fraction: float | None = None
-    """Held-out fraction for cache rows. Default: the one in the evaluated run's run.json (a kdtrain run folder),
-    else 0.05. On a run, a given fraction must select a subset of the run's held-out rows (docs/runs-and-plans.md 2)."""
-    out: str | None = None
-    """Write all numbers to this JSON file."""
-
-    def __post_init__(self):
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown:
-            raise EvalError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-        if "agreement" in self.metrics and not self.cache:
-            raise EvalError("metric 'agreement' needs --cache (a teacher cache to compare with)")
-        if "acceptance" in self.metrics and not self.cache:
-            raise EvalError("metric 'acceptance' needs --cache (held-out text and the teacher's top-K there); add "
-                            "--teacher MODEL for the exact value")
-        if self.teacher and "acceptance" not in self.metrics:
-            raise EvalError("--teacher is used by metric 'acceptance' only: add acceptance to --metrics, or drop --teacher")
-        if "grounding" in self.metrics and not self.prompt_field:
-            raise EvalError("metric 'grounding' needs --prompt-field (and --input-field for the context, dolly's context)")
-        needs_data = [m for m in self.metrics if m in ("rouge", "gsm8k", "mauve", "bertscore", "grounding")]
-        if "ppl" in self.metrics and not (self.dataset or self.cache):
-            needs_data.append("ppl (or --cache: its held-out sequences)")
-        if needs_data and not self.dataset:
-            raise EvalError(f"metric(s) {needs_data} need --dataset")
-        for m in ("rouge", "gsm8k", "mauve", "bertscore"):
-            if m in self.metrics and not (self.prompt_field and self.response_field):
-                raise EvalError(f"metric {m!r} needs --prompt-field and --response-field (prompts and references)")
-        if self.max_length < 2:
-            raise EvalError("--max-length must be >= 2")
-        if self.eval_fraction is not None and not (math.isfinite(self.eval_fraction) and 0 <= self.eval_fraction < 1):
-            raise EvalError(f"--eval-fraction must be a finite number in [0, 1) (the fraction of the cache's sequences "
-                            f"held out), got {self.eval_fraction}")
-        if self.bertscore_layers is not None and self.bertscore_layers < 1:
-            raise EvalError(f"--bertscore-layers must be >= 1, got {self.bertscore_layers}")
 
 
 def load_model(path: str, *, need_tokenizer: bool = True):
@@ -213,7 +124,7 @@ def perplexity(model, sequences, batch_size: int = 8) -> dict:
 
 @torch.no_grad()
 def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None = None, batch_size: int = 8,
-              eval_fraction: float = 0.05) -> dict:
+              eval_fraction: float = EVAL_FRACTION) -> dict:
     """Top-1 agreement and mean KL(teacher || student) over the cache's K+1 buckets, per loss token.
 
     The KL is trainer.train.heldout_kl (the trainer's eval_kl) over the model's logits of the cache's
@@ -270,7 +181,7 @@ def agreement(model, cache: str, *, heldout_only: bool = True, limit: int | None
 @torch.no_grad()
 def draft_acceptance(model, config: EvalConfig, eval_fraction: float) -> dict:
     """The model as a speculative-decoding draft of the cache's teacher, on the cache's held-out sequences
-    (trainer.acceptance.acceptance_metric): bounds from the top-K, exact with --teacher."""
+    (trainer.acceptance.acceptance_metric): bounds from the top-K, exact with a teacher."""
     from trainer.acceptance import acceptance_metric
     from trainer.student import cache_token_ids
 
@@ -278,7 +189,7 @@ def draft_acceptance(model, config: EvalConfig, eval_fraction: float) -> dict:
     selected = cache_sequences(reader, heldout_only=config.heldout_only, limit=config.limit, eval_fraction=eval_fraction)
     num_ids = cache_token_ids(reader.manifest.tokenizer)
     teacher = load_model(config.teacher, need_tokenizer=False)[0] if config.teacher else None
-    for name, m in (("--model", model), ("--teacher", teacher)):
+    for name, m in (("{model}", model), ("{teacher}", teacher)):
         rows = m.get_output_embeddings().weight.shape[0] if m is not None else num_ids
         if rows < num_ids:
             raise EvalError(f"{name}: its vocabulary ({rows}) is smaller than the cache's {num_ids} token ids: another "
@@ -287,7 +198,8 @@ def draft_acceptance(model, config: EvalConfig, eval_fraction: float) -> dict:
             "cache": config.cache, "teacher": config.teacher}
 
 
-def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None, eval_fraction: float = 0.05) -> list[dict]:
+def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None,
+                    eval_fraction: float = EVAL_FRACTION) -> list[dict]:
     """The cache's sequences to evaluate on (held-out ones by the trainer's rule, if asked)."""
     from trainer.data import heldout_sequences
 
@@ -326,18 +238,17 @@ def run_record(model: str) -> tuple[dict, str] | None:
 def heldout_split(config: EvalConfig) -> tuple[float, str]:
     """(eval_fraction, where it came from) for cache-row metrics (docs/runs-and-plans.md, section 2).
 
-    A kdtrain run's own fraction (run.json) unless --eval-fraction is given; a given fraction must select a subset
+    A kdtrain run's own fraction (run.json) unless config.eval_fraction is given; a given fraction must select a subset
     of the run's held-out rows. The rule is a threshold on a fixed number per sequence, so that holds exactly when
     its threshold is not above the run's.
     """
     from trainer.data import HASH_BUCKETS
-    from trainer.train import TrainConfig
 
     found = run_record(config.model)
     if found is None:
         unknown = "not a kdtrain run folder (no run.json), so the rows this model trained on are unknown"
         if config.eval_fraction is None:
-            return TrainConfig.eval_fraction, f"default --eval-fraction {TrainConfig.eval_fraction}; {unknown}"
+            return EVAL_FRACTION, f"default --eval-fraction {EVAL_FRACTION}; {unknown}"
         return config.eval_fraction, f"--eval-fraction; {unknown}"
     record, path = found
     recorded = record.get("config", {}).get("eval_fraction") if isinstance(record.get("config"), dict) else None
@@ -347,9 +258,9 @@ def heldout_split(config: EvalConfig) -> tuple[float, str]:
     if config.eval_fraction is None:
         return float(recorded), f"run.json ({path})"
     if round(config.eval_fraction * HASH_BUCKETS) > round(recorded * HASH_BUCKETS):
-        raise EvalError(f"--eval-fraction {config.eval_fraction} selects more sequences than the run held out "
+        raise EvalError(f"{{eval_fraction}} {config.eval_fraction} selects more sequences than the run held out "
                         f"(eval_fraction {recorded} in {path}), so it would score training rows as held-out; omit "
-                        f"--eval-fraction (the run's {recorded} is used) or pass {recorded} or less")
+                        f"{{eval_fraction}} (the run's {recorded} is used) or pass {recorded} or less")
     return config.eval_fraction, f"--eval-fraction, a subset of the held-out rows of {path} (eval_fraction {recorded})"
 
 
@@ -427,7 +338,7 @@ def prompts_for(config: EvalConfig, tokenizer, template: str) -> tuple[list[list
         if config.limit is not None and len(prompts) >= config.limit:
             break
     if not prompts:
-        raise EvalError(f"{config.dataset}: no prompt fits in --max-prompt-length {config.max_prompt_length}")
+        raise EvalError(f"{config.dataset}: no prompt fits in {{max_prompt_length}} {config.max_prompt_length}")
     return prompts, refs, {"num_examples": len(prompts), "num_skipped": skipped}
 
 
@@ -528,14 +439,14 @@ def bertscore_num_layers(folder: str, requested: int | None, known_layers: dict 
     total = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), None)
     if requested is not None:
         if total is not None and requested > total:
-            raise EvalError(f"--bertscore-layers {requested}: {folder} has {total} layers; use 1..{total}")
+            raise EvalError(f"{{bertscore_layers}} {requested}: {folder} has {total} layers; use 1..{total}")
         return requested
     known = (known_layers or {}).get(os.path.basename(folder.rstrip("/")))
     if isinstance(known, int) and (total is None or known <= total):
         return known
     if total is None:
         raise EvalError(f"bertscore: {folder}/config.json names no layer count (num_hidden_layers); pass "
-                        "--bertscore-layers N")
+                        "{bertscore_layers} N")
     return total
 
 

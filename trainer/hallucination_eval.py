@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from common.datasets import load_rows
 from common.templates import prompt_only_ids
+from trainer.errors import EvalError
 from trainer.hallucination import grounding_hallucination
 
 # dolly-15k's categories whose answers must come from the given context (the others are open questions).
@@ -24,12 +25,12 @@ def grounded_rows(config, tokenizer) -> tuple[list[list[int]], list[str], list[s
     """(prompt ids, prompt texts, context texts, counts) of the grounded rows whose prompt fits max_prompt_length.
 
     config: the EvalConfig fields dataset, split, dataset_config, prompt_field, input_field, max_prompt_length,
-    limit. Raises ValueError naming the field that is missing, or when no row is left.
+    limit. Raises EvalError naming the field that is missing, or when no row is left.
     """
     rows, columns = load_rows(config.dataset, config.split, config.dataset_config)
     for name in (config.prompt_field, config.input_field):
         if name and name not in columns:
-            raise ValueError(f"field {name!r} is not in {config.dataset}; its fields are: {', '.join(columns)}")
+            raise EvalError(f"field {name!r} is not in {config.dataset}; its fields are: {', '.join(columns)}")
     by_category = CATEGORY_FIELD in columns
     ids, prompts, contexts, skipped = [], [], [], 0
     for row in rows:
@@ -48,8 +49,8 @@ def grounded_rows(config, tokenizer) -> tuple[list[list[int]], list[str], list[s
             break
     if not ids:
         kept = f"rows of category {' or '.join(GROUNDED_CATEGORIES)}" if by_category else "rows"
-        raise ValueError(f"{config.dataset}: no {kept} with a prompt that fits in --max-prompt-length "
-                         f"{config.max_prompt_length}")
+        raise EvalError(f"{config.dataset}: no {kept} with a prompt that fits in {{max_prompt_length}} "
+                        f"{config.max_prompt_length}")
     counts = {"num_examples": len(ids), "num_skipped": skipped,
               "categories": list(GROUNDED_CATEGORIES) if by_category else "all rows (no category column)"}
     return ids, prompts, contexts, counts

@@ -30,6 +30,7 @@ import torch
 
 from trainer.batch import Batch, collate
 from trainer.data import Source, epoch_order, pack_batches
+from trainer.errors import TrainError
 
 
 def pack_rows(lengths: np.ndarray, batch_tokens: int, row_tokens: int) -> list[tuple[int, int]]:
@@ -142,7 +143,7 @@ class Batcher:
         while True:
             order = self.order(epoch)
             if len(order) == 0:
-                raise ValueError(f"rank {self.rank} of {self.world_size} has no training sequences: the data has "
+                raise TrainError(f"rank {self.rank} of {self.world_size} has no training sequences: the data has "
                                  "fewer blocks than ranks; use fewer processes or more data")
             rest = order[position:]  # the cursor is always at a batch boundary of this epoch's packing
             lengths = self.source.lengths[rest]

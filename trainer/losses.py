@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.config import LOSSES
 from trainer.divergences import check_beta_skew, divergence
 from trainer.fused_loss import ChunkSettings, FusedLinearKD, FusedSparseKD, TeacherTensors, compute_dtype
-
-LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "ce")
 
 
 @dataclass(frozen=True)

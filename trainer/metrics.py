@@ -1,4 +1,5 @@
-"""`<out>/metrics.jsonl`: one JSON object per logged step and per evaluation (optionally TensorBoard too).
+"""`<out>/metrics.jsonl`: one JSON object per logged step and per evaluation (optionally TensorBoard and Weights &
+Biases too).
 
 A resumed run first drops the lines of steps after its checkpoint (a run killed after its last
 checkpoint logged steps it is about to redo), so the file reads as one uninterrupted run. The kept
@@ -14,6 +15,8 @@ import json
 import math
 import os
 
+from trainer.errors import TrainError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -27,9 +30,11 @@ def read_metrics(out: str) -> list[dict]:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl, flushed per line; `tensorboard=True` mirrors scalars to <out>/tensorboard."""
+    """Append-only metrics.jsonl, flushed per line; `tensorboard=True` mirrors scalars to <out>/tensorboard;
+    `wandb` (wandb.init's project, name, id, config) mirrors them to a Weights & Biases run kept in <out>/wandb
+    (resumed under the same id; WANDB_MODE=offline writes only there)."""
 
-    def __init__(self, out: str, *, resume_step: int = 0, tensorboard: bool = False):
+    def __init__(self, out: str, *, resume_step: int = 0, tensorboard: bool = False, wandb: dict | None = None):
         path = os.path.join(out, METRICS_FILE)
         kept = [r for r in read_metrics(out) if resume_step > 0 and r.get("step", 0) <= resume_step]
         tmp = os.path.join(out, ".tmp-" + METRICS_FILE)
@@ -45,18 +50,36 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+                raise TrainError("{tensorboard} needs the tensorboard package: pip install 'kdcache[tensorboard]'") from exc
             self._tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=resume_step or None)
+        self._wandb = _start_wandb(out, wandb) if wandb is not None else None
 
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        scalars = {key: value for key, value in row.items() if key != "step" and isinstance(value, (int, float))
+                   and not isinstance(value, bool) and math.isfinite(value)}
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, row["step"])
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(out: str, settings: dict):
+    """A Weights & Biases run in <out>/wandb; TrainError naming the fix when it cannot start (not logged in, ...)."""
+    import wandb
+
+    try:
+        return wandb.init(dir=out, resume="allow", settings=wandb.Settings(console="off", silent=True), **settings)
+    except Exception as exc:  # wandb raises its own error types (UsageError, CommError, ...)
+        raise TrainError(f"{{wandb}}: Weights & Biases did not start ({type(exc).__name__}: {exc}); log in with "
+                         "`wandb login`, or set WANDB_MODE=offline to keep the run in <out>/wandb for a later "
+                         "`wandb sync`") from exc

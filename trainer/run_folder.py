@@ -25,6 +25,7 @@ import stat
 import time
 import uuid
 
+from shared.errors import UserError
 from shared.format import BUILD_FILE, LOCKS_DIR, MANIFEST_FILE, META_DIR, SHARDS_DIR
 from trainer.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from trainer.metrics import METRICS_FILE
@@ -34,7 +35,7 @@ LOCK_FILE = "run.lock"
 STAGING_DIR = ".tmp-student"  # the student is saved here, then its files are renamed into the folder
 RUN_FILE = "run.json"
 # What a run writes as it goes; `--resume` without a complete checkpoint deletes these and starts over.
-WRITTEN_AS_IT_GOES = (RUN_FILE, METRICS_FILE, CHECKPOINTS_DIR, "trace", "tensorboard")
+WRITTEN_AS_IT_GOES = (RUN_FILE, METRICS_FILE, CHECKPOINTS_DIR, "trace", "tensorboard", "wandb")
 # Names a run owns in every run folder (besides the student's files listed in the marker).
 OWNED = (MARKER_FILE, LOCK_FILE, STAGING_DIR, *WRITTEN_AS_IT_GOES)
 # What makes an unmarked folder a model folder or a cache (for the refusal's wording; both are refused anyway).
@@ -46,7 +47,7 @@ MAX_MARKER_BYTES = 1 << 20
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """An --out that kdtrain may not use as asked; the message names the path and what to do."""
 
 
@@ -125,13 +126,13 @@ def _take_lock(folder: str) -> int:
             os.close(fd)
             held = _read_lock_body(path)
             raise RunFolderError(
-                f"--out {folder} is in use by another kdtrain run: pid {held.get('pid', '?')} on host "
+                f"{{out}} {folder} is in use by another kdtrain run: pid {held.get('pid', '?')} on host "
                 f"{held.get('host', '?')} since {held.get('since', '?')} (lock {path}). Wait for it to end or stop "
-                "it, or pass another --out") from None
+                "it, or pass another {out}") from None
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise RunFolderError(f"--out {folder}: this filesystem has no flock(2) ({exc}), so two runs into one "
+                raise RunFolderError(f"{{out}} {folder}: this filesystem has no flock(2) ({exc}), so two runs into one "
                                      "folder could not exclude each other; put run folders on a local disk") from exc
             raise
         try:
@@ -182,7 +183,7 @@ def read_marker(folder: str) -> dict | None:
                 problem = "is not a kdtrain run marker (tool kdtrain, kind run, a 32-hex-digit id, a list of file names)"
     if problem:
         raise RunFolderError(f"{path} {problem}, so kdtrain cannot tell what it owns in {folder}; it deletes and "
-                             "writes nothing there: pass another --out, or delete the folder by hand")
+                             "writes nothing there: pass another {out}, or delete the folder by hand")
     return marker
 
 
@@ -204,7 +205,7 @@ def _refuse_unmarked(folder: str, entries: set[str]) -> None:
                 "has none), so kdtrain will not delete or write anything in it")
     else:
         what = f"a folder kdtrain did not create (it holds {_some(entries)}; no {MARKER_FILE})"
-    raise RunFolderError(f"--out {folder} is {what}. Pass a new or empty folder as --out"
+    raise RunFolderError(f"{{out}} {folder} is {what}. Pass a new or empty folder as {{out}}"
                          + (", or delete that one by hand if it is an old run you mean to replace" if not models
                             and not caches else ""))
 
@@ -221,10 +222,10 @@ class RunFolder:
     def open(cls, out: str, *, resume: bool, overwrite: bool, log=print) -> RunFolder:
         """Check --out, take its lock, and prepare it as --resume / --overwrite ask (docs/runs-and-plans.md 1.2)."""
         if _is_link(out):
-            raise RunFolderError(f"--out {out} is a symbolic link; kdtrain never follows links to write or delete: "
+            raise RunFolderError(f"{{out}} {out} is a symbolic link; kdtrain never follows links to write or delete: "
                                  f"pass the folder itself ({os.path.realpath(out)})")
         if os.path.exists(out) and not os.path.isdir(out):
-            raise RunFolderError(f"--out {out} is a file; pass a folder")
+            raise RunFolderError(f"{{out}} {out} is a file; pass a folder")
         if os.path.isdir(out):
             entries = set(os.listdir(out)) - {LOCK_FILE, MARKER_FILE}
             if entries and read_marker(out) is None:  # refused before anything is created in someone's folder
@@ -261,7 +262,7 @@ class RunFolder:
         if not ours:
             return  # a marked folder with nothing of a run in it (a run refused before it wrote anything)
         if not (resume or overwrite):
-            raise RunFolderError(f"--out {out} is not empty; pass --resume to continue the run in it or --overwrite "
+            raise RunFolderError(f"{{out}} {out} is not empty; pass {{resume}} to continue the run in it or {{overwrite}} "
                                  "to replace it")
         if overwrite:
             for name in sorted(ours):

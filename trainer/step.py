@@ -25,7 +25,6 @@ import torch
 
 from trainer.student import HiddenStates, linear_head_weight, packs_sequences
 
-COMPILE_SETTINGS = ("auto", "on", "off")
 # On CUDA, bytes of one float32 (chunk_tokens, V) temporary of the chunked loss (a few live at once): large chunks
 # keep the per-chunk host synchronization and kernel launches small next to the work. On a CPU, the chunk
 # size sparse_kd_loss has always used (BENCHMARKS.md P1).

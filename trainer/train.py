@@ -37,11 +37,12 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from shared.errors import flagged
 from shared.format import CacheError
 from shared.reader import CacheReader
 from trainer.batch import Batch, TeacherRows, collate
@@ -51,6 +52,7 @@ from trainer.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from trainer.config import TrainConfig
 from trainer.data import (
     Source,
     cache_index,
@@ -62,9 +64,9 @@ from trainer.data import (
     sequence_source,
 )
 from trainer.divergences import EmptyTeacherRowError
+from trainer.errors import TrainError
 from trainer.loader import Batcher, plan_spans
 from trainer.losses import (
-    LOSSES,
     LossOptions,
     cross_entropy_loss,
     linear_kd_loss,
@@ -73,7 +75,7 @@ from trainer.losses import (
 )
 from trainer.metrics import MetricsLog
 from trainer.run_folder import RunFolder
-from trainer.step import COMPILE_SETTINGS, data_workers, make_optimizer, packing_row_tokens, setup_step
+from trainer.step import data_workers, make_optimizer, packing_row_tokens, setup_step
 from trainer.throughput import peak_flops, step_flops
 
 # Caches up to this size are hashed completely before training starts (a few seconds per GiB);
@@ -82,211 +84,6 @@ from trainer.throughput import peak_flops, step_flops
 VERIFY_ALL_BYTES = 4 * 2**30
 # Chunk-aligned blocks whose sequences are shuffled together (trainer/data.py).
 SHUFFLE_WINDOW_BLOCKS = 4
-# Largest --lr: AdamW moves each weight by about lr per step, and weights are of order 1 or smaller, so above
-# this every step rewrites the weights and the loss diverges (--lr 1e30 trained NaN and saved it).
-MAX_LR = 1.0
-# --temperature divides logits; outside this range the tempered distributions are one-hot or flat to float32
-# precision (no published KD recipe leaves 0.5-10), and T^2 scales the KD term by up to 1e4.
-TEMPERATURE_RANGE = (0.01, 100.0)
-
-
-class TrainError(ValueError):
-    """A run that cannot start as asked; the message says what to change."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one `kdtrain run` (each field's docstring is its --help text)."""
-
-    out: str
-    """Output folder: the student (save_pretrained), metrics.jsonl, run.json, checkpoints/."""
-    cache: str | None = None
-    """Teacher cache (folder or URL). Without it, --dataset trains plain cross-entropy."""
-    student: str | None = None
-    """Student: a hub id or local model folder."""
-    student_from_teacher: bool = False
-    """Student = the cache's teacher keeping --keep-layers evenly spaced layers."""
-    keep_layers: int | None = None
-    """Layers kept by --student-from-teacher."""
-    student_config: str | None = None
-    """Student = random init from this JSON config (with model_type); uses the teacher's tokenizer."""
-    teacher: str | None = None
-    """Teacher folder for --student-from-teacher / --student-config (default: the cache's teacher.path)."""
-    loss: str = "fkl"
-    """fkl | rkl | jsd | skl | srkl | tvd | ce."""
-    alpha: float = 0.0
-    """Weight of cross-entropy on the real next token: alpha * CE + (1 - alpha) * T^2 * KD."""
-    temperature: float = 1.0
-    """Distillation temperature (both distributions re-tempered; see docs/losses.md)."""
-    beta: float = 0.5
-    """JSD mixing weight, in (0, 1)."""
-    skew: float = 0.1
-    """Skew of skl / srkl (DistiLLM), in [0, 1)."""
-    target_bucket: bool = True
-    """Give the actual next token its own bucket where it is outside the teacher's top K (K + 2 outcomes;
-    uses the cache's target_logprob; docs/losses.md). Off: K + 1 buckets. Not used with tail samples."""
-    tail_samples: bool = True
-    """Use the cache's tail samples (a cache built with --tail-samples) with loss fkl: the K top-K entries plus
-    M importance-weighted draws from the tail replace the rest bucket (docs/losses.md). Ignored otherwise."""
-    steps: int | None = None
-    """Optimizer steps (default: --epochs over the training sequences). With --resume it may grow: the extra
-    steps run at the schedule's final learning rate."""
-    epochs: float = 1.0
-    """Passes over the training sequences when --steps is not given."""
-    lr: float = 5e-4
-    """Peak learning rate (AdamW, betas 0.9/0.95)."""
-    warmup_steps: int = 0
-    """Linear warm-up steps; then cosine decay to 10% of --lr."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (matrices only)."""
-    batch_tokens: int = 4096
-    """Tokens per micro-batch per rank, padding included: rows x longest sequence, or with packing rows x the
-    longest sequence of the data."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    clip: float = 1.0
-    """Gradient-norm clip (0 = off)."""
-    bf16: bool = False
-    """bfloat16 autocast for the student's forward."""
-    pack: bool = True
-    """Pack sequences into rows of the data's longest sequence (no padding but at each row's end) when the student
-    keeps packed sequences apart (checked on it); off: one right-padded sequence per row."""
-    compile: str = "auto"
-    """torch.compile the student's forward: auto (on CUDA only), on, off."""
-    data_workers: int | None = None
-    """Processes that read and collate batches (0: one thread in the training process; default 4 on CUDA, 0 on a
-    CPU)."""
-    peak_tflops: float | None = None
-    """The device's peak TFLOP/s for the logged MFU (default: the data-sheet bf16 figure of a known GPU under
-    --bf16; otherwise MFU is not logged)."""
-    seed: int = 0
-    """Seed of the data order and of a random student init."""
-    eval_every: int = 0
-    """Evaluate every N steps, and at step 0 (0: only at the end)."""
-    eval_fraction: float = 0.05
-    """Fraction of sequences held out for evaluation (rule in trainer/data.py)."""
-    eval_max_sequences: int = 64
-    """At most this many held-out sequences per evaluation (the first ones in storage order)."""
-    log_every: int = 1
-    """Write a metrics line every N steps."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: none besides the final model)."""
-    resume: bool = False
-    """Continue from the latest checkpoint in --out (same settings); without one, start the run in --out over."""
-    overwrite: bool = False
-    """Replace a non-empty --out that holds a kdtrain run."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to <out>/tensorboard (needs the tensorboard package)."""
-    dataset: str | None = None
-    """No-cache path: data set to train on with --loss ce (tokenized with the student's tokenizer)."""
-    split: str | None = None
-    """No-cache path: split."""
-    text_field: str | None = None
-    """No-cache path: text field."""
-    prompt_field: str | None = None
-    """No-cache path: prompt field."""
-    response_field: str | None = None
-    """No-cache path: response field."""
-    prompt_template: str | None = None
-    """No-cache path: prompt format of prompt/response data, as `kdcache build --prompt-template` (chat, plain,
-    minillm; default chat when the tokenizer has a chat template, else plain)."""
-    input_field: str | None = None
-    """No-cache path: with --prompt-template minillm, the field of its '### Input:' section (dolly's context)."""
-    max_length: int = 256
-    """No-cache path: window length."""
-    limit: int | None = None
-    """No-cache path: first N source rows only."""
-    stop_after: int | None = None
-    """Checkpoint and stop after this step, as if killed (tests of --resume)."""
-    trace_data: bool = False
-    """Write the (shard, sequence) ids each rank trains on to <out>/trace/rank-R.jsonl."""
-    skip_nonfinite: int = 0
-    """Skip up to N optimizer steps whose loss or gradient norm is not finite (their batches are dropped, nothing
-    is updated; each skip is counted in metrics.jsonl) before stopping; 0: the first one stops the run."""
-    gradient_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass instead of keeping them (transformers' gradient
-    checkpointing), for students that do not fit otherwise: a step holds about one layer's activations instead of
-    every layer's, for about one more forward per step; the loss and gradients are the same."""
-
-    def __post_init__(self):
-        self._check_finite()
-        if self.loss not in LOSSES:
-            raise TrainError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise TrainError(f"--alpha must be in [0, 1] (it weighs CE against KD), got {self.alpha}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise TrainError(f"--temperature must be > 0 (1.0 means no tempering), got {self.temperature}")
-        if self.loss == "jsd" and not 0.0 < self.beta < 1.0:
-            raise TrainError(f"--beta must be in (0, 1) for --loss jsd (at 0 or 1 the JSD is 0), got {self.beta}")
-        if self.loss in ("skl", "srkl") and not 0.0 <= self.skew < 1.0:
-            raise TrainError(f"--skew must be in [0, 1) for --loss {self.loss}, got {self.skew}")
-        chosen = [name for name, value in (("--student", self.student), ("--student-from-teacher", self.student_from_teacher),
-                                           ("--student-config", self.student_config)) if value]
-        if len(chosen) != 1:
-            raise TrainError("give exactly one of --student, --student-from-teacher (with --keep-layers), --student-config"
-                             + (f"; got {' and '.join(chosen)}" if chosen else "; got none"))
-        if self.student_from_teacher and (self.keep_layers is None or self.keep_layers < 1):
-            raise TrainError("--student-from-teacher needs --keep-layers N (N >= 1)")
-        if self.keep_layers is not None and not self.student_from_teacher:
-            raise TrainError("--keep-layers only applies to --student-from-teacher")
-        if self.cache is None and self.dataset is None:
-            raise TrainError("give --cache (distillation) or --dataset (plain cross-entropy with --loss ce)")
-        if self.cache is not None and self.dataset is not None:
-            raise TrainError("give --cache or --dataset, not both (--loss ce with --cache trains on the cache's tokens)")
-        if self.cache is not None and (self.prompt_template is not None or self.input_field is not None):
-            raise TrainError("--prompt-template and --input-field format --dataset's prompts; a cache's prompts were "
-                             "formatted when it was built (kdcache build --prompt-template)")
-        if self.cache is None and self.loss != "ce":
-            raise TrainError(f"without --cache there is no teacher: use --loss ce (got --loss {self.loss})")
-        if self.cache is None and (self.student_from_teacher or self.student_config) and self.teacher is None:
-            raise TrainError("without --cache, --student-from-teacher and --student-config need --teacher FOLDER")
-        if self.steps is not None and self.steps < 1:
-            raise TrainError(f"--steps must be >= 1, got {self.steps}")
-        for name, value, low in (("--epochs", self.epochs, 0), ("--lr", self.lr, 0)):
-            if not value > low:
-                raise TrainError(f"{name} must be > {low}, got {value}")
-        for name, value, low in (("--batch-tokens", self.batch_tokens, 2), ("--grad-accum", self.grad_accum, 1),
-                                 ("--log-every", self.log_every, 1), ("--warmup-steps", self.warmup_steps, 0),
-                                 ("--eval-every", self.eval_every, 0), ("--save-every", self.save_every, 0),
-                                 ("--max-length", self.max_length, 2), ("--clip", self.clip, 0),
-                                 ("--weight-decay", self.weight_decay, 0)):
-            if value < low:
-                raise TrainError(f"{name} must be >= {low}, got {value}")
-        if not 0 <= self.eval_fraction < 1:
-            raise TrainError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.resume and self.overwrite:
-            raise TrainError("--resume and --overwrite contradict each other; pass one")
-        if self.compile not in COMPILE_SETTINGS:
-            raise TrainError(f"--compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
-        if self.data_workers is not None and self.data_workers < 0:
-            raise TrainError(f"--data-workers must be >= 0 (0: read in a thread of the training process), "
-                             f"got {self.data_workers}")
-        if self.peak_tflops is not None and not (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)):
-            raise TrainError(f"--peak-tflops must be a finite number > 0 (the device's peak, e.g. 989 for an H100 "
-                             f"in bf16), got {self.peak_tflops}")
-        self._check_numbers()
-
-    def _check_finite(self) -> None:
-        """Non-finite numbers are refused before anything runs (--lr inf trained a NaN student with exit 0)."""
-        for name in ("alpha", "temperature", "beta", "skew", "epochs", "lr", "weight_decay", "clip", "eval_fraction"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-
-    def _check_numbers(self) -> None:
-        """Absurd numbers are refused before anything runs (--lr 1e30 trained a NaN student with exit 0)."""
-        if not 0 < self.lr <= MAX_LR:
-            raise TrainError(f"--lr must be in (0, {MAX_LR}] (AdamW moves each weight by about lr per step; typical "
-                             f"values are 1e-5 to 1e-2), got {self.lr}")
-        if not (self.weight_decay >= 0 and self.lr * self.weight_decay < 1):
-            raise TrainError(f"--weight-decay must be >= 0 with --lr x --weight-decay < 1 (AdamW multiplies the weights "
-                             f"by 1 - lr x weight_decay each step; at 1 or more it zeroes or flips them), got "
-                             f"--weight-decay {self.weight_decay} with --lr {self.lr}")
-        low, high = TEMPERATURE_RANGE
-        if not low <= self.temperature <= high:
-            raise TrainError(f"--temperature must be in [{low}, {high}] (1.0 means no tempering), got {self.temperature}")
-        if self.skip_nonfinite < 0:
-            raise TrainError(f"--skip-nonfinite must be >= 0, got {self.skip_nonfinite}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,30 +152,31 @@ def _open_cache(config: TrainConfig, log) -> CacheReader:
             reader.verify_on_read = False  # every object was just hashed
             log(f"verified every object of {config.cache} ({num_bytes / 2**20:.1f} MiB) in {time.time() - started:.1f}s")
     except CacheError as exc:
-        raise TrainError(f"cannot train from {config.cache}: {exc}") from exc
+        raise TrainError(f"cannot train from {config.cache}: {exc.template}") from exc
     if reader.manifest.totals["num_loss_tokens"] == 0:
         raise TrainError(f"cache {config.cache} has no rows with loss_mask set, so there is nothing to distill; "
-                         "rebuild it from data with response tokens (check --prompt-field/--response-field)")
+                         "rebuild it from data with response tokens (check kdcache build's --prompt-field and "
+                         "--response-field)")
     return reader
 
 
 def _teacher_path(config: TrainConfig, reader: CacheReader | None) -> str | None:
-    """The teacher folder a student is made from (--teacher, else the cache's teacher.path)."""
+    """The teacher folder a student is made from (config.teacher, else the cache's teacher.path)."""
     if config.teacher:
         if not os.path.isdir(config.teacher):
-            raise TrainError(f"--teacher {config.teacher} is not a folder")
+            raise TrainError(f"{{teacher}} {config.teacher} is not a folder")
         return config.teacher
     if reader is not None and (config.student_from_teacher or config.student_config):
         path = reader.manifest.teacher.get("path")
         if not (path and os.path.isdir(path)):
             raise TrainError(f"the cache's teacher folder {path!r} is not on this machine (the cache was built "
-                             "elsewhere); pass --teacher FOLDER")
+                             "elsewhere); pass {teacher} FOLDER")
         return path
     return None
 
 
 def _build_student(config: TrainConfig, teacher_path: str | None, vocab_size: int | None):
-    """(model, tokenizer, name) from --student, --student-from-teacher or --student-config."""
+    """(model, tokenizer, name) from config.student, student_from_teacher or student_config."""
     from common.tokenizers import tokenizer_of
     from trainer.student import load_student, student_from_config, student_from_teacher
 
@@ -571,7 +369,7 @@ def _split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> t
         info = {"num_sequences": len(sequences), "num_heldout": int(held.sum()), "data": data_info.to_json()}
     if len(train_src) == 0:
         raise TrainError(f"no training sequences left after holding out {info['num_heldout']} of {info['num_sequences']} "
-                         "for evaluation; use more data or a smaller --eval-fraction")
+                         "for evaluation; use more data or a smaller {eval_fraction}")
     return train_src, eval_src, info
 
 
@@ -596,8 +394,8 @@ def _check_context(config: TrainConfig, model, student_name: str, sources: tuple
         return
     limit, key = context
     if config.cache is None and config.max_length > limit:
-        raise TrainError(f"--max-length {config.max_length} exceeds the context of student {student_name} ({key} = "
-                         f"{limit} tokens); use --max-length {limit} or less")
+        raise TrainError(f"{{max_length}} {config.max_length} exceeds the context of student {student_name} ({key} = "
+                         f"{limit} tokens); use {{max_length}} {limit} or less")
     longer = [(int(src.lengths[i]), src.ids[i]) for src in sources for i in np.flatnonzero(src.lengths > limit)]
     if longer:
         length, where = max(longer, key=lambda item: item[0])
@@ -653,19 +451,19 @@ def _check_resume_state(state: dict, data_state: dict, training: dict, total_ste
     diffs = differing(state.get("data", {}), data_state)
     if diffs:
         raise TrainError(f"checkpoint {path} was written with other data settings ({diffs}); resume with "
-                         "the same --seed/--batch-tokens/--eval-fraction/data and number of processes, or start over "
-                         "with --overwrite")
+                         "the same {seed}, {batch_tokens}, {eval_fraction}, data and number of processes, or start "
+                         "over with {overwrite}")
     diffs = differing(state.get("train", {}), training)
     if diffs:
         raise TrainError(f"checkpoint {path} was written with other training settings ({diffs}); a resumed run "
-                         "continues the same run only with the same loss, --alpha, --temperature, --beta/--skew, target "
-                         "bucket, tail samples, --lr, --warmup-steps, --weight-decay, --clip, --grad-accum and --bf16: "
-                         "resume with the values the run started with, or start over with --overwrite")
+                         "continues the same run only with the same {loss}, {alpha}, {temperature}, {beta}/{skew}, "
+                         "{target_bucket}, {tail_samples}, {lr}, {warmup_steps}, {weight_decay}, {clip}, {grad_accum} "
+                         "and {bf16}: resume with the values the run started with, or start over with {overwrite}")
     horizon = state.get("schedule_steps", total_steps)
     if total_steps < horizon:
         raise TrainError(f"checkpoint {path} belongs to a run of {horizon} steps; {total_steps} steps would cut its "
-                         f"learning-rate schedule short: pass --steps {horizon} or more (steps past {horizon} run at "
-                         "the final learning rate), or start over with --overwrite")
+                         f"learning-rate schedule short: pass {{steps}} {horizon} or more (steps past {horizon} run at "
+                         "the final learning rate), or start over with {overwrite}")
     return horizon
 
 
@@ -682,19 +480,19 @@ def _nonfinite_step(loss: float, grad_norm: float, world: int, device: torch.dev
 def _failed(folder, run_info: dict, message: str) -> TrainError:
     """Record the failure in run.json (rank 0) and return the error to raise; checkpoints stay, no student is saved."""
     if folder is not None:
-        folder.write_json("run.json", {**run_info, "status": "failed", "error": message})
+        folder.write_json("run.json", {**run_info, "status": "failed", "error": flagged(message)})
     return TrainError(message)
 
 
 def _stop_nonfinite(config: TrainConfig, folder, run_info: dict, step: int, reason: str, skipped: int) -> TrainError:
     kept = latest_checkpoint(config.out)
-    budget = (f" after {skipped - 1} such step(s) skipped (--skip-nonfinite {config.skip_nonfinite})"
+    budget = (f" after {skipped - 1} such step(s) skipped ({{skip_nonfinite}} {config.skip_nonfinite})"
               if config.skip_nonfinite else "")
     return _failed(folder, run_info,
                    f"step {step}: {reason}, so the step was not applied and the run stops{budget}. Kept: "
-                   f"{kept or 'no checkpoint yet'}; no student was saved. Lower --lr (now {config.lr}) or add "
-                   "--warmup-steps, check the cache or data, or pass --skip-nonfinite N to skip up to N such steps; "
-                   "then rerun with --resume to continue from the last checkpoint")
+                   f"{kept or 'no checkpoint yet'}; no student was saved. Lower {{lr}} (now {config.lr}) or add "
+                   "{warmup_steps}, check the cache or data, or pass {skip_nonfinite} N to skip up to N such steps; "
+                   "then rerun with {resume} to continue from the last checkpoint")
 
 
 def _refuse_nonfinite_weights(config: TrainConfig, folder, run_info: dict, model, step: int) -> None:
@@ -703,8 +501,8 @@ def _refuse_nonfinite_weights(config: TrainConfig, folder, run_info: dict, model
     if name is not None:
         raise _failed(folder, run_info,
                       f"after step {step} the student's weights are not finite ({name}), so they were not saved; "
-                      f"kept: {latest_checkpoint(config.out) or 'no checkpoint yet'}. Lower --lr (now {config.lr}) "
-                      "or --weight-decay, then rerun with --resume to continue from the last checkpoint")
+                      f"kept: {latest_checkpoint(config.out) or 'no checkpoint yet'}. Lower {{lr}} (now {config.lr}) "
+                      "or {weight_decay}, then rerun with {resume} to continue from the last checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,7 +586,8 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         try:
             enable_gradient_checkpointing(model)
         except ValueError as exc:
-            raise TrainError(f"--gradient-checkpointing: {exc}; train without it, or with a smaller --batch-tokens") from exc
+            raise TrainError(f"{{gradient_checkpointing}}: {exc}; train without it, or with a smaller {{batch_tokens}}") \
+                from exc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.warmup_steps, schedule_steps))
@@ -797,7 +596,8 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         try:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
         except ValueError as exc:
-            raise TrainError(f"{exc}; resume with the student the run started with, or start over with --overwrite") from exc
+            raise TrainError(f"{exc}; resume with the student the run started with, or start over with {{overwrite}}") \
+                from exc
         step, cursors, skipped = state["step"], state["cursors"], state.get("nonfinite_skips", 0)
         log(f"resumed from {ckpt} at step {step}" + (f"; steps {schedule_steps + 1}-{total_steps} run at the final "
             "learning rate (the schedule keeps the run's first horizon)" if total_steps > schedule_steps else ""))
@@ -820,7 +620,9 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
     metrics = None
     if rank == 0:
         folder.write_json("run.json", {**run_info, "status": "running"})
-        metrics = MetricsLog(config.out, resume_step=step, tensorboard=config.tensorboard)
+        metrics = MetricsLog(config.out, resume_step=step, tensorboard=config.tensorboard, wandb=(
+            {"project": config.wandb_project, "name": os.path.basename(os.path.abspath(config.out)),
+             "id": folder.marker["id"], "config": run_info["config"]} if config.wandb else None))
     trace = None
     if config.trace_data:
         os.makedirs(os.path.join(config.out, "trace"), exist_ok=True)

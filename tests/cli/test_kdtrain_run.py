@@ -39,7 +39,7 @@ def test_run_without_a_tty_prints_progress_and_summary(cache, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--loss", "kl2"], "--loss 'kl2' is unknown; choose one of fkl, rkl, jsd, skl, srkl, tvd, ce"),
+    (["--loss", "kl2"], "--loss must be one of fkl, rkl, jsd, skl, srkl, tvd, ce; got 'kl2'"),
     (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--loss", "jsd", "--beta", "1"], "--beta must be in (0, 1)"),

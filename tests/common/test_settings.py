@@ -85,7 +85,7 @@ def test_plan_only_keys_filter():
 def test_errors_name_fields_rendered_per_reader():
     with pytest.raises(SettingError) as info:
         from_values(Fake, {"model": "m", "top_k": 0})
-    assert str(info.value) == "top_k must be >= 1, got 0"
+    assert str(info.value) == "--top-k must be >= 1, got 0"
     assert info.value.render(spell_for_plan(Fake, "cache")) == "cache.top_k must be >= 1, got 0"
 
 

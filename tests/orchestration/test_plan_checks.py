@@ -32,7 +32,7 @@ def test_a_bad_loss_is_refused_at_start_naming_the_key_and_the_choices(tmp_path,
     plan = parse_plan(plan_spec(train={"loss": "kl"}), out=str(tmp_path / "out"))
     with pytest.raises(PlanError) as err:
         run_plan(plan, log=lambda m: None)
-    assert str(err.value).startswith("plan: train.loss: ")
+    assert str(err.value).startswith("plan: train.loss must be one of ")
     assert "'kl'" in str(err.value) and "fkl" in str(err.value) and "jsd" in str(err.value)
     assert ran == [] and not (tmp_path / "out").exists()  # nothing ran, nothing was written
     path = tmp_path / "plan.yaml"
@@ -42,19 +42,24 @@ def test_a_bad_loss_is_refused_at_start_naming_the_key_and_the_choices(tmp_path,
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"train": {"steps": 0}}, "plan: train.steps: --steps must be >= 1"),
-    ({"train": {"alpha": 2}}, "plan: train.alpha: "),
-    ({"train": {"loss": "jsd", "beta": 1.0}}, "plan: train.beta, train.loss: --beta must be in (0, 1)"),
-    ({"train": {"lr": "fast"}}, "plan: train.lr must be a number, got 'fast'"),
-    ({"train": {"steps": 2.5}}, "plan: train.steps must be an integer, got 2.5"),
-    ({"train": {"bf16": "yes"}}, "plan: train.bf16 must be true or false, got 'yes'"),
-    ({"train": {"eval_fraction": 1.5}}, "plan: train.eval_fraction: "),
-    ({"cache": {"top_k": 0}}, "plan: cache.top_k: --top-k must be >= 1"),
-    ({"cache": {"engine": "tpu"}}, "plan: cache.engine: "),
-    ({"cache": {"tail_samples": 8, "engine": "vllm"}}, "plan: cache.tail_samples, cache.engine: --tail-samples needs"),
-    ({"data": {"dataset": "x.jsonl", "input_field": "context"}}, "plan: data.input_field: "),
-    ({"eval": {"metrics": ["rouge"]}}, "needs --prompt-field and --response-field (prompts and references) (stage eval"),
-    ({"eval": {"max_length": 1}}, "plan: eval.max_length: "),
+    ({"train": {"steps": 0}}, "plan: train.steps must be >= 1, got 0 (stage train:teacher__a)"),
+    ({"train": {"alpha": 2}}, "plan: train.alpha must be in [0, 1] (it weighs CE against KD), got 2.0"),
+    ({"train": {"loss": "jsd", "beta": 1.0}}, "plan: train.beta must be in (0, 1) for train.loss jsd"),
+    ({"train": {"lr": "fast"}}, "plan: train.lr is a number; got 'fast'"),
+    ({"train": {"steps": 2.5}}, "plan: train.steps is a whole number; got 2.5"),
+    ({"train": {"bf16": "yes"}}, "plan: train.bf16 is true or false; got 'yes'"),
+    ({"train": {"eval_fraction": 1.5}}, "plan: train.eval_fraction must be in [0, 1), got 1.5"),
+    ({"cache": {"top_k": 0}}, "plan: cache.top_k must be >= 1, got 0 (stage cache:teacher)"),
+    ({"cache": {"engine": "tpu"}}, "plan: cache.engine must be one of auto, hf, vllm; got 'tpu'"),
+    ({"cache": {"tail_samples": 8, "engine": "vllm"}}, ("plan: cache.tail_samples needs the hf engine: vLLM returns "
+                                                        "only the top log-probs of a prompt, not its full "
+                                                        "distribution. Pass cache.engine hf, or drop "
+                                                        "cache.tail_samples")),
+    ({"data": {"dataset": "x.jsonl", "input_field": "context"}}, ("plan: data.input_field formats prompts of "
+                                                                  "prompt/response data: give data.prompt_field")),
+    ({"eval": {"metrics": ["rouge"]}}, ("needs eval.prompt_field and eval.response_field (prompts and references) "
+                                        "(stage eval")),
+    ({"eval": {"max_length": 1}}, "plan: eval.max_length must be >= 2, got 1"),
 ])
 def test_every_stage_setting_is_checked_by_its_commands_dataclass(change, message):
     with pytest.raises(PlanError) as err:

@@ -254,7 +254,9 @@ def test_metric_without_teacher_reports_the_cache_lower_bound(trained_cache, tin
     out = acceptance_metric(student, read_sequences(trained_cache, 2), student.config.vocab_size)
     assert out["alpha_source"] == "cache lower bound" and out["alpha"] == out["alpha_cache_lower"]
     assert "teacher_continuations" not in out and "alpha_exact" not in out
-    with pytest.raises(ValueError, match="no cache sequences"):
+    from trainer.errors import EvalError
+
+    with pytest.raises(EvalError, match="no cache sequences"):
         acceptance_metric(student, [], student.config.vocab_size)
 
 

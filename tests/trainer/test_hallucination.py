@@ -331,8 +331,8 @@ def test_grounding_refusals(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(EvalError, match="'grounding' needs --prompt-field"):
         EvalConfig(model="m", dataset="d.jsonl", metrics=("grounding",))
     data = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
-    with pytest.raises(ValueError, match="field 'question' is not in"):
+    with pytest.raises(EvalError, match="field 'question' is not in"):
         grounded_rows(grounding_config(data, prompt_field="question"), tokenizer)
     only_open = write_jsonl(tmp_path / "open.jsonl", [DOLLY[1]])
-    with pytest.raises(ValueError, match="no rows of category closed_qa or information_extraction"):
+    with pytest.raises(EvalError, match="no rows of category closed_qa or information_extraction"):
         grounded_rows(grounding_config(only_open), tokenizer)

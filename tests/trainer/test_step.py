@@ -25,7 +25,7 @@ from trainer.train import TrainConfig, TrainError, _loss, train
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"compile": "fast"}, "--compile must be one of auto, on, off, got 'fast'"),
+    ({"compile": "fast"}, "--compile must be one of auto, on, off; got 'fast'"),
     ({"data_workers": -1}, r"--data-workers must be >= 0 \(0: read in a thread of the training process\), got -1"),
     ({"peak_tflops": 0.0}, r"--peak-tflops must be a finite number > 0 .*, got 0.0"),
     ({"peak_tflops": float("inf")}, r"--peak-tflops must be a finite number > 0 .*, got inf"),
