@@ -243,7 +243,8 @@ def main(argv=None):
     ap.add_argument("--compile", default="off", choices=("auto", "on", "off"),
                     help="torch.compile the forward as `kdtrain run --compile` (default off: compiling takes minutes)")
     ap.add_argument("--cpu-time", action="store_true",
-                    help="time by this process's CPU seconds with torch on one thread (a machine shared with other work)")
+                    help="time by this process's CPU seconds with torch on one thread (a machine shared with other "
+                         "work)")
     ap.add_argument("--compare-logits", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the KD step with the full-logits loss against the trainer's chunked one")
     ap.add_argument("--quick", action="store_true", help="1 x 256 tokens, 5 repeats (a 2-core CPU)")

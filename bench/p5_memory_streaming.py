@@ -159,7 +159,8 @@ def child_peak_rss(module: str, args: list[str]) -> tuple[int, str]:
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         output = out.stdout.decode(errors="replace")
         if out.returncode != 0 or not os.path.exists(peak_file):
-            raise RuntimeError(f"python -m {module} {' '.join(args[:3])} ... failed ({out.returncode}):\n{output[-3000:]}")
+            raise RuntimeError(f"python -m {module} {' '.join(args[:3])} ... failed "
+                               f"({out.returncode}):\n{output[-3000:]}")
         with open(peak_file) as f:
             return int(f.read()) * 1024, output  # VmHWM is in KiB
 
@@ -304,7 +305,8 @@ def streaming_ratio(cache: str, student_path: str, *, batch_tokens: int, num_bat
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", default="smollm2-135m", help="student model folder; 'tiny' = the tiny Shakespeare GPT-2")
+    ap.add_argument("--student", default="smollm2-135m", help="student model folder; 'tiny' = the tiny Shakespeare "
+                                                              "GPT-2")
     ap.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the 1x cache")
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--top-k", type=int, default=64)

@@ -145,7 +145,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not os.path.isfile(args.dataset):
         raise SystemExit(f"--dataset {args.dataset} is not a file; pass a text file of at least --large-tokens tokens "
-                         "(tiny Shakespeare, 1.1 MB, holds about 480,000 tokens of the tiny teacher's 512-id vocabulary)")
+                         "(tiny Shakespeare, 1.1 MB, holds about 480,000 tokens of the tiny teacher's 512-id "
+                         "vocabulary)")
     if not 0 < args.small_tokens < args.large_tokens:
         raise SystemExit("--small-tokens must be > 0 and below --large-tokens")
     if args.model is None:

@@ -137,7 +137,8 @@ def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log,
         budget = config.num_samples * config.max_new_tokens if config.mode == "generate" else 0  # responses to come
         plan = plan_shards([len(s.input_ids) + budget for s in sequences], config.shard_tokens)
         log(f"data: {info.num_source_rows} rows -> {len(sequences)} sequences, "
-            f"{sum(len(s.input_ids) for s in sequences):,} tokens in {len(plan)} shards (dropped tokens: {info.num_dropped}, "
+            f"{sum(len(s.input_ids) for s in sequences):,} tokens in {len(plan)} shards (dropped tokens: "
+            f"{info.num_dropped}, "
             f"truncated: {info.num_truncated}, skipped rows: {info.num_skipped_rows}); {time.time() - started:.1f} s "
             "since the start")
         header = BuildHeader(
@@ -165,7 +166,8 @@ def _build(config: BuildConfig, pool: EncodePool, started: float, progress, log,
                 log(f"already built: {config.out} (cache_key {header.cache_key[:12]})")
                 return _result_from_manifest(config.out, header, "already built", started, info)
             pending = writer.pending_shards()
-            log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to write")
+            log(f"engine {engine_name} ({dtype}); {len(pending)} of {len(writer.my_shards())} shards of this worker to "
+                "write")
             written = 0
             if pending:
                 engine = teacher.get()
@@ -206,11 +208,14 @@ def _check_teacher(config: BuildConfig, model_folder: str, tokenizer, log) -> in
         log(f"teacher: {logit_rows} embedding rows for {vocab_size} token ids; the {logit_rows - vocab_size} padded "
             "rows are never stored (their probability counts in the tail)")
     if config.top_k > vocab_size:
-        raise BuildError(f"{{top_k}} {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at most "
+        raise BuildError(f"{{top_k}} {config.top_k} is larger than the teacher's vocabulary ({vocab_size}); use at "
+                         "most "
                          f"{vocab_size}")
     if config.top_k + config.tail_samples > vocab_size:
-        raise BuildError(f"{{top_k}} {config.top_k} + {{tail_samples}} {config.tail_samples} exceeds the teacher's vocabulary "
-                         f"({vocab_size}); a row's K + M ids are distinct, so use at most {vocab_size - config.top_k} tail samples")
+        raise BuildError(f"{{top_k}} {config.top_k} + {{tail_samples}} {config.tail_samples} exceeds the teacher's "
+                         "vocabulary "
+                         f"({vocab_size}); a row's K + M ids are distinct, so use at most {vocab_size - config.top_k} "
+                         "tail samples")
     context = model_context(model_folder)
     if context is not None and config.max_length > context:
         raise BuildError(f"{{max_length}} {config.max_length} exceeds the model's context of {context} tokens; use "

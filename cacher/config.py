@@ -140,7 +140,8 @@ class BuildConfig:
         if self.limit is not None and self.limit < 1:
             raise BuildError(f"{{limit}} must be >= 1, got {self.limit}")
         if self.tensor_parallel_size < 1:
-            raise BuildError(f"{{tensor_parallel_size}} must be >= 1 (GPUs per teacher), got {self.tensor_parallel_size}")
+            raise BuildError(f"{{tensor_parallel_size}} must be >= 1 (GPUs per teacher), got "
+                             f"{self.tensor_parallel_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise BuildError("{gpu_memory_utilization} is the fraction of GPU memory vLLM may take: it must be in "
                              f"(0, 1], got {self.gpu_memory_utilization}")

@@ -234,7 +234,8 @@ def score_batches(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int
     import torch
 
     if top_k > teacher.num_token_ids:
-        raise EngineError(f"{{top_k}} {top_k} is larger than the teacher's vocabulary ({teacher.num_token_ids} token ids)")
+        raise EngineError(f"{{top_k}} {top_k} is larger than the teacher's vocabulary ({teacher.num_token_ids} token "
+                          "ids)")
     if sample_keys is not None and len(sample_keys) != len(sequences):
         raise ValueError(f"sample_keys has {len(sample_keys)} entries for {len(sequences)} sequences")
     lengths = [len(s) for s in sequences]

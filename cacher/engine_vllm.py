@@ -195,7 +195,8 @@ def check_settings(settings: dict) -> dict:
     if full["sequences_per_batch"] < 1:
         raise ValueError("sequences_per_batch must be >= 1")
     if full["num_token_ids"] is not None and (not isinstance(full["num_token_ids"], int) or full["num_token_ids"] < 1):
-        raise ValueError(f"vLLM engine setting 'num_token_ids' must be a positive int or None, got {full['num_token_ids']!r}")
+        raise ValueError("vLLM engine setting 'num_token_ids' must be a positive int or None, got "
+                         f"{full['num_token_ids']!r}")
     return full
 
 
@@ -557,7 +558,8 @@ def generate_vllm(
             response = np.asarray(completion.token_ids, dtype=np.int64)
             if padded and (response >= num_token_ids).any():
                 raise RuntimeError(f"prompt {prompt_index} sample {completion.index}: vLLM sampled id "
-                                   f"{int(response.max())}, a padded logit row (the tokenizer has {num_token_ids} ids), "
+                                   f"{int(response.max())}, a padded logit row (the tokenizer has {num_token_ids} "
+                                   "ids), "
                                    "despite a logit bias of -100; use {engine} hf, which masks those rows")
             ids, lps, target = _split_flat(completion.logprobs, R, width, first=0)
             ids, lps = keep_token_ids(ids, lps, top_k, num_token_ids)
@@ -625,7 +627,8 @@ def main(argv: list[str] | None = None) -> None:
     request_path = Path(args.request)
     request = json.loads(request_path.read_text())
     if request.get("version") != PROTOCOL_VERSION:
-        raise SystemExit(f"unsupported request version {request.get('version')!r}; this engine speaks {PROTOCOL_VERSION}")
+        raise SystemExit(f"unsupported request version {request.get('version')!r}; this engine speaks "
+                         f"{PROTOCOL_VERSION}")
     unknown = sorted(set(request) - {"version", "model_dir", "settings", "parent_pid"})
     if unknown:
         raise SystemExit(f"unknown request fields {unknown}")

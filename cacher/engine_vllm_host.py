@@ -27,7 +27,8 @@ def vllm_problem() -> str | None:
     """None when the vLLM interpreter works, else what is wrong with it (a sentence for an error message)."""
     python = engine_vllm.find_vllm_python()
     if python is None:
-        return (f"vLLM is not installed here (pip install 'kdcache[vllm]', or set {engine_vllm.PYTHON_ENV_VAR} to a Python that "
+        return (f"vLLM is not installed here (pip install 'kdcache[vllm]', or set {engine_vllm.PYTHON_ENV_VAR} to a "
+                "Python that "
                 "has vLLM)")
     return engine_vllm.probe_vllm_python(python)[1]
 
@@ -110,7 +111,8 @@ class VllmEngine:
         if missing:
             raise EngineError(
                 f"the vLLM engine returned {sum(len(r) for r in responses)} of the {len(prompts) * s.num_samples} "
-                f"responses asked for (prompt {indices[missing[0]]} got {len(responses[missing[0]])} of {s.num_samples}); "
+                f"responses asked for (prompt {indices[missing[0]]} got {len(responses[missing[0]])} of "
+                f"{s.num_samples}); "
                 "nothing of these shards is committed. Rerun to retry, or use {engine} hf")
         start = 0
         for group in groups:

@@ -103,7 +103,8 @@ def _kept_samples(config, tokenizer, shard_index: int, prompts: list[Sequence],
                                   text_sha256=prompt.text_sha256, reference=prompt.reference), k))
     if not kept:
         why = (f"none of the {len(prompts) * config.num_samples} samples of its {len(prompts)} prompts passed "
-               f"{{filter}} {config.filter}" if config.filter else f"its {len(prompts)} prompts got only empty responses")
+               f"{{filter}} {config.filter}" if config.filter else f"its {len(prompts)} prompts got only empty "
+                                                                   "responses")
         raise BuildError(
             f"shard {shard_index}: {why}, and a shard holds at least one sequence. Use more {{num_samples}}, a larger "
             "{shard_tokens} (more prompts per shard) or no {filter} (with {overwrite}, since the settings change)"

@@ -87,7 +87,8 @@ def info(cache: str = typer.Argument(..., help="Cache folder or URL (file://, me
     teacher, tokenizer, dataset, settings = d["teacher"], d["tokenizer"], d["dataset"], d["settings"]
     t = Table(show_header=False, title=f"kdcache {shown(cache)}")
     rows = [
-        ("teacher", f"{teacher.get('name')} ({teacher.get('dtype')}, {teacher.get('engine')} {teacher.get('engine_version')})"),
+        ("teacher", (f"{teacher.get('name')} ({teacher.get('dtype')}, {teacher.get('engine')} "
+                     f"{teacher.get('engine_version')})")),
         ("tokenizer", f"{tokenizer.get('name')} (vocab {tokenizer['vocab_size']})"),
         ("dataset", f"{dataset.get('name')} split={dataset.get('split')} mode={settings['mode']}"),
         ("top_k / max_length", f"{settings['top_k']} / {settings['max_length']}"),
@@ -128,9 +129,11 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or URL."),
         bad = sorted({p.shard for p in problems})
         console.print(f"[bold red]{len(problems)} problem(s) in {len(bad)} shard(s): {shown(', '.join(bad))}[/]",
                       soft_wrap=True)
-        content = sorted({p.shard for p in problems if not p.object.endswith(("commit.json", "build.json", "owner.json"))})
+        bookkeeping = ("commit.json", "build.json", "owner.json")
+        content = sorted({p.shard for p in problems if not p.object.endswith(bookkeeping)})
         if content:
-            console.print(f"To repair: delete {shown(cache)}/manifest.json and the commit.json of {shown(', '.join(content))}, "
+            console.print(f"To repair: delete {shown(cache)}/manifest.json and the commit.json of "
+                          f"{shown(', '.join(content))}, "
                           "then rerun the same `kdcache build` command; it rewrites only those shards.",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(1)
@@ -149,7 +152,8 @@ def _against_teacher(cache: str, *, model: str | None, rows: int, seed: int) -> 
                                        log=lambda line: console.print(shown(line), highlight=False, soft_wrap=True))
     for note in report.notes:
         console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
-    checked = f"{len(report.rows)} row(s) (seed {report.seed}) recomputed with {report.model} ({report.engine}, {report.dtype})"
+    checked = (f"{len(report.rows)} row(s) (seed {report.seed}) recomputed with {report.model} ({report.engine}, "
+               f"{report.dtype})")
     if report.findings:
         for finding in report.findings:
             console.print(f"[red]NOT THE TEACHER'S[/] {shown(finding)}", highlight=False, soft_wrap=True)

@@ -24,7 +24,8 @@ from cli.common import fail as fail_on
 from common.settings import coerce_values, typer_command
 from trainer.config import EvalConfig, TrainConfig
 
-app = typer.Typer(**APP_SETTINGS, help="Train students from a teacher cache with sparse KD losses; evaluate; run chains.")
+app = typer.Typer(**APP_SETTINGS, help="Train students from a teacher cache with sparse KD losses; evaluate; run "
+                                       "chains.")
 app.callback()(version_option("kdtrain"))
 console = Console(stderr=True)
 stdout = Console()
@@ -45,9 +46,10 @@ def _progress_factory():
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"),
-                   TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                   console=console, disable=not console.is_terminal)
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("steps  loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                   disable=not console.is_terminal)
 
     def progress(total_steps: int, start_step: int):
         task = bar.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-")

@@ -69,7 +69,8 @@ def load_rows(dataset: str, split: str | None = None, config: str | None = None)
         if os.path.isfile(path):
             suffix = os.path.splitext(path)[1].lower()
             if suffix not in LOCAL_SUFFIXES:
-                raise DataError(f"{{dataset}} {dataset}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}")
+                raise DataError(f"{{dataset}} {dataset}: unsupported file type {suffix!r}; use one of "
+                                f"{sorted(LOCAL_SUFFIXES)}")
             if config is not None:
                 raise DataError(f"{{dataset_config}} {config}: {{dataset}} {dataset} is a single file, which has no "
                                 "configurations; drop {dataset_config}, or pass a folder or hub data set that has them")
@@ -83,7 +84,8 @@ def load_rows(dataset: str, split: str | None = None, config: str | None = None)
                 if split is not None and "split" in str(exc).lower() and "corresponds to no data" not in str(exc):
                     raise DataError(
                         f"{{split}} {split}: {{dataset}} {dataset} is a single file, which is one split named 'train' "
-                        f"({' '.join(str(exc).split())}). Drop {{split}}, slice the file with {{split}} 'train[:1000]', or "
+                        f"({' '.join(str(exc).split())}). Drop {{split}}, slice the file with {{split}} "
+                        "'train[:1000]', or "
                         "pass a folder or hub data set that has the split") from exc
                 raise
         elif os.path.isdir(path):
@@ -95,7 +97,8 @@ def load_rows(dataset: str, split: str | None = None, config: str | None = None)
     except DataError:
         raise
     except FileNotFoundError as exc:
-        raise DataError(f"{{dataset}} {dataset}: not found ({exc}). Pass a local .jsonl/.json/.parquet/.csv/.txt file or folder, "
+        raise DataError(f"{{dataset}} {dataset}: not found ({exc}). Pass a local .jsonl/.json/.parquet/.csv/.txt file "
+                        "or folder, "
                         f"{DEFAULT_DATASET}, or a hub data set on a machine with hub access") from exc
     except ValueError as exc:
         if local and "corresponds to no data" in str(exc):  # datasets' words for a file without rows
@@ -112,11 +115,13 @@ def load_rows(dataset: str, split: str | None = None, config: str | None = None)
             while root.__cause__ is not None:  # datasets wraps the parser's own error, which names the bad row
                 root = root.__cause__
             raise DataError(
-                f"{{dataset}} {dataset}: could not be read ({type(root).__name__}: {str(root)[:200]}); check that the file "
+                f"{{dataset}} {dataset}: could not be read ({type(root).__name__}: {str(root)[:200]}); check that the "
+                "file "
                 f"is well-formed {'/'.join(sorted(LOCAL_SUFFIXES))} data"
             ) from exc
         raise DataError(
-            f"{{dataset}} {dataset}: could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). It is not a local file or "
+            f"{{dataset}} {dataset}: could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). It is not a local "
+            "file or "
             f"folder; a hub data set needs network access. Pass a local file or {DEFAULT_DATASET}."
         ) from exc
     if len(ds) == 0:

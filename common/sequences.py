@@ -136,7 +136,8 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
     if limit is not None and limit < 1:
         raise DataError(f"{{limit}} must be >= 1, got {limit}")
     if (prompt_field is None) != (response_field is None):
-        raise DataError("{prompt_field} and {response_field} go together: give both for prompt/response data, or neither")
+        raise DataError("{prompt_field} and {response_field} go together: give both for prompt/response data, or "
+                        "neither")
     pairs = prompt_field is not None
     check_template_options(prompt_template, input_field, pairs)
     template = resolve_template(tokenizer, prompt_template) if pairs else None
@@ -197,7 +198,8 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
     info.num_windows = len(sequences)
     if not sequences:
         raise DataError(
-            f"{dataset} gave no sequences to train on ({info.num_source_rows} rows read, {info.num_skipped_rows} skipped); "
+            f"{dataset} gave no sequences to train on ({info.num_source_rows} rows read, {info.num_skipped_rows} "
+            "skipped); "
             "check the data set, {split}, the fields and {max_length}"
         )
     return sequences, info

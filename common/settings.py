@@ -9,8 +9,8 @@ place used to spell again:
   `top_k` -> `--top-k`, so names are unique across a command's groups);
 - `typer_command(cls, run)`: a function whose signature Typer turns into the command's options
   (optionally on top of values from a config file: flags given on the command line win);
-- `from_values(cls, values)`: the dataclass from flat values (a plan section, a YAML config), refusing
-  unknown keys and values of the wrong type, naming them;
+- `coerce_values(cls, values)` and `build(cls, values)`: the dataclass from flat values (a plan section, a YAML
+  config), refusing unknown keys and values of the wrong type, naming them;
 - `to_argv(config)`: the flags that reproduce `config` on a command line (a plan stage's argv);
 - `schema_of(cls)`: name, type, default, choices and help of every field (a plan's schema);
 - `check_choices(config)`: every `Literal` field holds one of its choices (call it in `__post_init__`).
@@ -179,12 +179,6 @@ def flag_speller(cls: type) -> Callable[[str], str]:
     return lambda name: flags.get(name, as_flag(name))
 
 
-def spell_for_plan(cls: type, section: str) -> Callable[[str], str]:
-    """Spell `{field}` as the plan key (section.field) of a field of cls; other names stay as they were."""
-    names = {o.name for o in options_of(cls)}
-    return lambda name: f"{section}.{name}" if name in names else "{" + name + "}"
-
-
 # ---------------------------------------------------------------------------------------------
 # Values in: plan sections, YAML configs, the command line
 
@@ -233,20 +227,13 @@ def _scalar(kind: type, value, where: str):
     return str(value)
 
 
-def from_values(cls: type, values: dict, where: str = "", *, allow: Callable[[Option], bool] = lambda o: True,
-                base: dict | None = None, spell: Callable[[str], str] | None = None):
-    """An instance of cls from flat {field name: value}; unknown or ill-typed keys raise SettingError.
-
-    where prefixes names in messages ("train" -> "train.lr"), or spell names each key; allow filters the keys
-    accepted (a plan section accepts only plan keys); base holds values given elsewhere (e.g. --out set by the
-    runner). The dataclass's own checks (__post_init__) run as usual.
-    """
-    return build(cls, {**(base or {}), **coerce_values(cls, values, where, allow=allow, spell=spell)})
-
-
 def coerce_values(cls: type, values: dict, where: str = "", *, allow: Callable[[Option], bool] = lambda o: True,
                   spell: Callable[[str], str] | None = None) -> dict:
-    """{field name: value as the field's type} of a flat mapping; SettingError for unknown or ill-typed keys."""
+    """{field name: value as the field's type} of a flat mapping; SettingError for unknown or ill-typed keys.
+
+    where prefixes names in messages ("train" -> "train.lr"), or spell names each key; allow filters the keys
+    accepted (a plan section accepts only plan keys).
+    """
     name_of = spell or (lambda key: f"{where}.{key}" if where else key)
     if not isinstance(values, dict):
         raise SettingError(f"{where or 'settings'} must be a mapping of settings, got {type(values).__name__}")

@@ -36,7 +36,8 @@ PLAN_KEYS = {
     "paths": "list of student-name lists: [assistant, student] is teacher -> assistant -> student",
     "baselines": "true: train every student with plain cross-entropy too",
     "eval": "kdtrain eval's settings: metrics, dataset and fields (default: data's), limits, decoding",
-    "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default <out>/caches)",
+    "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default "
+                  "<out>/caches)",
     "out": "output folder (default runs/<name>)",
 }
 COMMAND_SETTINGS = {"cache": BuildConfig, "train": TrainConfig, "eval": EvalConfig}  # a stage kind's command's settings
@@ -212,7 +213,8 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
             raise PlanError(f"plan: student name {sname!r} must be letters/digits/_/- and not 'teacher'")
         spec = _check_keys(spec, STUDENT_KEYS, f"students.{sname}")
         if len(spec) != 1:
-            raise PlanError(f"plan: students.{sname} needs exactly one of keep_layers, model, config; got {sorted(spec) or 'none'}")
+            raise PlanError(f"plan: students.{sname} needs exactly one of keep_layers, model, config; got "
+                            f"{sorted(spec) or 'none'}")
         if "keep_layers" in spec and (not isinstance(spec["keep_layers"], int) or spec["keep_layers"] < 1):
             raise PlanError(f"plan: students.{sname}.keep_layers must be a positive integer")
         if "model" in spec:
@@ -231,7 +233,8 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
             raise PlanError(f"plan: paths[{i}] must be a non-empty list of student names")
         for s in p:
             if s == TEACHER:
-                raise PlanError(f"plan: paths[{i}] lists the teacher; paths start after it (teacher -> {p[-1]} is [{p[-1]}])")
+                raise PlanError(f"plan: paths[{i}] lists the teacher; paths start after it (teacher -> {p[-1]} is "
+                                f"[{p[-1]}])")
             if s not in students:
                 raise PlanError(f"plan: paths[{i}] names {s!r}, which is not a student; students: {', '.join(students)}")
         if len(set(p)) != len(p):

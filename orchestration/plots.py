@@ -139,7 +139,8 @@ def _along_chain(plt, plan, rows) -> str | None:
                 drawn = True
         ax.set_xlabel("distillation step along the path (0 = teacher)")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_ylabel(f"{title} with the teacher" if title == "top-1 agr." else f"{title} (student as the teacher's draft)")
+        ax.set_ylabel(f"{title} with the teacher" if title == "top-1 agr."
+                      else f"{title} (student as the teacher's draft)")
         ax.set_title(f"{title} along the chain")
         ax.legend(fontsize=7)
     if not drawn:

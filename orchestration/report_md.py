@@ -83,7 +83,8 @@ def _setup_lines(report: dict) -> list[str]:
     held = report.get("heldout")
     if held:
         fraction = f", eval_fraction {held['eval_fraction']}" if held.get("eval_fraction") is not None else ""
-        lines.append(md_text(f"Held-out set: {held['num_sequences']} sequences, {held['num_tokens']:,} tokens (the teacher "
+        lines.append(md_text(f"Held-out set: {held['num_sequences']} sequences, {held['num_tokens']:,} tokens (the "
+                             "teacher "
                              f"cache's held-out sequences{fraction}), the same for every model; never trained on."))
     seeds = report.get("seeds") or []
     if seeds:
@@ -92,12 +93,15 @@ def _setup_lines(report: dict) -> list[str]:
     noise_shown = any(m.get("interval") is not None for c in report["comparisons"] for m in c["metrics"].values())
     if noise_shown:
         lines.append(md_text(
-            f"Noise: a difference is within noise when its {CONFIDENCE:.0%} paired-bootstrap interval over the held-out "
-            f"sequences ({RESAMPLES} resamples of the sequences; both models on the same draws) contains 0. This is the "
+            f"Noise: a difference is within noise when its {CONFIDENCE:.0%} paired-bootstrap interval over the "
+            "held-out "
+            f"sequences ({RESAMPLES} resamples of the sequences; both models on the same draws) contains 0. This is "
+            "the "
             "noise of the held-out sample only: with one training seed the spread between seeds is not measured "
             "(docs/evaluation.md, Noise). Metrics without per-sequence values show no interval."))
     if noise_shown and held and held["num_sequences"] < FEW_SEQUENCES:
-        lines.append(md_text(f"Only {held['num_sequences']} held-out sequences: a bootstrap over so few understates the "
+        lines.append(md_text(f"Only {held['num_sequences']} held-out sequences: a bootstrap over so few understates "
+                             "the "
                              f"noise (fewer than {FEW_SEQUENCES}); hold out more (train.eval_fraction, or more data) "
                              "before trusting a verdict."))
     return [line for item in lines for line in ("", item)]
@@ -156,8 +160,10 @@ def _convergence_lines(report: dict) -> list[str]:
         return []
     lines = ["", f"## Convergence (held-out, steps to {CONVERGENCE_FRACTION:.0%} of each run's own improvement)", "",
              md_text(f"A run has converged at the first evaluation from which every later one is at least "
-                     f"{CONVERGENCE_FRACTION:.0%} of the way from its first held-out value to its last (docs/evaluation.md, "
-                     "Convergence speed); steps are resolved to the evaluation interval. eval_kl is the KL to the teacher "
+                     f"{CONVERGENCE_FRACTION:.0%} of the way from its first held-out value to its last "
+                     "(docs/evaluation.md, "
+                     "Convergence speed); steps are resolved to the evaluation interval. eval_kl is the KL to the "
+                     "teacher "
                      "the run was trained from (the previous model on its path; the root teacher for CE baselines); "
                      "eval_ppl is the perplexity of the real next tokens."), "",
              _table_row(["path", "held-out metric", "first", "last", "steps", "tokens", "evaluations"]),

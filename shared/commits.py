@@ -11,6 +11,7 @@ Knows JSON, the Store and the manifest; nothing about arrays' values, models or 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 from dataclasses import dataclass, field
 
@@ -45,7 +46,16 @@ from shared.manifest import (
 from shared.ownership import claim_root
 from shared.store import Store, open_store
 
-TOOL_VERSION = "0.1.0"
+
+def _installed_version() -> str:
+    """kdcache's version from its package metadata (pyproject.toml), the one place it is written."""
+    try:
+        return importlib.metadata.version("kdcache")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
+TOOL_VERSION = _installed_version()
 
 
 def utc_now() -> str:

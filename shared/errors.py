@@ -8,7 +8,7 @@ as one line and exit non-zero. Anything else (a bug) keeps its traceback: the CL
 A `UserError` names settings fields, not command-line flags: `{top_k}` in its message stands for the
 field `top_k`, rendered by whoever shows the message (`--top-k` on a command line, `cache.top_k` in a
 plan). `str(error)` spells them as flags, the commands' way (a field's flag is its name with dashes,
-common.settings). Library warnings use the same `{field}` names (`flagged`, `plain` render them).
+common.settings). Library warnings use the same `{field}` names (`flagged` renders them).
 This module is the bottom layer: it knows nothing of the CLI, the format or models.
 """
 
@@ -53,8 +53,3 @@ def as_flag(name: str) -> str:
 def flagged(text: str) -> str:
     """text with each `{field}` written as its flag (`--top-k`)."""
     return FIELD_RE.sub(lambda m: as_flag(m.group(1)), text)
-
-
-def plain(text: str) -> str:
-    """text with each `{field}` written as the bare field name (`top_k`)."""
-    return FIELD_RE.sub(lambda m: m.group(1), text)

@@ -183,7 +183,8 @@ class BuildLock:
                 f"{self.url} is being built by pid {held.get('pid')} on host {held.get('host')} since "
                 f"{held.get('since')} as {theirs} ({key}); this builder is worker {self.worker} of {self.num_workers}. "
                 "Builders running together on one cache must use the same {num_workers} (with another split their "
-                f"shards overlap): pass {{num_workers}} {int(split[2]) if split else 'N'} {{worker}} I, or wait for that "
+                f"shards overlap): pass {{num_workers}} {int(split[2]) if split else 'N'} {{worker}} I, or wait for "
+                "that "
                 "build to end (or stop it) and rerun this command to resume with your split."
             )
 

@@ -265,7 +265,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
             raise CacheFormatError(f"manifest: extension {name!r} must be an object with a boolean must_understand")
         if name not in KNOWN_EXTENSIONS and ext.get("must_understand", True):
             raise CacheFormatError(
-                f"manifest: extension {name!r} is marked must_understand and this kdcache does not know it; upgrade kdcache"
+                f"manifest: extension {name!r} is marked must_understand and this kdcache does not know it; upgrade "
+                "kdcache"
             )
     sections = {}
     for section, keys in SECTION_KEYS.items():
@@ -284,7 +285,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     if not 1 <= top_k <= vocab_size:
         raise CacheFormatError(f"manifest: settings.top_k = {top_k} must be in [1, vocab_size={vocab_size}]")
     if sections["settings"]["mode"] not in ("score", "generate"):
-        raise CacheFormatError(f"manifest: settings.mode must be 'score' or 'generate', got {sections['settings']['mode']!r}")
+        raise CacheFormatError("manifest: settings.mode must be 'score' or 'generate', got "
+                               f"{sections['settings']['mode']!r}")
     tail_samples = tail_samples_of(sections["settings"])
     try:
         chunk_rows = chunk_rows_of(sections["settings"], top_k, vocab_size)
@@ -296,7 +298,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     if bool(tail_samples) != (TAIL_SAMPLES_EXTENSION in extensions):
         raise CacheFormatError(
             f"manifest: settings.tail_samples = {tail_samples} but extensions "
-            f"{'lacks' if tail_samples else 'has'} {TAIL_SAMPLES_EXTENSION!r}; the two go together (storage_layout.md 3.3)")
+            f"{'lacks' if tail_samples else 'has'} {TAIL_SAMPLES_EXTENSION!r}; the two go together (storage_layout.md "
+            "3.3)")
     arrays = _need(obj, "arrays", (dict,), "manifest")
     expected_dtypes = array_dtypes(vocab_size, tail_samples)
     if set(arrays) != set(expected_dtypes):
@@ -315,7 +318,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         check_shard_objects(shard, sections["settings"], vocab_size, chunk_rows)
     names = [s.name for s in shards]
     if names != sorted(set(names)) or [s.index for s in shards] != list(range(len(shards))):
-        raise CacheFormatError("manifest: shards must be shard-00000, shard-00001, ... in order, without gaps or repeats")
+        raise CacheFormatError("manifest: shards must be shard-00000, shard-00001, ... in order, without gaps or "
+                               "repeats")
     totals = _need(obj, "totals", (dict,), "manifest")
     expected = make_totals(shards)
     for key in ("num_shards", "num_sequences", "num_tokens", "num_loss_tokens", "num_bytes"):
@@ -350,7 +354,8 @@ def check_shard_objects(entry: ShardEntry, settings: dict, vocab_size: int, chun
     num_objects = 2 + sum(1 + math.ceil(shape[0] / (chunk_rows if name != "offsets" else shape[0]))
                           for name, (shape, _) in shapes.items())  # group zarr.json, meta; zarr.json + chunks each
     if num_objects != len(entry.objects):  # counted before any key is made: hostile counts imply billions
-        raise CacheFormatError(f"manifest: {entry.name} lists {len(entry.objects):,} objects, but {entry.num_tokens:,} rows "
+        raise CacheFormatError(f"manifest: {entry.name} lists {len(entry.objects):,} objects, but {entry.num_tokens:,} "
+                               "rows "
                                f"in chunks of {chunk_rows:,} rows imply {num_objects:,} (a missing chunk would be read "
                                "as fill values)")
     want = {f"{entry.path}/{key}" for key in shard_object_keys(shapes, chunk_rows)} | {entry.meta_path}

@@ -141,7 +141,8 @@ def _refuse_links(store: Store, entries: dict[str, str]) -> None:
         if kind != wanted:
             raise UnsafePathError(
                 f"{store.url}: {name} is a {kind} where the format has a {wanted}; kdcache never writes or deletes "
-                "through a link inside a cache (nor over something it did not create): remove it, or build into a new folder")
+                "through a link inside a cache (nor over something it did not create): remove it, or build into a new "
+                "folder")
     if not store.local:
         return
     from shared import localfs

@@ -79,7 +79,8 @@ class ShardView:
             except Exception as exc:  # zarr's own errors on metadata it cannot use
                 raise CacheFormatError(f"{where}: {key}: Zarr cannot open it ({type(exc).__name__}: {exc})") from exc
             if arr.shape != shape or str(arr.dtype) != dtype:  # after Zarr's own parsing
-                raise CacheFormatError(f"{where}: array {name} is {arr.dtype}{arr.shape}, the format says {dtype}{shape}")
+                raise CacheFormatError(f"{where}: array {name} is {arr.dtype}{arr.shape}, the format says "
+                                       f"{dtype}{shape}")
             self._arrays[name] = arr
         offsets = self._read("offsets", slice(None))
         if (len(offsets) != entry.num_sequences + 1 or offsets[0] != 0 or offsets[-1] != entry.num_tokens

@@ -292,7 +292,8 @@ def check_loss_counts(first: int, counts: np.ndarray, whole: np.ndarray, num_los
     bad = whole & (counts != num_loss_tokens[first: first + len(counts)])
     if bad.any():
         i = int(np.argmax(bad))
-        raise CacheFormatError(f"{where}: loss_mask of sequence {first + i}: breaks the rule that {SEQUENCE_INVARIANTS[0]} "
+        raise CacheFormatError(f"{where}: loss_mask of sequence {first + i}: breaks the rule that "
+                               f"{SEQUENCE_INVARIANTS[0]} "
                                f"({int(counts[i])} true rows, num_loss_tokens {int(num_loss_tokens[first + i])}); "
                                "rebuild the shard (storage_layout.md 3.4)")
 
@@ -353,7 +354,8 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
             bad = invariant.bad_rows(raw)
             if bad.any():
                 hint = " (the model produced non-finite log-probs; try {dtype} float32)" if "NaN" in invariant.rule else ""
-                raise CacheFormatError(f"{where}: {', '.join(invariant.arrays)} row {int(np.argmax(bad))}: breaks the rule "
+                raise CacheFormatError(f"{where}: {', '.join(invariant.arrays)} row {int(np.argmax(bad))}: breaks the "
+                                       "rule "
                                        f"that {invariant.rule}{hint}; the shard is not committed")
     dtypes = array_dtypes(vocab_size, tail_samples)
     target = np.minimum(given["target_logprob"], 0).astype(LOGPROB_DTYPE)

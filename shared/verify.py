@@ -70,7 +70,8 @@ def check_objects(store: Store, entry: ShardEntry, *, hashes: bool) -> list[Prob
                 problems.append(Problem(entry.name, key, odd))
                 continue
         if size != info.size:
-            problems.append(Problem(entry.name, key, f"size {size} bytes, manifest says {info.size} (truncated or replaced)"))
+            problems.append(Problem(entry.name, key, f"size {size} bytes, manifest says {info.size} (truncated or "
+                                                     "replaced)"))
             continue
         to_hash.append(key)
     for batch in _batches(to_hash, entry, HASH_BATCH_BYTES) if hashes else []:
@@ -81,7 +82,8 @@ def check_objects(store: Store, entry: ShardEntry, *, hashes: bool) -> list[Prob
             digest = hashlib.sha256(data).hexdigest()
             expected = entry.objects[key].sha256
             if digest != expected:
-                problems.append(Problem(entry.name, key, f"sha256 {digest[:12]}... does not match the manifest's {expected[:12]}..."))
+                problems.append(Problem(entry.name, key, f"sha256 {digest[:12]}... does not match the manifest's "
+                                                         f"{expected[:12]}..."))
     commit = f"{entry.path}/{COMMIT_FILE}"
     for key in sorted(set(listed) - set(entry.objects)):
         if key != commit and not _is_temporary(key):

@@ -95,7 +95,8 @@ class ShardBuffer:
         """
         n = len(input_ids)
         if (tail_ids is None) != (tail_counts is None):
-            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: tail_ids and tail_counts go together")
+            raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: tail_ids and tail_counts go "
+                                   "together")
         if self.meta and (tail_ids is not None) != ("tail_ids" in self._rows):
             raise CacheFormatError(f"sequence {len(self.meta)} of shard {self.index}: every sequence of a shard has "
                                    "tail samples or none does")
@@ -160,7 +161,8 @@ class CacheWriter:
         chunk_bytes = chunk_rows * width * max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
         if chunk_rows < 1 or chunk_bytes > MAX_CHUNK_BYTES:
             raise CacheError(
-                f"{{chunk_rows}} {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse chunks "
+                f"{{chunk_rows}} {chunk_rows} x top-k {top_k} gives chunks of {chunk_bytes:,} bytes; readers refuse "
+                "chunks "
                 f"over {MAX_CHUNK_BYTES:,} bytes (storage_layout.md 3.1): use {{chunk_rows}} "
                 f"{max_chunk_rows(top_k, vocab_size, tail_samples_of(header.settings))} or less")
         if header.settings.setdefault("chunk_rows", chunk_rows) != chunk_rows:  # the manifest records it (6.2)

@@ -217,7 +217,8 @@ class TrainConfig:
         if self.cache is None and self.dataset is None:
             raise TrainError("give {cache} (distillation) or {dataset} (plain cross-entropy with {loss} ce)")
         if self.cache is not None and self.dataset is not None:
-            raise TrainError("give {cache} or {dataset}, not both ({loss} ce with {cache} trains on the cache's tokens)")
+            raise TrainError("give {cache} or {dataset}, not both ({loss} ce with {cache} trains on the cache's "
+                             "tokens)")
         if self.cache is not None and (self.prompt_template is not None or self.input_field is not None):
             raise TrainError("{prompt_template} and {input_field} format {dataset}'s prompts; a cache's prompts were "
                              "formatted when it was built (kdcache build --prompt-template)")
@@ -244,7 +245,8 @@ class TrainConfig:
                              f"{{weight_decay}} {self.weight_decay} with {{lr}} {self.lr}")
         low, high = TEMPERATURE_RANGE
         if not low <= self.temperature <= high:
-            raise TrainError(f"{{temperature}} must be in [{low}, {high}] (1.0 means no tempering), got {self.temperature}")
+            raise TrainError(f"{{temperature}} must be in [{low}, {high}] (1.0 means no tempering), got "
+                             f"{self.temperature}")
         if self.skip_nonfinite < 0:
             raise TrainError(f"{{skip_nonfinite}} must be >= 0, got {self.skip_nonfinite}")
 

@@ -253,7 +253,8 @@ def heldout_split(config: EvalConfig) -> tuple[float, str]:
     record, path = found
     recorded = record.get("config", {}).get("eval_fraction") if isinstance(record.get("config"), dict) else None
     if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0 <= recorded < 1:
-        raise EvalError(f"{path} records no valid config.eval_fraction (got {recorded!r}), so which cache rows that run "
+        raise EvalError(f"{path} records no valid config.eval_fraction (got {recorded!r}), so which cache rows that "
+                        "run "
                         "held out is unknown; evaluate with --all-rows (training rows included) or fix run.json")
     if config.eval_fraction is None:
         return float(recorded), f"run.json ({path})"

@@ -84,7 +84,8 @@ class GenerateConfig:
 
     def __post_init__(self):
         if self.prompts != "all" and self.response_field is None:
-            raise SettingError(f"--prompts {self.prompts} chooses prompts by the held-out rule over (prompt, reference): "
+            raise SettingError(f"--prompts {self.prompts} chooses prompts by the held-out rule over (prompt, "
+                               "reference): "
                                "give {response_field}, or use --prompts all")
         if self.keep_layers is not None and self.keep_layers < 1:
             raise SettingError(f"{{keep_layers}} must be >= 1, got {self.keep_layers}")
@@ -211,6 +212,7 @@ def generate_samples(config: GenerateConfig, *, log=print) -> dict:
     with open(tmp, "w") as f:
         f.writelines(lines)
     os.replace(tmp, config.out)
-    log(f"wrote {config.out}: {counts['responses']} responses, {counts['tokens']} tokens; {counts['finished']} ended at a "
+    log(f"wrote {config.out}: {counts['responses']} responses, {counts['tokens']} tokens; {counts['finished']} ended "
+        "at a "
         f"stop token, {counts['exact']} tokenize back to exactly the sampled ids")
     return counts

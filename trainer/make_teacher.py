@@ -78,7 +78,8 @@ class MakeTeacherConfig:
         if self.width < 32 or self.width % 32:
             raise SettingError(f"{{width}} must be a positive multiple of 32 (heads are 32 wide), got {self.width}")
         if not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
-            raise SettingError(f"{{vocab_size}} must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (a byte-level BPE holds "
+            raise SettingError(f"{{vocab_size}} must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (a byte-level BPE "
+                               "holds "
                                f"the 256 bytes and 3 special tokens), got {self.vocab_size}")
         if self.steps < 1:
             raise SettingError(f"{{steps}} must be >= 1, got {self.steps}")

@@ -262,7 +262,8 @@ class RunFolder:
         if not ours:
             return  # a marked folder with nothing of a run in it (a run refused before it wrote anything)
         if not (resume or overwrite):
-            raise RunFolderError(f"{{out}} {out} is not empty; pass {{resume}} to continue the run in it or {{overwrite}} "
+            raise RunFolderError(f"{{out}} {out} is not empty; pass {{resume}} to continue the run in it or "
+                                 f"{{overwrite}} "
                                  "to replace it")
         if overwrite:
             for name in sorted(ours):

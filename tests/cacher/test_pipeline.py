@@ -111,7 +111,8 @@ def test_a_failed_write_commits_nothing_of_its_shard(tmp_path, monkeypatch):
         return real(store, key, data)
 
     monkeypatch.setattr(Store, "write_bytes", fails_in_shard_1)
-    with pytest.raises(OSError, match=r"writing shard 1 to .* failed \(No space left on device\).* rerun the same command"):
+    with pytest.raises(OSError, match=r"writing shard 1 to .* failed \(No space left on device\).* rerun the same "
+                                      r"command"):
         write_streamed(str(tmp_path / "c"), shards, 0, 16, encode_workers=0)
     committed = sorted(p.parent.name for p in (tmp_path / "c").glob("shards/*/commit.json"))
     assert committed == ["shard-00000"]

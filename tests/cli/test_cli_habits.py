@@ -98,7 +98,8 @@ def test_each_default_is_written_once():
 # Habits
 
 
-@pytest.mark.parametrize("app,command", [(kdcache, c) for c in KDCACHE_COMMANDS] + [(kdtrain, c) for c in KDTRAIN_COMMANDS])
+@pytest.mark.parametrize("app,command",
+                         [(kdcache, c) for c in KDCACHE_COMMANDS] + [(kdtrain, c) for c in KDTRAIN_COMMANDS])
 def test_short_help_and_no_bool_metavar(app, command):
     res = runner.invoke(app, [command, "-h"], terminal_width=120)
     assert res.exit_code == 0, res.output
@@ -255,7 +256,8 @@ def test_a_missing_logger_is_refused_before_anything_is_written(monkeypatch, tmp
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install 'kdcache[wandb]')")
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install "
+                                                                      "'kdcache[wandb]')")
 def test_wandb_offline_logs_into_the_run_folder(monkeypatch, tmp_path, cache):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -109,7 +109,8 @@ BAD_INPUTS = {
                            ["--text-field 'body' is not a field of", "its fields are: question, answer"]),
     "no text field": (lambda m, t: ["--dataset", str(GSM8K)],
                       ["--text-field 'text' is not a field of", "its fields are: question, answer", "--prompt-field"]),
-    "unknown prompt field": (lambda m, t: ["--dataset", str(GSM8K), "--prompt-field", "q", "--response-field", "answer"],
+    "unknown prompt field": (lambda m, t: ["--dataset", str(GSM8K), "--prompt-field", "q", "--response-field",
+                                           "answer"],
                              ["--prompt-field 'q' is not a field of", "its fields are: question, answer"]),
     "empty file": (_empty_file, ["is an empty file (0 bytes)"]),
     "file without rows": (_no_rows, ["has no rows"]),
@@ -125,7 +126,8 @@ BAD_INPUTS = {
     "model without tokenizer": (_no_tokenizer, ["has no tokenizer", "save_pretrained"]),
     "model without config": (_no_config, ["has no config.json"]),
     "hub id offline": (lambda m, t: ["--model", "kdcache-tests/no-such-model"],
-                       ["'kdcache-tests/no-such-model' is not a local folder", "HF_HUB_OFFLINE", "pass a local folder"]),
+                       ["'kdcache-tests/no-such-model' is not a local folder", "HF_HUB_OFFLINE",
+                        "pass a local folder"]),
     "tail samples with vllm": (lambda m, t: ["--engine", "vllm", "--tail-samples", "8"],
                                ["--tail-samples needs the hf engine", "Pass --engine hf"]),
     "tail samples above 255": (lambda m, t: ["--tail-samples", "256"], ["--tail-samples must be in [0, 255]"]),
@@ -136,11 +138,13 @@ BAD_INPUTS = {
     "generate without prompts": (lambda m, t: ["--mode", "generate"], ["--mode generate needs --prompt-field"]),
     "filter in score mode": (lambda m, t: ["--filter", "gsm8k-answer"], ["--filter applies to --mode generate only"]),
     "unknown filter": (lambda m, t: ["--mode", "generate", "--dataset", str(GSM8K), "--prompt-field", "question",
-                                     "--response-field", "answer", "--filter", "exact"], ["--filter must be one of gsm8k-answer; got 'exact'"]),
+                                     "--response-field", "answer", "--filter", "exact"],
+                       ["--filter must be one of gsm8k-answer; got 'exact'"]),
     "tensor-parallel-size 0": (lambda m, t: ["--tensor-parallel-size", "0"],
                                ["--tensor-parallel-size must be >= 1 (GPUs per teacher), got 0"]),
     "gpu-memory-utilization 0": (lambda m, t: ["--gpu-memory-utilization", "0"],
-                                 [("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be in "
+                                 [("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be "
+                                   "in "
                                    "(0, 1], got 0.0")]),
     "gpu-memory-utilization 1.5": (lambda m, t: ["--gpu-memory-utilization", "1.5"],
                                    [("--gpu-memory-utilization is the fraction of GPU memory vLLM may take: it must be "
@@ -149,9 +153,11 @@ BAD_INPUTS = {
                                ["--split test: --dataset", "is a single file, which is one split named 'train'",
                                 "--split 'train[:1000]'"]),
     "split of a built-in": (lambda m, t: ["--dataset", "builtin:pydoc-topics", "--split", "test"],
-                            ["--dataset builtin:pydoc-topics is a built-in data set with one split and no configurations"]),
+                            [("--dataset builtin:pydoc-topics is a built-in data set with one split and no "
+                              "configurations")]),
     "dataset config of a single file": (lambda m, t: ["--dataset-config", "main"],
-                                        ["--dataset-config main: --dataset", "is a single file, which has no configurations"]),
+                                        ["--dataset-config main: --dataset", ("is a single file, which has no "
+                                                                              "configurations")]),
     "data set with configurations, none given": (_configured_dataset,
                                                  ["has several configurations: pass --dataset-config NAME",
                                                   "['main', 'socratic']"]),
@@ -170,7 +176,8 @@ BAD_INPUTS = {
                                             "--prompt-template plain or minillm")]),
     "damaged config.json": (_damaged("config.json", "{not json"), ["config.json is not valid JSON", "save_pretrained"]),
     "damaged tokenizer.json": (_damaged("tokenizer.json", "{not json"),
-                               ["could not load the tokenizer of", "JSONDecodeError", "check its config.json and tokenizer files"]),
+                               ["could not load the tokenizer of", "JSONDecodeError", ("check its config.json and "
+                                                                                       "tokenizer files")]),
 }
 
 
@@ -209,7 +216,8 @@ def test_engine_vllm_without_vllm(python, tiny_gpt2_dir, speeches, tmp_path, mon
                               "--limit", "2", "--engine", "vllm", "--out", str(tmp_path / "cache")])
     assert res.exit_code == 2, res.output
     text = one_line(res.output)
-    assert ("vLLM is not installed here" if python == "" else f"KDCACHE_VLLM_PYTHON={python} is not an executable") in text
+    expected = "vLLM is not installed here" if python == "" else f"KDCACHE_VLLM_PYTHON={python} is not an executable"
+    assert expected in text
     assert "--engine hf" in text and not (tmp_path / "cache").exists()
 
 
@@ -275,8 +283,9 @@ def write_dolly_like(path: Path, num_rows: int = 8) -> Path:
     with GSM8K.open(encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(num_rows)]
     contexts = ["Use whole numbers only.", None, "Show each step on its own line.", ""]
-    path.write_text("".join(json.dumps({"instruction": r["question"], "context": contexts[i % 4], "response": r["answer"],
-                                        "category": "open_qa"}) + "\n" for i, r in enumerate(rows)))
+    path.write_text("".join(json.dumps({"instruction": r["question"], "context": contexts[i % 4],
+                                        "response": r["answer"], "category": "open_qa"}) + "\n"
+                            for i, r in enumerate(rows)))
     return path
 
 
@@ -365,8 +374,8 @@ def test_json_report_for_every_status(tiny_gpt2_dir, speeches, tmp_path):
 def test_default_out_and_printed_counts(tiny_gpt2_dir, speeches, tmp_path, monkeypatch):
     """--out defaults to ./cache/<last path component of --model>; the data line gives every count."""
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["build", "--model", f"{tiny_gpt2_dir}/", "--dataset", str(speeches), "--text-field", "text",
-                              "--max-length", "24", "--top-k", "4"])
+    res = runner.invoke(app, ["build", "--model", f"{tiny_gpt2_dir}/", "--dataset", str(speeches), "--text-field",
+                              "text", "--max-length", "24", "--top-k", "4"])
     assert res.exit_code == 0, res.output
     out = Path("cache") / tiny_gpt2_dir.name
     reader, sequences = read_cache(out)
@@ -455,9 +464,11 @@ def test_default_smollm2_on_the_builtin_corpus(tmp_path_factory, tmp_path, monke
     reader, sequences = read_cache(tmp_path / "cache" / "smollm2-135m")
     m = reader.manifest
     assert (m.vocab_size, m.top_k, m.settings["max_length"]) == (49152, 64, 64)
-    assert m.dataset["name"] == "builtin:pydoc-topics" and m.teacher["engine"] == "hf" and m.teacher["dtype"] == "float32"
+    assert m.dataset["name"] == "builtin:pydoc-topics"
+    assert m.teacher["engine"] == "hf" and m.teacher["dtype"] == "float32"
     assert len(sequences) == 4 and all(len(s["input_ids"]) <= 64 for s in sequences)
     assert 0.5 < m.totals["mean_topk_mass"] < 1.0
     targets = np.concatenate([s["target_logprob"][:-1][s["loss_mask"][:-1]] for s in sequences]).astype(np.float64)
     assert np.exp(-targets.mean()) < 60  # a working language model on English prose, not a broken conversion
-    assert json.loads((tmp_path / "cache" / "smollm2-135m" / "build.json").read_text())["teacher"]["name"] == "smollm2-135m"
+    build_json = json.loads((tmp_path / "cache" / "smollm2-135m" / "build.json").read_text())
+    assert build_json["teacher"]["name"] == "smollm2-135m"

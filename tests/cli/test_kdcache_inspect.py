@@ -31,9 +31,11 @@ def test_verify_good_and_bad(tmp_path):
     assert res.exit_code == 0 and "OK" in res.output
     key = "shards/shard-00000/topk_ids/c/0/0"
     path = os.path.join(url, key)
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     data[5] ^= 1
-    open(path, "wb").write(bytes(data))
+    with open(path, "wb") as f:
+        f.write(bytes(data))
     os.remove(os.path.join(url, "shards/shard-00001/input_ids/zarr.json"))
     res = runner.invoke(app, ["verify", url])
     assert res.exit_code == 1

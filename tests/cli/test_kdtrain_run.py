@@ -316,7 +316,8 @@ def test_cache_without_loss_tokens_refused(tiny_gpt2_dir, tmp_path):
                              topk_logprobs=np.tile([-1.0, -2.0], (5, 1)), target_logprob=[-1.0, -2.0, -3.0, -3.0, -3.0],
                              tail_logprob=np.full(5, np.log1p(-np.exp(-1.0) - np.exp(-2.0))), source_index=0)
         w.finalize()
-    code, text = run("--cache", url, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--out", tmp_path / "o")
+    code, text = run("--cache", url, "--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--out",
+                     tmp_path / "o")
     assert code == 2 and "no rows with loss_mask set" in text
 
 

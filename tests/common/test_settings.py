@@ -12,15 +12,20 @@ from typer.testing import CliRunner
 
 from common.settings import (
     SettingError,
+    build,
+    coerce_values,
     field_docs,
     flat_values,
-    from_values,
     options_of,
     schema_of,
-    spell_for_plan,
     to_argv,
     typer_command,
 )
+
+
+def from_values(cls, values, where="", **kw):
+    """A settings instance from flat values, as a plan section or a config file gives them."""
+    return build(cls, coerce_values(cls, values, where, **kw))
 
 
 @dataclass
@@ -86,7 +91,7 @@ def test_errors_name_fields_rendered_per_reader():
     with pytest.raises(SettingError) as info:
         from_values(Fake, {"model": "m", "top_k": 0})
     assert str(info.value) == "--top-k must be >= 1, got 0"
-    assert info.value.render(spell_for_plan(Fake, "cache")) == "cache.top_k must be >= 1, got 0"
+    assert info.value.render(lambda name: f"cache.{name}") == "cache.top_k must be >= 1, got 0"
 
 
 def test_to_argv_round_trips_through_the_generated_command():

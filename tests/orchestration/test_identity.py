@@ -90,7 +90,8 @@ def test_changed_loss_reruns_the_stages_it_reaches_and_the_report_states_what_ra
     # the report on disk is built from the stages' markers, never from the plan now given
     assert write_report(jsd, stages_of(jsd))["train"]["loss"] == "fkl"
     rows = {r["stage"]: r for r in describe_stages(jsd)}
-    assert rows["train:teacher__a"]["state"] == CHANGED and rows["train:teacher__a"]["reasons"] == ["train.loss fkl -> jsd"]
+    row = rows["train:teacher__a"]
+    assert row["state"] == CHANGED and row["reasons"] == ["train.loss fkl -> jsd"]
     assert "--overwrite" in rows["train:teacher__a"]["command"].split()
     assert "train.loss fkl -> jsd" in rows["train:teacher__a__s"]["reasons"]  # its own change, and after its input
     assert any("cache:teacher__a" in reason for reason in rows["train:teacher__a__s"]["reasons"])

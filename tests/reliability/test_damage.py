@@ -296,7 +296,8 @@ def test_hash_cost(tmp_path):
     decode_s = time.perf_counter() - started
     print(f"\nsha256 alone: {sha_mib_s:.0f} MiB/s; cache of {mib:.1f} MiB, {num_tokens:,} tokens x K=64 "
           f"({mib * 2**20 / num_tokens / 64:.2f} B per token x K)\n"
-          f"hash at start (verify): {at_start_s:.2f}s = {mib / at_start_s:.0f} MiB/s = {num_tokens / at_start_s:,.0f} tokens/s\n"
+          f"hash at start (verify): {at_start_s:.2f}s = {mib / at_start_s:.0f} MiB/s = {num_tokens / at_start_s:,.0f} "
+          "tokens/s\n"
           f"hash on read, first shard: {on_read_s:.2f}s ({mib / 4 / on_read_s:.0f} MiB/s)\n"
           f"decode every row once (what training reads anyway): {decode_s:.2f}s = {num_tokens / decode_s:,.0f} tokens/s")
     assert sha_mib_s > 50

@@ -52,11 +52,13 @@ def test_verify_cost(tmp_path):
     finally:
         reader_module.check_rows = real
     shard_rows = num_rows // 4
-    print(f"\n{num_rows:,} rows x K=64: verify (hashes, structure) {hashed_s:.2f}s = {num_rows / hashed_s:,.0f} rows/s; "
+    print(f"\n{num_rows:,} rows x K=64: verify (hashes, structure) {hashed_s:.2f}s = {num_rows / hashed_s:,.0f} "
+          "rows/s; "
           f"verify with every row checked (kdcache verify) {rows_s:.2f}s = {num_rows / rows_s:,.0f} rows/s; peak "
           f"traced memory {peak / 2**20:.1f} MiB\n"
           f"trainer read path, one shard in blocks of 8,192 rows: decode + row checks {with_checks:.3f}s "
-          f"({shard_rows / with_checks:,.0f} rows/s), decode alone {without:.3f}s ({shard_rows / without:,.0f} rows/s): "
+          f"({shard_rows / with_checks:,.0f} rows/s), decode alone {without:.3f}s ({shard_rows / without:,.0f} "
+          "rows/s): "
           f"the checks cost {(with_checks - without) / shard_rows * 1e6:.2f} us per row "
           f"(+{100 * (with_checks / without - 1):.0f}% of decoding)")
     assert peak < 64 * 2**20  # one block of 8,192 rows (about 3 MiB decoded) and its temporaries, not the cache

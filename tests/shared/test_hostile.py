@@ -195,7 +195,8 @@ def test_nan_and_positive_logprobs(cache):
 
 def test_positive_tail(cache):
     reencode(cache, "tail_logprob", lambda lp: np.where(np.arange(len(lp)) == 2, np.float16(3.0), lp))
-    refused(cache, CacheFormatError, "shard-00001: tail_logprob row 2: breaks the rule that the tail's log-probability is "
+    refused(cache, CacheFormatError, "shard-00001: tail_logprob row 2: breaks the rule that the tail's log-probability "
+                                     "is "
                                      "never NaN nor above 0")
 
 
@@ -313,7 +314,8 @@ def test_meta_that_is_not_parquet(cache):
 
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m["arrays"]["topk_ids"].update(dtype="uint64"), "arrays.topk_ids.dtype is 'uint64'; the format stores it as 'uint16'"),
-    (lambda m: m["shards"][1]["objects"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}), "leaves the cache"),
+    (lambda m: m["shards"][1]["objects"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}), ("leaves the "
+                                                                                                         "cache")),
     (lambda m: m["shards"][1]["objects"].update({"/etc/passwd": {"size": 1, "sha256": "0" * 64}}), "absolute or a URL"),
     (lambda m: m["shards"][1]["objects"].update({"s3://evil/x": {"size": 1, "sha256": "0" * 64}}), "absolute or a URL"),
     (lambda m: m["shards"][1]["objects"].update({"shards/shard-00000/x": {"size": 1, "sha256": "0" * 64}}),

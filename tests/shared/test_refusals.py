@@ -201,8 +201,10 @@ def test_workers_own_disjoint_shards(tmp_path):
 def test_chunk_rows_setting_validated_for_every_reader(cache, value, shown):
     """A trainer divides row indices by settings.chunk_rows: anything but a positive int in range is refused here."""
     edit_manifest(cache, lambda m: m["settings"].update(chunk_rows=value))
-    with pytest.raises(CacheFormatError, match=r"manifest: settings.chunk_rows \(rows per Zarr chunk\) must be an integer "
-                                               rf"in \[1, 67,108,864\] for top_k 8 and a vocabulary of 1000, got {shown}"):
+    with pytest.raises(CacheFormatError, match=r"manifest: settings.chunk_rows \(rows per Zarr chunk\) must be an "
+                                               r"integer "
+                                               r"in \[1, 67,108,864\] for top_k 8 and a vocabulary of 1000, got "
+                                               rf"{shown}"):
         CacheReader(cache)
     with pytest.raises(CacheFormatError, match="settings.chunk_rows"):  # and no build starts with it
         header(1, chunk_rows=value)
@@ -245,7 +247,8 @@ def test_top_k_mass_bound_is_one_rule_for_writer_and_reader(tmp_path):
     buf = ShardBuffer(0)
     buf.add_sequence(**seq, source_index=0)
     with CacheWriter(str(tmp_path / "d"), header(1)) as w, \
-            pytest.raises(CacheFormatError, match=r"topk_logprobs row 0: breaks the rule that a row's top-K probabilities "
+            pytest.raises(CacheFormatError, match=r"topk_logprobs row 0: breaks the rule that a row's top-K "
+                                                  r"probabilities "
                                                   r"sum to at most 1.02 \(log-probabilities, not logits\)"):
         w.write_shard(buf)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.manifest import TOP_LEVEL_KEYS, ShardEntry, make_totals
 from shared.encode import array_descriptions
+from shared.manifest import TOP_LEVEL_KEYS, ShardEntry, make_totals
 from tests.shared.fakes import write_cache
 
 SPEC = Path(__file__).resolve().parents[2] / "storage_layout.md"

@@ -144,10 +144,11 @@ def test_writer_accepts_valid_and_casts():
 
 @pytest.mark.parametrize("damage, message", [
     (lambda a: a["tail_counts"].__setitem__((0, 0), a["tail_counts"][0, 0] + 1), r"counts are in \[0, M\] and sum to M"),
-    (lambda a: a["tail_ids"].__setitem__((0, 0), a["topk_ids"][0, 0]), "a row's K top-K ids and M tail ids are all distinct"),
+    (lambda a: a["tail_ids"].__setitem__((0, 0), a["topk_ids"][0, 0]), ("a row's K top-K ids and M tail ids are all "
+                                                                        "distinct")),
     (lambda a: a["tail_ids"].__setitem__((1, 1), a["tail_ids"][1, 0]), "tail_ids row 1: breaks the rule that a row's K"),
-    (lambda a: a["tail_ids"].__setitem__((0, 0), VOCAB), "tail_ids row 0: breaks the rule that every id is below the "
-                                                         "vocabulary size V"),
+    (lambda a: a["tail_ids"].__setitem__((0, 0), VOCAB), ("tail_ids row 0: breaks the rule that every id is below the "
+                                                          "vocabulary size V")),
     (lambda a: a["tail_counts"].__setitem__((0, slice(None)), [1, 2, 1, 1, 1, 0]), "counts do not increase along M"),
     (lambda a: a["tail_counts"].__setitem__((0, slice(None)), [7, 0, 0, 0, 0, -1]), r"counts are in \[0, M\]"),
 ], ids=["counts-sum", "a-top-k-id", "repeated-id", "id-beyond-vocabulary", "counts-unsorted", "count-out-of-range"])

@@ -296,7 +296,8 @@ def test_loss_rows_before_the_prompt_ends_are_refused(tmp_path):
     for key, data in encode_zarr_group({"loss_mask": mask}, chunk_rows=8192).items():
         if "/" in key:
             replace_object(url, f"shards/shard-00000/{key}", data)
-    with pytest.raises(CacheFormatError, match=r"shard-00000: loss_mask row 1: breaks the rule that loss_mask is false on "
+    with pytest.raises(CacheFormatError, match=r"shard-00000: loss_mask row 1: breaks the rule that loss_mask is false "
+                                               r"on "
                                                r"the rows before prompt_length - 1 .*prompt_length 5"):
         CacheReader(str(url)).shard(0).read_rows(0, 12)
 

@@ -450,7 +450,8 @@ def test_eval_of_a_run_uses_the_runs_heldout_rows(run_with_a_large_heldout, tiny
 def test_eval_refuses_a_fraction_that_reaches_a_runs_training_rows(run_with_a_large_heldout, tiny_cache):
     """--eval-fraction 0.5 on a run that held out 0.3 would score training rows: refused, naming both. A smaller
     fraction selects a subset of the run's held-out rows (a threshold on a fixed number): accepted."""
-    with pytest.raises(EvalError, match=r"--eval-fraction 0.5 selects more sequences than the run held out \(eval_fraction 0.3 in "
+    with pytest.raises(EvalError, match=r"--eval-fraction 0.5 selects more sequences than the run held out "
+                                        r"\(eval_fraction 0.3 in "
                        r".*run\.json\), so it would score training rows as held-out"):
         evaluate(EvalConfig(model=run_with_a_large_heldout, cache=tiny_cache, metrics=("ppl",), eval_fraction=0.5),
                  log=lambda m: None)

@@ -478,7 +478,8 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_checkpoint(tiny_cache
     common = {"cache": tiny_cache, "steps": 8, "save_every": 2, **NONFINITE_RUN}
     out = tmp_path / "o"
     poison_steps(monkeypatch, {5}, how)
-    with pytest.raises(TrainError, match=r"^step 5: loss \S+, gradient norm \S+ \(not finite on this or another rank\), "
+    with pytest.raises(TrainError, match=r"^step 5: loss \S+, gradient norm \S+ \(not finite on this or another "
+                                         r"rank\), "
                                          r"so the step was not applied and the run stops\. Kept: .*step-000004; no "
                                          r"student was saved\. Lower --lr"):
         train(TrainConfig(out=str(out), **common), log=quiet)
@@ -532,7 +533,8 @@ def test_nonfinite_weights_are_never_saved(tiny_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     out = tmp_path / "o"
-    with pytest.raises(TrainError, match=r"^after step 3 the student's weights are not finite \(\S+\), so they were not "
+    with pytest.raises(TrainError, match=r"^after step 3 the student's weights are not finite \(\S+\), so they were "
+                                         r"not "
                                          r"saved; kept: .*step-000002"):
         train(TrainConfig(out=str(out), cache=tiny_cache, steps=3, save_every=2, **NONFINITE_RUN), log=quiet)
     assert not (out / "model.safetensors").exists() and read_run(str(out))["status"] == "failed"
