@@ -29,10 +29,11 @@ def test_verify_cost(tmp_path):
     started = time.perf_counter()
     assert CacheReader(url).verify(bookkeeping=True) == []
     hashed_s = time.perf_counter() - started
-    tracemalloc.start()
     started = time.perf_counter()
     assert CacheReader(url).verify(bookkeeping=True, rows=True) == []
     rows_s = time.perf_counter() - started
+    tracemalloc.start()  # a second pass for memory: tracing slows every allocation, so it is not timed
+    assert CacheReader(url).verify(bookkeeping=True, rows=True) == []
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
 
@@ -44,11 +45,11 @@ def test_verify_cost(tmp_path):
             view.read_rows(lo, min(lo + 8192, int(view.offsets[-1])))
         return time.perf_counter() - started
 
-    with_checks = min(decode(True) for _ in range(3))
+    with_checks = min(decode(True) for _ in range(5))  # the best of 5: the machine may be shared
     real = reader_module.check_rows
     reader_module.check_rows = lambda block, where: None
     try:
-        without = min(decode(False) for _ in range(3))
+        without = min(decode(False) for _ in range(5))
     finally:
         reader_module.check_rows = real
     shard_rows = num_rows // 4
