@@ -32,7 +32,8 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 # Optional logging packages: setting -> (the module it imports, the kdcache extra that installs it).
 LOGGERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
-METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore", "acceptance", "grounding")
+METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore", "acceptance", "grounding",
+           "exposure")
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
 # Appended to each GSM8K question (after a blank line) so the answer ends in the form the metric and
 # `kdcache build --filter gsm8k-answer` read. examples/prepare_gsm8k.py adds the same line to training prompts.
@@ -56,6 +57,12 @@ class TrainConfig:
     """Output folder: the student (save_pretrained), metrics.jsonl, run.json, checkpoints/."""
     cache: str | None = field(default=None, metadata=OUTPUT)
     """Teacher cache (folder or URL). Without it, {dataset} trains plain cross-entropy."""
+    mix_cache: str | None = field(default=None, metadata=OUTPUT)
+    """A second teacher cache of the same tokenizer: each batch comes from it with probability {mix}, decided by
+    {seed} and the batch's number (trainer/mixed.py); its held-out sequences are left out too."""
+    mix: float = field(default=0.0, metadata=RUNNER)
+    """Share of batches drawn from {mix_cache}, in [0, 1]: GKD's 1 - lambda when {cache} holds the student's own
+    samples and {mix_cache} the teacher's or the data's text."""
     student: str | None = field(default=None, metadata=RUNNER)
     """Student: a hub id or local model folder."""
     student_from_teacher: bool = field(default=False, metadata=RUNNER)
@@ -226,6 +233,14 @@ class TrainConfig:
             raise TrainError(f"without {{cache}} there is no teacher: use {{loss}} ce (got {{loss}} {self.loss})")
         if self.cache is None and (self.student_from_teacher or self.student_config) and self.teacher is None:
             raise TrainError("without {cache}, {student_from_teacher} and {student_config} need {teacher} FOLDER")
+        if not (isinstance(self.mix, (int, float)) and 0.0 <= self.mix <= 1.0):
+            raise TrainError(f"{{mix}} is the share of batches drawn from {{mix_cache}}: it must be in [0, 1], got "
+                             f"{self.mix}")
+        if (self.mix_cache is None) != (self.mix == 0):
+            raise TrainError("{mix_cache} and {mix} go together: a second cache and the share of batches drawn from "
+                             "it (> 0); give both, or neither")
+        if self.mix_cache is not None and self.cache is None:
+            raise TrainError("{mix_cache} mixes a second cache into {cache}'s batches: give {cache} too")
 
     def _check_finite(self) -> None:
         """Non-finite numbers are refused before anything runs (--lr inf trained a NaN student with exit 0)."""
@@ -267,8 +282,8 @@ class EvalConfig:
     model: str = field(metadata=OUTPUT)
     """Model folder (or hub id) to evaluate."""
     metrics: tuple[str, ...] = ("ppl",)
-    """Metrics to compute, comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore, acceptance, grounding
-    (docs/evaluation.md)."""
+    """Metrics to compute, comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore, acceptance, grounding,
+    exposure (docs/evaluation.md)."""
     dataset: str | None = None
     """Evaluation data (ppl, rouge, gsm8k, mauve, bertscore, grounding): a local file, builtin:NAME or a hub name."""
     dataset_config: str | None = None
@@ -277,7 +292,7 @@ class EvalConfig:
     """Teacher cache: agreement and acceptance, and ppl on its held-out rows when there is no {dataset}."""
     teacher: str | None = field(default=None, metadata=OUTPUT)
     """acceptance: the teacher model folder (the exact alpha, also on continuations it samples); without it, bounds
-    from the cache's top-K."""
+    from the cache's top-K. exposure: the teacher that scores the model's own samples."""
     split: str | None = None
     """Split of the evaluation data set (default: train)."""
     text_field: str | None = None
@@ -324,9 +339,12 @@ class EvalConfig:
         if "acceptance" in self.metrics and not self.cache:
             raise EvalError("metric 'acceptance' needs {cache} (held-out text and the teacher's top-K there); add "
                             "{teacher} MODEL for the exact value")
-        if self.teacher and "acceptance" not in self.metrics:
-            raise EvalError("{teacher} is used by metric 'acceptance' only: add acceptance to {metrics}, or drop "
-                            "{teacher}")
+        if "exposure" in self.metrics and not (self.cache and self.teacher):
+            raise EvalError("metric 'exposure' needs {cache} (its held-out prompts) and {teacher} (the model that "
+                            "scores the evaluated model's own samples; trainer/exposure.py)")
+        if self.teacher and "acceptance" not in self.metrics and "exposure" not in self.metrics:
+            raise EvalError("{teacher} is used by metrics 'acceptance' and 'exposure' only: add one to {metrics}, or "
+                            "drop {teacher}")
         if "grounding" in self.metrics and not self.prompt_field:
             raise EvalError("metric 'grounding' needs {prompt_field} (and {input_field} for the context, dolly's "
                             "context)")

@@ -198,6 +198,17 @@ def draft_acceptance(model, config: EvalConfig, eval_fraction: float) -> dict:
             "cache": config.cache, "teacher": config.teacher}
 
 
+def exposure(model, tokenizer, config: EvalConfig, eval_fraction: float) -> dict:
+    """KL(teacher || model) on the model's own samples of the cache's held-out prompts (trainer/exposure.py)."""
+    from trainer.exposure import exposure_metric
+
+    teacher = load_model(config.teacher, need_tokenizer=False)[0]
+    value = exposure_metric(model, tokenizer, teacher, config.cache, eval_fraction=eval_fraction, seeds=config.seeds,
+                            greedy=config.greedy, max_length=config.max_length,
+                            max_prompt_length=config.max_prompt_length, limit=config.limit, batch_size=config.batch_size)
+    return {**value, "teacher": config.teacher}
+
+
 def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None,
                     eval_fraction: float = EVAL_FRACTION) -> list[dict]:
     """The cache's sequences to evaluate on (held-out ones by the trainer's rule, if asked)."""
@@ -494,14 +505,15 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
     for metric in config.metrics:
         if metric in OPTIONAL:
             optional_metric_setup(metric)  # a feature model that cannot work fails now, not after generating
-    on_cache_rows = ("agreement" in config.metrics or "acceptance" in config.metrics
+    on_cache_rows = (any(m in config.metrics for m in ("agreement", "acceptance", "exposure"))
                      or ("ppl" in config.metrics and not config.dataset))
     if on_cache_rows and config.heldout_only:
         fraction, split_from = heldout_split(config)  # before loading anything: a refusal costs nothing
         rows = {"source": "cache held-out", "eval_fraction": fraction, "split_from": split_from}
     else:
         fraction, rows = 0.0, {"source": "cache, all rows (training rows included)"}
-    model, tokenizer = load_model(config.model, need_tokenizer=bool(config.dataset))  # text metrics need --dataset
+    model, tokenizer = load_model(config.model,  # text metrics need --dataset; exposure the stop tokens
+                                  need_tokenizer=bool(config.dataset) or "exposure" in config.metrics)
     result = EvalResult(model=config.model)
     for metric in config.metrics:
         t0 = time.time()
@@ -520,6 +532,8 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
             value = agreement(model, config.cache, heldout_only=config.heldout_only, limit=config.limit,
                               batch_size=config.batch_size, eval_fraction=fraction)
             value.update(rows)
+        elif metric == "exposure":
+            value = {**exposure(model, tokenizer, config, fraction), **rows}
         elif metric == "acceptance":
             value = {**draft_acceptance(model, config, fraction), **rows}
         elif metric == "grounding":

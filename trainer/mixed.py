@@ -23,6 +23,7 @@ import numpy as np
 
 from shared.reader import CacheReader
 from trainer.data import Source, cache_index, cache_source, heldout_mask
+from trainer.errors import TrainError
 
 MIX_STREAM = 0x6D6978  # "mix": keeps these draws apart from the data order's, which use [seed, epoch]
 
@@ -33,13 +34,13 @@ def mix_draw(seed: int, index: int) -> float:
 
 
 def mix_source(mix: CacheReader, main: CacheReader, eval_fraction: float, *, has_teacher: bool, tail_samples: bool,
-               window_blocks: int, name: str = "--mix-cache") -> Source:
-    """The training sequences of the mix cache (its held-out ones left out). ValueError when its tokenizer is not
+               window_blocks: int) -> Source:
+    """The training sequences of the mix cache (its held-out ones left out). TrainError when its tokenizer is not
     the main cache's, or when nothing is left to train on."""
     ours, theirs = mix.manifest.tokenizer, main.manifest.tokenizer
     if ours.get("vocab_sha256") != theirs.get("vocab_sha256") or ours.get("vocab_size") != theirs.get("vocab_size"):
-        raise ValueError(f"{name} {mix.url} was built with another tokenizer than --cache {main.url} (vocabulary "
-                         f"{str(ours.get('vocab_sha256'))[:12]} of {ours.get('vocab_size')} ids vs "
+        raise TrainError(f"{{mix_cache}} {mix.url} was built with another tokenizer than {{cache}} {main.url} "
+                         f"(vocabulary {str(ours.get('vocab_sha256'))[:12]} of {ours.get('vocab_size')} ids vs "
                          f"{str(theirs.get('vocab_sha256'))[:12]} of {theirs.get('vocab_size')}); a student learns one "
                          "vocabulary: mix caches of teachers that share a tokenizer")
     index = cache_index(mix)
@@ -47,8 +48,8 @@ def mix_source(mix: CacheReader, main: CacheReader, eval_fraction: float, *, has
     source = cache_source(mix, index, np.flatnonzero(~held).tolist(), has_teacher=has_teacher,
                           window_blocks=window_blocks, tail_samples=tail_samples)
     if len(source) == 0:
-        raise ValueError(f"{name} {mix.url} has no training sequences left after holding out {int(held.sum())} of "
-                         f"{len(index)}; use a larger cache or a smaller --eval-fraction")
+        raise TrainError(f"{{mix_cache}} {mix.url} has no training sequences left after holding out "
+                         f"{int(held.sum())} of {len(index)}; use a larger cache or a smaller {{eval_fraction}}")
     return source
 
 

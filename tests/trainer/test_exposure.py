@@ -81,3 +81,22 @@ def test_exposure_equals_a_dense_computation_one_response_at_a_time(cache, tiny_
     per = np.asarray(expected) / np.asarray(lengths)
     assert got["kl_stderr"] == pytest.approx(per.std(ddof=1) / np.sqrt(len(per)), rel=1e-3)
     assert got["kl"] > 0.1  # a random Llama is far from the GPT-2 teacher
+
+
+def test_kdtrain_eval_reports_exposure_and_refuses_it_without_a_teacher(cache, tiny_gpt2_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.kdtrain import app
+
+    out = tmp_path / "e.json"
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_gpt2_dir), "--metrics", "exposure", "--cache", cache,
+                                   "--teacher", str(tiny_gpt2_dir), "--seeds", "1,2", "--max-length", "40",
+                                   "--eval-fraction", "0.2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    value = json.loads(out.read_text())["metrics"]["exposure"]
+    assert value["kl"] == 0.0 and value["seeds"] == [1, 2] and value["source"] == "cache held-out"
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_gpt2_dir), "--metrics", "exposure", "--cache", cache])
+    assert res.exit_code == 2
+    assert "metric 'exposure' needs --cache (its held-out prompts) and --teacher" in " ".join(res.output.split())

@@ -78,3 +78,95 @@ def test_a_resumed_batcher_continues_with_the_same_batches():
 def test_a_share_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         MixedBatcher(make, source(1, 2), source(2, 2), 1.5, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kdtrain run --mix-cache
+
+
+def quiet(message):
+    pass
+
+
+@pytest.fixture(scope="module")
+def mix_cache(tmp_path_factory, tiny_llama_dir):
+    """Another teacher (the tiny Llama) over fewer windows, with the same tokenizer as tiny_cache's GPT-2."""
+    from tests.trainer.teacher_cache import write_teacher_cache
+
+    return write_teacher_cache(str(tmp_path_factory.mktemp("mix") / "llama"), tiny_llama_dir, num_sequences=50,
+                               top_k=8)
+
+
+def mixed_run(cache, mix_cache, out, **extra):
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    settings = {"cache": cache, "mix_cache": mix_cache, "mix": 0.4, "student_from_teacher": True, "keep_layers": 1,
+                "batch_tokens": 256, "seed": 2, "steps": 12, "grad_accum": 2, "lr": 2e-3, **extra}
+    return train(TrainConfig(out=str(out), **settings), log=quiet)
+
+
+def test_a_mixed_run_draws_its_batches_as_stated_and_resumes_bit_exact(tiny_cache, mix_cache, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import latest_checkpoint, read_state
+
+    mixed_run(tiny_cache, mix_cache, tmp_path / "full", save_every=12)
+    state = read_state(latest_checkpoint(str(tmp_path / "full")))
+    cursor = state["cursors"][0]
+    assert cursor["draws"] == 24  # 12 steps x 2 micro-batches
+    assert cursor["from_mix"] == sum(mix_draw(2, i) < 0.4 for i in range(24)) > 0
+    assert state["data"]["mix"] == 0.4 and len(state["data"]["mix_cache_key"]) == 64
+    mixed_run(tiny_cache, mix_cache, tmp_path / "part", save_every=4, stop_after=6)
+    mixed_run(tiny_cache, mix_cache, tmp_path / "part", save_every=4, resume=True)
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    alone = tmp_path / "alone"  # the same run without the mix cache trains on other batches
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    train(TrainConfig(out=str(alone), cache=tiny_cache, student_from_teacher=True, keep_layers=1, batch_tokens=256,
+                      seed=2, steps=12, grad_accum=2, lr=2e-3), log=quiet)
+    c = load_file(str(alone / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resuming_with_another_mix_is_refused(tiny_cache, mix_cache, tmp_path):
+    from trainer.errors import TrainError
+
+    mixed_run(tiny_cache, mix_cache, tmp_path / "r", save_every=2, stop_after=2)
+    with pytest.raises(TrainError, match=r"other data settings \(mix 0.4 -> 0.6\)"):
+        mixed_run(tiny_cache, mix_cache, tmp_path / "r", save_every=2, resume=True, mix=0.6)
+
+
+def test_a_mix_cache_of_another_tokenizer_is_refused(tiny_cache, tmp_path):
+    from tests.conftest import build_tiny_model
+    from tests.trainer.teacher_cache import write_teacher_cache
+    from trainer.errors import TrainError
+
+    tok = tmp_path / "tok"
+    from common.tiny import train_tokenizer
+    from tests.conftest import shakespeare_text
+
+    train_tokenizer(tok, shakespeare_text(20_000), 300)
+    other = write_teacher_cache(str(tmp_path / "other"), build_tiny_model(tmp_path / "m", "gpt2", tok),
+                                num_sequences=20)
+    with pytest.raises(TrainError, match="was built with another tokenizer than"):
+        mixed_run(tiny_cache, other, tmp_path / "x")
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"mix": 0.0}, "--mix-cache and --mix go together"),
+    ({"mix": 1.5}, "--mix is the share of batches drawn from --mix-cache: it must be in [0, 1], got 1.5"),
+])
+def test_mix_settings_are_refused_naming_the_flags(tiny_cache, tmp_path, extra, message):
+    from typer.testing import CliRunner
+
+    from cli.kdtrain import app
+
+    args = ["run", "--out", str(tmp_path / "o"), "--cache", tiny_cache, "--mix-cache", tiny_cache,
+            "--student-from-teacher", "--keep-layers", "1", "--mix", str(extra["mix"])]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "o").exists()
