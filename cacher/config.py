@@ -14,13 +14,14 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from cacher.engine import DTYPES
+from cacher.engine import DEFAULT_BATCH_TOKENS, DTYPES
 from cacher.errors import BuildError
 from common.datasets import DEFAULT_DATASET
 from common.settings import check_choices
 from common.smollm2 import EMBEDDED_DEFAULT
 from common.templates import PROMPT_TEMPLATES
 from shared.format import MAX_TAIL_SAMPLES
+from shared.writer import DEFAULT_CHUNK_ROWS
 
 DTYPE_SETTINGS = ("auto", *DTYPES)
 FILTERS = ("gsm8k-answer",)
@@ -77,11 +78,11 @@ class BuildConfig:
     """vllm, hf (transformers), or auto (vllm when CUDA and vLLM are present, else hf)."""
     dtype: Literal[DTYPE_SETTINGS] = "auto"
     """Teacher dtype; auto: float32 on CPU, bfloat16 on CUDA."""
-    batch_tokens: int = 8192
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     """Padded tokens per teacher forward batch (hf engine)."""
     shard_tokens: int = 1 << 20
     """Rows per shard (about); shards are the unit of commit, resume and worker split."""
-    chunk_rows: int = 8192
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     """Rows per Zarr chunk (the unit a reader decompresses)."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs to split the teacher over."""

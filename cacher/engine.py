@@ -27,6 +27,7 @@ import numpy as np
 from shared.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_BATCH_TOKENS = 8192  # hf: tokens per forward batch (kdcache build's batch_tokens default)
 
 
 class EngineError(UserError):
@@ -42,7 +43,7 @@ class EngineSettings:
     num_token_ids: int  # the tokenizer's ids S; a teacher's logit rows >= S are padding and never stored
     max_length: int
     trust_remote_code: bool = False
-    batch_tokens: int = 8192  # hf: tokens per forward batch (padded tokens where batches are padded)
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # hf: tokens per forward batch (padded tokens where batches are padded)
     tail_samples: int = 0  # hf: M ids drawn outside the top K per row
     tail_seed: int = 0
     tensor_parallel_size: int = 1  # vllm

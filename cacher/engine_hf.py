@@ -31,6 +31,7 @@ import numpy as np
 
 from cacher import varlen
 from cacher.engine import (
+    DEFAULT_BATCH_TOKENS,
     DTYPES,
     EngineError,
     EngineSettings,
@@ -279,7 +280,7 @@ def split_rows(batch: list[int], rows: dict[str, np.ndarray], lengths: list[int]
         pos += n
 
 
-def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, batch_tokens: int = 8192,
+def score_hf(teacher: HFTeacher, sequences: list[np.ndarray], *, top_k: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
              on_batch=None, tail_samples: int = 0, tail_seed: int = 0, sample_keys: list | None = None) -> list[dict]:
     """Run the teacher over sequences (lists of token ids); rows (cacher/engine.py) in input order.
 

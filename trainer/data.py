@@ -45,6 +45,7 @@ import numpy as np
 
 from shared.format import CacheCorruptError
 from shared.reader import CacheReader
+from shared.writer import DEFAULT_CHUNK_ROWS
 from trainer.config import EVAL_FRACTION
 
 HASH_BUCKETS = 10_000
@@ -93,7 +94,7 @@ class CacheIndex:
 
 def cache_index(reader: CacheReader) -> CacheIndex:
     """Index a cache from its meta parquet files (a few KB per shard)."""
-    chunk_rows = int(reader.manifest.settings.get("chunk_rows") or 8192)
+    chunk_rows = int(reader.manifest.settings.get("chunk_rows") or DEFAULT_CHUNK_ROWS)
     shard_of, index_of, lengths, starts, hashes, blocks = [], [], [], [], [], []
     block_base = 0
     for s, entry in enumerate(reader.shards):
