@@ -63,6 +63,9 @@ class BuildConfig:
     samples_from: str | None = field(default=None, metadata=DATA)
     """Who wrote the data's responses (e.g. a student and round, for kdtrain generate's samples): recorded in the
     cache's header and cache_key; shown by kdcache info."""
+    ids_field: str | None = field(default=None, metadata=DATA)
+    """Field holding each row's token ids, the formatted prompt's then the response's, as a model sampled them
+    (kdtrain generate's token_ids): scored exactly as they are, the prompt checked against its formatting."""
     limit: int | None = field(default=None, metadata=DATA)
     """Use only the first N sequences (prompts in generate mode) of the data set."""
     max_length: int = field(default=256, metadata=DATA)
@@ -135,6 +138,9 @@ class BuildConfig:
                 raise BuildError(f"{{{name}}} must be >= 1, got {getattr(self, name)}")
         if not (self.num_workers >= 1 and 0 <= self.worker < self.num_workers):
             raise BuildError(f"{{worker}} {self.worker} must be in [0, {{num_workers}} {self.num_workers})")
+        if self.ids_field is not None and (self.prompt_field is None or self.mode != "score"):
+            raise BuildError("{ids_field} gives the token ids of prompt/response rows to score: it needs "
+                             "{prompt_field} and {response_field}, and {mode} score")
         if self.samples_from is not None and len(self.samples_from) > MAX_SAMPLES_FROM:
             raise BuildError(f"{{samples_from}} has {len(self.samples_from)} characters; at most {MAX_SAMPLES_FROM} "
                              "(it describes who wrote the responses, recorded in every manifest)")

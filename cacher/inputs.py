@@ -93,7 +93,8 @@ def read_data(config, model_folder: str, tokenizer):
             "response_field": config.response_field, "limit": config.limit, "prompt_template": config.prompt_template,
             "input_field": config.input_field}
     if config.mode == "score":
-        data.update(text_field=config.text_field, max_length=config.max_length)
+        data.update(text_field=config.text_field, max_length=config.max_length,
+                    **({"ids_field": config.ids_field} if config.ids_field else {}))
         load = load_sequences
     else:
         data.update(max_length=config.max_length - 1)  # room for at least one response token

@@ -16,6 +16,11 @@ Sequences:
   else `plain`), then the response and EOS; `loss_mask` is true exactly on the rows whose next token
   belongs to the response. Responses longer than fits are truncated (counted); rows whose prompt
   alone leaves no room for a response token are skipped (counted).
+- prompt/response rows with an ids field (`--ids-field`, kdtrain generate's `token_ids`): the row's own token
+  ids, the formatted prompt's followed by the response's exactly as a model sampled them (no EOS added, no
+  re-tokenization of the text, which can differ: a byte-level BPE's partial characters, merges across the
+  prompt's end); the prompt text formatted by the template must give exactly their first ids, and every id
+  must be a token id of the tokenizer. The texts still key the held-out rule.
 
 Takes a tokenizer object (anything with the Hugging Face tokenizer call interface) and imports nothing
 about models or the cache format.
@@ -35,6 +40,8 @@ from common.templates import (
     prompt_only_ids,
     resolve_template,
 )
+
+BATCH_ROWS = 256  # text rows tokenized together
 
 
 @dataclass
@@ -122,8 +129,8 @@ def _row_input(row: dict, input_field: str | None, index: int, dataset: str) -> 
 def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None,
                    text_field: str | None = None,
                    prompt_field: str | None = None, response_field: str | None = None, max_length: int = 512,
-                   limit: int | None = None, batch_rows: int = 256, prompt_template: str | None = None,
-                   input_field: str | None = None) -> tuple[list[Sequence], DataInfo]:
+                   limit: int | None = None, prompt_template: str | None = None,
+                   input_field: str | None = None, ids_field: str | None = None) -> tuple[list[Sequence], DataInfo]:
     """Tokenize a data set into sequences (see the module docstring for the rules).
 
     `limit` caps the number of sequences (taken in data order); the data set is read only as far
@@ -139,6 +146,9 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
         raise DataError("{prompt_field} and {response_field} go together: give both for prompt/response data, or "
                         "neither")
     pairs = prompt_field is not None
+    if ids_field is not None and not pairs:
+        raise DataError("{ids_field} holds the token ids of prompt/response rows: give {prompt_field} and "
+                        "{response_field} too")
     check_template_options(prompt_template, input_field, pairs)
     template = resolve_template(tokenizer, prompt_template) if pairs else None
     rows, columns = load_rows(dataset, split, config)
@@ -146,9 +156,11 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
         _check_field(prompt_field, columns, "{prompt_field}", dataset)
         _check_field(response_field, columns, "{response_field}", dataset)
         _check_field(input_field, columns, "{input_field}", dataset)
+        _check_field(ids_field, columns, "{ids_field}", dataset)
         if text_field is not None:
             raise DataError("give either {text_field} or {prompt_field}/{response_field}, not both")
-        fields = {"prompt": prompt_field, "response": response_field, **({"input": input_field} if input_field else {})}
+        fields = {"prompt": prompt_field, "response": response_field, **({"input": input_field} if input_field else {}),
+                  **({"ids": ids_field} if ids_field else {})}
     else:
         text_field = text_field or "text"
         if text_field not in columns:
@@ -164,8 +176,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
         return limit is not None and len(sequences) >= limit
 
     batch: list[tuple[int, dict]] = []
-    if limit is not None:
-        batch_rows = max(1, min(batch_rows, limit))
+    batch_rows = BATCH_ROWS if limit is None else max(1, min(BATCH_ROWS, limit))
 
     def flush():
         if not batch:
@@ -175,7 +186,7 @@ def load_sequences(dataset: str, tokenizer, *, split: str | None = None, config:
                 if full():
                     break
                 _add_pair(sequences, info, tokenizer, index, row, prompt_field, response_field, max_length,
-                          template, input_field)
+                          template, input_field, ids_field)
         else:
             texts = [row_text(row, text_field, index, "{text_field}", info.name) for index, row in batch]
             encoded = tokenizer(texts)["input_ids"]
@@ -228,11 +239,14 @@ def _sha_parts(prompt: str, response: str, input_field: str | None, input_text: 
 
 
 def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: dict, prompt_field: str,
-              response_field: str, max_length: int, template: str, input_field: str | None) -> None:
+              response_field: str, max_length: int, template: str, input_field: str | None,
+              ids_field: str | None = None) -> None:
     prompt = row_text(row, prompt_field, index, "{prompt_field}", info.name)
     response = row_text(row, response_field, index, "{response_field}", info.name)
     input_text = _row_input(row, input_field, index, info.name)
     prompt_ids, full_ids, _ = prompt_ids_with_template(tokenizer, prompt, response, template, input_text)
+    if ids_field is not None:
+        full_ids = _row_ids(row, ids_field, index, info.name, len(tokenizer), prompt_ids, template)
     if len(prompt_ids) >= max_length - 1 or len(full_ids) <= len(prompt_ids):
         info.num_skipped_rows += 1
         info.num_dropped += len(full_ids)
@@ -246,6 +260,24 @@ def _add_pair(out: list[Sequence], info: DataInfo, tokenizer, index: int, row: d
     out.append(Sequence(ids, mask, source_index=index, prompt_length=len(prompt_ids),
                         text_sha256=text_sha256(*_sha_parts(prompt, response, input_field, input_text)),
                         reference=response))
+
+
+def _row_ids(row: dict, field: str, index: int, dataset: str, num_ids: int, prompt_ids: list[int],
+             template: str) -> list[int]:
+    """The row's own token ids (see the module docstring); a DataError naming the row and the field otherwise."""
+    ids = row[field]
+    where = f"{{ids_field}} {field!r}: row {index} of {dataset} (counting from 0)"
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise DataError(f"{where} is not a list of token ids: {ids!r:.80}")
+    bad = [t for t in ids if not 0 <= t < num_ids]
+    if bad:
+        raise DataError(f"{where} holds {bad[0]}, not a token id of this tokenizer (0 to {num_ids - 1}): were the "
+                        "ids written by a model of another tokenizer?")
+    if list(ids[: len(prompt_ids)]) != list(prompt_ids):
+        raise DataError(f"{where} does not start with the row's prompt formatted by the {template} template "
+                        f"({len(prompt_ids)} ids); the ids must be that prompt followed by the response, as kdtrain "
+                        "generate writes them with the same data settings")
+    return list(ids)
 
 
 def load_prompts(dataset: str, tokenizer, *, split: str | None = None, config: str | None = None, prompt_field: str,

@@ -11,11 +11,13 @@ trained on; `heldout` only the held-out ones; `all` every one (needs no --respon
 Every response has its own seed, sample_seed(seed, round, prompt's data set row, sample), so the same
 settings give the same file whatever the batching (trainer/sampling.py). Each output row holds `prompt`,
 `response` (the decoded response, without the stop token the template re-appends), `input` when the data
-has an input field, `response_ids` (the sampled ids, the stop token included), and where it came from:
-`source_index`, `sample`, `round`, `model`, `model_sha256`
+has an input field, `token_ids` (the formatted prompt's ids then the sampled ones, the stop token included:
+`kdcache build --ids-field token_ids` scores exactly these), `response_ids` (the sampled ids alone), and
+where it came from: `source_index`, `sample`, `round`, `model`, `model_sha256`
 (the generating model's weights; a layer-dropped teacher: the teacher's, with `keep_layers`), `finished`
-(ended at a stop id, not at the length limit), `exact` (the response's text tokenizes back to the sampled
-ids: what the teacher scores is then exactly what the model wrote) and `generated_by`. The file is
+(ended at a stop id, not at the length limit), `exact` (the text alone, formatted and tokenized, gives back the
+sampled ids; often not so: a byte-level BPE's partial characters decode to U+FFFD, merges cross the prompt's
+end, a model may sample a non-canonical split; hence `token_ids`) and `generated_by`. The file is
 written whole (temporary name, then renamed) or not at all; an existing --out is replaced only with
 --overwrite and only when it is such a file.
 
@@ -192,7 +194,7 @@ def generate_samples(config: GenerateConfig, *, log=print) -> dict:
                                pad_id=pad, num_ids=len(tokenizer), batch_size=config.batch_size)
     counts = {"prompts": len(sequences), "responses": len(jobs), "tokens": 0, "finished": 0, "exact": 0}
     lines = []
-    for (seq, sample), (ids, finished) in zip(jobs, results):
+    for (seq, sample), prompt, (ids, finished) in zip(jobs, prompts, results):
         text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False)
         row = rows[seq.source_index]
         record = {"prompt": row_text(row, config.prompt_field, seq.source_index, "--prompt-field", config.dataset),
@@ -200,7 +202,7 @@ def generate_samples(config: GenerateConfig, *, log=print) -> dict:
         if config.input_field:
             record["input"] = row_text(row, config.input_field, seq.source_index, "--input-field", config.dataset)
         exact = _scored_as_sampled(tokenizer, record, template, ids)
-        record.update(response_ids=ids, source_index=seq.source_index, sample=sample, round=config.round, model=config.model,
+        record.update(token_ids=prompt + ids, response_ids=ids, source_index=seq.source_index, sample=sample, round=config.round, model=config.model,
                       model_sha256=sha, keep_layers=config.keep_layers, finished=finished, exact=exact,
                       generated_by=GENERATED_BY)
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
@@ -214,5 +216,5 @@ def generate_samples(config: GenerateConfig, *, log=print) -> dict:
     os.replace(tmp, config.out)
     log(f"wrote {config.out}: {counts['responses']} responses, {counts['tokens']} tokens; {counts['finished']} ended "
         "at a "
-        f"stop token, {counts['exact']} tokenize back to exactly the sampled ids")
+        f"stop token; the text alone gives back the sampled ids for {counts['exact']} (token_ids keeps every one exact)")
     return counts
