@@ -4,6 +4,7 @@ objects that CacheWriter.write_shard makes of the whole shard; a failed write co
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_a_failed_write_commits_nothing_of_its_shard(tmp_path, monkeypatch):
 
     def fails_in_shard_1(store, key, data):
         calls.append(key)
-        if key.startswith("shards/shard-00001/topk_ids/"):
+        if key.startswith("shards/shard-00001/topk_id_codes/"):
             raise OSError(28, "No space left on device")
         return real(store, key, data)
 
@@ -116,7 +117,7 @@ def test_a_failed_write_commits_nothing_of_its_shard(tmp_path, monkeypatch):
         write_streamed(str(tmp_path / "c"), shards, 0, 16, encode_workers=0)
     committed = sorted(p.parent.name for p in (tmp_path / "c").glob("shards/*/commit.json"))
     assert committed == ["shard-00000"]
-    failed_at = next(i for i, key in enumerate(calls) if key.startswith("shards/shard-00001/topk_ids/"))
+    failed_at = next(i for i, key in enumerate(calls) if key.startswith("shards/shard-00001/topk_id_codes/"))
     assert not [key for key in calls[failed_at + 1:] if key.startswith("shards/shard-00002")]
 
 
@@ -155,3 +156,27 @@ def _state(pid: int) -> str:
             return next((line for line in f if line.startswith("State:")), "").lower()
     except OSError:
         return "zombie"
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_a_script_without_a_main_guard_can_build(tiny_gpt2_dir, tmp_path):
+    """The compressing processes import only the pipeline: a script that calls build() at its top level (no
+    `if __name__ == "__main__"`) runs once, not once more per process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import SHAKESPEARE
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "print('top level ran', flush=True)\n"
+        "from cacher.build import BuildConfig, build\n"
+        f"r = build(BuildConfig(model={str(tiny_gpt2_dir)!r}, dataset={str(SHAKESPEARE)!r}, top_k=4, max_length=32,\n"
+        f"                      limit=12, shard_tokens=128, out={str(tmp_path / 'c')!r}, reuse=False), log=print)\n"
+        "print('status', r.status, flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "KDCACHE_HOME": str(tmp_path / "h")}
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=280, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("top level ran") == 1 and "status built" in run.stdout
