@@ -23,6 +23,8 @@ from cli.common import APP_SETTINGS, reported, spelled, version_option
 from cli.common import fail as fail_on
 from common.settings import coerce_values, typer_command
 from trainer.config import EvalConfig, TrainConfig
+from trainer.generate import GenerateConfig
+from trainer.make_teacher import MakeTeacherConfig
 
 app = typer.Typer(**APP_SETTINGS, help="Train students from a teacher cache with sparse KD losses; evaluate; run "
                                        "chains.")
@@ -219,67 +221,30 @@ def demo(out: str = typer.Option("runs/demo", "--out", help="Output folder of th
     stdout.print(f"report: {out}/report.md; plots: {', '.join(report.get('plots', []))}", highlight=False, markup=False)
 
 
-def _guarded(command):
-    """A generated command (common.settings.typer_command) whose settings errors end as one red line, exit 2."""
-    import functools
-
-    from common.settings import CliError
-
-    @functools.wraps(command)
-    def run(**values):
-        try:
-            return command(**values)
-        except CliError as exc:
-            fail(str(exc))
-    return run
-
-
-def _make_teacher(config) -> None:
+def make_teacher(config: MakeTeacherConfig) -> None:
     """Make a small teacher on the spot: a tokenizer and a GPT-2/Llama trained with cross-entropy on a data set."""
-    from common.datasets import DataError
-    from shared.errors import UserError, as_flag
-    from trainer.make_teacher import make_teacher
-    from trainer.train import TrainError
+    from trainer.make_teacher import make_teacher as run_make
 
-    try:
-        bar, progress = _progress_factory()
-        with bar:
-            summary = make_teacher(config, progress=progress,
-                                   log=lambda m: console.print(m, highlight=False, soft_wrap=True, markup=False))
-    except UserError as exc:
-        fail(exc.render(as_flag))
-    except (TrainError, DataError, ValueError, OSError) as exc:
-        fail(str(exc))
+    bar, progress = _progress_factory()
+    with bar:
+        summary = run_make(config, progress=progress,
+                           log=lambda m: console.print(terminal.shown(for_run(m)), highlight=False, soft_wrap=True))
     final = summary.get("final", {})
     stdout.print(f"teacher saved to {config.out}: {summary.get('num_parameters', 0):,} parameters, {summary['steps']} "
                  f"steps, held-out ppl {final.get('eval_ppl', float('nan')):.2f}", highlight=False, soft_wrap=True)
 
 
-def _generate(config) -> None:
+def generate(config: GenerateConfig) -> None:
     """A model writes responses to a data set's prompts (an on-policy round's samples): a JSON-lines data set."""
-    from common.datasets import DataError
-    from shared.errors import UserError, as_flag
     from trainer.generate import generate_samples
 
-    try:
-        counts = generate_samples(config, log=lambda m: console.print(m, highlight=False, soft_wrap=True, markup=False))
-    except UserError as exc:
-        fail(exc.render(as_flag))
-    except (DataError, ValueError, OSError) as exc:
-        fail(str(exc))
+    counts = generate_samples(config, log=lambda m: console.print(terminal.shown(m), highlight=False, soft_wrap=True))
     stdout.print(json.dumps({"out": config.out, **counts}), highlight=False, soft_wrap=True)
 
 
-def _register_generated_commands() -> None:
-    from common.settings import typer_command
-    from trainer.generate import GenerateConfig
-    from trainer.make_teacher import MakeTeacherConfig
-
-    app.command("make-teacher")(_guarded(typer_command(MakeTeacherConfig, _make_teacher)))
-    app.command("generate")(_guarded(typer_command(GenerateConfig, _generate)))
-
-
-_register_generated_commands()
+app.command("make-teacher")(typer_command(MakeTeacherConfig, make_teacher,
+                                          guard=lambda: reported(console, MakeTeacherConfig)))
+app.command("generate")(typer_command(GenerateConfig, generate, guard=lambda: reported(console, GenerateConfig)))
 
 
 def main() -> None:  # pragma: no cover

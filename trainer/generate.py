@@ -29,45 +29,53 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from common.settings import SettingError
+from common.settings import SettingError, check_choices
+from trainer.config import EVAL_FRACTION
 
 GENERATED_BY = "kdtrain generate"
+# Field metadata: what a plan's data section sets, what the chain sets (the model, the round, the prompts; not plan
+# keys), and where it writes (not in a stage's identity: the model is identified by its own stage instead).
+DATA = {"section": "data"}
+RUNNER = {"plan": False}
+OUTPUT = {"plan": False, "identity": False}
 
 
 @dataclass
 class GenerateConfig:
     """Settings of one `kdtrain generate` (each field's docstring is its --help text)."""
 
-    model: str
+    SECTION: ClassVar[str] = "onpolicy"  # a plan's onpolicy section (docs/runs-and-plans.md 3.7)
+
+    model: str = field(metadata=OUTPUT)
     """Model that writes the responses: a model folder (a kdtrain run), or with --keep-layers the teacher it is
     layer-dropped from."""
-    dataset: str
+    dataset: str = field(metadata=DATA)
     """Data set of prompts (and reference responses), read as kdcache build reads it."""
-    prompt_field: str
+    prompt_field: str = field(metadata=DATA)
     """Field holding the prompt."""
-    out: str = field(metadata={"plan": False})
+    out: str = field(metadata=OUTPUT)
     """JSON-lines file to write (prompt, response and where each came from)."""
-    response_field: str | None = None
+    response_field: str | None = field(default=None, metadata=DATA)
     """Field holding the reference response: the held-out rule is over (prompt, reference), as in the teacher's cache."""
-    keep_layers: int | None = None
+    keep_layers: int | None = field(default=None, metadata=RUNNER)
     """Generate with --model keeping this many evenly spaced layers (kdtrain run --student-from-teacher's student)."""
-    dataset_config: str | None = None
+    dataset_config: str | None = field(default=None, metadata=DATA)
     """Configuration (subset) of a hub or folder data set that has several."""
-    split: str | None = None
+    split: str | None = field(default=None, metadata=DATA)
     """Split of the data set (default: train)."""
-    prompt_template: Literal["chat", "plain", "minillm"] | None = None
+    prompt_template: Literal["chat", "plain", "minillm"] | None = field(default=None, metadata=DATA)
     """How prompts are formatted, as kdcache build's (default: chat when the tokenizer has a chat template, else plain)."""
-    input_field: str | None = None
+    input_field: str | None = field(default=None, metadata=DATA)
     """Field holding the minillm template's input."""
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=DATA)
     """Use only the first N sequences of the data set, as kdcache build --limit."""
-    max_length: int = 256
+    max_length: int = field(default=256, metadata=DATA)
     """Longest prompt + response in tokens (kdcache build --max-length)."""
-    prompts: Literal["train", "heldout", "all"] = "train"
+    prompts: Literal["train", "heldout", "all"] = field(default="train", metadata=RUNNER)
     """Which prompts: those the teacher cache trains on, those it holds out (--eval-fraction), or all."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = field(default=EVAL_FRACTION, metadata=RUNNER)
     """Held-out fraction of the data's sequences (kdtrain run --eval-fraction)."""
     num_samples: int = 1
     """Responses per prompt."""
@@ -77,14 +85,15 @@ class GenerateConfig:
     """Longest response in tokens (also bounded by --max-length)."""
     seed: int = 0
     """Sampling seed."""
-    round: int = 0
+    round: int = field(default=0, metadata=RUNNER)
     """On-policy round these samples are for (recorded in every row, and part of every response's seed)."""
     batch_size: int = 16
     """Responses sampled together."""
-    overwrite: bool = field(default=False, metadata={"plan": False})
+    overwrite: bool = field(default=False, metadata=OUTPUT)
     """Replace an existing --out written by kdtrain generate."""
 
     def __post_init__(self):
+        check_choices(self, SettingError)
         if self.prompts != "all" and self.response_field is None:
             raise SettingError(f"--prompts {self.prompts} chooses prompts by the held-out rule over (prompt, "
                                "reference): "

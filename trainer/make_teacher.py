@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from common.settings import SettingError
+from common.settings import SettingError, check_choices
 
+OUTPUT = {"plan": False, "identity": False}  # where it writes and how it resumes: set by whoever runs it
 # The tokenizer is trained on the data set's first characters (enough for a 512-id vocabulary in seconds).
 TOKENIZER_CHARS = 200_000
 MAX_VOCAB_SIZE = 1 << 16
@@ -33,9 +34,11 @@ MIN_VOCAB_SIZE = 259  # a byte-level BPE holds the 256 bytes and common.tiny's 3
 class MakeTeacherConfig:
     """Settings of one `kdtrain make-teacher` (each field's docstring is its --help text)."""
 
+    SECTION: ClassVar[str] = "teacher.make"  # a plan writes them under teacher: {make: {...}}
+
     dataset: str
     """Text to train the tokenizer and the teacher on: a local .txt/.jsonl/... file or folder, builtin:NAME, or a hub name."""
-    out: str = field(metadata={"plan": False})
+    out: str = field(metadata=OUTPUT)
     """Folder the teacher is written to (a kdtrain run folder holding the model and its tokenizer)."""
     text_field: str | None = None
     """Field holding plain text (default 'text'); a .txt file is one text."""
@@ -67,12 +70,13 @@ class MakeTeacherConfig:
     """Longest training sequence in tokens (text is cut into windows of it)."""
     seed: int = 0
     """Seed of the initial weights and of the data order."""
-    resume: bool = field(default=False, metadata={"plan": False})
+    resume: bool = field(default=False, metadata=OUTPUT)
     """Continue an interrupted make in --out (no checkpoint: start over in it)."""
-    overwrite: bool = field(default=False, metadata={"plan": False})
+    overwrite: bool = field(default=False, metadata=OUTPUT)
     """Replace the teacher a previous make-teacher wrote to --out."""
 
     def __post_init__(self):
+        check_choices(self, SettingError)
         if self.layers < 1:
             raise SettingError(f"{{layers}} must be >= 1, got {self.layers}")
         if self.width < 32 or self.width % 32:
