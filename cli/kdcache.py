@@ -18,9 +18,9 @@ from rich.table import Table
 from cacher.config import BuildConfig
 from cli.common import APP_SETTINGS, reported, spelled, version_option
 from cli.common import fail as fail_on
+from cli.options import typer_command
 from cli.progress import teacher_progress
 from cli.terminal import cell, shown
-from common.settings import typer_command
 from shared.catalog import describe, find_caches
 from shared.reader import CacheReader
 

@@ -21,7 +21,8 @@ from rich.table import Table
 from cli import terminal
 from cli.common import APP_SETTINGS, reported, spelled, version_option
 from cli.common import fail as fail_on
-from common.settings import coerce_values, typer_command
+from cli.options import typer_command
+from common.settings import coerce_values
 from trainer.config import EvalConfig, TrainConfig
 from trainer.generate import GenerateConfig
 from trainer.make_teacher import MakeTeacherConfig

@@ -7,8 +7,7 @@ place used to spell again:
 
 - `options_of(cls)`: the flat list of `Option`s (nested groups flattened; a field's flag is its name,
   `top_k` -> `--top-k`, so names are unique across a command's groups);
-- `typer_command(cls, run)`: a function whose signature Typer turns into the command's options
-  (optionally on top of values from a config file: flags given on the command line win);
+- the command-line options (cli/options.py's `typer_command` builds a command from `options_of`);
 - `coerce_values(cls, values)` and `build(cls, values)`: the dataclass from flat values (a plan section, a YAML
   config), refusing unknown keys and values of the wrong type, naming them;
 - `to_argv(config)`: the flags that reproduce `config` on a command line (a plan stage's argv);
@@ -24,7 +23,7 @@ logs). A `typing.Literal[...]` annotation gives the choices. Tuples of str/int/f
 comma-separated on a command line. Help text and error messages may name fields as `{field}`; each
 reader spells them (`--top-k` on a command line, `cache.top_k` in a plan).
 
-This module knows dataclasses, typing and Typer's option objects; it knows no command.
+This module knows dataclasses and typing; it knows no command and no command-line library.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from dataclasses import MISSING, dataclass
 from shared.errors import FIELD_RE, UserError, as_flag
 
 SCALARS = (bool, int, float, str)
-CONTEXT = "typer_context"  # the click context Typer passes a generated command (which options were given)
 INT_RE = re.compile(r"[-+]?\d+")
 
 
@@ -183,7 +181,7 @@ def flag_speller(cls: type) -> Callable[[str], str]:
 # Values in: plan sections, YAML configs, the command line
 
 
-def _coerce(option: Option, value, where: str):
+def coerce_option(option: Option, value, where: str):
     """value as option's type, or SettingError naming where and the expected type."""
     if value is None:
         if option.optional:
@@ -243,7 +241,7 @@ def coerce_values(cls: type, values: dict, where: str = "", *, allow: Callable[[
     if unknown:
         raise SettingError(f"unknown setting(s) {', '.join(name_of(u) for u in unknown)}; valid: "
                            f"{', '.join(sorted(accepted))}")
-    return {key: _coerce(options[key], value, name_of(key)) for key, value in values.items()}
+    return {key: coerce_option(options[key], value, name_of(key)) for key, value in values.items()}
 
 
 def build(cls: type, flat: dict):
@@ -337,85 +335,3 @@ def schema_of(cls: type, *, include: Callable[[Option], bool] = lambda o: o.plan
                        "required": o.required, "choices": list(o.choices) if o.choices else None,
                        "help": render(o.help, spell)}
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Typer
-
-
-def _typer_parameter(option: Option, spell: Callable[[str], str], *, optional_required: bool) -> inspect.Parameter:
-    import typer
-
-    if option.required:
-        default = None if optional_required else ...
-    elif option.kind is tuple and option.default is not None:
-        default = ",".join(map(str, option.default))
-    else:
-        default = option.default
-    names = [option.flag] if option.off_flag is None else [f"{option.flag}/{option.off_flag}"]
-    if option.short:
-        names.append(option.short)
-    extra = {}
-    if option.kind is tuple:
-        annotation = str | None
-        extra["metavar"] = "A,B,..."
-    elif option.kind is bool:
-        annotation = bool
-    elif option.choices is not None:  # checked by the dataclass (check_choices), one message for every reader
-        annotation = str | None
-        extra["metavar"] = "<" + "|".join(map(str, option.choices)) + ">"
-    else:
-        annotation = option.kind | None if option.optional or option.kind is str or default is None else option.kind
-    help_text = render(option.help, spell) + (" [required]" if option.required and optional_required else "")
-    info = typer.Option(default, *names, help=help_text, hidden=option.hidden, **extra)
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
-
-
-def typer_command(cls: type, run: Callable, *, extra: tuple[inspect.Parameter, ...] = (), doc: str | None = None,
-                  exclude: tuple[str, ...] = (), base: Callable[[dict], dict] | None = None,
-                  guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-    """A function whose signature is cls's options (plus extra parameters), for `app.command()(fn)`.
-
-    Called by Typer with the parsed values, it builds cls (its checks run) and returns
-    run(config, **extra values). base(extra values), when given, returns settings from elsewhere (a config
-    file, already typed: coerce_values); options given on the command line override them, and required
-    options may come from either. Everything runs inside guard() (the CLI's error reporting); a UserError
-    raised while building is re-raised as a CliError with `{field}` names spelled as flags.
-    """
-    import typer
-
-    spell = flag_speller(cls)
-    options = [o for o in options_of(cls) if o.cli and o.name not in exclude]
-    parameters = [_typer_parameter(o, spell, optional_required=base is not None) for o in options] + list(extra)
-    parameters.append(inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
-    extra_names = {p.name for p in extra}
-
-    def command(**values):
-        context = values.pop(CONTEXT, None)
-        with guard():
-            given = _given(options, context) if base is not None else {o.name for o in options}
-            flat = dict(base({k: values[k] for k in extra_names})) if base is not None else {}
-            for o in options:
-                if o.name in given:
-                    value = values[o.name]
-                    flat[o.name] = _coerce(o, value, o.flag) if o.kind is tuple and value is not None else value
-            try:
-                config = build(cls, flat)
-            except UserError as exc:
-                raise CliError(exc.render(spell)) from exc
-            return run(config, **{k: values[k] for k in extra_names})
-
-    command.__signature__ = inspect.Signature(parameters)
-    command.__annotations__ = {p.name: p.annotation for p in parameters}
-    command.__name__ = getattr(run, "__name__", "command")
-    command.__doc__ = doc if doc is not None else run.__doc__
-    return command
-
-
-def _given(options: list[Option], context) -> set[str]:
-    """The options given on the command line (or by environment), not left at their defaults."""
-    if context is None:  # called directly, not by click: every value counts
-        return {o.name for o in options}
-    sources = {o.name: context.get_parameter_source(o.name) for o in options}
-    return {name for name, source in sources.items() if source is not None
-            and source.name in ("COMMANDLINE", "ENVIRONMENT")}

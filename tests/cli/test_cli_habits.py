@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from cacher.config import BuildConfig
 from cli.kdcache import app as kdcache
 from cli.kdtrain import app as kdtrain
-from common.settings import typer_command
+from cli.options import typer_command
 from orchestration import plan as plan_module
 from orchestration.plan import load_plan, parse_plan, plan_schema
 from orchestration.stages import stages_of

@@ -10,16 +10,17 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from cli.options import typer_command
 from common.settings import (
     SettingError,
     build,
+    check_choices,
     coerce_values,
     field_docs,
     flat_values,
     options_of,
     schema_of,
     to_argv,
-    typer_command,
 )
 
 
@@ -165,3 +166,39 @@ def test_unsupported_field_types_are_refused_when_the_command_is_defined():
 
     with pytest.raises(TypeError, match="bool, int, float, str"):
         options_of(Bad)
+
+
+@dataclass
+class Switches:
+    keep: bool = field(default=True, metadata={"off": "--drop"})
+    """Keep it."""
+    verbose: bool = False
+    """Say more."""
+    engine: Literal["auto", "hf"] = "auto"
+    """Which engine."""
+
+    def __post_init__(self):
+        check_choices(self, SettingError)
+
+
+def test_numbers_as_text_named_off_flags_and_kept_defaults():
+    """YAML reads 3e-4 as text: numbers are read as the command line reads them. A bool's False may have its own
+    flag; a plain flag that is False is never written; `keep` writes settings even at their defaults."""
+    assert coerce_values(Fake, {"lr": "3e-4", "limit": "12"}) == {"lr": 3e-4, "limit": 12}
+    assert to_argv(Switches(keep=False)) == ["--drop"]
+    assert to_argv(Switches(), keep=frozenset({"keep", "verbose", "engine"})) == ["--keep", "--engine", "auto"]
+    app = typer.Typer(rich_markup_mode=None)
+    seen = []
+    app.command("go")(typer_command(Switches, seen.append))
+    app.command("other")(lambda: None)
+    assert CliRunner().invoke(app, ["go", "--drop", "--verbose"]).exit_code == 0
+    assert seen == [Switches(keep=False, verbose=True)]
+    help_text = CliRunner().invoke(app, ["go", "--help"], terminal_width=200).output
+    assert "--keep / --drop" in help_text and "--no-verbose" not in help_text
+
+
+def test_choices_are_checked_however_the_settings_are_made():
+    with pytest.raises(SettingError, match=r"^--engine must be one of auto, hf; got 'tpu'$"):
+        Switches(engine="tpu")
+    with pytest.raises(SettingError, match=r"^--model must be given$"):
+        build(Fake, {})
