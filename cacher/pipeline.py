@@ -140,7 +140,9 @@ class _Shard:
     shapes: dict
     per_chunk: int
     arrived: dict = field(default_factory=dict)  # position -> rows dict
-    next_position: int = 0  # sequences before it are validated
+    next_position: int = 0  # sequences before it are complete (in `ready` or validated)
+    ready: list = field(default_factory=list)  # complete sequences not yet validated: [(position, rows)]
+    ready_rows: int = 0
     next_row: int = 0  # rows before it are submitted for encoding
     staged: list = field(default_factory=list)  # validated row dicts not yet in a chunk
     staged_rows: int = 0
@@ -207,13 +209,15 @@ class ShardPipeline:
         """The engine's rows for sequence `position` of the current shard."""
         shard = self._shard
         shard.arrived[position] = rows
-        ready = []
-        while shard.next_position in shard.arrived:
-            ready.append((shard.next_position, shard.arrived.pop(shard.next_position)))
+        while shard.next_position in shard.arrived:  # validated a chunk's worth at a time: few numpy calls per row
+            shard.ready.append((shard.next_position, shard.arrived.pop(shard.next_position)))
+            shard.ready_rows += len(shard.ready[-1][1]["tail_logprob"])
             shard.next_position += 1
-        if ready:
-            self._stage(shard, ready)
-        if shard.next_position == len(shard.sequences):
+        done = shard.next_position == len(shard.sequences)
+        if shard.ready and (done or shard.ready_rows >= shard.per_chunk):
+            self._stage(shard, shard.ready)
+            shard.ready, shard.ready_rows = [], 0
+        if done:
             self._finish(shard)
 
     def _stage(self, shard: _Shard, ready: list) -> None:
