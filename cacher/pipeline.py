@@ -3,11 +3,12 @@
 For each shard (ShardPipeline.start_shard), rows arrive sequence by sequence, in any order. As soon as
 the sequences in front are complete they are validated and cast to the stored dtypes
 (shared.writer.validate_shard_arrays, sequence-local), and every full chunk of rows is handed to a pool
-of worker processes that compresses it (shared.writer.encode_zarr_rows: byte for byte the chunks of
-encode_zarr_group, whatever --shard-tokens is). One I/O thread writes the compressed objects in order and,
-after a shard's last chunk, its Zarr metadata, offsets, meta Parquet file and commit file (CacheWriter's
-begin_shard / commit_shard), so a shard is committed moments after its last row is scored. At most
-`max_pending` chunks are in flight: when the writers fall behind, the teacher waits, and memory stays
+of worker processes that encodes its ids as codes and tables and compresses it (shared.writer.stored_rows
+and encode_zarr_rows: byte for byte the chunks of encode_zarr_group, whatever --shard-tokens is). One I/O
+thread writes the compressed objects in order and, after a shard's last chunk, its Zarr metadata, offsets,
+meta Parquet file and commit file (CacheWriter's begin_shard / commit_shard), so a shard is committed
+moments after its last row is scored. At most `max_pending` chunks are in flight: when the writers fall
+behind, the teacher waits, and memory stays
 bounded by a few chunks whatever the shard size.
 
 Knows the cache writer's streaming API and numpy; nothing about models or engines.
@@ -29,13 +30,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.format import MAX_SHARD_SEQUENCES, CacheError, array_dtypes, meta_path, shard_name, shard_path
+from shared.format import MAX_SHARD_SEQUENCES, CacheError, meta_path, shard_name, shard_path
 from shared.manifest import ObjectInfo, ShardEntry
 from shared.writer import (
     CacheWriter,
     encode_meta,
     encode_zarr_layout,
     encode_zarr_rows,
+    stored_rows,
     validate_shard_arrays,
 )
 
@@ -124,9 +126,10 @@ def _exit_with(pid: int, poll_seconds: float = 0.5) -> None:
             pass
 
 
-def encode_chunk(rows: dict[str, np.ndarray], first_row: int, shapes: dict, chunk_rows: int):
-    """({key in the shard group: (bytes, sha256 hex)}, sum of the chunk's top-K probabilities). Runs in a worker."""
-    objects = encode_zarr_rows(rows, first_row, shapes, chunk_rows)
+def encode_chunk(rows: dict[str, np.ndarray], first_row: int, shapes: dict, chunk_rows: int, vocab_size: int):
+    """({key in the shard group: (bytes, sha256 hex)}, sum of the chunk's top-K probabilities as a reader decodes
+    them). rows: validated rows, whole chunks from first_row. Runs in a worker."""
+    objects = encode_zarr_rows(stored_rows(rows, shapes, chunk_rows, vocab_size), first_row, shapes, chunk_rows)
     mass = float(np.exp(rows["topk_logprobs"].astype(np.float64)).sum()) if "topk_logprobs" in rows else 0.0
     return {key: (data, hashlib.sha256(data).hexdigest()) for key, data in objects.items()}, mass
 
@@ -197,11 +200,7 @@ class ShardPipeline:
             raise CacheError(f"shard {shard_name(index)} holds {len(sequences):,} sequences; a shard holds at most "
                              f"{MAX_SHARD_SEQUENCES:,} (storage_layout.md 6.3): use a smaller {{shard_tokens}}")
         num_rows = sum(len(q.input_ids) for q, _ in sequences)
-        dtypes = array_dtypes(self.vocab_size, self.tail_samples)
-        shapes = {name: ((num_rows, *((self.top_k,) if name in ("topk_ids", "topk_logprobs") else
-                                      (self.tail_samples,) if name in ("tail_ids", "tail_counts") else ())), dtypes[name])
-                  for name in dtypes if name != "offsets"}
-        shapes["offsets"] = ((len(sequences) + 1,), dtypes["offsets"])
+        shapes = self.writer.shard_shapes(num_rows, len(sequences))
         self._shard = _Shard(index, sequences, shapes, max(1, min(self.chunk_rows, num_rows)))
         self._submit_io(self.writer.begin_shard, index)
 
@@ -250,7 +249,8 @@ class ShardPipeline:
         shard.staged, shard.staged_rows = ([rest], shard.staged_rows - num_rows) if len(rest["input_ids"]) else ([], 0)
         for start in range(0, num_rows, shard.per_chunk):
             chunk = {name: a[start:min(start + shard.per_chunk, num_rows)] for name, a in joined.items()}
-            encoded = self._pool.submit(encode_chunk, chunk, shard.next_row, shard.shapes, self.chunk_rows)
+            encoded = self._pool.submit(encode_chunk, chunk, shard.next_row, shard.shapes, self.chunk_rows,
+                                        self.vocab_size)
             shard.next_row += len(chunk["input_ids"])
             self._submit_io(self._write_encoded, shard, encoded)
 
@@ -259,7 +259,7 @@ class ShardPipeline:
         if shard.staged_rows:
             self._submit_chunks(shard, shard.staged_rows)
         offsets = np.concatenate([[0], np.cumsum(shard.lengths)]).astype(np.int64)
-        encoded = self._pool.submit(encode_chunk, {"offsets": offsets}, 0, shard.shapes, self.chunk_rows)
+        encoded = self._pool.submit(encode_chunk, {"offsets": offsets}, 0, shard.shapes, self.chunk_rows, self.vocab_size)
         self._submit_io(self._write_encoded, shard, encoded)
         self._submit_io(self._commit, shard, offsets)
         self._shard = None

@@ -12,9 +12,13 @@ over all its logit rows:
   - target_logprob: the teacher's log-probability of the next token; tail_logprob: 1 - the top-K probabilities.
 Tail samples are random draws and are not recomputed (their rules are checked by `kdcache verify`).
 
-Tolerance on a log-probability l: `2^-7 |l| + ABSOLUTE[engine, dtype]` (section 3.1's float16 and trim rounding,
-plus what a recomputation may differ by: batch composition, kernels, and, for a vLLM-built cache recomputed with
-transformers, another implementation); on a probability (the tail): 1e-3 + the same absolute term.
+Tolerance on a log-probability l: `2^-7 |l| + ABSOLUTE[engine, dtype]` (float16 rounding, plus what a
+recomputation may differ by: batch composition, kernels, and, for a vLLM-built cache recomputed with
+transformers, another implementation); on a probability (the tail): 1e-3 + the same absolute term. A stored
+top-K entry is a sqrt-probability code (section 3.1), so it is compared on that scale: with s the top-K mass of the
+stored tail and L the levels, |sqrt(q / s) - sqrt(p / s)| may be a step 1 / L (half a step of rounding, a whole one
+below the smallest level), plus the float16 value's rounding and the same log-probability tolerance, halved (a
+relative error e in p is e / 2 in sqrt(p)).
 
 Uses the hf engine's model loading (cacher.engine_hf) and the cache reader; writes nothing.
 """
@@ -128,7 +132,8 @@ def check_against_teacher(url: str, *, num_rows: int, seed: int = 0, model: str 
         logp = _teacher_logprobs(teacher, stored["input_ids"])  # (T, W) float64
         for row in rows:
             report.rows.append((reader.shards[shard].name, row))
-            problem, worst = compare_row(stored, logp, row - start, manifest.vocab_size, ABSOLUTE[engine, dtype])
+            problem, worst = compare_row(stored, logp, row - start, manifest.vocab_size, ABSOLUTE[engine, dtype],
+                                         manifest.arrays["topk_prob_steps"]["levels"])
             report.worst = max(report.worst, worst)
             if problem:
                 report.findings.append(RowFinding(reader.shards[shard].name, row, sequence, problem))
@@ -146,22 +151,27 @@ def _teacher_logprobs(teacher, input_ids: np.ndarray) -> np.ndarray:
 
 
 def compare_row(stored: dict[str, np.ndarray], logp: np.ndarray, t: int, vocab_size: int,
-                absolute: float) -> tuple[str | None, float]:
+                absolute: float, levels: int) -> tuple[str | None, float]:
     """(what disagrees in row t, or None; the largest |stored - teacher| over the row's top-K entries).
 
-    stored: a sequence's rows as the reader returns them; logp: the teacher's (T, W) log-probabilities for it.
+    stored: a sequence's rows as the reader returns them; logp: the teacher's (T, W) log-probabilities for it;
+    levels: L of the cache's sqrt-probability steps (manifest.arrays.topk_prob_steps.levels).
     """
     ids = stored["topk_ids"][t].astype(np.int64)
     values = stored["topk_logprobs"][t].astype(np.float64)
     truth = logp[t]
-    tolerance = RELATIVE * np.abs(truth[ids]) + absolute
     differ = np.abs(np.where(np.isneginf(values) & np.isneginf(truth[ids]), 0.0, values - truth[ids]))
     worst = float(np.max(np.where(np.isfinite(differ), differ, np.inf))) if len(differ) else 0.0
-    bad = np.flatnonzero(~(differ <= tolerance))
+    log_mass = math.log(-math.expm1(min(float(stored["tail_logprob"][t]), -1e-30)))  # ln s of the stored tail
+    stored_root, true_root = np.exp((values - log_mass) / 2), np.exp((truth[ids] - log_mass) / 2)  # sqrt(q / s), sqrt(p / s)
+    tolerance = (1 / levels + stored_root * np.abs(np.where(np.isfinite(values), values, 0)) * 2.0**-12
+                 + np.maximum(stored_root, true_root) * (RELATIVE * np.abs(truth[ids]) + absolute) / 2)
+    bad = np.flatnonzero(~(np.abs(stored_root - true_root) <= tolerance))
     if len(bad):
         k = int(bad[0])
         return (f"top-K entry {k}, id {int(ids[k])}: stored log-probability {values[k]:.4f}, the teacher's "
-                f"{truth[ids[k]]:.4f} (tolerance {tolerance[k]:.4f})"), worst
+                f"{truth[ids[k]]:.4f} (sqrt(p / s) {stored_root[k]:.5f} against {true_root[k]:.5f}, tolerance "
+                f"{tolerance[k]:.5f})"), worst
     below = truth[:vocab_size].copy()
     below[ids] = -math.inf
     best_other = int(np.argmax(below))

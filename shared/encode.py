@@ -1,10 +1,11 @@
-"""How a shard's values become bytes: float16 rounding, Zarr v3 objects, the meta Parquet file.
+"""How a shard's values become bytes: the top-K rows' codes (shared.topk_codec), Zarr v3 objects, the meta Parquet file.
 
 This module is the format's one encoder (storage_layout.md 3.1, 4). Every Zarr object a writer stores comes
 from here, and `array_metadata` states, as a plain dict, the exact `zarr.json` this encoder writes for an
 array: a reader accepts no other (shared.guards), so Zarr never reads a chunk grid, codec, key encoding or
 fill value that this format did not choose. Every chunk is stored, zeros included (`write_empty_chunks`),
-so no value is ever read as an implicit fill. `encode_zarr_layout` and `encode_zarr_rows` give a shard
+so no value is ever read as an implicit fill. `stored_rows` turns a writer's validated rows into the arrays
+stored (the ids become per-chunk codes and tables). `encode_zarr_layout` and `encode_zarr_rows` give a shard
 streamed in pieces (chunks encoded in worker processes) exactly the bytes of `encode_zarr_group`.
 
 Knows numpy, Zarr and pyarrow; nothing about models, tokenizers or torch.
@@ -20,37 +21,36 @@ import math
 import numpy as np
 
 from shared.format import (
-    LOGPROB_DTYPE,
+    DECODED_FROM,
+    MAX_CHUNK_BYTES,
     MAX_TEXT_SHA256_CHARS,
     META_COLUMNS,
+    TOPK_ARRAYS,
     CacheFormatError,
     array_dtypes,
 )
+from shared.topk_codec import MAX_LEVELS, encode_id_rows, id_table_size, prob_levels
 
-# Blosc with zstd at its highest level and byte shuffle: measured in BENCHMARKS.md (P4) against other
-# levels and shuffles. Compression runs beside the teacher (worker processes or a writer thread).
-BLOSC = {"cname": "zstd", "clevel": 9, "shuffle": "shuffle"}
-# topk_logprobs: ranks 1..EXACT_RANKS keep every float16 bit; lower ranks are rounded to
-# TRIMMED_MANTISSA_BITS mantissa bits (relative error <= 2^-8 of the log-prob), which zstd then
-# packs much better (storage_layout.md 3.1; BENCHMARKS.md P4).
-EXACT_RANKS = 16
-TRIMMED_MANTISSA_BITS = 7
-
-
-def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
-    """Round float16 values to `keep_bits` of their 10 mantissa bits (round half to even)."""
-    x = np.ascontiguousarray(values, dtype=np.float16)
-    drop = 10 - keep_bits
-    if drop <= 0:
-        return x
-    bits = x.view(np.uint16).astype(np.uint32)
-    finite = np.isfinite(x)
-    half = 1 << (drop - 1)
-    rounded = ((bits + half - 1 + ((bits >> drop) & 1)) >> drop) << drop
-    out = np.where(finite, rounded, bits).astype(np.uint16).view(np.float16)
-    return out
+# Blosc with zstd at blosc's level 5 (zstd's 9): measured in BENCHMARKS.md (P4) against other levels and shuffles
+# (level 9, zstd's 22, saved 1-2% of the bytes for 6-10x the encoding time). Compression runs beside the teacher
+# (worker processes or a writer thread). The top-K arrays hold small integers and are bit-shuffled (zstd then packs
+# their zero high bits); the steps are stored rank-major (Zarr's transpose codec puts each rank's column together);
+# every other array is byte-shuffled (storage_layout.md 3.1).
+BLOSC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
+BIT_SHUFFLED = TOPK_ARRAYS
+RANK_MAJOR = ("topk_prob_steps",)
 
 
+def blosc_of(name: str) -> dict:
+    """The blosc configuration of array `name` (without typesize and blocksize)."""
+    return {**BLOSC, "shuffle": "bitshuffle"} if name in BIT_SHUFFLED else BLOSC
+
+
+def topk_coding(top_k: int, vocab_size: int, chunk_rows: int) -> tuple[int, int]:
+    """(N, L) this writer uses: the entries of each chunk's id table (one per ENTRIES_PER_TABLE_ID ids of a full
+    chunk of chunk_rows rows, at most V) and the sqrt-probability levels for K (shared.topk_codec). Every shard of a
+    cache uses the same N, recorded with L in manifest.arrays (storage_layout.md 6.1), from which a reader takes them."""
+    return id_table_size(chunk_rows, top_k, vocab_size), prob_levels(top_k)
 
 
 def encode_zarr_group(arrays: dict[str, np.ndarray], chunk_rows: int) -> dict[str, bytes]:
@@ -71,16 +71,23 @@ Shapes = dict  # {array name: (shape, dtype name)} of a whole shard
 
 
 def zarr_chunk_shape(name: str, shape: tuple[int, ...], chunk_rows: int) -> tuple[int, ...]:
-    """chunk_rows rows per chunk (all rows when the shard has fewer); offsets is one chunk."""
-    rows = max(1, min(chunk_rows, shape[0])) if name != "offsets" else max(1, shape[0])
+    """chunk_rows rows per chunk (all rows when the shard has fewer); offsets is one chunk; topk_id_table one row
+    (the table of one chunk of the other row arrays) per chunk."""
+    if name == "offsets":
+        rows = max(1, shape[0])
+    elif name == "topk_id_table":
+        rows = 1
+    else:
+        rows = max(1, min(chunk_rows, shape[0]))
     return (rows, *shape[1:])
 
 
 def _create_zarr_array(group, name: str, shape: tuple[int, ...], dtype, chunk_rows: int):
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, TransposeCodec
 
     return group.create_array(name, shape=tuple(shape), chunks=zarr_chunk_shape(name, tuple(shape), chunk_rows),
-                              dtype=dtype, compressors=BloscCodec(**BLOSC), fill_value=0,
+                              dtype=dtype, filters=[TransposeCodec(order=(1, 0))] if name in RANK_MAJOR else (),
+                              compressors=BloscCodec(**blosc_of(name)), fill_value=0,
                               config={"write_empty_chunks": True})  # every chunk stored: nothing read as a fill
 
 
@@ -97,21 +104,24 @@ def encode_zarr_layout(shapes: Shapes, chunk_rows: int) -> dict[str, bytes]:
 
 
 def encode_zarr_rows(rows: dict[str, np.ndarray], first_row: int, shapes: Shapes, chunk_rows: int) -> dict[str, bytes]:
-    """The chunk objects holding rows [first_row, first_row + n) of each named array, byte for byte as
-    encode_zarr_group stores them (every chunk, zeros included).
+    """The chunk objects holding rows [first_row, first_row + n) of each named array as stored (stored_rows), byte
+    for byte as encode_zarr_group stores them (every chunk, zeros included).
 
-    The rows are whole chunks: first_row is a multiple of the array's chunk rows, and first_row + n is one
-    too or the array's end. Pure and picklable, so that builders call it in worker processes.
+    The rows are whole chunks: first_row is a multiple of the arrays' chunk rows, and first_row + n is one too or
+    the arrays' end. topk_id_table's rows are those of the chunks they make: its first is first_row // the chunk
+    rows. Pure and picklable, so that builders call it in worker processes.
     """
     out = {}
+    row_chunk = zarr_chunk_shape("input_ids", tuple(shapes["input_ids"][0]), chunk_rows)[0]
     for name, arr in rows.items():
         shape, dtype = shapes[name]
         per_chunk = zarr_chunk_shape(name, tuple(shape), chunk_rows)[0]
-        stop = first_row + len(arr)
-        if first_row % per_chunk or (stop % per_chunk and stop != shape[0]) or stop > shape[0]:
-            raise ValueError(f"{name}: rows [{first_row}, {stop}) of {shape[0]} are not whole chunks of {per_chunk} rows")
+        start = first_row // row_chunk if name == "topk_id_table" else first_row
+        stop = start + len(arr)
+        if start % per_chunk or (stop % per_chunk and stop != shape[0]) or stop > shape[0]:
+            raise ValueError(f"{name}: rows [{start}, {stop}) of {shape[0]} are not whole chunks of {per_chunk} rows")
         mem, za = _rows_array(name, tuple(shape), str(np.dtype(dtype)), chunk_rows)
-        za[first_row:stop] = arr
+        za[start:stop] = arr
         for key in [k for k in mem._store_dict if k != f"{name}/zarr.json" and k != "zarr.json"]:
             out[key] = mem._store_dict.pop(key).to_bytes()
     return dict(sorted(out.items()))
@@ -162,23 +172,58 @@ def sha256_hex(data: bytes) -> str:
 
 
 
-def array_descriptions(vocab_size: int, tail_samples: int = 0) -> dict:
-    """manifest.arrays: each array's dtype, and how topk_logprobs were rounded."""
+def array_descriptions(vocab_size: int, tail_samples: int, *, top_k: int, chunk_rows: int) -> dict:
+    """manifest.arrays: each stored array's dtype; topk_id_table's table_size N and topk_prob_steps' levels L."""
     out = {name: {"dtype": dtype} for name, dtype in array_dtypes(vocab_size, tail_samples).items()}
-    out["topk_logprobs"]["rounding"] = {"exact_ranks": EXACT_RANKS, "mantissa_bits": TRIMMED_MANTISSA_BITS}
+    table_size, levels = topk_coding(top_k, vocab_size, chunk_rows)
+    out["topk_id_table"]["table_size"] = table_size
+    out["topk_prob_steps"]["levels"] = levels
     return out
 
 
-def stored_topk_logprobs(topk_logprobs: np.ndarray) -> np.ndarray:
-    """(T, K) log-probs (<= 0, float32 or better) as stored: float16, ranks > EXACT_RANKS trimmed to
-    TRIMMED_MANTISSA_BITS mantissa bits, then a running minimum from rank EXACT_RANKS on (storage_layout.md 3.1)."""
-    stored = np.asarray(topk_logprobs).astype(LOGPROB_DTYPE)
-    if stored.ndim == 2 and stored.shape[1] > EXACT_RANKS:
-        stored[:, EXACT_RANKS:] = round_mantissa(stored[:, EXACT_RANKS:], TRIMMED_MANTISSA_BITS)
-        # rounding is monotonic within the trimmed ranks; where it lifted one above the last exact
-        # rank, clamp (a running minimum keeps the order most likely first)
-        stored[:, EXACT_RANKS - 1:] = np.minimum.accumulate(stored[:, EXACT_RANKS - 1:], axis=1)
-    return stored
+def check_array_descriptions(arrays, *, vocab_size: int, tail_samples: int) -> tuple[int, int]:
+    """manifest.arrays as a reader accepts it (storage_layout.md 6.1); returns (N, L).
+
+    Exactly the stored arrays, each an object with exactly the fields the writer writes: the dtype of section 3
+    for this vocabulary, and topk_id_table's table_size N, an integer in [1, V] whose table chunk is at most
+    MAX_CHUNK_BYTES, and topk_prob_steps' levels L, an integer in [2, 65535].
+    """
+    expected = array_dtypes(vocab_size, tail_samples)
+    if not isinstance(arrays, dict) or set(arrays) != set(expected):
+        got = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+        raise CacheFormatError(f"manifest: arrays must describe exactly {sorted(expected)}, got {got}")
+    coding = {"topk_id_table": "table_size", "topk_prob_steps": "levels"}
+    for name, desc in arrays.items():
+        fields = {"dtype", coding[name]} if name in coding else {"dtype"}
+        if not isinstance(desc, dict) or set(desc) != fields or not isinstance(desc["dtype"], str):
+            raise CacheFormatError(f"manifest: arrays.{name} must be an object with exactly the fields {sorted(fields)} "
+                                   f"(dtype a string), got {desc!r:.120}")
+        if desc["dtype"] != expected[name]:
+            raise CacheFormatError(f"manifest: arrays.{name}.dtype is {desc['dtype']!r:.40}; the format stores it as "
+                                   f"{expected[name]!r} for a vocabulary of {vocab_size}")
+    largest_table = min(vocab_size, MAX_CHUNK_BYTES // np.dtype(expected["topk_id_table"]).itemsize)
+    bounds = {"table_size": (1, largest_table), "levels": (2, MAX_LEVELS)}
+    values = []
+    for name, field in coding.items():
+        value, (low, high) = arrays[name][field], bounds[field]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise CacheFormatError(f"manifest: arrays.{name}.{field} = {value!r:.40} must be an integer in [{low:,}, "
+                                   f"{high:,}] (storage_layout.md 3.1, 6.1)")
+        values.append(value)
+    return values[0], values[1]
+
+
+def stored_rows(rows: dict[str, np.ndarray], shapes: Shapes, chunk_rows: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """A writer's validated rows (shared.rows.validate_shard_arrays), whole chunks of a shard of these shapes, as they
+    are stored (storage_layout.md 3.1): topk_ids become topk_id_codes and the rows of topk_id_table of the chunks they
+    make (N = the table's width in shapes); topk_logprobs (the values a reader decodes from topk_prob_steps, which
+    the writer sums for topk_mass_sum) is not stored."""
+    out = {name: values for name, values in rows.items() if name not in DECODED_FROM}
+    if "topk_ids" in rows:
+        row_chunk = zarr_chunk_shape("topk_id_codes", tuple(shapes["topk_id_codes"][0]), chunk_rows)[0]
+        table_size = shapes["topk_id_table"][0][1]
+        out["topk_id_codes"], out["topk_id_table"] = encode_id_rows(rows["topk_ids"], row_chunk, vocab_size, table_size)
+    return out
 
 
 GROUP_METADATA = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
@@ -194,13 +239,16 @@ def array_metadata(name: str, shape: tuple[int, ...], dtype: str, chunk_rows: in
     to_bytes = {"name": "bytes"} if itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}}
     kind = np.dtype(dtype).kind
     fill = False if kind == "b" else 0.0 if kind == "f" else 0
+    codecs = [to_bytes, {"name": "blosc", "configuration": {"typesize": itemsize, **blosc_of(name), "blocksize": 0}}]
+    if name in RANK_MAJOR:
+        codecs.insert(0, {"name": "transpose", "configuration": {"order": [1, 0]}})
     return {
         "shape": list(shape),
         "data_type": dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(zarr_chunk_shape(name, shape, chunk_rows))}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": fill,
-        "codecs": [to_bytes, {"name": "blosc", "configuration": {"typesize": itemsize, **BLOSC, "blocksize": 0}}],
+        "codecs": codecs,
         "attributes": {},
         "zarr_format": 3,
         "node_type": "array",
@@ -215,14 +263,18 @@ def chunk_keys(name: str, shape: tuple[int, ...], chunk_rows: int) -> list[str]:
     return [f"{name}/c/{i}{suffix}" for i in range(math.ceil(shape[0] / rows))]
 
 
-def shard_shapes(num_tokens: int, num_sequences: int, top_k: int, tail_samples: int, vocab_size: int) -> Shapes:
-    """{array name: (shape, dtype name)} of a shard with these counts (storage_layout.md 3)."""
+def shard_shapes(num_tokens: int, num_sequences: int, top_k: int, tail_samples: int, vocab_size: int, *,
+                 chunk_rows: int, table_size: int) -> Shapes:
+    """{array name: (shape, dtype name)} of a shard with these counts (storage_layout.md 3), in chunks of chunk_rows
+    rows with id tables of table_size entries (one table per chunk)."""
     from shared.format import row_width
 
     out = {}
     for name, dtype in array_dtypes(vocab_size, tail_samples).items():
         if name == "offsets":
             out[name] = ((num_sequences + 1,), dtype)
+        elif name == "topk_id_table":
+            out[name] = ((math.ceil(num_tokens / max(1, min(chunk_rows, num_tokens))), table_size), dtype)
         else:
             width = row_width(name, top_k, tail_samples)
             out[name] = ((num_tokens,) + ((width,) if width is not None else ()), dtype)

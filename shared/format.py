@@ -13,7 +13,7 @@ import numpy as np
 from shared.errors import UserError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 2  # storage_layout.md 11: 2 = padded vocabulary rows never stored, sealed manifest
+FORMAT_VERSION = 3  # storage_layout.md 11: 3 = top-K rows as id codes + tables and sqrt-probability steps
 
 MANIFEST_FILE = "manifest.json"  # written last; its presence means "complete"
 BUILD_FILE = "build.json"  # the build's intent (header, plan), written first; lets a rerun resume
@@ -52,17 +52,15 @@ META_BYTES_PER_SEQUENCE = 256
 META_BYTES_FIXED = 64 * 2**10
 MAX_TEXT_SHA256_CHARS = 64
 
-# A row's top-K probabilities may sum to at most this after rounding (storage_layout.md 3): float16
-# and the 7-bit trim of ranks > 16 lift a sum of 1 by at most about (2^-8 + 2^-11) * ln K (0.018 at
-# K = 64). A writer refuses a row above it; a shard's topk_mass_sum is at most this times num_tokens.
+# A row's top-K probabilities may sum to at most this as a reader decodes them (storage_layout.md 3): the
+# sqrt-probability steps of section 3.1 move a top-K sum s by at most s (sqrt(K) / L + K / (4 L^2)), 0.005 at the
+# writer's L, and the float16 values a reader hands out add about 2^-11 of s |ln s|. A writer refuses a row above
+# it; a shard's topk_mass_sum is at most this times num_tokens.
 MAX_TOPK_MASS = 1.02
 
-# Zarr v3 codecs a reader accepts: decoders that cannot run code or reinterpret values, and whose
-# decoded size is checked before decoding (blosc announces it in its header). Anything else (object
-# codecs, numcodecs value filters, sharding, zstd/gzip whose frames may announce any size) is refused
-# before Zarr sees the array.
-ARRAY_TO_BYTES_CODECS = ("bytes",)
-BYTES_TO_BYTES_CODECS = ("blosc", "crc32c")
+# The largest vocabulary a reader accepts (storage_layout.md 6.2): decoding id codes makes a (V,) permutation
+# per chunk (shared.topk_codec), so V is bounded before anything of that size is allocated (128 MiB at most).
+MAX_VOCAB_SIZE = 2**24
 
 LOGPROB_DTYPE = np.dtype("float16")
 OFFSETS_DTYPE = np.dtype("int64")
@@ -73,12 +71,20 @@ ARRAY_NDIM = {
     "input_ids": 1,
     "offsets": 1,
     "loss_mask": 1,
-    "topk_ids": 2,
-    "topk_logprobs": 2,
+    "topk_id_codes": 2,
+    "topk_id_table": 2,
+    "topk_prob_steps": 2,
     "target_logprob": 1,
     "tail_logprob": 1,
 }
+# The fields a reader returns per row: the stored 1-D arrays, and topk_ids / topk_logprobs decoded from the
+# stored TOPK_ARRAYS (storage_layout.md 3.1).
 ROW_ARRAYS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob")
+TOPK_ARRAYS = ("topk_id_codes", "topk_id_table", "topk_prob_steps")
+# What a reader reads to return each decoded field: ids need their codes and the chunks' tables, log-probs their
+# steps and the rows' tail (ln s, the top-K mass, scales them).
+DECODED_FROM = {"topk_ids": ("topk_id_codes", "topk_id_table"), "topk_logprobs": ("topk_prob_steps", "tail_logprob")}
+PROB_STEP_DTYPE = np.dtype("uint16")
 
 # The `tail_samples` extension (storage_layout.md 3.3): M ids drawn from the teacher's distribution
 # outside the top K, stored as the distinct ids with their counts. Present exactly when
@@ -207,12 +213,12 @@ def chunk_rows_of(settings: dict, top_k: int, vocab_size: int) -> int | None:
 
 
 def row_arrays(tail_samples: int) -> tuple[str, ...]:
-    """The row arrays a shard holds: ROW_ARRAYS, plus TAIL_ARRAYS when tail_samples >= 1."""
+    """The fields a reader returns per row: ROW_ARRAYS, plus TAIL_ARRAYS when tail_samples >= 1."""
     return ROW_ARRAYS + TAIL_ARRAYS if tail_samples else ROW_ARRAYS
 
 
 def row_width(name: str, top_k: int, tail_samples: int) -> int | None:
-    """Second dimension of a 2-D row array (K for top-K arrays, M for tail arrays); None for 1-D ones."""
+    """Second dimension of a (T, ...) row array (K for top-K arrays, M for tail arrays); None for 1-D ones."""
     if ARRAY_NDIM[name] == 1:
         return None
     return tail_samples if name in TAIL_ARRAYS else top_k
@@ -225,8 +231,9 @@ def array_dtypes(vocab_size: int, tail_samples: int = 0) -> dict[str, str]:
         "input_ids": ids,
         "offsets": OFFSETS_DTYPE.name,
         "loss_mask": MASK_DTYPE.name,
-        "topk_ids": ids,
-        "topk_logprobs": LOGPROB_DTYPE.name,
+        "topk_id_codes": ids,
+        "topk_id_table": ids,
+        "topk_prob_steps": PROB_STEP_DTYPE.name,
         "target_logprob": LOGPROB_DTYPE.name,
         "tail_logprob": LOGPROB_DTYPE.name,
     }

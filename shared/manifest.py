@@ -14,17 +14,18 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from shared.encode import check_array_descriptions
 from shared.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_FILE,
     MAX_SHARD_SEQUENCES,
     MAX_TOPK_MASS,
+    MAX_VOCAB_SIZE,
     SHARD_NAME_RE,
     TAIL_SAMPLES_EXTENSION,
     CacheFormatError,
     CacheIdentityError,
-    array_dtypes,
     check_object_key,
     chunk_rows_of,
     meta_path,
@@ -106,7 +107,7 @@ class Manifest:
     tokenizer: dict
     dataset: dict
     settings: dict
-    arrays: dict  # array name -> {"dtype": str, "shape_tail": [..]}
+    arrays: dict  # stored array name -> {"dtype": str}, with topk_id_table's table_size and topk_prob_steps' levels
     shards: list[ShardEntry]
     totals: dict
     extensions: dict = field(default_factory=dict)
@@ -276,8 +277,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         sections[section] = value
     top_k = sections["settings"]["top_k"]
     vocab_size = sections["tokenizer"]["vocab_size"]
-    if not 1 <= vocab_size <= 2**32:
-        raise CacheFormatError(f"manifest: tokenizer.vocab_size = {vocab_size} is outside [1, 2**32]")
+    if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise CacheFormatError(f"manifest: tokenizer.vocab_size = {vocab_size} is outside [1, 2**24] (storage_layout.md 6.2)")
     if sections["tokenizer"].get("tokenizer_size", vocab_size) != vocab_size:  # version 2: V is the tokenizer's size
         raise CacheFormatError(f"manifest: tokenizer.tokenizer_size = {sections['tokenizer']['tokenizer_size']!r:.40} "
                                f"differs from tokenizer.vocab_size = {vocab_size}; in format {FORMAT_VERSION} both are "
@@ -301,15 +302,7 @@ def parse_manifest(raw: bytes | str) -> Manifest:
             f"{'lacks' if tail_samples else 'has'} {TAIL_SAMPLES_EXTENSION!r}; the two go together (storage_layout.md "
             "3.3)")
     arrays = _need(obj, "arrays", (dict,), "manifest")
-    expected_dtypes = array_dtypes(vocab_size, tail_samples)
-    if set(arrays) != set(expected_dtypes):
-        raise CacheFormatError(f"manifest: arrays must describe exactly {sorted(expected_dtypes)}, got {sorted(arrays)}")
-    for name, desc in arrays.items():
-        if not isinstance(desc, dict) or not isinstance(desc.get("dtype"), str):
-            raise CacheFormatError(f"manifest: arrays.{name} must be an object with a string dtype")
-        if desc["dtype"] != expected_dtypes[name]:
-            raise CacheFormatError(f"manifest: arrays.{name}.dtype is {desc['dtype']!r:.40}; the format stores it as "
-                                   f"{expected_dtypes[name]!r} for a vocabulary of {vocab_size}")
+    check_array_descriptions(arrays, vocab_size=vocab_size, tail_samples=tail_samples)  # dtypes, N and L
     shards_raw = _need(obj, "shards", (list,), "manifest")
     if not shards_raw:
         raise CacheFormatError("manifest: shards is empty; a complete cache has at least one shard")
@@ -348,10 +341,11 @@ def check_shard_objects(entry: ShardEntry, settings: dict, vocab_size: int, chun
     """A shard lists exactly the objects the format's writer stores for its counts (storage_layout.md 3.1, 6.3):
     the group and array zarr.json files, every chunk the shapes imply (none is ever an implicit fill), and the
     meta file."""
-    from shared.encode import shard_object_keys, shard_shapes
+    from shared.encode import shard_object_keys, shard_shapes, zarr_chunk_shape
 
-    shapes = shard_shapes(entry.num_tokens, entry.num_sequences, settings["top_k"], tail_samples_of(settings), vocab_size)
-    num_objects = 2 + sum(1 + math.ceil(shape[0] / (chunk_rows if name != "offsets" else shape[0]))
+    shapes = shard_shapes(entry.num_tokens, entry.num_sequences, settings["top_k"], tail_samples_of(settings), vocab_size,
+                          chunk_rows=chunk_rows, table_size=1)  # the keys do not depend on the tables' size
+    num_objects = 2 + sum(1 + math.ceil(shape[0] / zarr_chunk_shape(name, shape, chunk_rows)[0])
                           for name, (shape, _) in shapes.items())  # group zarr.json, meta; zarr.json + chunks each
     if num_objects != len(entry.objects):  # counted before any key is made: hostile counts imply billions
         raise CacheFormatError(f"manifest: {entry.name} lists {len(entry.objects):,} objects, but {entry.num_tokens:,} "
@@ -377,9 +371,9 @@ def check_format_version(version, source: str) -> None:
     if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
         raise CacheFormatError(
             f"{source}: this cache has format_version {version}, written by an older kdcache; this kdcache reads "
-            f"version {FORMAT_VERSION} only (storage_layout.md 11: version 2 changed what tokenizer.vocab_size means "
-            "for teachers with padded vocabulary rows and seals the manifest). Rebuild it with this kdcache: delete the "
-            "cache folder, then rerun its `kdcache build` command.")
+            f"version {FORMAT_VERSION} only (storage_layout.md 11 says what each version changed; version 3 stores the "
+            "top-K rows as id codes and probability steps). Rebuild it with this kdcache: delete the cache folder, "
+            "then rerun its `kdcache build` command.")
     raise CacheFormatError(
         f"{source}: unsupported format_version {version!r:.40}; this kdcache reads version {FORMAT_VERSION}. "
         "Upgrade kdcache (pip install -U kdcache) or rebuild the cache with this version.")

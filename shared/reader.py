@@ -24,17 +24,21 @@ import numpy as np
 
 from shared.format import (
     BUILD_FILE,
+    DECODED_FROM,
+    LOGPROB_DTYPE,
     MANIFEST_FILE,
     MAX_BOOKKEEPING_BYTES,
     MAX_MANIFEST_BYTES,
     ROW_ARRAYS,
     SHARDS_DIR,
     TAIL_ARRAYS,
+    TOPK_ARRAYS,
     CacheCorruptError,
     CacheError,
     CacheFormatError,
     CacheIdentityError,
     IncompleteCacheError,
+    row_arrays,
 )
 from shared.guards import (
     MAX_METADATA_BYTES,
@@ -45,25 +49,29 @@ from shared.guards import (
 )
 from shared.identity import SECTIONS, compute_cache_key, section_differences
 from shared.manifest import Manifest, ShardEntry, parse_manifest
-from shared.rows import RowBlock, check_loss_counts, check_rows, check_sequence_rows, last_rows_mask
+from shared.rows import RowBlock, check_loss_counts, check_rows, check_sequence_rows, last_rows_mask, nan_or_positive
 from shared.store import Store, open_store
+from shared.topk_codec import codes_to_logprobs, decode_id_rows, decode_prob_codes
 from shared.verify import Problem, check_bookkeeping, check_objects, count_committed, verify_rows
 
 
 class ShardView:
-    """Lazy access to one shard's arrays; row ranges read only the chunks they touch, and are checked."""
+    """Lazy access to one shard's arrays; row ranges read only the chunks they touch, and are decoded and checked."""
 
     def __init__(self, reader: CacheReader, entry: ShardEntry):
         import zarr
 
-        from shared.encode import shard_shapes
+        from shared.encode import shard_shapes, zarr_chunk_shape
 
         self.reader, self.entry = reader, entry
         manifest = reader.manifest
         self.vocab_size, self.top_k, self.tail_samples = manifest.vocab_size, manifest.top_k, manifest.tail_samples
         where = entry.name
         chunk_rows = int(manifest.settings["chunk_rows"])
-        shapes = shard_shapes(entry.num_tokens, entry.num_sequences, self.top_k, self.tail_samples, self.vocab_size)
+        self.levels = manifest.arrays["topk_prob_steps"]["levels"]  # L and N, checked by the manifest's parser
+        shapes = shard_shapes(entry.num_tokens, entry.num_sequences, self.top_k, self.tail_samples, self.vocab_size,
+                              chunk_rows=chunk_rows, table_size=manifest.arrays["topk_id_table"]["table_size"])
+        self.row_chunk = zarr_chunk_shape("topk_id_codes", shapes["topk_id_codes"][0], chunk_rows)[0]  # one table each
         check_group_metadata(self._metadata(reader.store, f"{entry.path}/zarr.json"), key=f"{entry.path}/zarr.json",
                              where=where)
         self._arrays = {}
@@ -124,28 +132,54 @@ class ShardView:
         return len(self.offsets) - 1
 
     def read_rows(self, start: int, stop: int, fields: tuple[str, ...] = ROW_ARRAYS) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of the row arrays, as numpy, after checking them (module docstring)."""
+        """Rows [start, stop) of the row fields (ROW_ARRAYS and, with tail samples, TAIL_ARRAYS), as numpy: topk_ids
+        and topk_logprobs decoded from their stored arrays (storage_layout.md 3.1), every field checked first
+        (module docstring), with whatever else was read to decode them."""
         num_rows = int(self.offsets[-1])
         if not 0 <= start <= stop <= num_rows:
             raise IndexError(f"{self.entry.name}: rows [{start}, {stop}) outside [0, {num_rows})")
-        out = {}
+        stored = {}
         for name in fields:
-            if name not in self._arrays:
-                raise KeyError(f"{self.entry.name} has no array {name!r}" + (
+            if name not in row_arrays(self.tail_samples):
+                raise KeyError(f"{self.entry.name} has no row field {name!r}" + (
                     " (the cache was built without --tail-samples)" if name in TAIL_ARRAYS else ""))
-            out[name] = self._read(name, slice(start, stop))
+            for array in DECODED_FROM.get(name, (name,)):
+                if array not in stored:
+                    chunks = slice(start // self.row_chunk, (stop - 1) // self.row_chunk + 1) if stop > start else slice(0, 0)
+                    stored[array] = self._read(array, chunks if array == "topk_id_table" else slice(start, stop))
+        block, codes = self._decode(stored, start)
         if stop > start:
-            self._check(out, start, stop)
-        return out
+            self._check(block, codes, start, stop)
+        return {name: block[name] for name in fields}
 
-    def _check(self, rows: dict[str, np.ndarray], start: int, stop: int) -> None:
+    def _decode(self, stored: dict[str, np.ndarray], start: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """topk_ids and topk_logprobs (float16) of the block from their stored arrays, with the steps' codes."""
+        block = {name: values for name, values in stored.items() if name not in TOPK_ARRAYS}
+        codes, arrays = None, ()
+        try:
+            if "topk_id_codes" in stored:
+                arrays = DECODED_FROM["topk_ids"]
+                block["topk_ids"] = decode_id_rows(stored["topk_id_codes"], stored["topk_id_table"], start,
+                                                   self.row_chunk, self.vocab_size)
+            if "topk_prob_steps" in stored:
+                arrays = DECODED_FROM["topk_logprobs"]
+                codes = decode_prob_codes(stored["topk_prob_steps"], self.levels, start)
+                tail = stored["tail_logprob"]  # a NaN or positive one is refused below, by the rule that names it
+                tail = np.where(nan_or_positive(tail), LOGPROB_DTYPE.type(-np.inf), tail)
+                block["topk_logprobs"] = codes_to_logprobs(codes, tail, self.levels, LOGPROB_DTYPE, start)
+        except ValueError as exc:  # what no writer stores (shared.topk_codec)
+            raise CacheFormatError(f"{self.entry.name}: {', '.join(arrays)}: {exc}; the rows cannot be decoded "
+                                   "(storage_layout.md 3.1): rebuild the shard") from exc
+        return block, codes
+
+    def _check(self, rows: dict[str, np.ndarray], codes: np.ndarray | None, start: int, stop: int) -> None:
         """The table of row invariants on the block, and the sequences it touches against their meta rows."""
         last = last_rows_mask(self.offsets, start, stop)
         following = None
         if "input_ids" in rows and stop < int(self.offsets[-1]) and not last[-1]:
             following = int(self._read("input_ids", slice(stop, stop + 1))[0])  # the last row's next token
-        check_rows(RowBlock(rows, start, last, vocab_size=self.vocab_size, top_k=self.top_k,
-                            tail_samples=self.tail_samples, following_id=following), self.entry.name)
+        check_rows(RowBlock(rows, start, last, vocab_size=self.vocab_size, top_k=self.top_k, tail_samples=self.tail_samples,
+                            following_id=following, prob_codes=codes, levels=self.levels), self.entry.name)
         if "loss_mask" in rows:  # the sequences the block touches, whole: their other rows' mask is read too
             num_loss_tokens, prompt_length = self.reader.sequence_meta(self.entry.index)
             first = int(np.searchsorted(self.offsets, start, side="right")) - 1

@@ -2,14 +2,16 @@
 
 `INVARIANTS` is that table. The same functions check it, vectorized over a block of rows:
 - the writer, on every shard before it is committed (`validate_shard_arrays`: the values as given are
-  checked for NaN and range, rounded to the stored dtypes, then checked against the table *as stored*, so a
-  writer never commits what a reader would refuse);
+  checked for NaN, range and order, encoded as stored, then checked against the table on the values a reader
+  decodes, so a writer never commits what a reader would refuse);
 - the reader, on every block of rows it returns (`check_rows`, called by shared.reader);
 - `kdcache verify`, on every row of the cache, block by block (shared.verify).
 The rules that need a sequence's meta row (its number of loss tokens, its prompt length) are
 `SEQUENCE_INVARIANTS`, checked by `check_sequence_rows` and `check_loss_counts`.
 
-Knows numpy and the format's constants; nothing about models, tokenizers or torch.
+The top-K log-probabilities a rule sees are those a reader decodes (float16, shared.topk_codec), and the
+target rule compares the target with the interval of log-probabilities its top-K entry's stored code stands for.
+Knows numpy, the format's constants and the top-K codec; nothing about models, tokenizers or torch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
+from shared import topk_codec
 from shared.format import (
     COUNT_DTYPE,
     LOGPROB_DTYPE,
@@ -31,14 +34,14 @@ from shared.format import (
     array_dtypes,
 )
 
-# |exp(tail_logprob) + sum_k exp(topk_logprobs) - 1| may be at most this: the stored top-K sum is off by at
-# most MAX_TOPK_MASS - 1 (float16 and the 7-bit trim, storage_layout.md 3) and the stored tail by 1.8e-4
-# (section 3.2).
+# |exp(tail_logprob) + sum_k exp(topk_logprobs) - 1| may be at most this: the decoded top-K sum is off by at
+# most MAX_TOPK_MASS - 1 (the sqrt-probability steps and float16, storage_layout.md 3) and the stored tail by
+# 1.8e-4 (section 3.2).
 ROW_MASS_TOLERANCE = MAX_TOPK_MASS - 1 + 2e-4
-# A target log-probability and the same token's top-K entry (or the K-th entry, for a target outside the top
-# K) may differ by float16's and the trim's rounding: at most 2^-8 + 2^-10 of |log p| (section 3.1), plus
-# LOGPROB_MAX for values near 0.
-TARGET_RELATIVE_TOLERANCE = 2.0**-7
+# A target log-probability lies within the interval its top-K entry's code stands for (or below the K-th entry's
+# interval's top, for a target outside the top K), up to float16's rounding of the target (2^-11 of |log p|,
+# section 3.1) and LOGPROB_MAX for values near 0.
+TARGET_RELATIVE_TOLERANCE = 2.0**-11
 TARGET_ABSOLUTE_TOLERANCE = LOGPROB_MAX
 
 # Stored log-probabilities are float16, whose arithmetic numpy emulates slowly. Every float16 value is one of
@@ -55,14 +58,17 @@ class RowBlock:
 
     last: (n,) bool, the row is its sequence's last (no next token). following_id: the input id of the row
     after the block (None when the block ends the shard or the caller did not read it). A row's next token
-    is known when the row is not last and its next row is in the block or is following_id.
+    is known when the row is not last and its next row is in the block or is following_id. prob_codes: (n, K)
+    the stored sqrt-probability codes that topk_logprobs were decoded from, with L levels (shared.topk_codec),
+    for the target rule; a block with topk_logprobs, target_logprob and tail_logprob has them.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], first_row: int, last: np.ndarray, *, vocab_size: int,
-                 top_k: int, tail_samples: int, following_id: int | None = None):
+                 top_k: int, tail_samples: int, following_id: int | None = None, prob_codes: np.ndarray | None = None,
+                 levels: int = 0):
         self.arrays, self.first_row, self.last = arrays, first_row, last
         self.vocab_size, self.top_k, self.tail_samples = vocab_size, top_k, tail_samples
-        self.following_id = following_id
+        self.following_id, self.prob_codes, self.levels = following_id, prob_codes, levels
 
     @cached_property
     def topk(self) -> np.ndarray:  # (n, K) float32
@@ -134,19 +140,22 @@ def _target_values(b: RowBlock) -> np.ndarray:
 
 
 def _target_against_topk(b: RowBlock) -> np.ndarray:
-    """Rows whose target disagrees with the top K: its own entry when among them, else at most the K-th."""
+    """Rows whose target disagrees with the top K: within its own entry's code interval when among them, else at
+    most the top of the K-th entry's interval (code_bounds), each widened by the target's float16 rounding."""
     bad = np.zeros(len(b.last), dtype=bool)
     rows, among, position = b.next_tokens
     if not len(rows):
         return bad
-    topk = b.topk[rows]
-    entry = np.where(among, topk[np.arange(len(rows)), position], topk[:, -1])
-    target = as_float32(b.arrays["target_logprob"][rows])
-    tolerance = TARGET_RELATIVE_TOLERANCE * np.abs(np.where(np.isfinite(entry), entry, 0)) + TARGET_ABSOLUTE_TOLERANCE
-    with np.errstate(invalid="ignore"):
-        differs = np.abs(target - entry) > tolerance  # -inf against -inf is nan: agrees
-        above = target > entry + tolerance
-    bad[rows] = np.where(among, differs, above)
+    codes = b.prob_codes[rows]  # (r, K)
+    code = np.where(among, codes[np.arange(len(rows)), position], codes[:, -1])
+    log_mass = topk_codec.log_topk_mass(as_float32(b.arrays["tail_logprob"][rows]))  # (r,) ln s
+    low, high = topk_codec.code_bounds(code, log_mass, b.levels)
+    target = as_float32(b.arrays["target_logprob"][rows]).astype(np.float64)
+    tolerance = TARGET_RELATIVE_TOLERANCE * np.abs(np.where(np.isfinite(target), target, 0)) + TARGET_ABSOLUTE_TOLERANCE
+    with np.errstate(invalid="ignore"):  # NaN compares false: refused
+        inside = (target >= low - tolerance) & (target <= high + tolerance)  # -inf within [-inf, -inf]
+        below = target <= high + tolerance
+    bad[rows] = ~np.where(among, inside, below)
     return bad
 
 
@@ -212,9 +221,10 @@ INVARIANTS = (
               f"probabilities, within {ROW_MASS_TOLERANCE:.4f}", _tail_mass),
     Invariant("target-sentinel", ("target_logprob",), "target_logprob is the sentinel +1.0 exactly on each "
               "sequence's last row, elsewhere a log-probability (not NaN, not above 0)", _target_values),
-    Invariant("target-agrees-with-topk", ("input_ids", "topk_ids", "topk_logprobs", "target_logprob"),
-              "target_logprob equals the next token's top-K entry when it is among the K, else is at most the K-th "
-              "entry (within float16's and the trim's rounding)", _target_against_topk),
+    Invariant("target-agrees-with-topk", ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "tail_logprob"),
+              "target_logprob lies within the log-probabilities the next token's stored top-K code stands for when it "
+              "is among the K, else at most the top of the K-th code's (within float16's rounding of the target)",
+              _target_against_topk),
     Invariant("target-within-tail", ("input_ids", "topk_ids", "target_logprob", "tail_logprob"),
               "a target outside the top K holds at most the tail's probability", _target_above_tail),
     Invariant("loss-mask-not-on-last-row", ("loss_mask",), "loss_mask is false on each sequence's last row (it has no "
@@ -230,9 +240,9 @@ INVARIANTS = (
     Invariant("tail-ids-distinct", ("topk_ids", "tail_ids"), "a row's K top-K ids and M tail ids are all distinct "
               "(unused slots too)", _tail_ids_repeat),
 )
-# Checked on a writer's values as given, before rounding and casting (so nothing wraps around or hides).
-GIVEN_VALUE_RULES = ("input-ids-in-vocabulary", "topk-ids-in-vocabulary", "topk-logprobs-valid", "tail-logprob-valid",
-                     "target-sentinel", "tail-ids-in-vocabulary", "tail-counts-sum-to-m")
+# Checked on a writer's values as given, before encoding and casting (so nothing wraps around or hides).
+GIVEN_VALUE_RULES = ("input-ids-in-vocabulary", "topk-ids-in-vocabulary", "topk-logprobs-valid", "topk-logprobs-sorted",
+                     "tail-logprob-valid", "target-sentinel", "tail-ids-in-vocabulary", "tail-counts-sum-to-m")
 
 
 # Rules that need a sequence's meta row (storage_layout.md 4): checked by check_sequence_rows / check_loss_counts.
@@ -336,14 +346,15 @@ def _check_shapes(arrays: dict[str, np.ndarray], top_k: int, tail_samples: int, 
 
 def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top_k: int, where: str,
                           tail_samples: int = 0) -> dict[str, np.ndarray]:
-    """The shard's arrays cast to their stored dtypes, after checking every rule of INVARIANTS as stored.
+    """The shard's rows as a writer stores them, after checking every rule of INVARIANTS on what a reader decodes.
 
-    Values as given are checked first (ids in [0, V), no NaN or positive log-probability, counts in [0, M]),
-    so that nothing wraps around or hides in rounding; then log-probabilities are rounded as section 3.1
-    says and the last rows get the target sentinel; then the whole table is checked on the stored arrays.
+    Values as given are checked first (ids in [0, V), no NaN or positive log-probability, sorted rows, counts in
+    [0, M]), so that nothing wraps around or hides in rounding; then target and tail are rounded to float16 (the
+    last rows get the target sentinel) and the top-K log-probabilities encoded as sqrt-probability steps against
+    the stored tail (storage_layout.md 3.1); then the whole table is checked on the values a reader decodes.
+    Returns the stored arrays, `topk_ids` (which shared.encode.stored_rows turns into codes and tables, chunk by
+    chunk) and `topk_logprobs` as a reader decodes them (float16; a shard's topk_mass_sum is their sum).
     """
-    from shared.encode import stored_topk_logprobs
-
     offsets = _check_shapes(arrays, top_k, tail_samples, where)
     last = last_rows_mask(offsets, 0, int(offsets[-1]))
     given = {k: np.asarray(v) for k, v in arrays.items() if k != "offsets"}
@@ -360,18 +371,28 @@ def validate_shard_arrays(arrays: dict[str, np.ndarray], *, vocab_size: int, top
     dtypes = array_dtypes(vocab_size, tail_samples)
     target = np.minimum(given["target_logprob"], 0).astype(LOGPROB_DTYPE)
     target[last] = TARGET_SENTINEL
+    tail = np.minimum(given["tail_logprob"].astype(np.float32), 0).astype(LOGPROB_DTYPE)
+    if (tail == 0).any():  # s = 1 - exp(tail) = 0 would scale the top K's steps to nothing
+        raise CacheFormatError(f"{where}: tail_logprob row {int(np.argmax(tail == 0))}: rounds to 0 in float16 (the top K "
+                               "hold under 3e-8 of the probability), which leaves the stored top-K probabilities nothing "
+                               "to scale (storage_layout.md 3.1); the shard is not committed: use a larger {top_k}")
+    levels = topk_codec.prob_levels(top_k)
+    steps = topk_codec.encode_prob_steps(np.minimum(given["topk_logprobs"].astype(np.float32), 0), tail, levels)  # (T, K)
+    codes = topk_codec.decode_prob_codes(steps, levels)
     out = {
         "input_ids": given["input_ids"].astype(dtypes["input_ids"]),
         "loss_mask": given["loss_mask"].astype(bool),
-        "topk_ids": given["topk_ids"].astype(dtypes["topk_ids"]),
-        "topk_logprobs": stored_topk_logprobs(np.minimum(given["topk_logprobs"].astype(np.float32), 0)),
+        "topk_ids": given["topk_ids"].astype(dtypes["topk_id_codes"]),
+        "topk_logprobs": topk_codec.codes_to_logprobs(codes, tail, levels, LOGPROB_DTYPE),
+        "topk_prob_steps": steps,
         "target_logprob": target,
-        "tail_logprob": np.minimum(given["tail_logprob"].astype(np.float32), 0).astype(LOGPROB_DTYPE),
+        "tail_logprob": tail,
         "offsets": offsets,
     }
     if tail_samples:
         out["tail_ids"] = given["tail_ids"].astype(dtypes["tail_ids"])
         out["tail_counts"] = given["tail_counts"].astype(COUNT_DTYPE)
-    check_rows(RowBlock({k: v for k, v in out.items() if k != "offsets"}, 0, last, vocab_size=vocab_size, top_k=top_k,
-                        tail_samples=tail_samples), where)
+    decoded = {k: v for k, v in out.items() if k not in ("offsets", "topk_prob_steps")}
+    check_rows(RowBlock(decoded, 0, last, vocab_size=vocab_size, top_k=top_k, tail_samples=tail_samples,
+                        prob_codes=codes, levels=levels), where)
     return out

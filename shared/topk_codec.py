@@ -116,9 +116,9 @@ def _logprob_table(levels: int) -> np.ndarray:
     return table
 
 
-def decode_prob_codes(steps: np.ndarray, levels: int) -> np.ndarray:
+def decode_prob_codes(steps: np.ndarray, levels: int, first_row: int = 0) -> np.ndarray:
     """(T, K) steps -> (T, K) codes c_r = L - (d_1 + ... + d_r), non-increasing along K; refuses a row whose
-    steps sum past L (no such code)."""
+    steps sum past L (no such code), naming it as first_row + its index."""
     if not 2 <= levels <= MAX_LEVELS:
         raise ValueError(f"levels must be in [2, {MAX_LEVELS}], got {levels}")
     steps = np.asarray(steps)
@@ -128,23 +128,27 @@ def decode_prob_codes(steps: np.ndarray, levels: int) -> np.ndarray:
     np.subtract(levels, codes, out=codes)
     if codes.size and codes[:, -1].min() < 0:  # non-increasing along K, so the last column is the row's least
         row = int(np.argmax(codes[:, -1] < 0))
-        raise ValueError(f"row {row}: its steps sum to {levels - int(codes[row, -1])}, more than the {levels} levels")
+        raise ValueError(f"row {first_row + row}: its steps sum to {levels - int(codes[row, -1])}, more than the "
+                         f"{levels} levels")
     return codes
 
 
-def _checked_log_mass(tail_logprob: np.ndarray, num_rows: int) -> np.ndarray:
+def _checked_log_mass(tail_logprob: np.ndarray, num_rows: int, first_row: int = 0) -> np.ndarray:
     if np.shape(tail_logprob) != (num_rows,):
         raise ValueError(f"tail_logprob must be ({num_rows},), got {np.shape(tail_logprob)}")
     log_mass = log_topk_mass(tail_logprob)  # (T,)
     bad = np.isnan(log_mass) | (log_mass == -np.inf)
     if bad.any():
-        raise ValueError(f"row {int(np.argmax(bad))}: its tail_logprob leaves the top K no mass")
+        raise ValueError(f"row {first_row + int(np.argmax(bad))}: its tail_logprob leaves the top K no mass")
     return log_mass
 
 
-def codes_to_logprobs(codes: np.ndarray, tail_logprob: np.ndarray, levels: int, dtype=np.float32) -> np.ndarray:
-    """(T, K) codes in [0, L] and the rows' stored (T,) tail_logprob -> (T, K) log-probs 2 ln(c / L) + ln s."""
-    log_mass = _checked_log_mass(tail_logprob, len(codes))
+def codes_to_logprobs(codes: np.ndarray, tail_logprob: np.ndarray, levels: int, dtype=np.float32,
+                      first_row: int = 0) -> np.ndarray:
+    """(T, K) codes in [0, L] and the rows' stored (T,) tail_logprob -> (T, K) log-probs 2 ln(c / L) + ln s.
+
+    Refuses a tail that leaves the top K no mass, naming its row as first_row + its index."""
+    log_mass = _checked_log_mass(tail_logprob, len(codes), first_row)
     wide = np.promote_types(dtype, np.float32)
     out = np.take(_logprob_table(levels), codes).astype(wide, copy=False)  # (T, K)
     out += log_mass.astype(wide)[:, None]
@@ -242,7 +246,8 @@ def decode_id_rows(codes: np.ndarray, tables: np.ndarray, first_row: int, chunk_
     """
     codes = np.asarray(codes)
     if codes.size and (codes.min() < 0 or codes.max() >= vocab_size):
-        raise ValueError(f"a code is outside [0, {vocab_size})")
+        row = first_row + int(np.argmax(((codes < 0) | (codes >= vocab_size)).any(axis=-1)))
+        raise ValueError(f"row {row}: a code is outside [0, {vocab_size})")
     out = np.empty(codes.shape, dtype=codes.dtype)
     first_chunk = first_row // chunk_rows
     start = 0
@@ -251,7 +256,10 @@ def decode_id_rows(codes: np.ndarray, tables: np.ndarray, first_row: int, chunk_
         stop = min(len(codes), (chunk + 1) * chunk_rows - first_row)
         if chunk - first_chunk >= len(tables):
             raise ValueError(f"rows from {first_row + start} need the table of chunk {chunk}, which was not given")
-        perm = id_permutation(tables[chunk - first_chunk], vocab_size).astype(codes.dtype)  # (V,) code -> id
+        try:
+            perm = id_permutation(tables[chunk - first_chunk], vocab_size).astype(codes.dtype)  # (V,) code -> id
+        except ValueError as exc:
+            raise ValueError(f"the table of chunk {chunk} (rows from {chunk * chunk_rows}): {exc}") from None
         np.take(perm, codes[start:stop], out=out[start:stop])
         start = stop
     return out
@@ -282,5 +290,5 @@ def decode_topk_rows(codes: np.ndarray, tables: np.ndarray, steps: np.ndarray, t
     ids < V, steps summing past L, tails that leave the top K no mass.
     """
     ids = decode_id_rows(codes, tables, first_row, chunk_rows, vocab_size)
-    prob = decode_prob_codes(steps, levels)
-    return ids, codes_to_logprobs(prob, tail_logprob, levels, dtype), prob
+    prob = decode_prob_codes(steps, levels, first_row)
+    return ids, codes_to_logprobs(prob, tail_logprob, levels, dtype, first_row), prob

@@ -26,6 +26,7 @@ from shared.format import (
     OWNER_FILE,
     SHARDS_DIR,
     CacheError,
+    row_arrays,
 )
 from shared.identity import seal_holds
 from shared.manifest import Manifest, ShardEntry
@@ -172,7 +173,7 @@ def verify_rows(reader, index: int) -> list[Problem]:
     block_rows = int(reader.manifest.settings["chunk_rows"])
     losses = np.zeros(entry.num_sequences, dtype=np.int64)
     mass = 0.0
-    fields = tuple(reader.manifest.arrays.keys() - {"offsets"})
+    fields = row_arrays(reader.manifest.tail_samples)  # every row field, the top K decoded
     try:
         for start in range(0, entry.num_tokens, block_rows):
             stop = min(start + block_rows, entry.num_tokens)

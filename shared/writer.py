@@ -40,13 +40,14 @@ from shared.commits import (
 )
 from shared.encode import (
     BLOSC,
-    EXACT_RANKS,
-    TRIMMED_MANTISSA_BITS,
     encode_meta,
     encode_zarr_group,
     encode_zarr_layout,
     encode_zarr_rows,
     sha256_hex,
+    shard_shapes,
+    stored_rows,
+    topk_coding,
 )
 from shared.format import (
     BUILD_FILE,
@@ -55,6 +56,7 @@ from shared.format import (
     MANIFEST_FILE,
     MAX_CHUNK_BYTES,
     MAX_SHARD_SEQUENCES,
+    MAX_VOCAB_SIZE,
     SHARDS_DIR,
     TAIL_ARRAYS,
     CacheError,
@@ -157,6 +159,9 @@ class CacheWriter:
         if not (num_workers >= 1 and 0 <= worker < num_workers):
             raise CacheError(f"{{worker}} {worker} must be in [0, {{num_workers}} {num_workers})")
         top_k, vocab_size = header.settings["top_k"], header.tokenizer["vocab_size"]
+        if not 1 <= vocab_size <= MAX_VOCAB_SIZE:  # readers refuse more (storage_layout.md 6.2)
+            raise CacheError(f"the tokenizer has {vocab_size:,} ids; the format holds at most {MAX_VOCAB_SIZE:,} "
+                             "(readers decode ids through a table of V entries): use another tokenizer")
         width = max(top_k, tail_samples_of(header.settings))
         chunk_bytes = chunk_rows * width * max(id_dtype(vocab_size).itemsize, LOGPROB_DTYPE.itemsize)
         if chunk_rows < 1 or chunk_bytes > MAX_CHUNK_BYTES:
@@ -174,6 +179,7 @@ class CacheWriter:
         self.worker = worker
         self.num_workers = num_workers
         self.chunk_rows = chunk_rows
+        self.table_size, self.levels = topk_coding(top_k, vocab_size, chunk_rows)  # N and L (manifest.arrays)
         self.store: Store = open_store(url, storage_options=storage_options)
         self.complete = False
         self.manifest: Manifest | None = None
@@ -279,7 +285,9 @@ class CacheWriter:
             buffer.arrays(), vocab_size=self.header.tokenizer["vocab_size"], top_k=self.header.settings["top_k"],
             where=where, tail_samples=tail_samples_of(self.header.settings),
         )
-        objects = {f"{shard_path(index)}/{k}": v for k, v in encode_zarr_group(arrays, self.chunk_rows).items()}
+        shapes = self.shard_shapes(len(arrays["input_ids"]), len(arrays["offsets"]) - 1)
+        stored = stored_rows(arrays, shapes, self.chunk_rows, self.header.tokenizer["vocab_size"])
+        objects = {f"{shard_path(index)}/{k}": v for k, v in encode_zarr_group(stored, self.chunk_rows).items()}
         objects[meta_path(index)] = encode_meta(buffer.meta, arrays["offsets"])
         probs = np.exp(arrays["topk_logprobs"].astype(np.float64))
         entry = ShardEntry(
@@ -297,6 +305,12 @@ class CacheWriter:
         for key, data in objects.items():
             self.store.write_bytes(key, data)
         return self.commit_shard(index, entry)
+
+    def shard_shapes(self, num_tokens: int, num_sequences: int) -> dict:
+        """{array name: (shape, dtype)} of a shard of this build with these counts (shared.encode.shard_shapes)."""
+        settings = self.header.settings
+        return shard_shapes(num_tokens, num_sequences, settings["top_k"], tail_samples_of(settings),
+                            self.header.tokenizer["vocab_size"], chunk_rows=self.chunk_rows, table_size=self.table_size)
 
     def begin_shard(self, index: int) -> None:
         """Before shard `index`'s first object: refuse a committed shard or a complete cache, delete leftovers.
@@ -369,9 +383,7 @@ class _ShardContext:
 __all__ = [
     "BLOSC",
     "DEFAULT_CHUNK_ROWS",
-    "EXACT_RANKS",
     "TOOL_VERSION",
-    "TRIMMED_MANTISSA_BITS",
     "BuildHeader",
     "CacheWriter",
     "ShardBuffer",
@@ -382,5 +394,6 @@ __all__ = [
     "finalize_cache",
     "header_differences",
     "id_dtype",
+    "stored_rows",
     "validate_shard_arrays",
 ]

@@ -197,15 +197,17 @@ def test_p4_storage_smoke(tiny_gpt2_dir, tmp_path):
     assert all(r["bytes_per_token_k"] > 0 and r["encode_tokens_per_cpu_s"] > 0 for r in row["rows"])
     chosen = [r for r in row["rows"] if r["encoding"].endswith("(chosen)")]
     assert [r["K"] for r in chosen] == [16, 64, 128] and all(r["mean_kl"] < 1e-5 for r in chosen), chosen
+    assert [b["K"] for b in row["build"]] == [64, 128]  # a real kdcache build of each, read back
+    assert all(b["bytes_per_token_k"] > 0 and b["mean_kl"] < 1e-5 for b in row["build"]), row["build"]
     assert row["rs_kd"][0]["mean_distinct_ids"] <= 8
     tail = next(r for r in row["rs_kd"] if r.get("tail_samples") == "48+16")
     assert 0 < tail["mean_distinct_ids"] <= 16 and tail["bytes_per_token_slot"] > 0
 
 
 def test_p4_candidates_give_back_their_rows():
-    """Every P4 candidate decodes to the ids exactly and to log-probs within its rounding (KL far below 1e-5)."""
-    import shared.writer as W
-    from bench.p4_storage import CANDIDATES, decode, encode, fidelity
+    """Every P4 candidate, and the writer's own objects, decode to the ids exactly and to log-probs within their
+    rounding (KL far below 1e-5)."""
+    from bench.p4_storage import CANDIDATES, decode, encode, fidelity, writer_objects
 
     rng = np.random.default_rng(0)
     lp = -np.sort(rng.exponential(0.5, (50, 32)).cumsum(1), axis=1)
@@ -213,8 +215,8 @@ def test_p4_candidates_give_back_their_rows():
     arrays = {"input_ids": rng.integers(40, 100, 50), "offsets": np.array([0, 50]), "loss_mask": np.r_[np.ones(49, bool), [False]],
               "topk_ids": np.stack([rng.permutation(40)[:32] for _ in range(50)]), "topk_logprobs": lp,
               "target_logprob": np.r_[lp[:-1, -1] - 1, [1.0]], "tail_logprob": np.full(50, np.log(0.1))}
-    v1 = W.encode_zarr_group(W.validate_shard_arrays(arrays, vocab_size=100, top_k=32, where="test"), 8192)
-    for c, objects in [(None, v1)] + [(c, encode(c, arrays, 100, 32)) for c in CANDIDATES]:
+    shipped = writer_objects(arrays, 100, 32)
+    for c, objects in [(None, shipped)] + [(c, encode(c, arrays, 100, 32)) for c in CANDIDATES]:
         ids, stored = decode(c, objects, 100, 32)
         np.testing.assert_array_equal(ids, arrays["topk_ids"])
         assert stored.shape == (50, 32) and fidelity(lp, stored)["mean_kl"] < 5e-5, c  # a broken decode: > 1e-2

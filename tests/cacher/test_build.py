@@ -26,7 +26,7 @@ from common.sequences import text_sha256
 from common.templates import PLAIN_TEMPLATE, prompt_only_ids
 from shared.format import CacheMismatchError
 from shared.reader import CacheReader
-from shared.writer import EXACT_RANKS, TRIMMED_MANTISSA_BITS
+from shared.topk_codec import prob_levels
 from tests.conftest import GSM8K, shakespeare_text
 
 QUIET = {"log": lambda message: None}
@@ -76,18 +76,17 @@ def stored_objects(root) -> dict[str, bytes]:
     return out
 
 
-def float16_tolerance(reference: np.ndarray) -> np.ndarray:
-    """Largest storage error of each top-K log-prob (K last): float16 rounding, then 7 mantissa bits past rank 16."""
-    relative = np.full(reference.shape[-1], 2.0**-11)
-    relative[EXACT_RANKS:] = 2.0 ** -(TRIMMED_MANTISSA_BITS + 1) + 2.0**-11
-    return np.abs(reference) * relative + 1e-5
+def sqrt_p(values: np.ndarray) -> np.ndarray:
+    """sqrt(p) of log-probs: the scale on which the format stores the top K (storage_layout.md 3.1)."""
+    return np.exp(np.asarray(values, dtype=np.float64) / 2)
 
 
-def float16_spacing(values: np.ndarray) -> np.ndarray:
-    """One unit in the last stored place of each top-K log-prob (K last), ranks past 16 having 7 mantissa bits."""
-    spacing = np.spacing(np.abs(values).astype(np.float16)).astype(np.float64)
-    spacing[..., EXACT_RANKS:] *= 2 ** (10 - TRIMMED_MANTISSA_BITS)
-    return spacing
+def stored_step_error(stored: np.ndarray, top_k: int) -> np.ndarray:
+    """The largest error in sqrt(p) of each stored top-K log-prob (K last): a step sqrt(s) / L <= 1 / L (half a step
+    of rounding; a whole one for an entry below the smallest level, stored as it), plus the float16 rounding of the
+    value a reader hands out (2^-11 of |log p|, so 2^-12 of sqrt(p))."""
+    stored = np.asarray(stored, dtype=np.float64)
+    return 1 / prob_levels(top_k) + sqrt_p(stored) * np.abs(np.where(np.isfinite(stored), stored, 0)) * 2.0**-12
 
 
 def reference_logprobs(model, ids: np.ndarray) -> np.ndarray:
@@ -109,7 +108,8 @@ def assert_matches_reference(seq: dict, reference: np.ndarray) -> None:
     at_ids = np.take_along_axis(reference, ids, -1)  # the reference's log-probs of the stored ids
     assert swapped.mean() < 0.01 and np.all(np.abs(at_ids - ref_values)[swapped] < 1e-4), "ids differ beyond near-ties"
     stored = seq["topk_logprobs"].astype(np.float64)
-    assert np.all(np.abs(stored - ref_values) <= float16_tolerance(ref_values))
+    # the engine's float32 against the float64 reference: 1e-4 of the log-prob, so 5e-5 of sqrt(p)
+    assert np.all(np.abs(sqrt_p(stored) - sqrt_p(ref_values)) <= stored_step_error(stored, top_k) + 5e-5 * sqrt_p(stored))
     target = reference[np.arange(len(ids) - 1), seq["input_ids"][1:].astype(np.int64)]
     assert np.all(np.abs(seq["target_logprob"][:-1] - target) <= np.abs(target) * 2.0**-11 + 1e-5)
     assert seq["target_logprob"][-1] == 1.0  # the sentinel of the last row
@@ -180,15 +180,16 @@ def test_vllm_build_equals_hf_build(teacher, tiny_llama_dir, tiny_tokenizer_dir,
         assert a["input_ids"].tolist() == b["input_ids"].tolist()
         assert a["loss_mask"].tolist() == b["loss_mask"].tolist()
         la, lb = a["topk_logprobs"].astype(np.float64), b["topk_logprobs"].astype(np.float64)
-        # 1e-3 between two float32 teachers, plus one unit in the last stored place (each side rounds alone)
-        tolerance = 1e-3 + np.maximum(float16_spacing(la), float16_spacing(lb))
-        assert np.all(np.abs(la - lb) <= tolerance)
+        # in sqrt(p), the format's scale: 1e-3 of the log-prob between two float32 teachers (5e-4 of sqrt(p)), plus
+        # each side's storage error (each side rounds alone)
+        tolerance = stored_step_error(la, 20) + stored_step_error(lb, 20) + 5e-4 * np.maximum(sqrt_p(la), sqrt_p(lb))
+        assert np.all(np.abs(sqrt_p(la) - sqrt_p(lb)) <= tolerance)
         swapped = a["topk_ids"] != b["topk_ids"]
         assert swapped.mean() < 0.01
         for row, rank in zip(*np.nonzero(swapped)):  # a swap only between near-equal log-probs
             others = np.flatnonzero(a["topk_ids"][row] == b["topk_ids"][row, rank])
             hf_value = la[row, others[0]] if len(others) else la[row, -1]
-            assert abs(hf_value - lb[row, rank]) <= 2e-3 + tolerance[row, rank]
+            assert abs(sqrt_p(hf_value) - sqrt_p(lb[row, rank])) <= 1e-3 + tolerance[row, rank]
         ta, tb = a["target_logprob"][:-1].astype(np.float64), b["target_logprob"][:-1].astype(np.float64)
         assert np.all(np.abs(ta - tb) <= 1e-3 + np.spacing(np.abs(ta).astype(np.float16)))
         assert a["target_logprob"][-1] == b["target_logprob"][-1] == 1.0

@@ -107,7 +107,7 @@ def test_a_failed_write_commits_nothing_of_its_shard(tmp_path, monkeypatch):
 
     def fails_in_shard_1(store, key, data):
         calls.append(key)
-        if key.startswith("shards/shard-00001/topk_ids/"):
+        if key.startswith("shards/shard-00001/topk_id_codes/"):
             raise OSError(28, "No space left on device")
         return real(store, key, data)
 
@@ -117,7 +117,7 @@ def test_a_failed_write_commits_nothing_of_its_shard(tmp_path, monkeypatch):
         write_streamed(str(tmp_path / "c"), shards, 0, 16, encode_workers=0)
     committed = sorted(p.parent.name for p in (tmp_path / "c").glob("shards/*/commit.json"))
     assert committed == ["shard-00000"]
-    failed_at = next(i for i, key in enumerate(calls) if key.startswith("shards/shard-00001/topk_ids/"))
+    failed_at = next(i for i, key in enumerate(calls) if key.startswith("shards/shard-00001/topk_id_codes/"))
     assert not [key for key in calls[failed_at + 1:] if key.startswith("shards/shard-00002")]
 
 

@@ -142,3 +142,30 @@ def test_a_teacher_not_on_this_machine_is_a_clear_error(built, tmp_path):
     rewrite_header(moved, teacher)
     code, text = verify(moved, "--against-teacher")
     assert code == 1 and "is not on this machine" in text and "pass --model (the teacher's folder)" in text, text
+
+
+def test_stored_top_k_entries_are_compared_on_the_scale_of_their_codes():
+    """A stored entry is a sqrt-probability code (storage_layout.md 3.1): entries of small probability come back up to
+    a few nats off in log space (below the smallest level, stored as it), which a row written by the writer from the
+    teacher's own values must pass; an entry moved by half a nat does not."""
+    from cacher.verify_teacher import ABSOLUTE, RELATIVE, compare_row
+    from shared.topk_codec import prob_levels
+    from shared.writer import validate_shard_arrays
+
+    vocab, top_k = 4000, 64
+    logits = np.random.default_rng(0).normal(0, 2, vocab)
+    logits[:5] += 16  # a peaked teacher: the other entries of its top K have probabilities near 1e-5
+    logp = logits - np.log(np.exp(logits).sum())  # (V,)
+    ids = np.argsort(-logp)[:top_k]
+    arrays = {"input_ids": np.array([0, ids[0]]), "offsets": np.array([0, 2]), "loss_mask": np.array([True, False]),
+              "topk_ids": np.stack([ids, ids]), "topk_logprobs": np.stack([logp[ids], logp[ids]]),
+              "target_logprob": np.array([logp[ids[0]], 0.0]), "tail_logprob": np.full(2, np.log1p(-np.exp(logp[ids]).sum()))}
+    stored = validate_shard_arrays(arrays, vocab_size=vocab, top_k=top_k, where="test")  # what a reader returns
+    truth, absolute = np.stack([logp, logp]), ABSOLUTE["hf", "float32"]
+    off = np.abs(stored["topk_logprobs"][0].astype(np.float64) - logp[ids])
+    assert (off > RELATIVE * np.abs(logp[ids]) + absolute).any()  # a log-space tolerance would refuse this row
+    assert compare_row(stored, truth, 0, vocab, absolute, prob_levels(top_k)) == (None, pytest.approx(off.max()))
+    stored["topk_logprobs"] = stored["topk_logprobs"].copy()
+    stored["topk_logprobs"][0, 3] -= 0.5
+    problem, _ = compare_row(stored, truth, 0, vocab, absolute, prob_levels(top_k))
+    assert problem.startswith(f"top-K entry 3, id {ids[3]}: stored log-probability")

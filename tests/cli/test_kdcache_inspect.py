@@ -29,7 +29,7 @@ def test_verify_good_and_bad(tmp_path):
     write_cache(url, num_shards=2)
     res = runner.invoke(app, ["verify", url])
     assert res.exit_code == 0 and "OK" in res.output
-    key = "shards/shard-00000/topk_ids/c/0/0"
+    key = "shards/shard-00000/topk_id_codes/c/0/0"
     path = os.path.join(url, key)
     with open(path, "rb") as f:
         data = bytearray(f.read())

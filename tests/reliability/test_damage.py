@@ -52,7 +52,8 @@ def object_keys(chunks_of_shard=(3, 2)) -> list[str]:
         shard = f"shard-{index:05d}"
         keys += [f"meta/{shard}.parquet", f"shards/{shard}/zarr.json", f"shards/{shard}/commit.json",
                  f"shards/{shard}/offsets/zarr.json", f"shards/{shard}/offsets/c/0"]
-        for name in ("input_ids", "loss_mask", "target_logprob", "tail_logprob", "topk_ids", "topk_logprobs"):
+        for name in ("input_ids", "loss_mask", "target_logprob", "tail_logprob", "topk_id_codes", "topk_id_table",
+                     "topk_prob_steps"):  # the table: one chunk (one chunk's table) per chunk of rows
             keys.append(f"shards/{shard}/{name}/zarr.json")
             keys += [f"shards/{shard}/{name}/c/{c}" + ("/0" if name.startswith("topk") else "") for c in range(num_chunks)]
     return sorted(keys)
@@ -104,7 +105,7 @@ def test_damaged_object_is_named_by_verify_and_refused_by_kdtrain(cache, key, da
 
 
 def _huge_shape(cache: Path) -> str:
-    key = "shards/shard-00001/topk_ids/zarr.json"
+    key = "shards/shard-00001/topk_id_codes/zarr.json"
     meta = json.loads((cache / key).read_text())
     meta["shape"] = [2**40, 8]
     replace_object(cache, key, json.dumps(meta).encode())
@@ -154,12 +155,12 @@ def _id_beyond_vocabulary(cache: Path) -> str:
 
     from shared.writer import encode_zarr_group
 
-    ids = np.asarray(CacheReader(str(cache)).shard(1)._arrays["topk_ids"][:]).copy()
-    ids[5, 0] = 60_000  # V = 384; still a valid uint16
-    for key, data in encode_zarr_group({"topk_ids": ids}, chunk_rows=64).items():
-        if key.startswith("topk_ids/c/"):
+    codes = np.asarray(CacheReader(str(cache)).shard(1)._arrays["topk_id_codes"][:]).copy()
+    codes[5, 0] = 60_000  # V = 384; still a valid uint16
+    for key, data in encode_zarr_group({"topk_id_codes": codes}, chunk_rows=64).items():
+        if key.startswith("topk_id_codes/c/"):
             replace_object(cache, f"shards/shard-00001/{key}", data)
-    return "topk_ids row 5: breaks the rule that every id is below the vocabulary size V"
+    return "topk_id_codes, topk_id_table: row 5: a code is outside [0, 384)"
 
 
 HOSTILE = {  # name: edit returning what the messages must contain
@@ -308,7 +309,7 @@ def test_repair_as_verify_says(tmp_path):
     url = tmp_path / "c"
     write_shards(url, 3)
     clean = {k: (url / k).read_bytes() for k in stored_keys(url) if k not in ("build.json", "manifest.json")}
-    chunk = url / "shards" / "shard-00002" / "topk_logprobs" / "c" / "0" / "0"
+    chunk = url / "shards" / "shard-00002" / "topk_prob_steps" / "c" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))

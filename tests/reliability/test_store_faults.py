@@ -75,7 +75,7 @@ def clean(tmp_path_factory) -> tuple[dict[str, bytes], list[str]]:
 
 def fail_and_resume(positions, clean, tmp_path, monkeypatch):
     want, keys = clean
-    assert len(keys) == NUM_SHARDS * 17 + 1  # 16 objects and a commit file per shard, then the manifest
+    assert len(keys) == NUM_SHARDS * 19 + 1  # 18 objects and a commit file per shard, then the manifest
     real = Store.write_bytes
     for n in positions:
         failing_key = keys[n]

@@ -103,9 +103,9 @@ def test_verify_checks_every_row(tmp_path):
 
     url = tmp_path / "c"
     write_cache(str(url), num_shards=2)
-    ids = np.asarray(CacheReader(str(url)).shard(1)._arrays["topk_ids"][:]).copy()
-    ids[4, 1] = ids[4, 0]
-    for key, data in encode_zarr_group({"topk_ids": ids}, chunk_rows=8192).items():
+    codes = np.asarray(CacheReader(str(url)).shard(1)._arrays["topk_id_codes"][:]).copy()
+    codes[4, 1] = codes[4, 0]  # one id twice in the row, once decoded
+    for key, data in encode_zarr_group({"topk_id_codes": codes}, chunk_rows=8192).items():
         if "/" in key:
             replace_object(url, f"shards/shard-00001/{key}", data)
     res = runner.invoke(app, ["verify", str(url)], env=WIDE)

@@ -25,7 +25,7 @@ from shared.reader import CacheReader
 from shared.writer import encode_zarr_group
 from tests.shared.fakes import reseal, reseal_commit, write_cache
 
-ARRAY = "shards/shard-00001/topk_ids"
+ARRAY = "shards/shard-00001/topk_id_codes"
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ WRITES = "the format's writer writes"
 
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m.update(shape=[2**40, 8]),
-     rf"shard-00001: shards/shard-00001/topk_ids/zarr.json: shape is \[1099511627776, 8\], {WRITES} \[\d+, 8\]"),
+     rf"shard-00001: shards/shard-00001/topk_id_codes/zarr.json: shape is \[1099511627776, 8\], {WRITES} \[\d+, 8\]"),
     (lambda m: m.update(shape=["77", 8]), r'shape is \["77", 8\]'),
     (lambda m: m.update(data_type="float64"), f'data_type is "float64", {WRITES} "uint16"'),
     (lambda m: m.update(data_type="object"), 'data_type is "object"'),
@@ -122,9 +122,27 @@ def test_hostile_array_metadata(cache, edit, match):
     assert "shard-00001" in message
 
 
+@pytest.mark.parametrize("name,edit,match", [
+    ("topk_prob_steps", lambda m: m["codecs"].pop(0), "codecs is .*, the format's writer writes .*transpose"),
+    ("topk_prob_steps", lambda m: m["codecs"][0]["configuration"].update(order=[0, 1]), r'codecs is .*"order": \[0, 1\]'),
+    ("topk_prob_steps", lambda m: m["codecs"].insert(1, m["codecs"].pop(0)), "codecs is"),  # after bytes
+    ("topk_id_codes", lambda m: m["codecs"].insert(0, {"name": "transpose", "configuration": {"order": [1, 0]}}),
+     "codecs is"),
+    ("topk_id_codes", lambda m: m["codecs"][1]["configuration"].update(shuffle="shuffle"), 'codecs is .*"shuffle": "shuffle"'),
+    ("topk_id_table", lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[2, 8]), r"chunk_grid is .*\[2, 8\]"),
+    ("topk_id_table", lambda m: m.update(shape=[1, 2**20]), r"shape is \[1, 1048576\]"),
+], ids=["steps-without-transpose", "steps-transpose-order", "steps-transpose-after-bytes", "codes-with-transpose",
+        "codes-byte-shuffle", "table-chunks-of-two-tables", "table-of-another-size"])
+def test_hostile_top_k_array_metadata(cache, name, edit, match):
+    """Each top-K array's codecs and chunks are the writer's exactly: transpose only as order [1, 0] before bytes,
+    on the steps alone (storage_layout.md 3.1)."""
+    edit_zarr_json(cache, f"shards/shard-00001/{name}/zarr.json", edit)
+    refused(cache, CacheFormatError, f"shard-00001: shards/shard-00001/{name}/zarr.json: {match}")
+
+
 def test_array_metadata_not_json(cache):
     replace_object(cache, f"{ARRAY}/zarr.json", b"\xff{not json")
-    refused(cache, CacheFormatError, "shard-00001: shards/shard-00001/topk_ids/zarr.json: is not valid JSON")
+    refused(cache, CacheFormatError, "shard-00001: shards/shard-00001/topk_id_codes/zarr.json: is not valid JSON")
 
 
 def test_group_metadata_that_is_not_a_group(cache):
@@ -140,12 +158,12 @@ def test_huge_counts_everywhere_allocate_nothing(cache):
     manifest["shards"][1]["num_tokens"] = 2**40
     manifest["totals"]["num_tokens"] = sum(s["num_tokens"] for s in manifest["shards"])
     save_manifest(cache, manifest)
-    for name in ("input_ids", "loss_mask", "target_logprob", "tail_logprob", "topk_ids", "topk_logprobs"):
+    for name in ("input_ids", "loss_mask", "target_logprob", "tail_logprob", "topk_id_codes", "topk_prob_steps"):
         edit_zarr_json(cache, f"shards/shard-00001/{name}/zarr.json", lambda m: m["shape"].__setitem__(0, 2**40))
     tracemalloc.start()
     try:
-        refused(cache, CacheFormatError, r"manifest: shard-00001 lists 16 objects, but 1,099,511,627,776 rows in chunks "
-                                         r"of 8,192 rows imply 805,306,378 \(a missing chunk would be read as fill values\)")
+        refused(cache, CacheFormatError, r"manifest: shard-00001 lists 18 objects, but 1,099,511,627,776 rows in chunks "
+                                         r"of 8,192 rows imply 939,524,107 \(a missing chunk would be read as fill values\)")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -177,20 +195,38 @@ def reencode(cache: Path, name: str, fn) -> None:
             replace_object(cache, f"shards/shard-00001/{key}", data)
 
 
-def test_ids_beyond_the_vocabulary(cache):
-    def poison(ids):
-        ids[3, 2] = 5000  # V = 1000, still a valid uint16
-        return ids
+def test_id_codes_beyond_the_vocabulary(cache):
+    def poison(codes):
+        codes[3, 2] = 5000  # V = 1000, still a valid uint16
+        return codes
 
-    reencode(cache, "topk_ids", poison)
-    refused(cache, CacheFormatError, "shard-00001: topk_ids row 3: breaks the rule that every id is below the vocabulary "
-                                     "size V")
+    reencode(cache, "topk_id_codes", poison)
+    refused(cache, CacheFormatError, r"shard-00001: topk_id_codes, topk_id_table: row 3: a code is outside \[0, 1000\); "
+                                     r"the rows cannot be decoded \(storage_layout.md 3.1\): rebuild the shard")
 
 
-def test_nan_and_positive_logprobs(cache):
-    reencode(cache, "topk_logprobs", lambda lp: np.where(np.arange(lp.shape[0])[:, None] == 4, np.float16("nan"), lp))
-    refused(cache, CacheFormatError, r"shard-00001: topk_logprobs row 4: breaks the rule that log-probabilities are never "
-                                     r"NaN nor above 0 \(\+1e-3 of rounding\) \(1 row\(s\)")
+@pytest.mark.parametrize("poison,match", [
+    (lambda t: t.__setitem__((0, 1), t[0, 0]), "an id table repeats an id"),
+    (lambda t: t.__setitem__((0, 0), 1000), r"an id table holds an id outside \[0, 1000\)"),
+], ids=["repeated-id", "id-beyond-the-vocabulary"])
+def test_hostile_id_table(cache, poison, match):
+    """A table that is not N distinct ids < V is no permutation's head: refused, naming its chunk."""
+    reencode(cache, "topk_id_table", lambda t: (poison(t), t)[1])
+    refused(cache, CacheFormatError, rf"shard-00001: topk_id_codes, topk_id_table: the table of chunk 0 \(rows from 0\): "
+                                     rf"{match}; the rows cannot be decoded")
+
+
+def test_prob_steps_summing_past_the_levels(cache):
+    reencode(cache, "topk_prob_steps", lambda d: (d.__setitem__((4, 1), 65535), d)[1])
+    refused(cache, CacheFormatError, r"shard-00001: topk_prob_steps, tail_logprob: row 4: its steps sum to \d+, more than "
+                                     r"the \d+ levels; the rows cannot be decoded")
+
+
+def test_a_tail_that_leaves_the_top_k_no_mass(cache):
+    """Log-probs are decoded as 2 ln(c / L) + ln s, s = 1 - exp(tail_logprob): a tail of 0 leaves s = 0."""
+    reencode(cache, "tail_logprob", lambda t: np.where(np.arange(len(t)) == 5, np.float16(0.0), t))
+    refused(cache, CacheFormatError, "shard-00001: topk_prob_steps, tail_logprob: row 5: its tail_logprob leaves the top K "
+                                     "no mass; the rows cannot be decoded")
 
 
 def test_positive_tail(cache):
@@ -218,7 +254,7 @@ def test_decompression_bomb_refused_before_decoding(cache):
     replace_object(cache, key, bytes(data))
     tracemalloc.start()
     try:
-        refused(cache, CacheFormatError, r"shard-00001: topk_ids: chunk c/0/0: a compressed chunk announces 2,147,483,647 "
+        refused(cache, CacheFormatError, r"shard-00001: topk_id_codes: chunk c/0/0: a compressed chunk announces 2,147,483,647 "
                                          r"decoded bytes, more than a chunk's")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -230,7 +266,7 @@ def test_garbage_chunk_with_valid_checksum(cache):
     key = f"{ARRAY}/c/0/0"
     size = (cache / key).stat().st_size
     replace_object(cache, key, bytes([2, 1, 33, 2]) + (64).to_bytes(4, "little") + bytes(8) + os.urandom(size - 16))
-    refused(cache, CacheCorruptError, "shard-00001: array topk_ids: cannot decode its chunks")
+    refused(cache, CacheCorruptError, "shard-00001: array topk_id_codes: cannot decode its chunks")
 
 
 def test_unlisted_chunk_is_refused(cache):
@@ -238,7 +274,8 @@ def test_unlisted_chunk_is_refused(cache):
     extra = cache / ARRAY / "c" / "1" / "0"
     extra.parent.mkdir(parents=True, exist_ok=True)
     extra.write_bytes(b"x" * 100)
-    with pytest.raises(CacheCorruptError, match="shard-00001: shards/shard-00001/topk_ids/c/1/0: is not listed in the manifest"):
+    with pytest.raises(CacheCorruptError, match="shard-00001: shards/shard-00001/topk_id_codes/c/1/0: is not listed in the "
+                                                "manifest"):
         CacheReader(str(cache))
 
 
@@ -313,7 +350,8 @@ def test_meta_that_is_not_parquet(cache):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda m: m["arrays"]["topk_ids"].update(dtype="uint64"), "arrays.topk_ids.dtype is 'uint64'; the format stores it as 'uint16'"),
+    (lambda m: m["arrays"]["topk_id_codes"].update(dtype="uint64"),
+     "arrays.topk_id_codes.dtype is 'uint64'; the format stores it as 'uint16'"),
     (lambda m: m["shards"][1]["objects"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}), ("leaves the "
                                                                                                          "cache")),
     (lambda m: m["shards"][1]["objects"].update({"/etc/passwd": {"size": 1, "sha256": "0" * 64}}), "absolute or a URL"),
@@ -327,13 +365,36 @@ def test_meta_that_is_not_parquet(cache):
     (lambda m: m.update(shards={"a": 1}), "shards must be list"),
     (lambda m: m.update(totals="all"), "totals must be dict"),
     (lambda m: m["tokenizer"].update(vocab_size=2**40), "vocab_size"),
+    (lambda m: m["tokenizer"].update(vocab_size=2**24 + 1), r"tokenizer.vocab_size = 16777217 is outside \[1, 2\*\*24\]"),
     (lambda m: m["settings"].update(top_k=0), "settings.top_k = 0"),
-], ids=['array-dtype', 'object-key-dotdot', 'object-key-absolute', 'object-key-url', 'object-of-another-shard', 'meta-path-outside', 'mass-nan', 'object-size-negative', 'object-sha-not-hex', 'shards-not-a-list', 'totals-not-an-object', 'vocab-size-huge', 'top-k-zero'])
+], ids=['array-dtype', 'object-key-dotdot', 'object-key-absolute', 'object-key-url', 'object-of-another-shard', 'meta-path-outside', 'mass-nan', 'object-size-negative', 'object-sha-not-hex', 'shards-not-a-list', 'totals-not-an-object', 'vocab-size-huge', 'vocab-size-over-2-24', 'top-k-zero'])
 def test_hostile_manifest(cache, edit, match):
     manifest = load_manifest(cache)
     edit(manifest)
     save_manifest(cache, manifest)
     with pytest.raises(CacheFormatError, match=match):
+        CacheReader(str(cache))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda a: a["topk_id_table"].update(table_size=0), r"arrays.topk_id_table.table_size = 0 must be an integer in \[1, 1,000\]"),
+    (lambda a: a["topk_id_table"].update(table_size=1001), "arrays.topk_id_table.table_size = 1001 must be an integer in"),
+    (lambda a: a["topk_id_table"].update(table_size="8"), "arrays.topk_id_table.table_size = '8' must be an integer"),
+    (lambda a: a["topk_prob_steps"].update(levels=1), r"arrays.topk_prob_steps.levels = 1 must be an integer in \[2, 65,535\]"),
+    (lambda a: a["topk_prob_steps"].update(levels=65536), "arrays.topk_prob_steps.levels = 65536 must be an integer"),
+    (lambda a: a["topk_prob_steps"].update(levels=True), "arrays.topk_prob_steps.levels = True must be an integer"),
+    (lambda a: a["topk_prob_steps"].pop("levels"), r"arrays.topk_prob_steps must be an object with exactly the fields \['dtype', 'levels'\]"),
+    (lambda a: a["topk_id_codes"].update(rounding={"exact_ranks": 16}), "arrays.topk_id_codes must be an object with exactly"),
+    (lambda a: a.update(topk_ids={"dtype": "uint16"}), "arrays must describe exactly"),
+], ids=["table-size-0", "table-size-over-v", "table-size-string", "levels-1", "levels-over-uint16", "levels-bool",
+        "levels-missing", "unknown-field", "format-2-array"])
+def test_hostile_manifest_arrays(cache, edit, match):
+    """manifest.arrays names the stored arrays with exactly the fields the writer writes; N in [1, V], L in [2, 65535]
+    (storage_layout.md 6.1), checked before any shard is opened."""
+    manifest = load_manifest(cache)
+    edit(manifest["arrays"])
+    save_manifest(cache, manifest)
+    with pytest.raises(CacheFormatError, match="manifest: " + match):
         CacheReader(str(cache))
 
 

@@ -1,9 +1,21 @@
+import math
+
 import numpy as np
 import pytest
 
 from shared.format import TARGET_SENTINEL, CacheError, id_dtype
 from shared.reader import CacheReader
-from tests.shared.fakes import write_cache
+from shared.topk_codec import codes_to_logprobs, log_topk_mass, prob_codes, prob_levels
+from tests.shared.fakes import TOP_K, write_cache
+
+
+def decoded_topk(topk_logprobs: np.ndarray, tail_logprob: np.ndarray, top_k: int) -> np.ndarray:
+    """What a reader returns for these given rows (storage_layout.md 3.1): each log-prob's sqrt-probability code
+    against the float16 tail, decoded to float16."""
+    tail = np.minimum(tail_logprob, 0).astype(np.float16)
+    levels = prob_levels(top_k)
+    codes = prob_codes(np.minimum(topk_logprobs.astype(np.float32), 0), log_topk_mass(tail)[:, None], levels)
+    return codes_to_logprobs(codes, tail, levels, np.float16)
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
@@ -19,8 +31,8 @@ def test_roundtrip_several_shards(tmp_path, where):
         np.testing.assert_array_equal(got["input_ids"], seq["input_ids"])
         np.testing.assert_array_equal(got["topk_ids"], seq["topk_ids"])
         np.testing.assert_array_equal(got["loss_mask"], seq["loss_mask"])
-        # float16 storage: within half an ulp of the float32 value
-        np.testing.assert_allclose(got["topk_logprobs"].astype(np.float32), seq["topk_logprobs"], rtol=1e-3, atol=1e-4)
+        # the codes of the given values (bounds: test_topk_logprobs_within_half_a_step_of_sqrt_p)
+        np.testing.assert_array_equal(got["topk_logprobs"], decoded_topk(seq["topk_logprobs"], seq["tail_logprob"], TOP_K))
         np.testing.assert_allclose(got["target_logprob"][:-1].astype(np.float32), seq["target_logprob"][:-1], rtol=1e-3, atol=1e-4)
         assert got["target_logprob"][-1] == TARGET_SENTINEL
         # The tail is recoverable to within 1e-3 in probability.
@@ -76,26 +88,41 @@ def test_missing_cache_folder_is_clear(tmp_path):
         CacheReader(str(tmp_path / "nope"))
 
 
-def test_low_ranks_rounded_within_bound_and_order_kept(tmp_path):
-    """Ranks > 16 keep 7 mantissa bits: relative error <= 2^-8, still sorted (storage_layout.md 3.1)."""
-    from shared.encode import round_mantissa
+def test_topk_logprobs_within_half_a_step_of_sqrt_p(tmp_path):
+    """storage_layout.md 3.1-3.2, checked in float64 without the codec: each decoded entry's sqrt(q / s) is within
+    half a step 1 / (2 L) of sqrt(p / s) (a whole step for entries below the smallest level, which are stored as
+    it), plus the float16 rounding of the value a reader hands out; rows stay sorted; the renormalized top K's mean
+    KL is within the format's 1e-5; manifest.arrays records L and N."""
     from shared.writer import CacheWriter
     from tests.shared.fakes import header, random_sequence
 
-    rng = np.random.default_rng(1)
+    top_k, vocab = 64, 1000
     url = str(tmp_path / "c")
-    seq = random_sequence(rng, 50, top_k=64)
-    with CacheWriter(url, header(1, top_k=64)) as w:
+    rng = np.random.default_rng(1)
+    seq = random_sequence(rng, 200, top_k=top_k)
+    seq["topk_logprobs"][:5, -3:] = -np.inf  # probability 0: stored as code 0, read back as -inf
+    seq["topk_logprobs"][5:10, -3:] = -30.0  # below the smallest level
+    seq["input_ids"][1:11] = seq["topk_ids"][:10, 0]  # rows 0..9: the next token is the top-1, whose target it is
+    seq["target_logprob"][:10] = seq["topk_logprobs"][:10, 0]
+    with CacheWriter(url, header(1, top_k=top_k)) as w:
         with w.shard(0) as buf:
             buf.add_sequence(**seq, source_index=0)
         w.finalize()
     r = CacheReader(url)
+    levels = math.ceil(math.sqrt(top_k / (6 * 4e-6)))
+    assert r.manifest.arrays["topk_prob_steps"] == {"dtype": "uint16", "levels": levels}
+    assert r.manifest.arrays["topk_id_table"] == {"dtype": "uint16", "table_size": min(vocab, 8192 * top_k // 64)}
     got = r.shard(0).read_sequence(0)["topk_logprobs"].astype(np.float64)
-    want = seq["topk_logprobs"]
-    np.testing.assert_allclose(got[:, :16], want[:, :16], rtol=2**-11, atol=1e-7)
-    rel = np.abs(got[:, 16:] - want[:, 16:]) / np.abs(want[:, 16:])
-    assert rel.max() <= 2**-8 + 2**-11
-    assert np.all(np.diff(got, axis=1) <= 0)
-    assert r.manifest.arrays["topk_logprobs"]["rounding"] == {"exact_ranks": 16, "mantissa_bits": 7}
-    x = np.array([-1.0009765625, -np.inf], dtype=np.float16)
-    assert round_mantissa(x, 10).tolist() == x.tolist() and np.isneginf(round_mantissa(x, 7)[1])
+    assert np.all((got[:, 1:] <= got[:, :-1]) | np.isneginf(got[:, 1:]))  # sorted (-inf - -inf is NaN)
+    assert np.array_equal(np.isneginf(got), np.isneginf(seq["topk_logprobs"]))
+    s = 1 - np.exp(np.float16(seq["tail_logprob"]).astype(np.float64))[:, None]  # the top-K mass the stored tail gives
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want, have = np.sqrt(np.exp(seq["topk_logprobs"]) / s), np.sqrt(np.exp(got) / s)
+    step = np.where(want < 1.5 / levels, 1.0, 0.5) / levels
+    float16 = have * np.abs(np.where(np.isfinite(got), got, 0)) * 2.0**-11
+    assert np.all(np.abs(have - want) <= step + float16 + 1e-9)
+    p = np.exp(seq["topk_logprobs"]) / np.exp(seq["topk_logprobs"]).sum(1, keepdims=True)
+    q = np.exp(got) / np.exp(got).sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(p > 0, p * (np.log(p) - np.log(q)), 0).sum(1)
+    assert 0 < kl.mean() <= 1e-5

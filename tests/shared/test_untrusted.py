@@ -25,6 +25,7 @@ from shared.format import CacheError, CacheFormatError, CacheIdentityError, Unsa
 from shared.reader import CacheReader
 from shared.writer import BuildHeader, CacheWriter, validate_shard_arrays
 from tests.shared.fakes import TOP_K, VOCAB, header, random_sequence, write_cache
+from tests.shared.stored import read_shard, rewrite_shard, stored_form
 from tests.shared.test_hostile import load_manifest, replace_object
 from tests.shared.test_tail_samples import M, write_tail_cache
 
@@ -140,7 +141,7 @@ def test_a_damaged_commit_file_is_not_a_commit(tmp_path):
 
 def test_a_missing_chunk_is_refused_not_read_as_fill(cache):
     manifest = load_manifest(cache)
-    key = "shards/shard-00001/topk_logprobs/c/0/0"
+    key = "shards/shard-00001/topk_prob_steps/c/0/0"
     (cache / key).unlink()
     with pytest.raises(CacheError, match=f"shard-00001: {key}: missing"):
         CacheReader(str(cache))
@@ -149,16 +150,17 @@ def test_a_missing_chunk_is_refused_not_read_as_fill(cache):
     from tests.shared.test_hostile import save_manifest
 
     save_manifest(cache, manifest)
-    with pytest.raises(CacheFormatError, match=r"manifest: shard-00001 lists 15 objects, but \d+ rows in chunks of "
-                                               r"8,192 rows imply 16 \(a missing chunk would be read as fill values\)"):
+    with pytest.raises(CacheFormatError, match=r"manifest: shard-00001 lists 17 objects, but \d+ rows in chunks of "
+                                               r"8,192 rows imply 18 \(a missing chunk would be read as fill values\)"):
         CacheReader(str(cache))
 
 
 def test_a_chunk_deleted_after_opening_is_refused_when_read(cache):
     reader = CacheReader(str(cache))
     view = reader.shard(1)
-    (cache / "shards/shard-00001/topk_ids/c/0/0").unlink()
-    with pytest.raises(CacheError, match="shard-00001: topk_ids: chunk c/0/0 is missing; the format stores every chunk"):
+    (cache / "shards/shard-00001/topk_id_codes/c/0/0").unlink()
+    with pytest.raises(CacheError, match="shard-00001: topk_id_codes: chunk c/0/0 is missing; the format stores every "
+                                         "chunk"):
         view.read_rows(0, 3)
 
 
@@ -202,7 +204,7 @@ MUTATIONS = {  # rule: mutate the stored arrays (in place) of a shard, return th
     "topk-logprobs-sorted": lambda a, o: (a["topk_logprobs"].__setitem__((1, slice(0, 2)), a["topk_logprobs"][1, 1::-1]), 1)[1],
     "topk-mass-at-most-1": lambda a, o: (a["topk_logprobs"].__setitem__(6, np.float16(np.log(1.05 / TOP_K))), 6)[1],
     "tail-logprob-valid": lambda a, o: (a["tail_logprob"].__setitem__(2, 0.5), 2)[1],
-    "tail-is-the-rest": lambda a, o: (a["tail_logprob"].__setitem__(3, np.float16(np.log(min(1.0, np.exp(float(a["tail_logprob"][3])) + 0.2)))), 3)[1],
+    "tail-is-the-rest": lambda a, o: (a["topk_logprobs"].__setitem__(3, a["topk_logprobs"][3] - 1), 3)[1],  # p / e
     "target-sentinel": lambda a, o: (a["target_logprob"].__setitem__(2, 1.0), 2)[1],  # the sentinel off a last row
     "target-agrees-with-topk": lambda a, o: (a["target_logprob"].__setitem__(_outside(a, o), a["topk_logprobs"][_outside(a, o), 0]), _outside(a, o))[1],
     "target-within-tail": lambda a, o: (_set_row(a, _outside(a, o), [0.5, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.04], 0.01, np.log(0.04)), _outside(a, o))[1],
@@ -222,9 +224,16 @@ def tail_cache_master(tmp_path_factory) -> Path:
     return root
 
 
+# Rules no stored row can break (storage_layout.md 3.1): decoded ids are values of a permutation of [0, V), decoded
+# log-probs are 2 ln(c / L) + ln s with codes non-increasing along K, so sorted and at most ln s <= 0. The writer
+# checks them on the values it is given; stored_form cannot encode such values.
+STORED_CANNOT_BREAK = ("topk-ids-in-vocabulary", "topk-logprobs-valid", "topk-logprobs-sorted")
+
+
 def stored_shard(root: Path, index: int = 1) -> tuple[dict, np.ndarray]:
-    view = CacheReader(str(root)).shard(index)
-    return {name: np.asarray(arr[:]).copy() for name, arr in view._arrays.items() if name != "offsets"}, view.offsets
+    """Every row field of shard `index` as a reader returns it (the top K decoded), and its offsets."""
+    rows, _, offsets = read_shard(root, index)
+    return rows, offsets
 
 
 def rule_text(name: str) -> str:
@@ -250,10 +259,12 @@ def test_every_row_rule_is_refused_by_writer_reader_and_verify(tail_cache_master
         validate_shard_arrays({**given, "offsets": offsets}, vocab_size=VOCAB, top_k=TOP_K, where="shard-00001",
                               tail_samples=M)
     # a cache holding them, resealed
-    changed = {k: v for k, v in arrays.items() if not np.array_equal(v, before[k], equal_nan=v.dtype.kind == "f")}
-    for key, data in encode_zarr_group(changed, chunk_rows=8192).items():
-        if "/" in key:
-            replace_object(root, f"shards/shard-00001/{key}", data)
+    _, stored, _ = read_shard(root)
+    if rule in STORED_CANNOT_BREAK:  # hostile stored bytes that decode to nothing: tests/shared/test_hostile.py
+        with pytest.raises(ValueError):
+            stored_form(arrays, before, stored, root)
+        return
+    rewrite_shard(root, 1, stored_form(arrays, before, stored, root))
     reader = CacheReader(str(root), verify_on_read=True)
     with pytest.raises(CacheFormatError, match=rf"shard-00001: .*row {row}: breaks the rule that {said}"):
         reader.shard(1).read_rows(0, int(offsets[-1]), tuple(arrays))
@@ -329,7 +340,7 @@ def test_a_target_whose_next_token_is_in_the_next_block_is_checked(tail_cache_ma
             replace_object(root, f"shards/shard-00001/{key}", data)
     view = CacheReader(str(root)).shard(1)
     view.read_rows(0, r)  # rows before it are fine
-    with pytest.raises(CacheFormatError, match=f"row {r}: breaks the rule that target_logprob equals"):
+    with pytest.raises(CacheFormatError, match=f"row {r}: breaks the rule that target_logprob lies within"):
         view.read_rows(0, r + 1)
 
 
@@ -339,7 +350,7 @@ def test_a_target_whose_next_token_is_in_the_next_block_is_checked(tail_cache_ma
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", ["manifest.json", "build.json", "shards/shard-00000/commit.json",
-                                  "shards/shard-00001/topk_ids/zarr.json", "meta/shard-00000.parquet"])
+                                  "shards/shard-00001/topk_id_codes/zarr.json", "meta/shard-00000.parquet"])
 def test_a_fifo_never_hangs_a_reader_verify_or_a_writer(cache, name):
     (cache / name).unlink()
     os.mkfifo(cache / name)
