@@ -34,7 +34,7 @@ DEMO_PLAN = {
     "students": {"assistant": {"keep_layers": 8}, "student": {"keep_layers": 4}},
     "paths": [["assistant", "student"], ["student"]],
     "baselines": ["student"],
-    "eval": {"metrics": ["ppl", "agreement"]},
+    "eval": {"metrics": ["ppl", "agreement", "acceptance"]},
 }
 
 

@@ -20,7 +20,7 @@ import struct
 
 from orchestration.caches import teacher_folder
 from orchestration.noise import interval, paired_difference
-from orchestration.plan import TEACHER, PlanError
+from orchestration.plan import ONPOLICY, TEACHER, PlanError
 from orchestration.stages import model_dir_of, stage_id
 from trainer.convergence import convergence_speed
 
@@ -83,6 +83,8 @@ def read_metrics_jsonl(path: str) -> list[dict]:
 def path_label(node: str) -> str:
     if node.startswith("ce:"):
         return f"CE baseline ({node[3:]})"
+    if node.startswith(ONPOLICY):
+        return f"{TEACHER}{ARROW}{node[len(ONPOLICY):]} (on-policy rounds)"
     return node.replace(">", ARROW)
 
 
@@ -93,6 +95,8 @@ def path_parts(node: str) -> tuple[str, list[str], str]:
     """
     if node.startswith("ce:"):
         return "", [], node[3:]
+    if node.startswith(ONPOLICY):
+        return TEACHER, [], node[len(ONPOLICY):]
     parts = node.split(">")
     if len(parts) == 1:
         return parts[0], [], ""
@@ -196,9 +200,10 @@ def eval_rows(plan, stages, markers: dict) -> tuple[list[dict], dict]:
             continue
         metrics = (read_json(st.outputs["eval"]) or {}).get("metrics", {})
         node = st.node
-        student = node[3:] if node.startswith("ce:") else node.rsplit(">", 1)[-1]
         kind = "teacher" if node == TEACHER else ("ce" if node.startswith("ce:") else f"kd-{node.count('>')}-step")
-        teacher, assistants, _ = path_parts(node)
+        kind = "onpolicy" if node.startswith(ONPOLICY) else kind
+        teacher, assistants, student = path_parts(node)
+        student = student or node  # the teacher's row
         run = runs.get(node) if node != TEACHER else None
         row = {"node": node, "path": path_label(node), "student": student, "kind": kind,
                "teacher": plan.teacher["model"] if teacher else "", "assistants": assistants,
@@ -225,8 +230,8 @@ def eval_rows(plan, stages, markers: dict) -> tuple[list[dict], dict]:
 
 
 def heldout_size(rows: list[dict], items: dict) -> dict | None:
-    """{"num_sequences", "num_tokens"} of the held-out set the cache metrics were measured on (the first metric
-    with per-sequence sums, ppl first), with its eval_fraction from the eval stages' settings; None without one."""
+    """{"metric", "num_sequences", "num_tokens"} of the held-out set the cache metrics were measured on, read from the
+    first metric with per-sequence token counts (ppl first); None when no eval recorded any."""
     for title in PER_SEQUENCE:
         for r in rows:
             found = items.get(r["node"], {}).get(title)

@@ -31,3 +31,15 @@ def test_demo_dry_run_lists_stages_and_runs_nothing(tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert lines and all(line.endswith(": to run") for line in lines), res.output
     assert not (out / "caches").exists() and not (out / "runs").exists()
+
+
+def test_demo_measures_each_student_as_the_teachers_draft(tmp_path):
+    """Issue 18: the demo's report has the acceptance column; every eval stage gets the teacher cache and the teacher
+    (the embedded default, a folder only once its cache stage has resolved it)."""
+    plan = parse_plan(DEMO_PLAN, out=str(tmp_path))
+    evals = [s for s in stages_of(plan) if s.kind == "eval"]
+    assert len(evals) == 5
+    for st in evals:
+        assert "acceptance" in st.settings["metrics"]
+        assert st.settings["teacher"] == "{teacher_folder}" and st.settings["cache"] == "{cache:teacher}"
+        assert st.inputs["teacher"] == ("teacher", "cache:teacher")
