@@ -32,7 +32,7 @@ def check_plan(plan: Plan, *, strict: bool = True) -> list[str]:
         validate(stage, typed_settings(stage))
     notes = []
     teacher = plan.teacher["model"]
-    if os.path.isabs(teacher) and not os.path.isdir(teacher):
+    if os.path.isabs(teacher) and not os.path.isdir(teacher) and "make" not in plan.teacher:
         message = (f"teacher folder {teacher} does not exist; create it first (see the comment at the top of "
                    f"{plan.source or 'the plan'}) or pass --teacher")
         if strict:

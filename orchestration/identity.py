@@ -23,11 +23,14 @@ import os
 
 from common.settings import build, coerce_values, flat_values, options_of
 from common.settings import default_of as setting_default
-from orchestration.plan import COMMAND_SETTINGS, PlanError
+from orchestration.plan import COMMAND_SETTINGS, ONPOLICY, PlanError
 from shared.errors import UserError
 
 # Files up to this size are identified by their content; larger ones (model weights) by size and mtime.
 CONTENT_HASH_LIMIT = 16 << 20
+# Settings of an on-policy round's generate stage written in the plan under another name or section (3.7).
+GENERATE_KEYS = {"num_samples": "onpolicy.samples", "temperature": "onpolicy.sample_temperature",
+                 "seed": "train.seed", "eval_fraction": "train.eval_fraction"}
 # Fields of a train stage that come from the plan's students section.
 STUDENT_FIELDS = {"student": "model", "student_config": "config", "keep_layers": "keep_layers",
                   "student_from_teacher": "keep_layers"}
@@ -43,13 +46,22 @@ def default_of(kind: str, name: str):
     return setting_default(settings_class(kind), name)
 
 
+def student_of(node: str) -> str:
+    """The student a node trains: teacher>a>s -> s, ce:s -> s, onpolicy:s and its rounds onpolicy:s@r -> s."""
+    for prefix in ("ce:", ONPOLICY):
+        if node.startswith(prefix):
+            return node[len(prefix):].split("@", 1)[0]
+    return node.rsplit(">", 1)[-1]
+
+
 def plan_key(stage, name: str) -> str:
     """Where a stage's setting comes from in the plan: 'train.loss', 'data.limit', 'students.s.keep_layers'."""
-    if stage.kind == "train" and name in STUDENT_FIELDS:
-        student = stage.node[3:] if stage.node.startswith("ce:") else stage.node.rsplit(">", 1)[-1]
-        return f"students.{student}.{STUDENT_FIELDS[name]}"
-    if stage.kind == "eval" and name == "eval_fraction":
+    if stage.kind in ("train", "generate") and name in STUDENT_FIELDS:
+        return f"students.{student_of(stage.node)}.{STUDENT_FIELDS[name]}"
+    if stage.kind in ("eval", "exposure") and name == "eval_fraction":
         return "train.eval_fraction"  # an eval stage holds out the rows its train stages held out
+    if stage.kind == "generate" and name in GENERATE_KEYS:
+        return GENERATE_KEYS[name]
     option = next((o for o in options_of(settings_class(stage.kind)) if o.name == name), None)
     return f"{option.section}.{name}" if option is not None and option.plan else name
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -23,6 +23,8 @@ from cacher.config import BuildConfig
 from common.settings import options_of, schema_of
 from shared.errors import UserError
 from trainer.config import METRICS, EvalConfig, TrainConfig
+from trainer.generate import GenerateConfig
+from trainer.make_teacher import MakeTeacherConfig
 
 # The plan's own keys. A section's keys are its command's settings (common.settings: a field's plan `section`), so
 # a setting added to BuildConfig, TrainConfig or EvalConfig is a plan key with nothing else written (`plan_schema`).
@@ -39,12 +41,22 @@ PLAN_KEYS = {
     "cache_root": "folder (or URL) shared by plans for caches; an identical cache anywhere under it is reused (default "
                   "<out>/caches)",
     "out": "output folder (default runs/<name>)",
+    "onpolicy": "on-policy distillation rounds (section 3.7): students, rounds, samples, mix, sample_temperature, "
+                "max_new_tokens, and train keys for the rounds' training (steps: per round)",
 }
-COMMAND_SETTINGS = {"cache": BuildConfig, "train": TrainConfig, "eval": EvalConfig}  # a stage kind's command's settings
+# teacher.make (kdtrain make-teacher's settings) and the onpolicy section's own keys; the rest of onpolicy is train's.
+MAKE_SETTINGS = MakeTeacherConfig
+ONPOLICY_KEYS = {"students", "rounds", "samples", "mix", "sample_temperature", "max_new_tokens"}
+ONPOLICY_DEFAULTS = {"rounds": 2, "samples": 1, "mix": 0.0}
+COMMAND_SETTINGS = {"cache": BuildConfig, "train": TrainConfig, "eval": EvalConfig,  # a stage kind's command's settings
+                    "make": MakeTeacherConfig, "generate": GenerateConfig, "exposure": EvalConfig}
 SECTIONS = {"teacher": "cache", "data": "cache", "cache": "cache", "train": "train", "eval": "eval"}  # -> stage kind
 DEFAULT_METRICS = ("ppl", "agreement")  # a plan's eval.metrics when it names none
 STUDENT_KEYS = {"keep_layers", "model", "config"}
 TEACHER = "teacher"  # the root of every path; no student may take its name
+# The node of a student trained by on-policy rounds: onpolicy:<student> (its last round; round r before it trains
+# onpolicy:<student>@r, and round r's samples and their cache are onpolicy:<student>@r; section 3.7).
+ONPOLICY = "onpolicy:"
 # Bounds of a plan file (read_yaml): the shipped plans have a few kilobytes and four levels.
 MAX_PLAN_BYTES = 1 << 20
 MAX_PLAN_DEPTH = 32
@@ -68,6 +80,7 @@ class Plan:
     out: str
     cache_root: str
     source: str = ""
+    onpolicy: dict = field(default_factory=dict)  # normalized by onpolicy_section; {} without on-policy rounds
 
 
 def _check_keys(obj, allowed, where: str) -> dict:
@@ -192,10 +205,10 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
     name = str(raw.get("name") or "plan")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise PlanError(f"plan: name {name!r} may only use letters, digits, '.', '_' and '-'")
-    teacher = _check_keys(raw.get("teacher"), section_keys("teacher"), "teacher")
-    if "model" not in teacher:
-        raise PlanError("plan: teacher needs model (a hub id, a local folder, or smollm2-135m)")
-    teacher["model"] = _resolve_local(str(teacher["model"]), base_dir)
+    teacher = _check_keys(raw.get("teacher"), section_keys("teacher") | {"make"}, "teacher")
+    if "model" not in teacher and "make" not in teacher:
+        raise PlanError("plan: teacher needs model (a hub id, a local folder, or smollm2-135m) or make (the settings "
+                        "of kdtrain make-teacher, which makes it as the plan's first stage)")
     data = _check_keys(raw.get("data"), section_keys("data"), "data")
     if "dataset" in data:
         data["dataset"] = _resolve_local(str(data["dataset"]), base_dir)
@@ -251,6 +264,8 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
     out_dir = _resolve_local(str(out_dir), base_dir) if raw.get("out") and not out else out_dir
     cache_root = raw.get("cache_root")
     cache_root = _resolve_local(str(cache_root), base_dir) if cache_root else os.path.join(out_dir, "caches")
+    teacher = teacher_section(teacher, base_dir, out_dir)
+    onpolicy = onpolicy_section(raw.get("onpolicy"), students, paths, data, train)
     metrics = evaluation.get("metrics", list(DEFAULT_METRICS))
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",")]
@@ -259,7 +274,63 @@ def parse_plan(raw, *, base_dir: str = ".", out: str | None = None, source: str 
     if bad:
         raise PlanError(f"plan: eval.metrics has unknown {bad}; valid: {', '.join(METRICS)}")
     return Plan(name=name, teacher=teacher, data=data, cache=cache, train=train, students=students, paths=paths,
-                baselines=baselines, eval=evaluation, out=out_dir, cache_root=cache_root, source=source)
+                baselines=baselines, eval=evaluation, out=out_dir, cache_root=cache_root, source=source,
+                onpolicy=onpolicy)
+
+
+def teacher_section(teacher: dict, base_dir: str, out_dir: str) -> dict:
+    """The teacher: `model`, or `make` (kdtrain make-teacher's settings; the teacher is made into <out>/teacher by
+    the plan's first stage). A given model (also `--teacher`, `--set teacher.model=`) is the teacher, and make is
+    then not run."""
+    if "model" in teacher:
+        return {"model": _resolve_local(str(teacher["model"]), base_dir)}
+    allowed = {o.name for o in options_of(MAKE_SETTINGS) if o.plan}
+    make = _check_keys(teacher["make"], allowed, "teacher.make")
+    if "dataset" not in make:
+        raise PlanError("plan: teacher.make needs dataset (the text the teacher and its tokenizer are trained on)")
+    make["dataset"] = _resolve_local(str(make["dataset"]), base_dir)
+    return {"model": os.path.join(out_dir, TEACHER), "make": make}
+
+
+def onpolicy_section(raw, students: dict, paths: list[list[str]], data: dict, train: dict) -> dict:
+    """The onpolicy section (docs/runs-and-plans.md 3.7), normalized: its own keys with their defaults, `steps` per
+    round, and `train`: the train keys it sets for the rounds' training. {} when the plan has none."""
+    if raw is None:
+        return {}
+    section = _check_keys(raw, ONPOLICY_KEYS | section_keys("train"), "onpolicy")
+    if not (data.get("prompt_field") and data.get("response_field")):
+        raise PlanError("plan: onpolicy needs prompt/response data (data.prompt_field and data.response_field): in "
+                        "each round the student answers the data's prompts")
+    direct = [p[0] for p in paths if len(p) == 1]
+    chosen = section.get("students", direct)
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    if not isinstance(chosen, list) or not chosen:
+        raise PlanError("plan: onpolicy.students must name students of the plan, e.g. students: [student] (default: "
+                        "the students of direct paths, of which this plan has none)")
+    for s in chosen:
+        if s not in students:
+            raise PlanError(f"plan: onpolicy.students names {s!r}, which is not a student; students: "
+                            f"{', '.join(students)}")
+        if "config" in students[s]:
+            raise PlanError(f"plan: onpolicy.students: {s} is a random init (students.{s}.config), which cannot write "
+                            "the first round's samples; give it as keep_layers or a model")
+    out = {**ONPOLICY_DEFAULTS, **{k: v for k, v in section.items() if k in ONPOLICY_KEYS}, "students": list(chosen)}
+    for key, low in (("rounds", 1), ("samples", 1)):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < low:
+            raise PlanError(f"plan: onpolicy.{key} must be an integer >= {low}, got {out[key]!r}")
+    if isinstance(out["mix"], bool) or not isinstance(out["mix"], (int, float)) or not 0 <= out["mix"] <= 1:
+        raise PlanError(f"plan: onpolicy.mix is the share of batches drawn from the teacher cache: a number in [0, 1], "
+                        f"got {out['mix']!r}")
+    overrides = {k: v for k, v in section.items() if k not in ONPOLICY_KEYS}
+    steps = overrides.pop("steps", None)
+    if steps is None:
+        total = train.get("steps")
+        if not isinstance(total, int) or isinstance(total, bool) or total % out["rounds"]:
+            raise PlanError(f"plan: onpolicy.steps (steps per round) is needed: train.steps ({total}) does not split "
+                            f"into onpolicy.rounds ({out['rounds']}) rounds of equal steps")
+        steps = total // out["rounds"]
+    return {**out, "steps": steps, "train": overrides}
 
 
 def _resolve_local(value: str, base_dir: str) -> str:

@@ -15,6 +15,7 @@ import os
 
 from orchestration.caches import read_marker
 from orchestration.noise import CONFIDENCE, RESAMPLES, SEED
+from orchestration.onpolicy_report import onpolicy_comparison, onpolicy_markdown
 from orchestration.plan import TEACHER
 from orchestration.plots import make_plots
 from orchestration.report_md import render_markdown
@@ -47,8 +48,9 @@ def write_report(plan, stages) -> dict:
               "noise_rule": NOISE_RULE, "rows": rows, "comparisons": comparisons(rows, items)}
     os.makedirs(plan.out, exist_ok=True)
     report["plots"] = make_plots(plan, stages, rows)
+    report["onpolicy"] = onpolicy_comparison(plan, stages, markers, rows, items)  # orchestration/onpolicy_report.py
     with open(os.path.join(plan.out, "report.md"), "w") as f:
-        f.write(render_markdown(report))
+        f.write(render_markdown(report) + onpolicy_markdown(report["onpolicy"]))
     with open(os.path.join(plan.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report

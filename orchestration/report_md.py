@@ -72,7 +72,8 @@ def _results_table(report: dict, titles: list[str]) -> list[str]:
         elif r["kind"] == "ce":
             who = ["- (CE baseline)", "-", r["student"]]
         else:
-            who = [short_name(r["teacher"]), ARROW.join(r["assistants"]) or "-", r["student"]]
+            who = [short_name(r["teacher"]), ARROW.join(r["assistants"]) or "-",
+                   r["student"] + (" (on-policy rounds)" if r["kind"] == "onpolicy" else "")]
         lines.append(_table_row([*who, human_count(r.get("num_parameters")), *(_cell(t, r["metrics"]) for t in titles)]))
     return lines
 

@@ -24,9 +24,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from common.settings import build, coerce_values, to_argv
+from common.settings import build, coerce_values, options_of, to_argv
 from orchestration.identity import default_of, settings_class
-from orchestration.plan import TEACHER, Plan
+from orchestration.plan import ONPOLICY, TEACHER, Plan
 
 # Stands for the root teacher's local folder in train commands until the teacher cache exists and
 # names it (a hub id or `smollm2-135m` is resolved to a folder by `kdcache build`).
@@ -40,7 +40,10 @@ CACHE_DIR = "{cache_dir}"
 BUILD_STATUSES = ("built", "already built", "reused", "partial")
 # The module and subcommand each kind of stage runs.
 COMMANDS = {"cache": ("cli.kdcache", "build"), "train": ("cli.kdtrain", "run"),
-            "eval": ("cli.kdtrain", "eval")}
+            "eval": ("cli.kdtrain", "eval"), "make": ("cli.kdtrain", "make-teacher"),
+            "generate": ("cli.kdtrain", "generate"), "exposure": ("cli.kdtrain", "eval")}
+# kdcache build settings only generate mode reads: an on-policy round's cache scores the student's own samples.
+GENERATE_ONLY = {"mode", "max_new_tokens", "temperature", "num_samples", "filter"}
 
 
 @dataclass
@@ -83,7 +86,8 @@ def command_of(kind: str, settings: dict, *, overwrite: bool = False) -> list[st
     first), or --overwrite when the stage's identity changed since its run folder was written.
     """
     module, subcommand = COMMANDS[kind]
-    flags = {"cache": ["--json"], "train": ["--overwrite" if overwrite else "--resume"], "eval": []}[kind]
+    resume = ["--overwrite" if overwrite else "--resume"]
+    flags = {"cache": ["--json"], "train": resume, "make": resume, "generate": ["--overwrite"]}.get(kind, [])
     cls = settings_class(kind)
     config = build(cls, coerce_values(cls, settings))
     return python_cli(module) + [subcommand] + to_argv(config, keep=frozenset(settings)) + flags
@@ -144,6 +148,10 @@ def stages_of(plan: Plan) -> list[Stage]:
     def add(kind, node, settings, inputs, **outputs):
         stages.append(Stage(stage_id(kind, node), kind, node, settings, marker_of(plan, kind, node), inputs, outputs))
 
+    if "make" in plan.teacher:  # the teacher is made first (kdtrain make-teacher), into the plan's teacher folder
+        make = plan.teacher["make"]
+        add("make", TEACHER, {**make, "out": plan.teacher["model"]}, {"dataset": ("local", make["dataset"])},
+            run=plan.teacher["model"])
     for node in [TEACHER] + nodes_of(plan):
         if node != TEACHER:  # train the node first: it is the teacher of its own cache
             parent, student = node.rsplit(">", 1)
@@ -151,16 +159,124 @@ def stages_of(plan: Plan) -> list[Stage]:
                 run=model_dir_of(plan, node))
         if node in teacher_nodes:
             settings = {"model": model_dir_of(plan, node), "out": CACHE_DIR, **plan.data, **plan.cache}
-            model = ("local", plan.teacher["model"]) if node == TEACHER else ("stage", stage_id("train", node))
+            model = _root_teacher(plan) if node == TEACHER else ("stage", stage_id("train", node))
             add("cache", node, settings, {"model": model, **_data_input(plan.data)})
     for student in _baseline_students(plan):
         node = f"ce:{student}"
         add("train", node, *_train_stage(plan, student, TEACHER, model_dir_of(plan, node), "ce"),
             run=model_dir_of(plan, node))
-    for node in [TEACHER] + nodes_of(plan) + [f"ce:{s}" for s in _baseline_students(plan)]:
+    for student in plan.onpolicy.get("students", []):
+        _onpolicy_stages(plan, student, add)
+    for node in [TEACHER] + nodes_of(plan) + [f"ce:{s}" for s in _baseline_students(plan)] + onpolicy_nodes(plan):
         out_file = os.path.join(plan.out, "eval", f"{slug(node)}.json")
         add("eval", node, *_eval_stage(plan, node, out_file), eval=out_file)
+    for node in exposure_nodes(plan):
+        out_file = os.path.join(plan.out, "eval", f"exposure-{slug(node)}.json")
+        add("exposure", node, *_exposure_stage(plan, node, out_file), eval=out_file)
     return stages
+
+
+def _root_teacher(plan: Plan) -> tuple[str, str]:
+    """The root teacher as an input: the stage that makes it, else its files (or its name)."""
+    return ("stage", stage_id("make", TEACHER)) if "make" in plan.teacher else ("local", plan.teacher["model"])
+
+
+def onpolicy_nodes(plan: Plan) -> list[str]:
+    """The nodes of the students trained by on-policy rounds (their last round's train stage)."""
+    return [ONPOLICY + s for s in plan.onpolicy.get("students", [])]
+
+
+def exposure_nodes(plan: Plan) -> list[str]:
+    """The models the exposure measure compares, per on-policy student: its off-policy KD (a direct path), its CE
+    baseline, and its on-policy rounds (each that the plan trains)."""
+    baselines, direct = _baseline_students(plan), nodes_of(plan)
+    nodes = []
+    for s in plan.onpolicy.get("students", []):
+        nodes += [n for n in (f"{TEACHER}>{s}",) if n in direct] + ([f"ce:{s}"] if s in baselines else [])
+        nodes.append(ONPOLICY + s)
+    return nodes
+
+
+def _onpolicy_stages(plan: Plan, student: str, add) -> None:
+    """On-policy rounds r = 1..R of student (docs/runs-and-plans.md 3.7), each three processes: generate (the student
+    as round r - 1 left it answers the data's training prompts), cache (the teacher scores exactly those tokens),
+    train (on that cache, mixed with the teacher cache at onpolicy.mix, from round r - 1's weights)."""
+    op, previous = plan.onpolicy, None
+    train = {**plan.train, **op["train"]}
+    for r in range(1, op["rounds"] + 1):
+        node = f"{ONPOLICY}{student}@{r}"
+        samples = os.path.join(plan.out, "samples", f"{slug(node)}.jsonl")
+        add("generate", node, *_generate_stage(plan, student, previous, r, samples, train), samples=samples)
+        add("cache", node, *_round_cache_stage(plan, student, node, r, samples))
+        trained = ONPOLICY + student if r == op["rounds"] else node
+        add("train", trained, *_round_train_stage(plan, student, node, previous, model_dir_of(plan, trained)),
+            run=model_dir_of(plan, trained))
+        previous = trained
+
+
+def _generate_stage(plan: Plan, student: str, previous: str | None, r: int, samples: str,
+                    train: dict) -> tuple[dict, dict]:
+    """(settings, inputs) of `kdtrain generate`: round r's samples, from the student as round r - 1 left it."""
+    spec, op = plan.students[student], plan.onpolicy
+    if previous is not None:
+        head, inputs = {"model": model_dir_of(plan, previous)}, {"model": ("stage", stage_id("train", previous))}
+    elif "keep_layers" in spec:
+        head = {"model": TEACHER_FOLDER, "keep_layers": spec["keep_layers"]}
+        inputs = {"model": ("teacher", stage_id("cache", TEACHER))}
+    else:
+        head, inputs = {"model": spec["model"]}, {"model": ("local", spec["model"])}
+    data_keys = {o.name for o in options_of(settings_class("generate")) if o.section == "data"}
+    settings = {**head, **{k: v for k, v in plan.data.items() if k in data_keys}, "prompts": "train",
+                "eval_fraction": train.get("eval_fraction", default_of("train", "eval_fraction")),
+                "num_samples": op["samples"], "seed": train.get("seed", default_of("train", "seed")), "round": r,
+                "out": samples}
+    for key, name in (("sample_temperature", "temperature"), ("max_new_tokens", "max_new_tokens")):
+        if key in op:
+            settings[name] = op[key]
+    return settings, {**inputs, **_data_input(plan.data)}
+
+
+def _round_cache_stage(plan: Plan, student: str, node: str, r: int, samples: str) -> tuple[dict, dict]:
+    """(settings, inputs) of `kdcache build` scoring round r's samples with the root teacher, token for token."""
+    data = {k: plan.data[k] for k in ("prompt_template", "max_length") if k in plan.data}
+    settings = {"model": model_dir_of(plan, TEACHER), "out": CACHE_DIR, "dataset": samples, "prompt_field": "prompt",
+                "response_field": "response", "ids_field": "token_ids",
+                **({"input_field": "input"} if plan.data.get("input_field") else {}), **data,
+                **{k: v for k, v in plan.cache.items() if k not in GENERATE_ONLY},
+                "samples_from": f"plan {plan.name}: {student} after {r - 1} on-policy round(s) (round {r}'s samples)"}
+    inputs = {"model": ("teacher", stage_id("cache", TEACHER)), "dataset": ("stage", stage_id("generate", node))}
+    return settings, inputs
+
+
+def _round_train_stage(plan: Plan, student: str, cache_node: str, previous: str | None, out: str) -> tuple[dict, dict]:
+    """(settings, inputs) of `kdtrain run` for one round: the round's cache (mixed with the teacher cache), from the
+    plan's initial student in round 1, else from the weights round r - 1 saved; onpolicy's train keys and steps."""
+    settings, inputs = _train_stage(plan, student, cache_node, out, None)
+    if previous is not None:
+        for key in ("student_from_teacher", "keep_layers", "teacher", "student_config"):
+            settings.pop(key, None)
+        inputs.pop("teacher", None)
+        settings["student"], inputs["student"] = model_dir_of(plan, previous), ("stage", stage_id("train", previous))
+    op = plan.onpolicy
+    settings.update(op["train"], steps=op["steps"])
+    if op["mix"] > 0:
+        settings.update(mix_cache=CACHE_REF.format(TEACHER), mix=op["mix"])
+        inputs["mix_cache"] = ("stage", stage_id("cache", TEACHER))
+    return settings, inputs
+
+
+def _exposure_stage(plan: Plan, node: str, out_file: str) -> tuple[dict, dict]:
+    """(settings, inputs) of `kdtrain eval --metrics exposure` on node's model: KL(teacher || model) on the model's
+    own samples of the teacher cache's held-out prompts (trainer/exposure.py)."""
+    teacher = plan.teacher["model"] if os.path.isdir(plan.teacher["model"]) else TEACHER_FOLDER
+    settings = {"model": model_dir_of(plan, node), "metrics": ["exposure"], "teacher": teacher,
+                "cache": CACHE_REF.format(TEACHER), "out": out_file,
+                "eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction")),
+                "max_length": plan.data.get("max_length", default_of("cache", "max_length")),
+                **{k: plan.eval[k] for k in ("seeds", "greedy", "batch_size", "limit") if k in plan.eval}}
+    teacher_stage = stage_id("cache", TEACHER)
+    return settings, {"model": ("stage", stage_id("train", node)), "teacher": ("teacher", teacher_stage),
+                      "cache": ("stage", teacher_stage)}
 
 
 def _data_input(settings: dict) -> dict:

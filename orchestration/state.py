@@ -105,7 +105,7 @@ def predicted_output(a: Assessment) -> dict | None:
     """What a stage still to run will give the stages after it, as far as a dry run can tell: a train stage's
     identity (its output's identity once it ran), the folder a cache stage asks for (its key is known only
     once it is built)."""
-    if a.stage.kind == "train" and a.identity is not None:
+    if a.stage.kind in ("train", "make", "generate") and a.identity is not None:
         return {"output": a.identity}
     if a.stage.kind == "cache" and a.values.get("out") != CACHE_DIR:
         return {"cache": a.values["out"]}
@@ -130,23 +130,28 @@ def _output(stage: Stage, marker: dict, identity: str) -> dict | None:
         if found is None or found["cache_key"] != marker.get("cache_key"):
             return None
         return {**found, "output": found["cache_key"]}
-    if stage.kind == "train":
+    if stage.kind in ("train", "make"):  # a run folder (a made teacher is one too)
         try:
             with open(os.path.join(stage.outputs["run"], "run.json")) as f:
                 complete = json.load(f).get("status") == "complete"
         except (OSError, ValueError, AttributeError):
             complete = False
         return {"output": identity} if complete else None
-    return {"output": identity} if os.path.isfile(stage.outputs["eval"]) else None
+    return {"output": identity} if os.path.isfile(_output_file(stage)) else None
+
+
+def _output_file(stage: Stage) -> str:
+    """The file an eval or exposure stage (its results) or a generate stage (its samples) writes."""
+    return stage.outputs.get("eval") or stage.outputs["samples"]
 
 
 def _missing(stage: Stage, marker: dict) -> str:
     if stage.kind == "cache":
         return (f"its recorded cache {marker.get('cache')} is gone, incomplete or holds another cache_key than "
                 f"{str(marker.get('cache_key'))[:12]}")
-    if stage.kind == "train":
+    if stage.kind in ("train", "make"):
         return f"its run {stage.outputs['run']} is gone or not complete"
-    return f"its result {stage.outputs['eval']} is gone"
+    return f"its output {_output_file(stage)} is gone"
 
 
 def _resolve(plan: Plan, stage: Stage, values: dict, identity: str | None, known: dict) -> dict:
