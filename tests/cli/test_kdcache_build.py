@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import datasets  # noqa: F401  (imported first here: see below)
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -24,6 +25,9 @@ from tests.cacher.test_build import read_cache, stored_objects, write_speeches
 from tests.conftest import GSM8K
 
 runner = CliRunner()
+# `datasets` gives its logger a StreamHandler on the sys.stderr of the moment it is first imported; imported inside a
+# CliRunner invocation, that is the runner's buffer, closed afterwards, and the next log line then prints a logging
+# traceback into another test's output. Imported above, it writes to the test session's stderr.
 
 
 def one_line(output: str) -> str:

@@ -263,13 +263,13 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(cache, t
 def test_incomplete_and_corrupt_cache_refused(cache, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
-    chunk = broken / "shards" / "shard-00001" / "topk_ids" / "c" / "0" / "0"
+    chunk = broken / "shards" / "shard-00001" / "topk_id_codes" / "c" / "0" / "0"  # format 3's top-K ids
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x55  # same size: only hashing finds it
     chunk.write_bytes(bytes(data))
     common = ("--student-from-teacher", "--keep-layers", 1, "--steps", 1)
     code, text = run("--cache", broken, "--out", tmp_path / "o", *common)
-    assert code == 2 and "damaged" in text and "shard-00001" in text and "topk_ids" in text and "Rebuild" in text
+    assert code == 2 and "damaged" in text and "shard-00001" in text and "topk_id_codes" in text and "Rebuild" in text
     os.remove(broken / "manifest.json")
     code, text = run("--cache", broken, "--out", tmp_path / "o2", *common)
     assert code == 2 and "incomplete cache" in text and "Rerun the same `kdcache build`" in text
@@ -369,8 +369,10 @@ def test_student_with_fewer_padded_rows_than_the_teacher_trains(tmp_path, tiny_t
     (old / "manifest.json").write_text(json.dumps(manifest))
     code, text = run("--cache", old, "--student", student, "--steps", 1, "--out", tmp_path / "run-old")
     assert code == 2, text
-    assert ("this cache has format_version 1, written by an older kdcache; this kdcache reads version 2 only" in text
-            and "Rebuild it with this kdcache" in text), text
+    from shared.format import FORMAT_VERSION
+
+    assert (f"this cache has format_version 1, written by an older kdcache; this kdcache reads version "
+            f"{FORMAT_VERSION} only" in text and "Rebuild it with this kdcache" in text), text
 
 
 @pytest.mark.parametrize("args,message", [
