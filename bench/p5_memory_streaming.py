@@ -104,8 +104,12 @@ def random_rows(rng: np.random.Generator, length: int, vocab_size: int, top_k: i
 
 def write_random_cache(url: str, *, num_tokens: int, seq_length: int, top_k: int, vocab_size: int, vocab_sha256: str,
                        shard_tokens: int, seed: int = 0) -> str:
-    """A complete cache of random rows (shared.writer.CacheWriter); returns url. Idempotent by cache_key."""
+    """A complete cache of random rows (shared.writer.CacheWriter) at url + "-f<format version>" (a cache another
+    format version wrote under url's name stays where it is); returns that url. Idempotent by cache_key."""
+    from shared.format import FORMAT_VERSION
     from shared.writer import BuildHeader, CacheWriter
+
+    url = f"{url}-f{FORMAT_VERSION}"
 
     num_seqs = max(2, num_tokens // seq_length)
     per_shard = max(1, shard_tokens // seq_length)

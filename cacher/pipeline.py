@@ -116,14 +116,41 @@ def _start_worker(builder: int) -> None:
 
 
 def _exit_with(pid: int, poll_seconds: float = 0.5) -> None:
+    started = _start_time(pid)
     while True:
         time.sleep(poll_seconds)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid, started):
             os._exit(0)
-        except PermissionError:  # alive, another user's (cannot happen for our own parent, but do not exit)
-            pass
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time from /proc (so a reused pid is not taken for it); None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether the builder still runs. A killed builder whose parent has not yet reaped it is a zombie that kill(0)
+    still finds: its parent may be waiting for the builder's output pipes to close, which this worker holds open, so
+    a zombie counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X") and (started is None or fields[19] == started)
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (macOS): ask the kernel
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (cannot happen for our own builder, but do not exit)
+        pass
+    return True
 
 
 def encode_chunk(rows: dict[str, np.ndarray], first_row: int, shapes: dict, chunk_rows: int, vocab_size: int):

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ from trainer.losses import (
     tail_sample_targets,
 )
 from trainer.metrics import MetricsLog
+from trainer.mixed import MixedBatcher, mix_source
 from trainer.run_folder import RunFolder
 from trainer.step import data_workers, make_optimizer, packing_row_tokens, setup_step
 from trainer.throughput import peak_flops, step_flops
@@ -158,6 +159,33 @@ def _open_cache(config: TrainConfig, log) -> CacheReader:
                          "rebuild it from data with response tokens (check kdcache build's --prompt-field and "
                          "--response-field)")
     return reader
+
+
+def _mix_source(config: TrainConfig, reader: CacheReader | None, log) -> tuple[tuple[Source, ...], dict]:
+    """((the training sequences of {mix_cache},), what a checkpoint must agree on) (trainer/mixed.py); ((), {})
+    without it."""
+    if config.mix_cache is None:
+        return (), {}
+    mix_reader = _open_cache(replace(config, cache=config.mix_cache), log)
+    source = mix_source(mix_reader, reader, config.eval_fraction, has_teacher=config.loss != "ce",
+                        tail_samples=_uses_tail_samples(config, mix_reader), window_blocks=SHUFFLE_WINDOW_BLOCKS)
+    log(f"mixing: {config.mix:.0%} of the batches from {config.mix_cache} ({len(source)} training sequences)")
+    return (source,), {"mix_cache_key": mix_reader.manifest.cache_key, "mix": config.mix}
+
+
+def _lengths(*sources: Source) -> list[np.ndarray]:
+    return [source.lengths for source in sources]
+
+
+def _batches(config: TrainConfig, train_src: Source, mixed: tuple[Source, ...], cursor: dict | None, **options):
+    """The run's batches: train_src's Batcher, or with {mix_cache} a MixedBatcher of both sources' Batchers."""
+    def make(source: Source, at: dict | None) -> Batcher:
+        return Batcher(source, batch_tokens=config.batch_tokens, seed=config.seed, cursor=at,
+                       group_tokens=source.window_rows, **options)
+
+    if not mixed:
+        return make(train_src, cursor)
+    return MixedBatcher(make, train_src, mixed[0], config.mix, config.seed, cursor)
 
 
 def _teacher_path(config: TrainConfig, reader: CacheReader | None) -> str | None:
@@ -555,17 +583,19 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         log(f"student: {model.get_output_embeddings().weight.shape[0]} logit rows for {num_ids} token ids; the loss "
             f"sees the first {num_ids} (the rest are padding no tokenizer produces)")
     train_src, eval_src, data_info = _split_data(config, reader, tokenizer)
-    _check_context(config, model, student_name, (train_src, eval_src))
+    mixed, mix_state = _mix_source(config, reader, log)  # () or (the mix cache's source,)
+    _check_context(config, model, student_name, (train_src, eval_src, *mixed))
     if "teacher_outcomes" in data_info:
         log(f"teacher targets: {data_info['teacher_outcomes']}")
     eval_batches = []  # padded rows, whatever the training layout
     for a, b in pack_batches(eval_src.lengths, config.batch_tokens):
         eval_batches.append(collate(eval_src.read(list(range(a, b))), eval_src.has_teacher))
         eval_batches[-1].ids = eval_src.ids[a:b]
-    row_tokens = packing_row_tokens(model, config.pack, np.concatenate([train_src.lengths, eval_src.lengths]))
+    row_tokens = packing_row_tokens(model, config.pack, np.concatenate(_lengths(train_src, eval_src, *mixed)))
     data_state = {"seed": config.seed, "batch_tokens": config.batch_tokens, "eval_fraction": config.eval_fraction,
                   "num_train_sequences": len(train_src), "world_size": world,
-                  "cache_key": reader.manifest.cache_key if reader else None, "row_tokens": row_tokens}
+                  "cache_key": reader.manifest.cache_key if reader else None, "row_tokens": row_tokens,
+                  **mix_state}
     training = _training_settings(config, reader)
 
     # -- steps ---------------------------------------------------------------------------------
@@ -609,9 +639,8 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
         f"{', compiled' if setup.compiled else ''}{', gradient checkpointing' if config.gradient_checkpointing else ''}; "
         f"{'packed' if row_tokens else 'padded'} rows; "
         f"{workers or 'no'} data worker process(es)")
-    batcher = Batcher(train_src, batch_tokens=config.batch_tokens, seed=config.seed, rank=rank, world_size=world,
-                      cursor=cursors[rank], row_tokens=row_tokens, num_workers=workers,
-                      group_tokens=train_src.window_rows, device=device)
+    batcher = _batches(config, train_src, mixed, cursors[rank], rank=rank, world_size=world, row_tokens=row_tokens,
+                       num_workers=workers, device=device)
     peak = peak_flops(device, config.bf16, config.peak_tflops)
 
     # -- outputs -------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_tiny_chain_end_to_end_and_resume(tmp_path, capsys):
     # a second run recomputes nothing
     res = runner.invoke(app, ["chain", str(EXAMPLES / "tiny_chain.yaml"), "--teacher", str(teacher), "--out", str(out)])
     assert res.exit_code == 0 and res.output.count("done earlier, skipped") == len(
-        stages_of(load_plan(str(EXAMPLES / "tiny_chain.yaml"), out=str(out))))
+        stages_of(load_plan(str(EXAMPLES / "tiny_chain.yaml"), out=str(out), overrides=[f"teacher.model={teacher}"])))
     # a half-done plan resumes: remove the last stages' markers and one run
     shutil.rmtree(out / "runs" / "ce-student")
     for marker in (out / "stages").glob("*ce-student*"):

@@ -91,16 +91,22 @@ def test_identities_are_chained_round_to_round(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"data": {"dataset": str(GSM8K)}}, "onpolicy needs prompt/response data"),
-    ({"onpolicy": {"students": ["nobody"]}}, "onpolicy.students names 'nobody', which is not a student"),
-    ({"students": {"s": {"config": "c.json"}}}, "onpolicy.students: s is a random init"),
-    ({"onpolicy": {"rounds": 0}}, "onpolicy.rounds must be an integer >= 1, got 0"),
-    ({"onpolicy": {"rounds": 3}}, "train.steps (8) does not split into onpolicy.rounds (3) rounds"),
-    ({"onpolicy": {"mix": 1.5}}, "onpolicy.mix is the share of batches drawn from the teacher cache"),
-    ({"onpolicy": {"lambda": 0.5}}, "unknown key(s) ['lambda'] in onpolicy"),
-    ({"teacher": {"make": {"steps": 3}}}, "teacher.make needs dataset"),
-    ({"teacher": {"make": {"dataset": "x.txt", "layer": 3}}}, "unknown key(s) ['layer'] in teacher.make"),
-    ({"teacher": {}}, "teacher needs model (a hub id, a local folder, or smollm2-135m) or make"),
+    pytest.param({"data": {"dataset": str(GSM8K)}}, "onpolicy needs prompt/response data", id="text data"),
+    pytest.param({"onpolicy": {"students": ["nobody"]}}, "onpolicy.students names 'nobody', which is not a student",
+                 id="unknown student"),
+    pytest.param({"students": {"s": {"config": "c.json"}}}, "onpolicy.students: s is a random init",
+                 id="config student"),
+    pytest.param({"onpolicy": {"rounds": 0}}, "onpolicy.rounds must be an integer >= 1, got 0", id="no rounds"),
+    pytest.param({"onpolicy": {"rounds": 3}}, "train.steps (8) does not split into onpolicy.rounds (3) rounds",
+                 id="uneven steps"),
+    pytest.param({"onpolicy": {"mix": 1.5}}, "onpolicy.mix is the share of batches drawn from the teacher cache",
+                 id="mix above 1"),
+    pytest.param({"onpolicy": {"lambda": 0.5}}, "unknown key(s) ['lambda'] in onpolicy", id="unknown key"),
+    pytest.param({"teacher": {"make": {"steps": 3}}}, "teacher.make needs dataset", id="make without data"),
+    pytest.param({"teacher": {"make": {"dataset": "x.txt", "layer": 3}}}, "unknown key(s) ['layer'] in teacher.make",
+                 id="unknown make key"),
+    pytest.param({"teacher": {}}, "teacher needs model (a hub id, a local folder, or smollm2-135m) or make",
+                 id="no teacher"),
 ])
 def test_bad_onpolicy_and_make_sections_are_refused_naming_the_key(tmp_path, change, message):
     with pytest.raises(PlanError) as caught:
@@ -109,10 +115,12 @@ def test_bad_onpolicy_and_make_sections_are_refused_naming_the_key(tmp_path, cha
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"onpolicy": {"samples": 0, "rounds": 2}}, "plan: onpolicy.samples must be an integer >= 1"),
-    ({"onpolicy": {"sample_temperature": -1, "rounds": 2}}, "plan: onpolicy.sample_temperature must be in [0, 100]"),
-    ({"teacher": {"make": {"dataset": str(GSM8K), "width": 40}}},
-     "plan: teacher.make.width must be a positive multiple of 32"),
+    pytest.param({"onpolicy": {"samples": 0, "rounds": 2}}, "plan: onpolicy.samples must be an integer >= 1",
+                 id="no samples"),
+    pytest.param({"onpolicy": {"sample_temperature": -1, "rounds": 2}},
+                 "plan: onpolicy.sample_temperature must be in [0, 100]", id="negative temperature"),
+    pytest.param({"teacher": {"make": {"dataset": str(GSM8K), "width": 40}}},
+                 "plan: teacher.make.width must be a positive multiple of 32", id="make width"),
 ])
 def test_stage_settings_are_checked_by_their_commands_naming_the_plan_key(tmp_path, change, message):
     with pytest.raises(PlanError) as caught:

@@ -11,6 +11,7 @@ Locks on a local folder are flock(2) locks, released by the kernel when a holder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,7 +45,23 @@ def paused_after_first_commit(command: list, out) -> subprocess.Popen:
         assert proc.poll() is None and time.time() < deadline, "the build ended before its first commit"
         time.sleep(0.002)
     os.kill(proc.pid, signal.SIGSTOP)
+    wait_until_stopped(proc.pid)
     return proc
+
+
+def wait_until_stopped(pid: int) -> None:
+    """kill(SIGSTOP) returns before the target stops; a thread in a system call (a write, an fsync) finishes it
+    first. Wait until /proc shows every thread of pid stopped, so nothing it does lands after this returns."""
+    deadline = time.time() + 30
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/stat") as f:  # OSError: it ended
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "tT" for state in states):
+            return
+        assert time.time() < deadline, f"pid {pid} did not stop: thread states {states}"
+        time.sleep(0.001)
 
 
 @pytest.mark.multiproc

@@ -299,7 +299,8 @@ def test_kdtrain_eval_acceptance(trained_cache, trained_teacher_dir, tiny_llama_
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"metrics": ("acceptance",)}, "'acceptance' needs --cache"),
-    ({"metrics": ("ppl",), "cache": "c", "teacher": "t"}, "--teacher is used by metric 'acceptance' only"),
+    ({"metrics": ("ppl",), "cache": "c", "teacher": "t"},
+     "--teacher is used by metrics 'acceptance' and 'exposure' only"),
 ], ids=["no cache", "teacher without acceptance"])
 def test_kdtrain_eval_acceptance_refusals(kwargs, message):
     from trainer.evaluate import EvalConfig, EvalError

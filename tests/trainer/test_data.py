@@ -241,12 +241,12 @@ def test_group_batches_reach_the_token_goal():
 
 
 def test_cache_rows_reopen_the_cache_after_pickling(tiny_cache):
-    import pickle
+    from multiprocessing.reduction import ForkingPickler  # what multiprocessing sends a spawned worker
 
     reader = CacheReader(tiny_cache)
     index = cache_index(reader)
     src = cache_source(reader, index, list(range(len(index))), has_teacher=True)
-    clone = pickle.loads(pickle.dumps(src.read))  # what a spawned worker gets: no reader, opened on first use
+    clone = ForkingPickler.loads(ForkingPickler.dumps(src.read))  # a spawned worker's copy: no reader, opened on use
     for a, b in zip(src.read([3, 0, 5]), clone([3, 0, 5])):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.kdtrain import app
@@ -45,10 +46,13 @@ def test_a_teacher_of_prompt_response_data_and_a_rerun_into_its_folder(tmp_path)
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
 
 
-def test_settings_a_teacher_cannot_have_are_refused_naming_the_flag(tmp_path):
-    for extra, message in ((["--width", "40"], "--width must be a positive multiple of 32"),
-                           (["--prompt-field", "question"], "--prompt-field and --response-field go together"),
-                           (["--vocab-size", "200"], "--vocab-size must be in [259, 65536]")):
-        res = make(tmp_path / "x", *extra)
-        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
-        assert not (tmp_path / "x").exists()
+@pytest.mark.parametrize("extra,message", [
+    pytest.param(["--width", "40"], "--width must be a positive multiple of 32", id="width"),
+    pytest.param(["--prompt-field", "question"], "--prompt-field and --response-field go together",
+                 id="prompt without response"),
+    pytest.param(["--vocab-size", "200"], "--vocab-size must be in [259, 65536]", id="vocabulary too small"),
+])
+def test_settings_a_teacher_cannot_have_are_refused_naming_the_flag(tmp_path, extra, message):
+    res = make(tmp_path / "x", *extra)
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "x").exists()

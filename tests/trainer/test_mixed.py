@@ -157,8 +157,9 @@ def test_a_mix_cache_of_another_tokenizer_is_refused(tiny_cache, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"mix": 0.0}, "--mix-cache and --mix go together"),
-    ({"mix": 1.5}, "--mix is the share of batches drawn from --mix-cache: it must be in [0, 1], got 1.5"),
+    pytest.param({"mix": 0.0}, "--mix-cache and --mix go together", id="mix cache without a share"),
+    pytest.param({"mix": 1.5}, "--mix is the share of batches drawn from --mix-cache: it must be in [0, 1], got 1.5",
+                 id="share above 1"),
 ])
 def test_mix_settings_are_refused_naming_the_flags(tiny_cache, tmp_path, extra, message):
     from typer.testing import CliRunner
