@@ -149,7 +149,9 @@ def stages_of(plan: Plan) -> list[Stage]:
         stages.append(Stage(stage_id(kind, node), kind, node, settings, marker_of(plan, kind, node), inputs, outputs))
 
     if "make" in plan.teacher:  # the teacher is made first (kdtrain make-teacher), into the plan's teacher folder
-        make = plan.teacher["make"]
+        # it holds out the rows the plan evaluates every model on (unless the plan says otherwise for it)
+        make = {"eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction")),
+                **plan.teacher["make"]}
         add("make", TEACHER, {**make, "out": plan.teacher["model"]}, {"dataset": ("local", make["dataset"])},
             run=plan.teacher["model"])
     for node in [TEACHER] + nodes_of(plan):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from common.settings import SettingError, check_choices
+from trainer.config import EVAL_FRACTION
 
 OUTPUT = {"plan": False, "identity": False}  # where it writes and how it resumes: set by whoever runs it
 # The tokenizer is trained on the data set's first characters (enough for a 512-id vocabulary in seconds).
@@ -70,6 +71,10 @@ class MakeTeacherConfig:
     """Longest training sequence in tokens (text is cut into windows of it)."""
     seed: int = 0
     """Seed of the initial weights and of the data order."""
+    eval_fraction: float = EVAL_FRACTION
+    """Share of the sequences held out of the teacher's training, as kdtrain run's (recorded in run.json; kdtrain eval
+    of the teacher uses it): a plan sets its train.eval_fraction, so the teacher never trains on the rows its
+    students are evaluated on."""
     resume: bool = field(default=False, metadata=OUTPUT)
     """Continue an interrupted make in --out (no checkpoint: start over in it)."""
     overwrite: bool = field(default=False, metadata=OUTPUT)
@@ -89,6 +94,8 @@ class MakeTeacherConfig:
             raise SettingError(f"{{steps}} must be >= 1, got {self.steps}")
         if self.max_length < 2:
             raise SettingError(f"{{max_length}} must be >= 2, got {self.max_length}")
+        if not (isinstance(self.eval_fraction, (int, float)) and 0.0 < self.eval_fraction < 1.0):
+            raise SettingError(f"{{eval_fraction}} must be in (0, 1), got {self.eval_fraction}")
         if (self.prompt_field is None) != (self.response_field is None):
             raise SettingError("{prompt_field} and {response_field} go together: give both for prompt/response data, "
                                "or neither for plain text")
@@ -139,5 +146,6 @@ def make_teacher(config: MakeTeacherConfig, *, log=print, progress=None) -> dict
             out=config.out, dataset=config.dataset, text_field=config.text_field, prompt_field=config.prompt_field,
             response_field=config.response_field, prompt_template=config.prompt_template, limit=config.limit,
             student=str(init), loss="ce", steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
-            batch_tokens=config.batch_tokens, max_length=config.max_length, seed=config.seed, resume=config.resume,
+            batch_tokens=config.batch_tokens, max_length=config.max_length, seed=config.seed,
+            eval_fraction=config.eval_fraction, resume=config.resume,
             overwrite=config.overwrite), log=log, progress=progress)

@@ -40,6 +40,10 @@ def test_a_made_teacher_is_the_first_stage_and_the_teacher_caches_input(tmp_path
     assert stages[0].settings["out"] == os.path.join(str(tmp_path / "out"), "teacher")
     assert plan.teacher["model"] == stages[0].settings["out"] and stages[0].settings["steps"] == 5
     assert by_id(plan)["cache:teacher"].inputs["model"] == ("stage", "make:teacher")
+    # the teacher holds out the rows every model is evaluated on: the plan's train.eval_fraction
+    assert stages[0].settings["eval_fraction"] == plan.train.get("eval_fraction", 0.05)
+    made = stages_of(plan_of(tmp_path, train={"steps": 8, "eval_fraction": 0.2}))[0]
+    assert "--eval-fraction 0.2" in " ".join(made.command)
     given = plan_of(tmp_path, teacher={"model": "gpt2", "make": {"dataset": str(GSM8K)}})
     assert given.teacher == {"model": "gpt2"} and "make:teacher" not in by_id(given)  # a given model wins
 
