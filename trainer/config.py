@@ -33,7 +33,7 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 LOGGERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 METRICS = ("ppl", "agreement", "rouge", "gsm8k", "mauve", "bertscore", "acceptance", "grounding",
-           "exposure")
+           "exposure", "speculative")
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
 # Appended to each GSM8K question (after a blank line) so the answer ends in the form the metric and
 # `kdcache build --filter gsm8k-answer` read. examples/prepare_gsm8k.py adds the same line to training prompts.
@@ -283,7 +283,7 @@ class EvalConfig:
     """Model folder (or hub id) to evaluate."""
     metrics: tuple[str, ...] = ("ppl",)
     """Metrics to compute, comma-separated: ppl, agreement, rouge, gsm8k, mauve, bertscore, acceptance, grounding,
-    exposure (docs/evaluation.md)."""
+    exposure, speculative (docs/evaluation.md)."""
     dataset: str | None = None
     """Evaluation data (ppl, rouge, gsm8k, mauve, bertscore, grounding): a local file, builtin:NAME or a hub name."""
     dataset_config: str | None = None
@@ -292,7 +292,8 @@ class EvalConfig:
     """Teacher cache: agreement and acceptance, and ppl on its held-out rows when there is no {dataset}."""
     teacher: str | None = field(default=None, metadata=OUTPUT)
     """acceptance: the teacher model folder (the exact alpha, also on continuations it samples); without it, bounds
-    from the cache's top-K. exposure: the teacher that scores the model's own samples."""
+    from the cache's top-K. exposure: the teacher that scores the model's own samples. speculative: the teacher
+    the model drafts for."""
     split: str | None = None
     """Split of the evaluation data set (default: train)."""
     text_field: str | None = None
@@ -327,6 +328,13 @@ class EvalConfig:
     eval_fraction: float | None = field(default=None, metadata={"plan": False})
     """Held-out fraction of the cache's sequences (default: the evaluated run's, from its run.json, else the
     trainer's default); on a run, at most the run's (docs/runs-and-plans.md 2)."""
+    num_draft_tokens: int = 3
+    """speculative: tokens the model drafts per teacher forward (gamma; vLLM's num_speculative_tokens)."""
+    num_new_tokens: int = 64
+    """speculative: tokens generated per prompt (end-of-sequence tokens do not stop it)."""
+    speculative_temperature: float = 0.0
+    """speculative: the teacher's sampling temperature; 0 is greedy decoding, where a drafted token is accepted
+    exactly when it is the teacher's argmax."""
     out: str | None = field(default=None, metadata=OUTPUT)
     """Write all numbers to this JSON file."""
 
@@ -342,9 +350,12 @@ class EvalConfig:
         if "exposure" in self.metrics and not (self.cache and self.teacher):
             raise EvalError("metric 'exposure' needs {cache} (its held-out prompts) and {teacher} (the model that "
                             "scores the evaluated model's own samples; trainer/exposure.py)")
-        if self.teacher and "acceptance" not in self.metrics and "exposure" not in self.metrics:
-            raise EvalError("{teacher} is used by metrics 'acceptance' and 'exposure' only: add one to {metrics}, or "
-                            "drop {teacher}")
+        if "speculative" in self.metrics and not (self.teacher and (self.cache or self.dataset)):
+            raise EvalError("metric 'speculative' needs {teacher} (the model drafts for it in vLLM) and prompts: "
+                            "{cache} (its held-out sequences) or {dataset}")
+        if self.teacher and not {"acceptance", "exposure", "speculative"} & set(self.metrics):
+            raise EvalError("{teacher} is used by metrics 'acceptance', 'exposure' and 'speculative' only: add one to "
+                            "{metrics}, or drop {teacher}")
         if "grounding" in self.metrics and not self.prompt_field:
             raise EvalError("metric 'grounding' needs {prompt_field} (and {input_field} for the context, dolly's "
                             "context)")
@@ -361,5 +372,11 @@ class EvalConfig:
         if self.eval_fraction is not None and not (math.isfinite(self.eval_fraction) and 0 <= self.eval_fraction < 1):
             raise EvalError(f"{{eval_fraction}} must be a finite number in [0, 1) (the fraction of the cache's "
                             f"sequences held out), got {self.eval_fraction}")
+        if self.num_draft_tokens < 1 or self.num_new_tokens < 2:
+            raise EvalError(f"{{num_draft_tokens}} must be >= 1 and {{num_new_tokens}} >= 2 (the teacher makes the "
+                            f"first token alone), got {self.num_draft_tokens} and {self.num_new_tokens}")
+        if not (math.isfinite(self.speculative_temperature) and self.speculative_temperature >= 0):
+            raise EvalError(f"{{speculative_temperature}} must be a finite number >= 0 (0: greedy), got "
+                            f"{self.speculative_temperature}")
         if self.bertscore_layers is not None and self.bertscore_layers < 1:
             raise EvalError(f"{{bertscore_layers}} must be >= 1, got {self.bertscore_layers}")

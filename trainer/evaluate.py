@@ -505,8 +505,12 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
     for metric in config.metrics:
         if metric in OPTIONAL:
             optional_metric_setup(metric)  # a feature model that cannot work fails now, not after generating
+    if "speculative" in config.metrics:
+        from trainer.speculative import vllm_interpreter
+
+        vllm_interpreter()  # no vLLM interpreter: refused before any model is loaded
     on_cache_rows = (any(m in config.metrics for m in ("agreement", "acceptance", "exposure"))
-                     or ("ppl" in config.metrics and not config.dataset))
+                     or (("ppl" in config.metrics or "speculative" in config.metrics) and not config.dataset))
     if on_cache_rows and config.heldout_only:
         fraction, split_from = heldout_split(config)  # before loading anything: a refusal costs nothing
         rows = {"source": "cache held-out", "eval_fraction": fraction, "split_from": split_from}
@@ -536,6 +540,10 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
             value = {**exposure(model, tokenizer, config, fraction), **rows}
         elif metric == "acceptance":
             value = {**draft_acceptance(model, config, fraction), **rows}
+        elif metric == "speculative":
+            from trainer.speculative import speculative_metric
+
+            value = {**speculative_metric(model, tokenizer, config, fraction), **({} if config.dataset else rows)}
         elif metric == "grounding":
             from trainer.hallucination_eval import grounding_metric
 

@@ -300,7 +300,7 @@ def test_kdtrain_eval_acceptance(trained_cache, trained_teacher_dir, tiny_llama_
 @pytest.mark.parametrize("kwargs, message", [
     ({"metrics": ("acceptance",)}, "'acceptance' needs --cache"),
     ({"metrics": ("ppl",), "cache": "c", "teacher": "t"},
-     "--teacher is used by metrics 'acceptance' and 'exposure' only"),
+     "--teacher is used by metrics 'acceptance', 'exposure' and 'speculative' only"),
 ], ids=["no cache", "teacher without acceptance"])
 def test_kdtrain_eval_acceptance_refusals(kwargs, message):
     from trainer.evaluate import EvalConfig, EvalError
