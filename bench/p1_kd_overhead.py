@@ -2,7 +2,7 @@
 
 One optimizer step exactly as trainer/train.py takes it: the student's forward as trainer.step.setup_step
 builds it for `kdtrain run` (for a plain linear head, the student without its head: hidden states), the
-step's loss through trainer.train._loss with TrainConfig's defaults (fkl, alpha 0, T 1, the target bucket,
+step's loss through trainer.run_loss.batch_loss with TrainConfig's defaults (fkl, alpha 0, T 1, the target bucket,
 i.e. K + 2 outcomes from the cache's target_logprob; for a plain linear head the logits are made from the
 hidden states chunk by chunk by trainer.losses.linear_kd_loss, CE included, so `--loss ce` is the same
 chunked path without the teacher), backward, gradient clip, AdamW (fused on CUDA). The batch is
@@ -68,10 +68,10 @@ def trainer_config(**changes):
 
 def step_loss(setup, batch, kind: str, num_ids: int, bf16: bool = False):
     """The loss `kdtrain run --loss kind` computes on the batch (kind "ce" or a KD loss name), as its step does."""
-    from trainer.train import _loss
+    from trainer.run_loss import batch_loss
 
-    return _loss(setup.forward, batch, trainer_config(loss=kind, bf16=bf16), num_ids, head_weight=setup.head_weight,
-                 chunk_tokens=setup.chunk_tokens)[0]
+    return batch_loss(setup.forward, batch, trainer_config(loss=kind, bf16=bf16), num_ids,
+                      head_weight=setup.head_weight, chunk_tokens=setup.chunk_tokens)[0]
 
 
 def alternate_cpu(a, b, repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
@@ -99,7 +99,7 @@ def _region(name: str, profiling: bool):
 def make_step(setup, model, optimizer, batch, kind: str, num_ids: int, bf16: bool = False, profiling: bool = False):
     """One training step as trainer/train.py's loop runs it; kind = "ce" or a KD loss name.
 
-    The "step.loss" region is the whole loss call (student forward included: trainer.train._loss runs both);
+    The "step.loss" region is the whole loss call (student forward included: trainer.run_loss.batch_loss runs both);
     "step.forward" is the student's forward alone, timed inside it by a forward hook pair.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -144,7 +144,7 @@ def _time_forward(module) -> None:
 def make_loss_only(setup, model, batch, kind: str, num_ids: int, bf16: bool = False):
     """Forward + backward of the loss alone on the student's fixed hidden states (or logits, without a plain head)."""
     from trainer.losses import cross_entropy_loss, linear_kd_loss, sparse_kd_loss
-    from trainer.train import _teacher_targets, loss_options, token_logits
+    from trainer.run_loss import loss_options, teacher_targets, token_logits
 
     config = trainer_config(loss=kind, bf16=bf16)
     with torch.no_grad(), torch.autocast(device(), dtype=torch.bfloat16, enabled=bf16):
@@ -152,7 +152,7 @@ def make_loss_only(setup, model, batch, kind: str, num_ids: int, bf16: bool = Fa
     fixed = out if setup.head_weight is not None else token_logits(out.logits, num_ids)
     leaf = fixed.reshape(-1, fixed.shape[-1]).detach().requires_grad_(True)  # (N, H) or (N, V)
     targets, mask = batch.target_ids.reshape(-1), batch.loss_mask.reshape(-1)
-    teacher = _teacher_targets(batch.teacher.flat() if kind != "ce" else None, config)
+    teacher = teacher_targets(batch.teacher.flat() if kind != "ce" else None, config)
 
     def run():
         leaf.grad = None

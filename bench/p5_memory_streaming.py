@@ -191,9 +191,10 @@ def traverse_epoch(cache: str, batch_tokens: int) -> dict:
     from dataclasses import fields
 
     from shared.reader import CacheReader
+    from trainer.config import TrainConfig
     from trainer.data import cache_index, cache_source, heldout_mask
     from trainer.loader import Batcher
-    from trainer.train import SHUFFLE_WINDOW_BLOCKS, TrainConfig
+    from trainer.run_data import SHUFFLE_WINDOW_BLOCKS
 
     eval_fraction = next(f.default for f in fields(TrainConfig) if f.name == "eval_fraction")
     reader = CacheReader(cache)

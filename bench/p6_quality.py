@@ -34,7 +34,7 @@ Every KD variant (dense included) uses the same --alpha (CE weight; default 0, t
 temperature 1 and the same learning rate and schedule. Past one epoch of the training sequences the
 next epoch's order follows, as the trainer's Batcher does.
 
-Evaluation: trainer.train.evaluate_heldout (exp of the mean CE of the real next tokens) on the held-out
+Evaluation: trainer.run_loss.evaluate_heldout (exp of the mean CE of the real next tokens) on the held-out
 sequences. Repeats are data-order seeds; medians are reported. --eval-kl adds each variant's held-out
 dense KL(teacher || student) and its within-tail part at K=64 (the term a top-K cache never shows).
 --only trains a subset (the figures are deterministic, so runs split by seed or variant combine).
@@ -183,14 +183,15 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
         sparse_kd_loss,
         tail_sample_targets,
     )
-    from trainer.train import _schedule, evaluate_heldout
+    from trainer.run_loss import evaluate_heldout
+    from trainer.run_setup import lr_schedule
 
     torch.manual_seed(0)
     student = make_student(path, student_spec, teacher.config.vocab_size).to(device()).train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
     total = len(batches)  # the schedule `kdtrain run` uses: linear warm-up, then cosine down to 10% of lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, warmup, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, warmup, total))
     candidate = variant.split("@")[0] if "@" in variant else None
     started = time.perf_counter()
     grad_norms, losses = [], []
@@ -234,7 +235,7 @@ def train_variant(path: str, student_spec: str, batches: list[dict], variant: st
                 "-notarget") else None
             ids, top_lp, tail = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k), \
                 batch["tail_logprob"].reshape(-1)
-            if variant.startswith("tail-"):  # as trainer.train._sparse_loss does with a tail-sampled cache
+            if variant.startswith("tail-"):  # as trainer.run_loss.sparse_loss does with a tail-sampled cache
                 m = batch["tail_ids"].shape[-1]
                 ids, top_lp, tail = tail_sample_targets(ids, top_lp, tail, batch["tail_ids"].reshape(-1, m),
                                                         batch["tail_counts"].reshape(-1, m))
@@ -528,7 +529,7 @@ def main(argv=None):
         priors = {k: v.to(device()) for k, v in priors.items()}
         groups = {c: g.to(device()) for c, g in groups.items()}
     capture_s = time.perf_counter() - started
-    from trainer.train import evaluate_heldout
+    from trainer.run_loss import evaluate_heldout
 
     teacher_ppl = evaluate_heldout(teacher.model, eval_batches, None, has_teacher=False)["eval_ppl"]
     teacher.model.eval()  # evaluate_heldout leaves a model in train mode (dropout on)

@@ -66,8 +66,9 @@ def training_source(cache: str):
     from dataclasses import fields
 
     from shared.reader import CacheReader
+    from trainer.config import TrainConfig
     from trainer.data import cache_index, cache_source, heldout_mask
-    from trainer.train import SHUFFLE_WINDOW_BLOCKS, TrainConfig
+    from trainer.run_data import SHUFFLE_WINDOW_BLOCKS
 
     eval_fraction = next(f.default for f in fields(TrainConfig) if f.name == "eval_fraction")
     reader = CacheReader(cache)

@@ -10,12 +10,15 @@
 - Data layout: sequences packed into rows of the longest sequence's length (trainer/batch.py) when
   `--pack` and the student keeps packed sequences apart (trainer.student.packs_sequences); else padded rows.
 - MFU per logged step: trainer/throughput.py.
+- Processes: under torchrun rank r of a node runs on cuda:LOCAL_RANK (`select_device`) and joins the process
+  group (nccl on CUDA, gloo on a CPU); the ranks agree on whether a step's loss and gradient are finite.
 
 Knows torch, the student checks and the loss's chunking; nothing about caches or the loop itself.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.errors import TrainError
 from trainer.student import HiddenStates, linear_head_weight, packs_sequences
 
 # On CUDA, bytes of one float32 (chunk_tokens, V) temporary of the chunked loss (a few live at once): large chunks
@@ -109,3 +113,61 @@ def make_optimizer(model, *, lr: float, weight_decay: float, device: torch.devic
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
+
+
+def select_device(env, *, cuda_available: bool, num_cuda_devices: int) -> torch.device:
+    """This process's device: cuda:LOCAL_RANK on a CUDA machine (torchrun sets LOCAL_RANK; alone it is 0), else cpu.
+
+    env: the environment (os.environ). A pure function of its arguments, so tests can call it directly.
+    """
+    if not cuda_available:
+        return torch.device("cpu")
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if not 0 <= local_rank < num_cuda_devices:
+        raise TrainError(f"LOCAL_RANK={local_rank} but this machine shows {num_cuda_devices} CUDA device(s), so that "
+                         f"rank has no GPU of its own: start at most {num_cuda_devices} processes per node "
+                         "(torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); binds the process to its GPU, then joins the process group under torchrun."""
+    device = select_device(os.environ, cuda_available=torch.cuda.is_available(),
+                           num_cuda_devices=torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: nccl uses the current device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, device
+
+
+def ddp(model, device: torch.device):
+    """The model wrapped in DistributedDataParallel, on its own GPU on CUDA (else every rank would use cuda:0)."""
+    if device.type == "cuda":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def no_sync(forward):
+    """DDP's no_sync() of the step's forward, through a torch.compile wrapper if there is one."""
+    return getattr(forward, "_orig_mod", forward).no_sync()
+
+
+def gpu_peak_bytes(device: torch.device) -> int | None:
+    """Peak GPU memory allocated since the previous call (None on a CPU); resets the peak."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def nonfinite_step(loss: float, grad_norm: float, world: int, device: torch.device) -> str | None:
+    """Why a step must not be applied (its loss or gradient norm is not finite), else None; all ranks agree."""
+    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if world > 1:
+        flag = torch.tensor([float(bad)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return f"loss {loss:.6g}, gradient norm {grad_norm:.6g} (not finite on this or another rank)" if bad else None

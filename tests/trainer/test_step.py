@@ -11,6 +11,7 @@ from shared.reader import CacheReader
 from trainer.batch import collate
 from trainer.data import cache_index, cache_source
 from trainer.metrics import read_metrics
+from trainer.run_loss import batch_loss
 from trainer.step import (
     CUDA_DATA_WORKERS,
     data_workers,
@@ -21,7 +22,7 @@ from trainer.step import (
 )
 from trainer.student import HiddenStates, load_student
 from trainer.throughput import matmul_parameters, peak_flops, step_flops
-from trainer.train import TrainConfig, TrainError, _loss, train
+from trainer.train import TrainConfig, TrainError, train
 
 
 @pytest.mark.parametrize("change,message", [
@@ -84,7 +85,7 @@ def test_chunked_step_loss_equals_the_full_logits_loss(tiny_cache, tiny_gpt2_dir
     grads = []
     for forward, head in ((model, None), (setup.forward, setup.head_weight)):
         model.zero_grad()
-        value, stats = _loss(forward, batch, config, model.config.vocab_size, head_weight=head, chunk_tokens=37)
+        value, stats = batch_loss(forward, batch, config, model.config.vocab_size, head_weight=head, chunk_tokens=37)
         value.backward()
         grads.append((value.detach(), stats["ce"], [p.grad.clone() for p in model.parameters()]))
     (full, full_ce, full_grads), (chunked, chunked_ce, chunked_grads) = grads

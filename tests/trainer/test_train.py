@@ -20,16 +20,10 @@ from tests.conftest import SHAKESPEARE
 from trainer.batch import collate
 from trainer.checkpoint import list_checkpoints
 from trainer.metrics import read_metrics
-from trainer.train import (
-    TrainConfig,
-    TrainError,
-    _ddp,
-    _loss,
-    _schedule,
-    evaluate_heldout,
-    select_device,
-    train,
-)
+from trainer.run_loss import batch_loss, evaluate_heldout
+from trainer.run_setup import lr_schedule
+from trainer.step import ddp, select_device
+from trainer.train import TrainConfig, TrainError, train
 
 
 def quiet(message):
@@ -179,8 +173,8 @@ def test_padded_logit_rows_never_reach_the_loss(tmp_path):
     for loss in ("fkl", "ce"):
         config = TrainConfig(out=str(tmp_path), cache="c", student="s", loss=loss)
         plain, padded_model = FixedLogits(table.clone()), FixedLogits(wide.clone())
-        want, _ = _loss(plain, batch, config)
-        got, _ = _loss(padded_model, batch, config, num_ids=vocab)
+        want, _ = batch_loss(plain, batch, config)
+        got, _ = batch_loss(padded_model, batch, config, num_ids=vocab)
         want.backward()
         got.backward()
         assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
@@ -287,8 +281,8 @@ def test_ddp_gets_the_ranks_gpu(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kw: calls.append(kw) or model)
     model = torch.nn.Linear(2, 2)
-    assert _ddp(model, torch.device("cuda", 2)) is model
-    assert _ddp(model, torch.device("cpu")) is model
+    assert ddp(model, torch.device("cuda", 2)) is model
+    assert ddp(model, torch.device("cpu")) is model
     assert calls == [{"device_ids": [2], "output_device": 2}, {}]
 
 
@@ -351,10 +345,10 @@ def test_heldout_row_without_teacher_mass_is_refused_naming_it(tmp_path, loss):
     with pytest.raises(TrainError, match=named + r".*rebuild the cache"):
         evaluate_heldout(model, [batch], config, has_teacher=True)
     if loss == "ce":
-        _loss(model, batch, config)  # training on cross-entropy alone reads no teacher entry
+        batch_loss(model, batch, config)  # training on cross-entropy alone reads no teacher entry
     else:
         with pytest.raises(TrainError, match=named):
-            _loss(model, batch, config)  # the training step names it the same way
+            batch_loss(model, batch, config)  # the training step names it the same way
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +360,7 @@ def test_logged_lr_is_the_rate_each_step_used(tiny_cache, tmp_path):
     train(TrainConfig(out=out, cache=tiny_cache, student_from_teacher=True, keep_layers=1, steps=4, warmup_steps=3,
                       lr=1e-3, batch_tokens=384), log=quiet)
     lrs = [r["lr"] for r in read_metrics(out) if "loss" in r]
-    assert lrs == pytest.approx([1e-3 * _schedule(step, 3, 4) for step in range(4)])
+    assert lrs == pytest.approx([1e-3 * lr_schedule(step, 3, 4) for step in range(4)])
     assert lrs[0] == pytest.approx(1e-3 / 3)  # the first warm-up step
 
 
@@ -428,7 +422,7 @@ def test_resume_with_more_steps_continues_at_the_final_lr(tiny_cache, tmp_path):
     train(TrainConfig(out=out, steps=6, resume=True, **common), log=quiet)
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 7))
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * _schedule(s, 1, 4) for s in range(6)])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_schedule(s, 1, 4) for s in range(6)])
     assert [r["lr"] for r in rows[4:]] == pytest.approx([1e-4, 1e-4])
     run = read_run(out)
     assert (run["total_steps"], run["schedule_steps"], run["final"]["step"]) == (6, 4, 6)
@@ -455,7 +449,7 @@ def poison_steps(monkeypatch, bad_calls: set[int], how: str = "loss"):
     loss non-finite; calls count from 1, one per step attempt with --grad-accum 1."""
     import trainer.train as trainer_train
 
-    real, calls = trainer_train._loss, [0]
+    real, calls = trainer_train.batch_loss, [0]
 
     def loss(*args, **kwargs):
         calls[0] += 1
@@ -464,7 +458,7 @@ def poison_steps(monkeypatch, bad_calls: set[int], how: str = "loss"):
             value = value * math.nan if how == "loss" else InfiniteGradient.apply(value)
         return value, stats
 
-    monkeypatch.setattr(trainer_train, "_loss", loss)
+    monkeypatch.setattr(trainer_train, "batch_loss", loss)
 
 
 NONFINITE_RUN = {"student_from_teacher": True, "keep_layers": 1, "batch_tokens": 384, "lr": 2e-3}
@@ -508,7 +502,7 @@ def test_skip_nonfinite_skips_up_to_n_steps_and_counts_them(tiny_cache, tmp_path
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert [r["skipped_nonfinite"] for r in steps] == [0, 0, 2, 2, 2, 2]
-    assert [r["lr"] for r in steps] == pytest.approx([2e-3 * _schedule(s, 0, 6) for s in range(6)])
+    assert [r["lr"] for r in steps] == pytest.approx([2e-3 * lr_schedule(s, 0, 6) for s in range(6)])
     optimizer = torch.load(os.path.join(out, "checkpoints", "step-000006", "optimizer.pt"), weights_only=True)
     assert {int(s["step"]) for s in optimizer["optimizer"]["state"].values()} == {6}
     assert all(bool(torch.isfinite(t).all()) for t in weights(out).values())
