@@ -3,7 +3,7 @@
 Run from the repository root:  python examples/prepare_gsm8k.py examples/data/gsm8k_train.jsonl
 Each row of the source (default: the hub's openai/gsm8k, configuration main, split train; or a local
 .jsonl with question/answer fields) becomes {"question": gsm8k_prompt(question), "answer": answer}:
-the question followed by trainer.evaluate.GSM8K_INSTRUCTION, exactly as `kdtrain eval --metrics gsm8k`
+the question followed by trainer.config.GSM8K_INSTRUCTION, exactly as `kdtrain eval --metrics gsm8k`
 asks it, so the teacher's traces (`kdcache build --mode generate --filter gsm8k-answer`) and the
 evaluation see the same prompt. The answer keeps GSM8K's reference solution, ending in '#### N'.
 """
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.datasets import load_rows
-from trainer.evaluate import GSM8K_INSTRUCTION, gsm8k_prompt
+from trainer.generation_metrics import GSM8K_INSTRUCTION, gsm8k_prompt
 
 
 def prepare_gsm8k(out: str, *, source: str = "openai/gsm8k", split: str = "train", config: str | None = "main",

@@ -58,7 +58,7 @@ def grounded_rows(config, tokenizer) -> tuple[list[list[int]], list[str], list[s
 
 def grounding_metric(model, tokenizer, config, generate) -> dict:
     """grounding_hallucination of greedy answers (up to max_length - max_prompt_length new tokens) to the grounded
-    rows. generate: trainer.evaluate.generate (passed in: this module sits below evaluate)."""
+    rows. generate: trainer.generation_metrics.generate (passed in: this module sits below evaluate)."""
     ids, prompts, contexts, counts = grounded_rows(config, tokenizer)
     answers = generate(model, tokenizer, ids, max_new_tokens=max(1, config.max_length - config.max_prompt_length),
                        greedy=True, seed=0, batch_size=config.batch_size)

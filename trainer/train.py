@@ -65,8 +65,6 @@ from trainer.run_folder import RunFolder
 from trainer.run_loss import (
     batch_loss,
     evaluate_heldout,
-    heldout_kl,  # noqa: F401 - trainer/evaluate.py imports it from here
-    token_logits,  # noqa: F401 - trainer/evaluate.py imports it from here
 )
 from trainer.run_setup import (
     check_resume_state,

@@ -300,7 +300,8 @@ def test_minillm_prompts_are_the_rouge_prompts(tiny_gpt2_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from common.templates import MINILLM_TEMPLATE, MINILLM_TEMPLATE_WITH_INPUT
-    from trainer.evaluate import EvalConfig, prompts_for
+    from trainer.evaluate import EvalConfig
+    from trainer.generation_metrics import prompts_for
 
     data = write_dolly_like(tmp_path / "dolly.jsonl")
     pairs = ["--dataset", str(data), "--prompt-field", "instruction", "--response-field", "response",

@@ -12,7 +12,8 @@ from cli.kdtrain import app
 from common.gsm8k import extract_gsm8k_answer
 from common.sequences import Sequence
 from tests.conftest import GSM8K
-from trainer.evaluate import EvalConfig, EvalError, agreement, evaluate, load_model, perplexity, rouge_l
+from trainer.evaluate import EvalConfig, EvalError, agreement, evaluate, load_model, perplexity
+from trainer.generation_metrics import rouge_l
 
 runner = CliRunner()
 
@@ -100,7 +101,7 @@ def test_eval_data_without_needed_fields(tiny_gpt2_dir):
 
 
 def test_gsm8k_model_answer_falls_back_to_the_last_boxed_number():
-    from trainer.evaluate import extract_model_answer
+    from trainer.generation_metrics import extract_model_answer
 
     assert extract_model_answer("so 48 + 24 = 72.\n#### 72") == "72"
     assert extract_model_answer("The answer is $\\boxed{1,000}$.") == "1000"
@@ -118,7 +119,7 @@ def test_gsm8k_scores_known_answers_and_asks_for_the_marker(tiny_tokenizer_dir, 
     \\boxed{}, wrong; the metric must score 2/3 and must have asked each question with the instruction."""
     from transformers import AutoTokenizer
 
-    import trainer.evaluate as ev
+    import trainer.generation_metrics as ev
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     seen = []
@@ -139,7 +140,7 @@ def test_gsm8k_scores_known_answers_and_asks_for_the_marker(tiny_tokenizer_dir, 
 
 
 def test_gsm8k_instruction_is_added_once():
-    from trainer.evaluate import GSM8K_INSTRUCTION, gsm8k_prompt
+    from trainer.generation_metrics import GSM8K_INSTRUCTION, gsm8k_prompt
 
     once = gsm8k_prompt("How many?")
     assert once == f"How many?\n\n{GSM8K_INSTRUCTION}" and gsm8k_prompt(once) == once
@@ -152,7 +153,7 @@ def test_prepared_gsm8k_prompts_are_the_ones_the_metric_asks(tmp_path, tiny_toke
 
     from common.templates import prompt_only_ids
     from examples.prepare_gsm8k import prepare_gsm8k
-    from trainer.evaluate import GSM8K_INSTRUCTION, prompts_for
+    from trainer.generation_metrics import GSM8K_INSTRUCTION, prompts_for
 
     out = tmp_path / "data" / "gsm8k_train.jsonl"
     assert prepare_gsm8k(str(out), source=str(GSM8K), limit=3) == 3

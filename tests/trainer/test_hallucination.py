@@ -257,7 +257,7 @@ def write_jsonl(path, rows):
 def test_gsm8k_metric_reports_the_hallucination_rates(tmp_path, tiny_tokenizer_dir, monkeypatch):
     from transformers import AutoTokenizer
 
-    import trainer.evaluate as ev
+    import trainer.generation_metrics as ev
 
     data = write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"Question {i}?", "answer": "#### 72"} for i in range(3)])
     answers = ["48/2 = <<48/2=24>>24 and 48 + 24 = 72\n#### 72", "3 * 4 = 13, so \\boxed{13}", "I do not know."]
