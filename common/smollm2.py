@@ -90,8 +90,7 @@ def convert_smollm2(gguf_path: Path, out_dir: Path) -> dict:
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    # imported here: common.tokenizers imports common.models, which imports this module
-    from common.tokenizers import vocab_fingerprint
+    from common.vocab import vocab_fingerprint
 
     start = time.time()
     folder, file_name = str(gguf_path.parent), gguf_path.name

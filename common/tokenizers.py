@@ -9,11 +9,10 @@ format or training.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from common.models import ModelError, model_folder
+from common.vocab import vocab_fingerprint  # noqa: F401 - part of this module's API
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
@@ -41,15 +40,3 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
 def tokenizer_of(name_or_path: str):
     """The tokenizer saved with a model (or in a tokenizer-only folder) named by a model name (common.models)."""
     return load_tokenizer(model_folder(name_or_path, need_config=False))
-
-
-def vocab_fingerprint(tokenizer) -> str:
-    """sha256 of the sorted (token, id) vocabulary plus the special tokens.
-
-    Two tokenizers that map the same strings to the same ids, with the same special tokens, hash the
-    same, whatever their class or file layout.
-    """
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted(set(tokenizer.all_special_tokens))
-    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

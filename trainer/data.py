@@ -294,3 +294,16 @@ def sequence_source(sequences: list, positions: list[int]) -> Source:
 
     lengths = np.asarray([len(s.input_ids) for s in chosen], dtype=np.int64)
     return Source(list(positions), lengths, np.arange(len(chosen)), read, False, 1)
+
+
+def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None,
+                    eval_fraction: float = EVAL_FRACTION) -> list[dict]:
+    """The cache's sequences to evaluate on (held-out ones by the trainer's rule, if asked)."""
+    out = []
+    picks = heldout_sequences(reader, eval_fraction) if heldout_only else [
+        (s, i) for s in range(reader.num_shards) for i in range(reader.shard(s).num_sequences)]
+    for shard, index in picks:
+        out.append(reader.shard(shard).read_sequence(index))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

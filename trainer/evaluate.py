@@ -46,6 +46,7 @@ import torch
 from common.sequences import load_sequences
 from shared.reader import CacheReader
 from trainer.config import EVAL_FRACTION, EvalConfig
+from trainer.data import cache_sequences
 from trainer.errors import EvalError
 from trainer.generation_metrics import (
     OPTIONAL,
@@ -55,30 +56,7 @@ from trainer.generation_metrics import (
     optional_metric_setup,
     rouge_metric,
 )
-
-
-def load_model(path: str, *, need_tokenizer: bool = True):
-    """(model, tokenizer) named by `path` under common.models' rule (a mistyped local path fails at once).
-
-    need_tokenizer: False for metrics on cache rows only, which read token ids and never text: the tokenizer
-    is then None, and a folder without one (a run's checkpoint holds weights only) will do.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from common.models import model_folder
-    from common.tokenizers import load_tokenizer
-
-    hf_logging.disable_progress_bar()
-    folder = model_folder(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        tokenizer = load_tokenizer(folder) if need_tokenizer else None
-    except OSError as exc:
-        raise EvalError(f"could not load model/tokenizer from {path}: {exc}") from exc
-    model.eval()
-    return model, tokenizer
-
+from trainer.student import load_model
 
 # ---------------------------------------------------------------------------------------------
 # ppl
@@ -209,21 +187,6 @@ def exposure(model, tokenizer, config: EvalConfig, eval_fraction: float) -> dict
                             greedy=config.greedy, max_length=config.max_length,
                             max_prompt_length=config.max_prompt_length, limit=config.limit, batch_size=config.batch_size)
     return {**value, "teacher": config.teacher}
-
-
-def cache_sequences(reader: CacheReader, *, heldout_only: bool, limit: int | None,
-                    eval_fraction: float = EVAL_FRACTION) -> list[dict]:
-    """The cache's sequences to evaluate on (held-out ones by the trainer's rule, if asked)."""
-    from trainer.data import heldout_sequences
-
-    out = []
-    picks = heldout_sequences(reader, eval_fraction) if heldout_only else [
-        (s, i) for s in range(reader.num_shards) for i in range(reader.shard(s).num_sequences)]
-    for shard, index in picks:
-        out.append(reader.shard(shard).read_sequence(index))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
 
 
 def run_record(model: str) -> tuple[dict, str] | None:

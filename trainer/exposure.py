@@ -80,7 +80,7 @@ def exposure_metric(model, tokenizer, teacher, cache: str, *, eval_fraction: flo
     model, teacher: causal LMs sharing the cache's tokenizer; tokenizer: the model's (for the stop tokens).
     """
     from shared.reader import CacheReader
-    from trainer.evaluate import cache_sequences
+    from trainer.data import cache_sequences
     from trainer.student import cache_token_ids
 
     reader = CacheReader(cache, verify_on_read=True)

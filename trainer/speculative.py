@@ -226,7 +226,7 @@ def speculative_prompts(tokenizer, config, eval_fraction: float) -> list[list[in
     from common.sequences import load_sequences
     from shared.reader import CacheReader
     from trainer.acceptance import continuation_prompt_length
-    from trainer.evaluate import cache_sequences
+    from trainer.data import cache_sequences
 
     if config.dataset:
         windows, _ = load_sequences(config.dataset, tokenizer, split=config.split, config=config.dataset_config,
@@ -251,7 +251,7 @@ def speculative_metric(model, tokenizer, config, eval_fraction: float) -> dict:
     for the same prompts (`estimate`; at temperature 0 also `replayed`, vLLM's counters predicted from the match
     bits, and how many of vLLM's outputs are the teacher's greedy continuation as transformers computes it)."""
     from common.models import model_folder
-    from trainer.evaluate import load_model
+    from trainer.student import load_model
 
     python, version = vllm_interpreter()  # before loading anything: a refusal costs nothing
     teacher = load_model(config.teacher, need_tokenizer=False)[0]

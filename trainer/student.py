@@ -24,6 +24,7 @@ from torch import nn
 
 from common.models import model_folder
 from common.tokenizers import vocab_fingerprint
+from trainer.errors import EvalError
 
 # model_type -> dotted path of the ModuleList of transformer layers.
 LAYER_LISTS = {
@@ -269,3 +270,26 @@ def packs_sequences(model) -> bool:
     finally:
         model.train(was_training)
     return bool(torch.allclose(packed, alone, rtol=1e-4, atol=1e-4))
+
+
+def load_model(path: str, *, need_tokenizer: bool = True):
+    """(model, tokenizer) named by `path` under common.models' rule (a mistyped local path fails at once).
+
+    need_tokenizer: False for metrics on cache rows only, which read token ids and never text: the tokenizer
+    is then None, and a folder without one (a run's checkpoint holds weights only) will do.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from common.models import model_folder
+    from common.tokenizers import load_tokenizer
+
+    hf_logging.disable_progress_bar()
+    folder = model_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder) if need_tokenizer else None
+    except OSError as exc:
+        raise EvalError(f"could not load model/tokenizer from {path}: {exc}") from exc
+    model.eval()
+    return model, tokenizer

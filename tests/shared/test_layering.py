@@ -68,6 +68,57 @@ def test_the_layering_check_sees_imports_inside_functions(tmp_path):
                                           "cacher/peer.py imports trainer"]
 
 
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """module -> the first-party modules it imports (anywhere in it, functions included), for the layered packages."""
+    modules = {}
+    for package in ALLOWED:
+        for path in sorted((root / package).rglob("*.py")):
+            name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = set()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    modules[name].update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    modules[name].add(node.module)
+    return {name: {m for m in deps if m in modules and m != name} for name, deps in modules.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk of the import graph closes (empty when there is none)."""
+    state, cycles = {}, []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_no_module_imports_itself_through_others():
+    """Issue 15: the import graph has no cycle, imports inside functions included (they hide one, not remove it)."""
+    assert import_cycles(module_imports(REPO)) == []
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    for package in ALLOWED:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "trainer" / "a.py").write_text("from trainer.b import f\n")
+    (tmp_path / "trainer" / "b.py").write_text("def f():\n    from trainer.a import g\n")
+    (tmp_path / "trainer" / "c.py").write_text("import trainer.a\n")
+    assert import_cycles(module_imports(tmp_path)) == [["trainer.a", "trainer.b", "trainer.a"]]
+
+
 CHILD = """if 1:
     import importlib, json, sys
     sys.path.insert(0, sys.argv[1])
