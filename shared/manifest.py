@@ -288,8 +288,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     if sections["settings"]["mode"] not in ("score", "generate"):
         raise CacheFormatError("manifest: settings.mode must be 'score' or 'generate', got "
                                f"{sections['settings']['mode']!r}")
-    tail_samples = tail_samples_of(sections["settings"])
-    try:
+    try:  # the settings' own checks name the field; the message must name the manifest too
+        tail_samples = tail_samples_of(sections["settings"])
         chunk_rows = chunk_rows_of(sections["settings"], top_k, vocab_size)
     except CacheFormatError as exc:
         raise CacheFormatError(f"manifest: {exc}") from exc
