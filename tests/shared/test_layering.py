@@ -57,13 +57,19 @@ def test_every_package_imports_only_the_layers_below_it():
     assert layer_violations(REPO) == []
 
 
-def test_the_layering_check_sees_imports_inside_functions(tmp_path):
+def fake_tree(root: Path, files: dict[str, str]) -> None:
+    """Every layered package as an empty package under root, plus the given modules (path -> source)."""
     for package in ALLOWED:
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / "common" / "leak.py").write_text("def f():\n    from trainer.train import train\n")
-    (tmp_path / "cacher" / "peer.py").write_text("import trainer.data\nfrom common import models\n")
-    (tmp_path / "shared" / "up.py").write_text("import os\nfrom common.datasets import load_rows\n")
+        (root / package).mkdir()
+        (root / package / "__init__.py").write_text("")
+    for path, source in files.items():
+        (root / path).write_text(source)
+
+
+def test_the_layering_check_sees_imports_inside_functions(tmp_path):
+    fake_tree(tmp_path, {"common/leak.py": "def f():\n    from trainer.train import train\n",
+                         "cacher/peer.py": "import trainer.data\nfrom common import models\n",
+                         "shared/up.py": "import os\nfrom common.datasets import load_rows\n"})
     assert layer_violations(tmp_path) == ["shared/up.py imports common", "common/leak.py imports trainer",
                                           "cacher/peer.py imports trainer"]
 
@@ -110,12 +116,9 @@ def test_no_module_imports_itself_through_others():
 
 
 def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
-    for package in ALLOWED:
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / "trainer" / "a.py").write_text("from trainer.b import f\n")
-    (tmp_path / "trainer" / "b.py").write_text("def f():\n    from trainer.a import g\n")
-    (tmp_path / "trainer" / "c.py").write_text("import trainer.a\n")
+    fake_tree(tmp_path, {"trainer/a.py": "from trainer.b import f\n",
+                         "trainer/b.py": "def f():\n    from trainer.a import g\n",
+                         "trainer/c.py": "import trainer.a\n"})
     assert import_cycles(module_imports(tmp_path)) == [["trainer.a", "trainer.b", "trainer.a"]]
 
 
