@@ -14,6 +14,7 @@ that saves the student).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -217,6 +218,7 @@ class RunFolder:
         self.path = path
         self._lock_fd: int | None = lock_fd
         self.marker: dict = {}
+        self.created = False  # open() made the folder: release() removes it again if the run wrote nothing there
 
     @classmethod
     def open(cls, out: str, *, resume: bool, overwrite: bool, log=print) -> RunFolder:
@@ -230,8 +232,10 @@ class RunFolder:
             entries = set(os.listdir(out)) - {LOCK_FILE, MARKER_FILE}
             if entries and read_marker(out) is None:  # refused before anything is created in someone's folder
                 _refuse_unmarked(out, entries)
+        created = not os.path.lexists(out)
         os.makedirs(out, exist_ok=True)
         folder = cls(out, _take_lock(out))
+        folder.created = created
         try:
             folder._prepare(resume=resume, overwrite=overwrite, log=log)  # looked at again, under the lock
         except BaseException:
@@ -312,12 +316,24 @@ class RunFolder:
         return names
 
     def release(self) -> None:
-        """Unlink the lock file, then drop the flock (in that order: see _take_lock's inode check)."""
+        """Unlink the lock file, then drop the flock (in that order: see _take_lock's inode check).
+
+        A folder that open() created and in which the run wrote nothing but its marker (a run refused before it
+        began: a bad cache, a student that does not fit) is removed, so that a refusal leaves nothing behind.
+        """
         if self._lock_fd is None:
             return
+        unused = self.created and not self.marker.get("files") and set(os.listdir(self.path)) <= {LOCK_FILE,
+                                                                                                    MARKER_FILE}
+        if unused:  # still under the lock: nobody else can be using the folder
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, MARKER_FILE))
         try:
             os.unlink(os.path.join(self.path, LOCK_FILE))
         except FileNotFoundError:
             pass
         os.close(self._lock_fd)
         self._lock_fd = None
+        if unused:
+            with contextlib.suppress(OSError):  # another run may have taken the empty folder meanwhile: leave it
+                os.rmdir(self.path)

@@ -61,6 +61,17 @@ def test_dataset_path_needs_ce(tmp_path, tiny_gpt2_dir):
 COMMON = ("--student-from-teacher", "--keep-layers", 1, "--steps", 1, "--batch-tokens", 256)
 
 
+def test_a_run_refused_at_the_cache_leaves_no_out_folder(cache, tmp_path):
+    """--out is claimed before the cache is opened; a refusal there removes the folder the run made (it held only
+    the marker), and a rerun with the right cache works in the same place."""
+    out = tmp_path / "o"
+    code, text = run("--cache", tmp_path / "no-such-cache", "--out", out, *COMMON)
+    assert code == 2 and "no-such-cache" in text and "kdcache build" in text, text
+    assert not out.exists()
+    code, text = run("--cache", cache, "--out", out, *COMMON)
+    assert code == 0, text
+
+
 def snapshot(folder) -> dict:
     """Every entry under folder (links not followed) with its kind and bytes: to show nothing changed."""
     out = {}

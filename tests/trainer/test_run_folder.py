@@ -35,6 +35,7 @@ def test_a_dead_holders_lock_file_is_taken_over(tmp_path):
     """A holder killed outright leaves run.lock naming it; the kernel dropped its flock, so the next run takes the
     folder (the file's body is only a description, never trusted to refuse)."""
     out = tmp_path / "run"
+    out.mkdir()  # not created by the run, so it stays after the first release
     RunFolder.open(str(out), resume=False, overwrite=False, log=quiet).release()
     (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "since": "2026-01-01"}))
     folder = RunFolder.open(str(out), resume=True, overwrite=False, log=quiet)
@@ -42,6 +43,26 @@ def test_a_dead_holders_lock_file_is_taken_over(tmp_path):
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     finally:
         folder.release()
+
+
+def test_a_folder_the_run_created_and_left_unused_is_removed_on_release(tmp_path):
+    """A run refused after --out was claimed (a bad cache, a student that does not fit) leaves nothing behind:
+    the folder it made, holding only the marker, goes. A folder that was there before stays, and so does one the
+    run wrote into."""
+    made = tmp_path / "made"
+    RunFolder.open(str(made), resume=False, overwrite=False, log=quiet).release()
+    assert not made.exists()
+
+    there = tmp_path / "there"
+    there.mkdir()
+    RunFolder.open(str(there), resume=False, overwrite=False, log=quiet).release()
+    assert sorted(os.listdir(there)) == [MARKER_FILE]  # marked: the next run may use it
+
+    used = tmp_path / "used"
+    folder = RunFolder.open(str(used), resume=False, overwrite=False, log=quiet)
+    folder.write_json("run.json", {"status": "failed"})
+    folder.release()
+    assert sorted(os.listdir(used)) == [MARKER_FILE, "run.json"]
 
 
 def write_student(files: dict):
