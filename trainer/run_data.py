@@ -70,10 +70,10 @@ def open_cache(config: TrainConfig, log) -> CacheReader:
 
 
 def mix_sources(config: TrainConfig, reader: CacheReader | None, log) -> tuple[tuple[Source, ...], dict]:
-    """((the training sequences of {mix_cache},), what a checkpoint must agree on) (trainer/mixed.py); ((), {})
-    without it."""
+    """((the training sequences of {mix_cache},), what a checkpoint must agree on) (trainer/mixed.py); without it
+    (), and the same keys saying there is no mix, so that a resume that adds or drops {mix_cache} is refused too."""
     if config.mix_cache is None:
-        return (), {}
+        return (), {"mix_cache_key": None, "mix": 0.0}
     mix_reader = open_cache(replace(config, cache=config.mix_cache), log)
     source = mix_source(mix_reader, reader, config.eval_fraction, has_teacher=config.loss != "ce",
                         tail_samples=uses_tail_samples(config, mix_reader), window_blocks=SHUFFLE_WINDOW_BLOCKS)
@@ -157,11 +157,13 @@ def student_context(model) -> tuple[int, str] | None:
     return None
 
 
-def check_context(config: TrainConfig, model, student_name: str, sources: tuple[Source, ...]) -> None:
+def check_context(config: TrainConfig, model, student_name: str,
+                  caches: list[tuple[str | None, tuple[Source, ...]]]) -> None:
     """Refuse, before training, sequences longer than the student's context (they crashed deep inside torch).
 
-    kdtrain never cuts a cache's sequences: the teacher's rows of a cut window would describe a context the
-    student does not see.
+    caches: (a cache's URL, its sources) for each cache the run reads ({cache}, {mix_cache}); the refusal names the
+    cache the longest sequence is in. kdtrain never cuts a cache's sequences: the teacher's rows of a cut window would
+    describe a context the student does not see.
     """
     context = student_context(model)
     if context is None:
@@ -170,11 +172,13 @@ def check_context(config: TrainConfig, model, student_name: str, sources: tuple[
     if config.cache is None and config.max_length > limit:
         raise TrainError(f"{{max_length}} {config.max_length} exceeds the context of student {student_name} ({key} = "
                          f"{limit} tokens); use {{max_length}} {limit} or less")
-    longer = [(int(src.lengths[i]), src.ids[i]) for src in sources for i in np.flatnonzero(src.lengths > limit)]
-    if longer:
+    for url, sources in caches:
+        longer = [(int(src.lengths[i]), src.ids[i]) for src in sources for i in np.flatnonzero(src.lengths > limit)]
+        if not longer:
+            continue
         length, where = max(longer, key=lambda item: item[0])
-        where = f"shard {where[0]} sequence {where[1]}" if config.cache else f"sequence {where}"
-        raise TrainError(f"cache {config.cache}: {len(longer)} sequence(s) are longer than the context of student "
+        where = f"shard {where[0]} sequence {where[1]}" if url else f"sequence {where}"
+        raise TrainError(f"cache {url}: {len(longer)} sequence(s) are longer than the context of student "
                          f"{student_name} ({key} = {limit} tokens), the longest {where} with "
                          f"{length} tokens; kdtrain does not cut a cache's sequences (the teacher's rows describe the "
                          f"whole window): use a student with a context of at least {length}, or rebuild the cache with "

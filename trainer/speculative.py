@@ -155,7 +155,9 @@ def hf_estimate(model, teacher, prompts: list[list[int]], *, num_draft_tokens: i
     """kdcache's figures for vLLM's run on the same prompts (module docstring). Temperature 0 also gives the
     replayed counts and the teacher's greedy continuations (to compare with vLLM's outputs)."""
     generator = torch.Generator().manual_seed(seed)
-    extra = num_draft_tokens if temperature == 0 else 0  # the last step's drafts may reach past the limit
+    # Positions 1 .. N-1 are drafted (token 0 comes from the teacher's prefill), so the continuation is N tokens;
+    # at temperature 0 the replay also needs what the last step's drafts may reach past the limit.
+    extra = num_draft_tokens if temperature == 0 else 1
     rates, replays, continuations = [], [], []
     for prompt in prompts:
         continuation = teacher_continuation(teacher, prompt, num_new_tokens - 1 + extra, temperature, generator)

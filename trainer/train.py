@@ -154,7 +154,7 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
     model, tokenizer, student_name, num_ids = prepare_student(config, teacher_path, reader, log)
     train_src, eval_src, data_info = split_data(config, reader, tokenizer)
     mixed, mix_state = mix_sources(config, reader, log)  # () or (the mix cache's source,)
-    check_context(config, model, student_name, (train_src, eval_src, *mixed))
+    check_context(config, model, student_name, [(config.cache, (train_src, eval_src)), (config.mix_cache, mixed)])
     if "teacher_outcomes" in data_info:
         log(f"teacher targets: {data_info['teacher_outcomes']}")
     eval_batches = heldout_batches(eval_src, config.batch_tokens)

@@ -140,6 +140,42 @@ def test_resuming_with_another_mix_is_refused(tiny_cache, mix_cache, tmp_path):
         mixed_run(tiny_cache, mix_cache, tmp_path / "r", save_every=2, resume=True, mix=0.6)
 
 
+def test_resuming_with_a_mix_added_or_dropped_is_refused(tiny_cache, mix_cache, tmp_path):
+    """A mixed checkpoint resumed without {mix_cache}, or a plain one resumed with it, would restart the data order
+    (or crash on the other cursor's shape): both are refused as other data settings."""
+    from trainer.config import TrainConfig
+    from trainer.errors import TrainError
+    from trainer.train import train
+
+    mixed_run(tiny_cache, mix_cache, tmp_path / "mixed", save_every=2, stop_after=2)
+    plain = {"cache": tiny_cache, "student_from_teacher": True, "keep_layers": 1, "batch_tokens": 256, "seed": 2,
+             "steps": 12, "grad_accum": 2, "lr": 2e-3}
+    with pytest.raises(TrainError, match=r"other data settings \(mix_cache_key '[0-9a-f]{64}' -> None; mix 0.4 -> 0.0"):
+        train(TrainConfig(out=str(tmp_path / "mixed"), resume=True, **plain), log=quiet)
+    train(TrainConfig(out=str(tmp_path / "plain"), save_every=2, stop_after=2, **plain), log=quiet)
+    with pytest.raises(TrainError, match=r"other data settings \(mix_cache_key None -> '[0-9a-f]{64}'; mix 0.0 -> 0.4"):
+        mixed_run(tiny_cache, mix_cache, tmp_path / "plain", save_every=2, resume=True)
+
+
+def test_a_mix_caches_sequence_too_long_for_the_student_is_refused_naming_the_mix_cache(tiny_llama_dir, tiny_cache,
+                                                                                         tmp_path):
+    """The main cache's windows fit the student (32 of its 48 positions), the mix cache's (64) do not: the refusal
+    names the mix cache, where the sequence is."""
+    import json
+
+    from tests.trainer.teacher_cache import write_teacher_cache
+    from trainer.config import TrainConfig
+    from trainer.errors import TrainError
+    from trainer.train import train
+
+    short = write_teacher_cache(str(tmp_path / "short"), tiny_llama_dir, num_sequences=30, max_length=32, top_k=8)
+    config = tmp_path / "student.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 48}))
+    with pytest.raises(TrainError, match=rf"^cache {tiny_cache}: \d+ sequence\(s\) are longer than the context"):
+        train(TrainConfig(out=str(tmp_path / "o"), cache=short, mix_cache=tiny_cache, mix=0.5,
+                          student_config=str(config), steps=1, batch_tokens=256), log=quiet)
+
+
 def test_a_mix_cache_of_another_tokenizer_is_refused(tiny_cache, tmp_path):
     from tests.conftest import build_tiny_model
     from tests.trainer.teacher_cache import write_teacher_cache

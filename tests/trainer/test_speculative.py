@@ -117,6 +117,23 @@ def test_hf_side_against_a_dense_reference(tiny_pair):
     assert drafted["estimate"]["rate"] == pytest.approx(sum(bits[1:10]) / 9)
 
 
+@pytest.mark.parametrize("num_new_tokens", [2, 10])
+def test_hf_estimate_at_temperature_above_zero_averages_the_same_positions(tiny_pair, num_new_tokens):
+    """At t > 0 the estimate averages positions 1 .. N-1 of an N-token sampled continuation, as at t = 0 (vLLM drafts
+    those); the teacher drafting for itself has the mean of its own top probabilities there (dense reference)."""
+    teacher = _load(tiny_pair[0])
+    prompt = [5, 17, 42, 9, 100]
+    out = hf_estimate(teacher, teacher, [prompt], num_draft_tokens=3, num_new_tokens=num_new_tokens, temperature=0.7,
+                      seed=3)
+    continuation = out["continuations"][0]
+    assert len(continuation) == num_new_tokens and out["num_positions"] == num_new_tokens - 1
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        probs = torch.softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / 0.7, -1)
+    top = probs.max(-1).values[1:num_new_tokens]
+    assert out["estimate"]["rate"] == pytest.approx(float(top.mean()), rel=1e-5)
+
+
 def test_the_host_imports_only_the_standard_library_and_vllm():
     """speculative_host.py runs by path in the vLLM interpreter, where kdcache and its dependencies are absent."""
     tree = ast.parse(HOST.read_text())
