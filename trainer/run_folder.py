@@ -218,7 +218,7 @@ class RunFolder:
         self.path = path
         self._lock_fd: int | None = lock_fd
         self.marker: dict = {}
-        self.created = False  # open() made the folder: release() removes it again if the run wrote nothing there
+        self.created: list[str] = []  # the folders open() made, --out first: release() removes them again if unused
 
     @classmethod
     def open(cls, out: str, *, resume: bool, overwrite: bool, log=print) -> RunFolder:
@@ -232,7 +232,10 @@ class RunFolder:
             entries = set(os.listdir(out)) - {LOCK_FILE, MARKER_FILE}
             if entries and read_marker(out) is None:  # refused before anything is created in someone's folder
                 _refuse_unmarked(out, entries)
-        created = not os.path.lexists(out)
+        created, missing = [], os.path.abspath(out)
+        while not os.path.lexists(missing):  # --out and the parents makedirs is about to create
+            created.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(out, exist_ok=True)
         folder = cls(out, _take_lock(out))
         folder.created = created
@@ -319,12 +322,13 @@ class RunFolder:
         """Unlink the lock file, then drop the flock (in that order: see _take_lock's inode check).
 
         A folder that open() created and in which the run wrote nothing but its marker (a run refused before it
-        began: a bad cache, a student that does not fit) is removed, so that a refusal leaves nothing behind.
+        began: a bad cache, a student that does not fit) is removed, with the parents open() created for it, so that a
+        refusal leaves nothing behind.
         """
         if self._lock_fd is None:
             return
-        unused = self.created and not self.marker.get("files") and set(os.listdir(self.path)) <= {LOCK_FILE,
-                                                                                                    MARKER_FILE}
+        unused = bool(self.created) and not self.marker.get("files") and set(os.listdir(self.path)) <= {
+            LOCK_FILE, MARKER_FILE}
         if unused:  # still under the lock: nobody else can be using the folder
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, MARKER_FILE))
@@ -335,5 +339,6 @@ class RunFolder:
         os.close(self._lock_fd)
         self._lock_fd = None
         if unused:
-            with contextlib.suppress(OSError):  # another run may have taken the empty folder meanwhile: leave it
-                os.rmdir(self.path)
+            with contextlib.suppress(OSError):  # another run may have taken an empty folder meanwhile: leave it
+                for path in self.created:
+                    os.rmdir(path)

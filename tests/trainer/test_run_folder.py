@@ -52,6 +52,8 @@ def test_a_folder_the_run_created_and_left_unused_is_removed_on_release(tmp_path
     made = tmp_path / "made"
     RunFolder.open(str(made), resume=False, overwrite=False, log=quiet).release()
     assert not made.exists()
+    RunFolder.open(str(made / "a" / "b"), resume=False, overwrite=False, log=quiet).release()
+    assert sorted(os.listdir(tmp_path)) == []  # the parents it created for --out go too
 
     there = tmp_path / "there"
     there.mkdir()
