@@ -19,7 +19,7 @@ from cacher.errors import BuildError
 from common.datasets import DEFAULT_DATASET
 from common.settings import check_choices
 from common.smollm2 import EMBEDDED_DEFAULT
-from common.templates import PROMPT_TEMPLATES
+from common.templates import PROMPT_TEMPLATES, check_template_options
 from shared.format import MAX_TAIL_SAMPLES
 from shared.writer import DEFAULT_CHUNK_ROWS
 
@@ -126,13 +126,7 @@ class BuildConfig:
                              "its full distribution. Pass {engine} hf, or drop {tail_samples}")
         if self.max_length < 2:
             raise BuildError(f"{{max_length}} must be >= 2, got {self.max_length}")
-        if self.prompt_field is None and (self.prompt_template is not None or self.input_field is not None):
-            option = "{prompt_template}" if self.prompt_template is not None else "{input_field}"
-            raise BuildError(f"{option} formats prompts of prompt/response data: give {{prompt_field}} and "
-                             "{response_field}")
-        if self.input_field is not None and self.prompt_template != "minillm":
-            raise BuildError(f"{{input_field}} {self.input_field} is read by {{prompt_template}} minillm only (its "
-                             "'### Input:' section); add {prompt_template} minillm, or drop {input_field}")
+        check_template_options(self.prompt_template, self.input_field, pairs=self.prompt_field is not None)
         for name in ("shard_tokens", "batch_tokens", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise BuildError(f"{{{name}}} must be >= 1, got {getattr(self, name)}")

@@ -73,17 +73,19 @@ def interval(values, counts=None, transform: str | None = None, *, resamples: in
 
 
 def paired_difference(a_values, a_counts, b_values, b_counts, transform: str | None = None, *,
-                      resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = SEED) -> dict | None:
+                      same_counts: bool = True, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
+                      seed: int = SEED) -> dict | None:
     """Model a's metric minus model b's on the same items, with its paired bootstrap interval.
 
     a_*, b_*: per-sequence sums of the two models, in the same sequence order (counts None: one per item).
-    Returns {"difference", "interval": [low, high], "within_noise", "num_items", "num_tokens"}, or None when the
-    two were not scored on the same items (other lengths, or other token counts per sequence: another held-out
-    set), so they cannot be paired.
+    Returns {"difference", "interval": [low, high], "within_noise", "num_items", "num_tokens"} (num_tokens: a's),
+    or None when the two were not scored on the same items (other lengths, or, with same_counts, other token counts
+    per sequence: another held-out set), so they cannot be paired. same_counts=False pairs items whose token counts
+    differ by nature: each model's own samples of the same prompts.
     """
     av, ac = _arrays(a_values, a_counts)
     bv, bc = _arrays(b_values, b_counts)
-    if av.size == 0 or av.shape != bv.shape or not np.array_equal(ac, bc):
+    if av.size == 0 or av.shape != bv.shape or (same_counts and not np.array_equal(ac, bc)):
         return None
     difference = float(ratio(av, ac, transform) - ratio(bv, bc, transform))
     weights = _draws(av.size, resamples, seed)  # (R, N): both models see the same draws

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from orchestration.caches import read_manifest
-from orchestration.noise import CONFIDENCE, RESAMPLES, SEED, interval, paired_difference, ratio
+from orchestration.noise import CONFIDENCE, interval, paired_difference
 from orchestration.plan import ONPOLICY, TEACHER
 from orchestration.report_md import md_text
 from orchestration.results import read_json
@@ -93,19 +93,6 @@ def _per_prompt(exposure: dict) -> tuple[np.ndarray, np.ndarray] | None:
         shape).sum(0)
 
 
-def _paired_prompts(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict | None:
-    """a's exposure KL minus b's with the paired bootstrap interval over prompts (orchestration/noise.py's rule)."""
-    if a[0].shape != b[0].shape or a[0].size == 0:
-        return None
-    picks = np.random.default_rng(SEED).integers(0, a[0].size, size=(RESAMPLES, a[0].size))
-    weights = np.stack([np.bincount(row, minlength=a[0].size) for row in picks])
-    samples = ratio(weights * a[0], weights * a[1]) - ratio(weights * b[0], weights * b[1])
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = (float(x) for x in np.percentile(samples, [tail, 100 - tail]))
-    return {"difference": float(ratio(*a) - ratio(*b)), "interval": [low, high], "within_noise": low <= 0 <= high,
-            "num_items": int(a[0].size)}
-
-
 def onpolicy_comparison(plan, stages, markers: dict, rows: list[dict], items: dict) -> list[dict]:
     """One entry per on-policy student: {"student", "rounds", "samples", "mix", "steps_per_round", "ways": [{"way",
     "node", "metrics", "intervals", "cost"}], "differences": [{"way", "against", "metrics": {title: {"difference",
@@ -138,7 +125,8 @@ def onpolicy_comparison(plan, stages, markers: dict, rows: list[dict], items: di
                 if a and b:
                     compared[title] = paired_difference(a[0], a[1], b[0], b[1], a[2])
             if prompts.get(mine) is not None and prompts.get(theirs) is not None:
-                compared[EXPOSURE] = _paired_prompts(prompts[mine], prompts[theirs])
+                # each model's own samples of the same prompts: their token counts differ by nature
+                compared[EXPOSURE] = paired_difference(*prompts[mine], *prompts[theirs], same_counts=False)
             differences.append({"way": ways[0]["way"], "against": other["way"],
                                 "metrics": {t: d for t, d in compared.items() if d is not None}})
         out.append({"student": student, "rounds": plan.onpolicy["rounds"], "samples": plan.onpolicy["samples"],

@@ -93,6 +93,12 @@ def command_of(kind: str, settings: dict, *, overwrite: bool = False) -> list[st
     return python_cli(module) + [subcommand] + to_argv(config, keep=frozenset(settings)) + flags
 
 
+def heldout_fraction(plan: Plan) -> float:
+    """The share of the data every model of the plan is evaluated on (train.eval_fraction): the teacher it makes
+    and the on-policy prompts hold it out too."""
+    return plan.train.get("eval_fraction", default_of("train", "eval_fraction"))
+
+
 def nodes_of(plan: Plan) -> list[str]:
     """Every trained node, e.g. 'teacher>assistant>student', deduplicated, parents first."""
     seen: list[str] = []
@@ -150,7 +156,7 @@ def stages_of(plan: Plan) -> list[Stage]:
 
     if "make" in plan.teacher:  # the teacher is made first (kdtrain make-teacher), into the plan's teacher folder
         # it holds out the rows the plan evaluates every model on (unless the plan says otherwise for it)
-        make = {"eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction")),
+        make = {"eval_fraction": heldout_fraction(plan),
                 **plan.teacher["make"]}
         add("make", TEACHER, {**make, "out": plan.teacher["model"]}, {"dataset": ("local", make["dataset"])},
             run=plan.teacher["model"])
@@ -229,7 +235,7 @@ def _generate_stage(plan: Plan, student: str, previous: str | None, r: int, samp
         head, inputs = {"model": spec["model"]}, {"model": ("local", spec["model"])}
     data_keys = {o.name for o in options_of(settings_class("generate")) if o.section == "data"}
     settings = {**head, **{k: v for k, v in plan.data.items() if k in data_keys}, "prompts": "train",
-                "eval_fraction": train.get("eval_fraction", default_of("train", "eval_fraction")),
+                "eval_fraction": train.get("eval_fraction", heldout_fraction(plan)),
                 "num_samples": op["samples"], "seed": train.get("seed", default_of("train", "seed")), "round": r,
                 "out": samples}
     for key, name in (("sample_temperature", "temperature"), ("max_new_tokens", "max_new_tokens")):
@@ -273,7 +279,7 @@ def _exposure_stage(plan: Plan, node: str, out_file: str) -> tuple[dict, dict]:
     teacher = plan.teacher["model"] if os.path.isdir(plan.teacher["model"]) else TEACHER_FOLDER
     settings = {"model": model_dir_of(plan, node), "metrics": ["exposure"], "teacher": teacher,
                 "cache": CACHE_REF.format(TEACHER), "out": out_file,
-                "eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction")),
+                "eval_fraction": heldout_fraction(plan),
                 "max_length": plan.data.get("max_length", default_of("cache", "max_length")),
                 **{k: plan.eval[k] for k in ("seeds", "greedy", "batch_size", "limit") if k in plan.eval}}
     teacher_stage = stage_id("cache", TEACHER)
@@ -341,7 +347,7 @@ def _eval_stage(plan: Plan, node: str, out_file: str) -> tuple[dict, dict]:
     else:
         model, inputs = model_dir_of(plan, node), {"model": ("stage", stage_id("train", node))}
     head = {"model": model, "metrics": list(metrics), "out": out_file,
-            "eval_fraction": plan.train.get("eval_fraction", default_of("train", "eval_fraction"))}
+            "eval_fraction": heldout_fraction(plan)}
     if "agreement" in metrics or "acceptance" in metrics or ("ppl" in metrics and "dataset" not in settings):
         head["cache"] = CACHE_REF.format(TEACHER)
         inputs["cache"] = ("stage", stage_id("cache", TEACHER))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from common.settings import SettingError, check_choices
+from common.templates import PROMPT_TEMPLATES
 from trainer.config import EVAL_FRACTION
 
 GENERATED_BY = "kdtrain generate"
@@ -65,7 +66,7 @@ class GenerateConfig:
     """Configuration (subset) of a hub or folder data set that has several."""
     split: str | None = field(default=None, metadata=DATA)
     """Split of the data set (default: train)."""
-    prompt_template: Literal["chat", "plain", "minillm"] | None = field(default=None, metadata=DATA)
+    prompt_template: Literal[PROMPT_TEMPLATES] | None = field(default=None, metadata=DATA)
     """How prompts are formatted, as kdcache build's (default: chat when the tokenizer has a chat template, else plain)."""
     input_field: str | None = field(default=None, metadata=DATA)
     """Field holding the minillm template's input."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from common.settings import SettingError, check_choices
+from common.templates import PROMPT_TEMPLATES
 from trainer.config import EVAL_FRACTION
 
 OUTPUT = {"plan": False, "identity": False}  # where it writes and how it resumes: set by whoever runs it
@@ -47,7 +48,7 @@ class MakeTeacherConfig:
     """Field holding the prompt of prompt/response data (with --response-field); the teacher learns the responses."""
     response_field: str | None = None
     """Field holding the response of prompt/response data."""
-    prompt_template: Literal["chat", "plain", "minillm"] | None = None
+    prompt_template: Literal[PROMPT_TEMPLATES] | None = None
     """How prompts are formatted, as kdcache build's (default: chat; the tokenizer made here has a chat template)."""
     limit: int | None = None
     """Use only the first N sequences of the data set."""

@@ -168,8 +168,8 @@ BAD_INPUTS = {
     "unknown prompt template": (lambda m, t: [*GSM8K_PAIRS, "--prompt-template", "alpaca"],
                                 ["--prompt-template must be one of chat, plain, minillm; got 'alpaca'"]),
     "prompt template on text data": (lambda m, t: ["--prompt-template", "minillm"],
-                                     [("--prompt-template formats prompts of prompt/response data: give --prompt-field "
-                                       "and --response-field")]),
+                                     [("--prompt-template applies to prompt/response data: give --prompt-field and "
+                                       "--response-field too")]),
     "input field without minillm": (lambda m, t: [*GSM8K_PAIRS, "--input-field", "answer"],
                                     ["--input-field answer is read by --prompt-template minillm only",
                                      "add --prompt-template minillm, or drop --input-field"]),

@@ -37,6 +37,18 @@ def test_other_held_out_sets_are_not_paired():
         interval([1.0, 2.0], [3])
 
 
+def test_each_models_own_samples_pair_by_prompt_when_counts_may_differ():
+    """Exposure: each model samples the same prompts at its own lengths; same_counts=False pairs them by prompt.
+    Per token, b is a's rate + 0.1 on every prompt, so every draw's difference is exactly -0.1."""
+    a_tokens, b_tokens = np.array([4.0, 9.0, 5.0, 12.0]), np.array([6.0, 3.0, 8.0, 10.0])
+    a = [0.5 * n for n in a_tokens]
+    b = [0.6 * n for n in b_tokens]
+    assert paired_difference(a, a_tokens, b, b_tokens) is None  # as held-out sets, other counts do not pair
+    out = paired_difference(a, a_tokens, b, b_tokens, same_counts=False)
+    assert out["difference"] == pytest.approx(-0.1) and out["interval"] == pytest.approx([-0.1, -0.1])
+    assert out["within_noise"] is False and out["num_items"] == 4 and out["num_tokens"] == 30
+
+
 def test_paired_interval_matches_the_normal_approximation():
     """400 items with one count each: the bootstrap's 95% interval of a mean difference is mean +- 1.96 sd/sqrt(n)
     to within a few percent (the central limit theorem; computed here without the bootstrap)."""

@@ -55,7 +55,7 @@ def test_a_bad_loss_is_refused_at_start_naming_the_key_and_the_choices(tmp_path,
                                                         "only the top log-probs of a prompt, not its full "
                                                         "distribution. Pass cache.engine hf, or drop "
                                                         "cache.tail_samples")),
-    ({"data": {"dataset": "x.jsonl", "input_field": "context"}}, ("plan: data.input_field formats prompts of "
+    ({"data": {"dataset": "x.jsonl", "input_field": "context"}}, ("plan: data.input_field applies to "
                                                                   "prompt/response data: give data.prompt_field")),
     ({"eval": {"metrics": ["rouge"]}}, ("needs eval.prompt_field and eval.response_field (prompts and references) "
                                         "(stage eval")),
