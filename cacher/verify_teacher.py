@@ -119,7 +119,7 @@ def check_against_teacher(url: str, *, num_rows: int, seed: int = 0, model: str 
                             f"{recorded[:12]}...): the rows are compared with this model anyway")
     picks = choose_rows(reader, num_rows, seed)
     log(f"recomputing {len(picks)} row(s) (seed {seed}) with {folder} ({engine} cache, {dtype})")
-    teacher = load_hf_teacher(folder, dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
+    teacher = load_hf_teacher(folder, dtype=dtype)  # one of ABSOLUTE's dtypes, checked above
     by_sequence: dict[tuple[int, int], list[int]] = {}
     for shard, row in picks:
         offsets = reader.shard(shard).offsets

@@ -207,10 +207,10 @@ def generate_samples(config: GenerateConfig, *, log=print) -> dict:
     for (seq, sample), prompt, (ids, finished) in zip(jobs, prompts, results):
         text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False)
         row = rows[seq.source_index]
-        record = {"prompt": row_text(row, config.prompt_field, seq.source_index, "--prompt-field", config.dataset),
+        record = {"prompt": row_text(row, config.prompt_field, seq.source_index, "{prompt_field}", config.dataset),
                   "response": text}
         if config.input_field:
-            record["input"] = row_text(row, config.input_field, seq.source_index, "--input-field", config.dataset)
+            record["input"] = row_text(row, config.input_field, seq.source_index, "{input_field}", config.dataset)
         exact = _scored_as_sampled(tokenizer, record, template, ids)
         record.update(token_ids=prompt + ids, response_ids=ids, source_index=seq.source_index, sample=sample, round=config.round, model=config.model,
                       model_sha256=sha, keep_layers=config.keep_layers, finished=finished, exact=exact,

@@ -124,12 +124,6 @@ def gsm8k_prompt(question: str, instruction: str = GSM8K_INSTRUCTION) -> str:
     return f"{question}\n\n{instruction}"
 
 
-def extract_model_answer(text: str) -> str | None:
-    """A model's final answer: common.gsm8k.extract_gsm8k_answer (the number after the last '####', else in the
-    last \\boxed{...}; '1,000' -> '1000', '3.50' -> '3.5'), the rule --filter gsm8k-answer uses too."""
-    return extract_gsm8k_answer(text)
-
-
 def gsm8k_metric(model, tokenizer, config: EvalConfig) -> dict:
     prompts, refs, counts = prompts_for(config, tokenizer, "gsm8k")
     max_new = max(1, config.max_length - config.max_prompt_length)

@@ -122,7 +122,7 @@ def tokenizer_text(config: MakeTeacherConfig) -> str:
     parts, size = [], 0
     for index, row in enumerate(rows):
         for name in fields:
-            text = row_text(row, name, index, "--" + name.replace("_", "-"), config.dataset)
+            text = row_text(row, name, index, "{" + name + "}", config.dataset)
             parts.append(text)
             size += len(text) + 1
         if size >= TOKENIZER_CHARS:

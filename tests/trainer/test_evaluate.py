@@ -101,16 +101,11 @@ def test_eval_data_without_needed_fields(tiny_gpt2_dir):
 
 
 def test_gsm8k_model_answer_falls_back_to_the_last_boxed_number():
-    from trainer.generation_metrics import extract_model_answer
-
-    assert extract_model_answer("so 48 + 24 = 72.\n#### 72") == "72"
-    assert extract_model_answer("The answer is $\\boxed{1,000}$.") == "1000"
-    assert extract_model_answer("first \\boxed{3} then \\boxed{\\$4.50}") == "4.5"  # the last box counts
-    assert extract_model_answer("#### 7 and \\boxed{8}") == "7"  # '####' wins when both are there
-    assert extract_model_answer("no final answer 42") is None
-    # one reader for the metric and for kdcache build --filter gsm8k-answer (common.gsm8k)
-    for text in ("#### 72", "so \\boxed{1,000}.", "\\boxed{3} and \\boxed{\\$4.50}", "#### 7 \\boxed{8}", "none 42"):
-        assert extract_model_answer(text) == extract_gsm8k_answer(text)
+    """common.gsm8k.extract_gsm8k_answer: the one reader of the gsm8k metric and of kdcache build --filter gsm8k-answer."""
+    assert extract_gsm8k_answer("so 48 + 24 = 72.\n#### 72") == "72"
+    assert extract_gsm8k_answer("first \\boxed{3} then \\boxed{\\$4.50}") == "4.5"  # the last box counts
+    assert extract_gsm8k_answer("#### 7 and \\boxed{8}") == "7"  # '####' wins when both are there
+    assert extract_gsm8k_answer("no final answer 42") is None
     assert extract_gsm8k_answer("The answer is $\\boxed{1,000}$.") == "1000"
 
 
