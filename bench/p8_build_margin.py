@@ -12,6 +12,8 @@ also fills the build's caches under $KDCACHE_HOME); ratios are medians of per-re
 Beside the wall clock, CPU seconds (user + system) of the build process and of its children (the compressing
 processes), and of the bare forward: on a machine shared with other work the wall clock of minute-long runs
 swings by 2x, the work done does not. cpu_* figures are per token at the margin, and start-up, in CPU seconds.
+bare_script_startup_* is what a plain script pays before its first token (import torch and transformers, load the
+tokenizer and the weights); *startup_beyond_bare_script_s is the part of a build's start-up that kdcache adds to it.
 
   python bench/p8_build_margin.py                     # the tiny teacher (bench.common.tiny_teacher), K=16, 65k / 280k tokens
   python bench/p8_build_margin.py --model PATH --dataset FILE
@@ -59,6 +61,30 @@ usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSA
 print("P8CPU " + json.dumps([u.ru_utime + u.ru_stime for u in usage]), flush=True)
 sys.exit(code)
 """
+
+
+# What any script that loads the teacher with transformers pays before its first token: the imports, the tokenizer
+# and the weights; the floor under a build's start-up on this machine (kdcache's own share is the rest).
+BARE_SCRIPT = """
+import json, resource, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1])
+AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print("P8CPU " + json.dumps([usage.ru_utime + usage.ru_stime, 0.0]), flush=True)
+"""
+
+
+def bare_script_startup(model: str) -> tuple[float, float]:
+    """(wall s, CPU s) of BARE_SCRIPT in a fresh interpreter."""
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", BARE_SCRIPT, model], capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        raise SystemExit(f"the bare transformers script failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    line = next(x for x in reversed(run.stdout.splitlines()) if x.startswith("P8CPU "))
+    return seconds, json.loads(line[6:])[0]
 
 
 def build_command(args, num_windows: int, out: str) -> list[str]:
@@ -171,7 +197,7 @@ def main(argv=None):
     small, large = (math.ceil(n / args.max_length) for n in (args.small_tokens, args.large_tokens))
     bare, bare_tokens = bare_forward(args, large)
     repos = {"": REPO, **({"baseline_": args.baseline.resolve()} if args.baseline else {})}
-    times = {"bare": [], **{f"{name}{size}": [] for name in repos for size in ("small", "large")}}
+    times = {"bare": [], "script": [], **{f"{name}{size}": [] for name in repos for size in ("small", "large")}}
     cpu = {key: [] for key in times}  # bare: CPU s; builds: [process, children] CPU s
     logs = {}
     with tempfile.TemporaryDirectory(prefix="p8-") as work:
@@ -184,6 +210,9 @@ def main(argv=None):
             bare()
             times["bare"].append(time.perf_counter() - started)
             cpu["bare"].append(time.process_time() - started_cpu)
+            seconds, used = bare_script_startup(args.model)
+            times["script"].append(seconds)
+            cpu["script"].append(used)
             for name, repo in repos.items():
                 seconds, small_tokens, _, used = timed_build(args, small, work, repo)
                 times[f"{name}small"].append(seconds)
@@ -197,7 +226,8 @@ def main(argv=None):
     result = {"id": "P8", "model": args.model, "dataset": args.dataset, "top_k": args.top_k,
               "max_length": args.max_length, "small_tokens": small_tokens, "large_tokens": large_tokens,
               "repeats": args.repeats, "bare_tokens_per_s": median(bare_rate), "bare_s": times["bare"],
-              "bare_cpu_us_per_token": 1e6 * median(cpu["bare"]) / bare_tokens}
+              "bare_cpu_us_per_token": 1e6 * median(cpu["bare"]) / bare_tokens,
+              "bare_script_startup_s": median(times["script"]), "bare_script_startup_cpu_s": median(cpu["script"])}
     for name in repos:
         small_s, large_s = times[f"{name}small"], times[f"{name}large"]
         margin = [(large_tokens - small_tokens) / (tl - ts) for ts, tl in zip(small_s, large_s)]
@@ -209,6 +239,9 @@ def main(argv=None):
             f"{name}build_small_s": small_s, f"{name}build_large_s": large_s, f"{name}large_build_log": logs[name]})
         result.update(cpu_figures(name, cpu[f"{name}small"], cpu[f"{name}large"], small_tokens, large_tokens,
                                   result["bare_cpu_us_per_token"]))
+        result[f"{name}startup_beyond_bare_script_s"] = result[f"{name}startup_s"] - result["bare_script_startup_s"]
+        result[f"{name}cpu_startup_beyond_bare_script_s"] = (result[f"{name}cpu_startup_s"]
+                                                             - result["bare_script_startup_cpu_s"])
     met = result["ratio_margin_over_bare"] >= 0.85 and result["startup_s"] < 2
     emit({**result, "target": ">= 0.85 at the margin, start-up < 2 s", "met": bool(met)}, args.json)
 

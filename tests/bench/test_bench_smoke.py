@@ -148,6 +148,7 @@ def test_p8_build_margin_smoke(tiny_gpt2_dir, tmp_path, monkeypatch):
     assert any(line.startswith("teacher: 1,024 tokens") for line in row["large_build_log"])
     assert row["bare_cpu_us_per_token"] > 0 and "cpu_margin_us_per_token" in row  # tiny sizes: only noise
     assert all(len(used) == 2 and used[0] > 0 for used in row["cpu_build_large"])
+    assert row["bare_script_startup_cpu_s"] > 0 and "cpu_startup_beyond_bare_script_s" in row
 
 
 def test_p8_refuses_a_missing_dataset(tmp_path):
