@@ -93,7 +93,8 @@ class TrainConfig:
     """Optimizer steps (default: {epochs} over the training sequences); may grow on {resume} (the extra steps run at
     the schedule's final learning rate)."""
     epochs: float = 1.0
-    """Passes over the training sequences when {steps} is not given."""
+    """Passes over the training sequences when {steps} is not given (with {mix_cache}: over {cache}'s, the batches
+    drawn from the mix cache coming on top)."""
     lr: float = 5e-4
     """Peak learning rate (AdamW, betas 0.9/0.95)."""
     warmup_steps: int = 0

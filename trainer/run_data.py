@@ -102,14 +102,27 @@ def heldout_batches(eval_src: Source, batch_tokens: int) -> list[Batch]:
     return batches
 
 
-def count_steps(config: TrainConfig, train_src: Source, world: int, row_tokens: int | None) -> int:
-    """The run's optimizer steps: {steps}, else {epochs} of the rank with the fewest batches per epoch."""
+def count_steps(config: TrainConfig, train_src: Source, world: int, row_tokens: int | None,
+                mixed: tuple[Source, ...] = ()) -> int:
+    """The run's optimizer steps: {steps}, else {epochs} of the rank with the fewest batches per epoch.
+
+    With {mix_cache}, {epochs} counts passes over {cache}'s training sequences, which get a share 1 - {mix} of the
+    batches (the mix cache's batches come on top); at {mix} 1 only the mix cache is drawn, so it counts passes over
+    that one.
+    """
     if config.steps is not None:
         return config.steps
-    per_epoch = min(len(plan_spans(train_src.lengths[epoch_order(
-        len(train_src), config.seed, 0, r, world, blocks=train_src.blocks, window_blocks=train_src.window_blocks)],
-        config.batch_tokens, row_tokens)) for r in range(world))
-    return max(1, int(config.epochs * per_epoch / config.grad_accum))
+
+    def per_epoch(source: Source) -> int:
+        return min(len(plan_spans(source.lengths[epoch_order(
+            len(source), config.seed, 0, r, world, blocks=source.blocks, window_blocks=source.window_blocks)],
+            config.batch_tokens, row_tokens)) for r in range(world))
+
+    if mixed and config.mix >= 1:
+        batches = config.epochs * per_epoch(mixed[0])
+    else:
+        batches = config.epochs * per_epoch(train_src) / (1 - config.mix if mixed else 1)
+    return max(1, int(batches / config.grad_accum))
 
 
 def split_data(config: TrainConfig, reader: CacheReader | None, tokenizer) -> tuple[Source, Source, dict]:

@@ -165,7 +165,7 @@ def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int,
                   "cache_key": reader.manifest.cache_key if reader else None, "row_tokens": row_tokens,
                   **mix_state}
     training = training_settings(config, reader)
-    total_steps = count_steps(config, train_src, world, row_tokens)
+    total_steps = count_steps(config, train_src, world, row_tokens, mixed)
 
     # -- model, optimizer, checkpoint ----------------------------------------------------------
     ckpt = latest_checkpoint(config.out) if config.resume else None

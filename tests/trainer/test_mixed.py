@@ -176,6 +176,22 @@ def test_a_mix_caches_sequence_too_long_for_the_student_is_refused_naming_the_mi
                           student_config=str(config), steps=1, batch_tokens=256), log=quiet)
 
 
+def test_epochs_count_passes_over_the_main_cache_with_the_mix_on_top(tiny_cache, mix_cache, tmp_path):
+    """--epochs 1 --mix 0.5 draws as many batches from the main cache as --epochs 1 alone (twice the steps);
+    at --mix 1 only the mix cache is drawn, so --epochs counts its passes."""
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    common = {"student_from_teacher": True, "keep_layers": 1, "batch_tokens": 512, "seed": 2, "epochs": 1.0}
+    alone = train(TrainConfig(out=str(tmp_path / "a"), cache=tiny_cache, **common), log=quiet)["steps"]
+    half = train(TrainConfig(out=str(tmp_path / "b"), cache=tiny_cache, mix_cache=mix_cache, mix=0.5, **common),
+                 log=quiet)["steps"]
+    only_mix = train(TrainConfig(out=str(tmp_path / "c"), cache=mix_cache, **common), log=quiet)["steps"]
+    all_mix = train(TrainConfig(out=str(tmp_path / "d"), cache=tiny_cache, mix_cache=mix_cache, mix=1.0, **common),
+                    log=quiet)["steps"]
+    assert half in (2 * alone, 2 * alone + 1) and all_mix == only_mix != alone
+
+
 def test_a_mix_cache_of_another_tokenizer_is_refused(tiny_cache, tmp_path):
     from tests.conftest import build_tiny_model
     from tests.trainer.teacher_cache import write_teacher_cache
