@@ -100,6 +100,29 @@ def test_p7_data_path_smoke(tmp_path, monkeypatch):
     assert row["decode_tokens_per_cpu_s"] > 0 and row["collate_tokens_per_cpu_s"] > 0
 
 
+def test_p9_write_path_smoke(tmp_path):
+    """Whole caches written through the build's pipeline in a thread and in two processes: the same bytes either way
+    (the encoding does not depend on where it runs), and the figures reported."""
+    from bench.p9_write_path import main
+
+    out = tmp_path / "r.jsonl"
+    main(["--tokens", "4096", "--seq-length", "256", "--shard-tokens", "2048", "--workers", "0,2", "--repeats", "1",
+          "--json", str(out)])
+    row = _row(out)
+    assert row["id"] == "P9" and row["tokens"] == 4096 and set(row["runs"]) == {"0", "2"}
+    assert row["runs"]["0"][0]["bytes"] == row["runs"]["2"][0]["bytes"] > 0
+    assert row["workers0_tokens_per_cpu_s"] > 0 and row["workers2_tokens_per_s"] > 0
+
+
+def test_p9_refuses_bad_arguments():
+    from bench.p9_write_path import main
+
+    with pytest.raises(SystemExit, match="--workers must list counts >= 0"):
+        main(["--workers", "-1"])
+    with pytest.raises(SystemExit, match="must hold one window of --seq-length"):
+        main(["--tokens", "10", "--seq-length", "64"])
+
+
 def test_loss_memory_smoke(tmp_path):
     from bench.loss_memory import main
 
