@@ -10,7 +10,8 @@ run on another machine; this package only plans, validates, runs and reports the
 - identity.py: a stage's settings as its command's dataclass takes them, their validation, and the
   stage's identity (its settings after defaults and its inputs' identities).
 - state.py: where each stage stands (done, to run, to rerun and why, waiting for an earlier stage).
-- checks.py: what is checked before any stage runs (files, tokenizers).
+- checks.py: what is checked before any stage runs (files, tokenizers, the output folder).
+- plan_folder.py: which folders a plan may write into, and its owner.json marker.
 - runner.py: running stages as processes, their markers, the dry run.
 - report.py: report.json, report.md and the plots, from what the stages left on disk: results.py (rows,
   comparisons, convergence), noise.py (the paired bootstrap over held-out sequences), report_md.py (report.md),

@@ -16,6 +16,7 @@ import os
 from orchestration.caches import read_manifest, recorded_cache
 from orchestration.identity import typed_settings, validate
 from orchestration.plan import TEACHER, Plan, PlanError
+from orchestration.plan_folder import plan_folder_problem
 from orchestration.stages import stages_of
 from shared.format import CacheError
 
@@ -28,6 +29,9 @@ def check_plan(plan: Plan, *, strict: bool = True) -> list[str]:
     missing local teacher folder or data file. Returns notes on what is missing or could not be checked
     (a --dry-run prints them).
     """
+    problem = plan_folder_problem(plan.out, plan.source)  # an error with --dry-run too: the run would be refused
+    if problem:
+        raise PlanError(problem)
     for stage in stages_of(plan):
         validate(stage, typed_settings(stage))
     notes = []

@@ -22,6 +22,7 @@ import os
 import yaml
 
 from orchestration.plan import load_plan
+from orchestration.plan_folder import claim_plan_folder
 from orchestration.runner import run_plan
 
 DEMO_PLAN = {
@@ -38,8 +39,8 @@ DEMO_PLAN = {
 }
 
 
-def write_demo_plan(out: str) -> str:
-    os.makedirs(out, exist_ok=True)
+def write_demo_plan(out: str, log=print) -> str:
+    claim_plan_folder(out, log)  # before demo_plan.yaml: never into someone else's folder
     path = os.path.join(out, "demo_plan.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(DEMO_PLAN, f, sort_keys=False)
@@ -47,7 +48,7 @@ def write_demo_plan(out: str) -> str:
 
 
 def run_demo(out: str = "runs/demo", log=print, progress=None) -> dict:
-    plan = load_plan(write_demo_plan(out), out=out)
+    plan = load_plan(write_demo_plan(out, log), out=out)
     plan.out = out
     plan.cache_root = os.path.join(out, "caches")
     return run_plan(plan, log=log, progress=progress)

@@ -19,6 +19,7 @@ import time
 from orchestration.caches import cache_state, reported_cache
 from orchestration.checks import check_plan
 from orchestration.plan import Plan, PlanError
+from orchestration.plan_folder import claim_plan_folder
 from orchestration.report import write_report
 from orchestration.stages import CACHE_DIR, TEACHER_FOLDER, stage_id, stages_of
 from orchestration.state import CHANGED, DONE, assess, marker_record, output_after_run, predicted_output
@@ -123,6 +124,7 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None, o
     twice a second while a stage runs and once after each stage (the CLI draws it as a progress bar).
     """
     check_plan(plan)  # before anything is written
+    claim_plan_folder(plan.out, log, plan.source)
     os.makedirs(os.path.join(plan.out, "stages"), exist_ok=True)
     os.makedirs(os.path.join(plan.out, "logs"), exist_ok=True)
     with open(os.path.join(plan.out, "plan.json"), "w") as f:
