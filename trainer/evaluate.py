@@ -56,6 +56,7 @@ from trainer.generation_metrics import (
     optional_metric_setup,
     rouge_metric,
 )
+from trainer.run_folder import write_file_atomically
 from trainer.student import load_model
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +262,35 @@ class EvalResult:
         return {"model": self.model, "metrics": self.metrics, "seconds": self.seconds}
 
 
+RESULT_KEYS = {"model", "metrics", "seconds"}  # EvalResult.to_json's: what marks a file as kdtrain eval's result
+
+
+def check_result_path(path: str) -> None:
+    """{out} may be a new file or an earlier result of kdtrain eval (a plan's eval stage rewrites its own); anything
+    else there is refused before any work, so that eval never replaces a file it did not write."""
+    if not os.path.lexists(path):
+        return
+    problem = None
+    if os.path.islink(path) or not os.path.isfile(path):
+        problem = "is not a regular file"
+    elif os.path.getsize(path) > 64 * 2**20:
+        problem = "is larger than any kdtrain eval result"
+    else:
+        try:
+            with open(path, "rb") as f:
+                body = json.loads(f.read())
+        except (OSError, ValueError):
+            body = None
+        if not (isinstance(body, dict) and set(body) == RESULT_KEYS and isinstance(body["metrics"], dict)):
+            problem = "exists and is not a kdtrain eval result (a JSON object of model, metrics and seconds)"
+    if problem:
+        raise EvalError(f"{{out}} {path} {problem}; kdtrain eval replaces only its own results: pass a new file name")
+
+
 def evaluate(config: EvalConfig, log=print) -> EvalResult:
     started = time.time()
+    if config.out:
+        check_result_path(config.out)
     for metric in config.metrics:
         if metric in OPTIONAL:
             optional_metric_setup(metric)  # a feature model that cannot work fails now, not after generating
@@ -321,7 +349,7 @@ def evaluate(config: EvalConfig, log=print) -> EvalResult:
                                       if not isinstance(v, list)))
     result.seconds = time.time() - started
     if config.out:
+        check_result_path(config.out)  # again: the metrics took a while
         os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-        with open(config.out, "w") as f:
-            json.dump(result.to_json(), f, indent=1)
+        write_file_atomically(config.out, json.dumps(result.to_json(), indent=1).encode())  # a link is replaced
     return result

@@ -62,6 +62,28 @@ def test_eval_cli_writes_json(tiny_cache, tiny_gpt2_dir, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert set(data["metrics"]) == {"ppl", "agreement"} and data["metrics"]["ppl"]["source"] == "cache held-out"
+    res = runner.invoke(app, ["eval", "--model", str(tiny_gpt2_dir), "--cache", tiny_cache, "--metrics", "ppl",
+                              "--out", str(out)])  # an earlier result of kdtrain eval: replaced
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(out.read_text())["metrics"]) == {"ppl"}
+
+
+def test_eval_out_never_replaces_a_file_it_did_not_write(tiny_cache, tiny_gpt2_dir, tmp_path):
+    """--out naming someone's file (a model's config.json), a link or a folder is refused before any model is loaded,
+    and the file is untouched."""
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "gpt2"}')
+    victim = tmp_path / "victim.json"
+    victim.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(victim)
+    for out, message in ((config, "exists and is not a kdtrain eval result"), (link, "is not a regular file"),
+                         (tmp_path, "is not a regular file")):
+        res = runner.invoke(app, ["eval", "--model", str(tmp_path / "no-such-model"), "--cache", tiny_cache,
+                                  "--metrics", "ppl", "--out", str(out)])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and message in text and "pass a new file name" in text, text
+    assert config.read_text() == '{"model_type": "gpt2"}' and victim.read_text() == "{}"
 
 
 def test_generation_metrics_run_on_gsm8k_rows(tiny_gpt2_dir, tmp_path):
