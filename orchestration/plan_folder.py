@@ -26,7 +26,8 @@ from trainer.run_folder import write_file_atomically
 
 MARKER_FILE = "owner.json"  # the name kdtrain's run folders and kdcache's caches give their markers
 PLAN_NAMES = frozenset({MARKER_FILE, "plan.json", "stages", "logs", "runs", "caches", "eval", "samples", "teacher",
-                        "report.md", "report.json", "demo_plan.yaml"})
+                        "report.md", "report.json", "demo_plan.yaml", "plan.lock"})
+PLAN_LOCK = "plan.lock"  # held (flock) while a plan runs in the folder (trainer.run_folder.take_lock)
 PLAN_RECORDS = ("plan.json", "stages")  # what only a plan's folder holds
 MAX_MARKER_BYTES = 1 << 20
 

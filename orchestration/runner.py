@@ -19,10 +19,11 @@ import time
 from orchestration.caches import cache_state, reported_cache
 from orchestration.checks import check_plan
 from orchestration.plan import Plan, PlanError
-from orchestration.plan_folder import claim_plan_folder
+from orchestration.plan_folder import PLAN_LOCK, claim_plan_folder
 from orchestration.report import write_report
 from orchestration.stages import CACHE_DIR, TEACHER_FOLDER, stage_id, stages_of
 from orchestration.state import CHANGED, DONE, assess, marker_record, output_after_run, predicted_output
+from trainer.run_folder import drop_lock, take_lock
 
 STATE_WORDS = {DONE: "done", "new": "to run", CHANGED: "reruns", "interrupted": "continues", "waits": "may rerun"}
 
@@ -125,6 +126,15 @@ def run_plan(plan: Plan, *, log=print, env: dict | None = None, progress=None, o
     """
     check_plan(plan)  # before anything is written
     claim_plan_folder(plan.out, log, plan.source)
+    lock = take_lock(plan.out, PLAN_LOCK, "kdtrain chain")  # one run of a plan at a time in a folder
+    try:
+        return _run_stages(plan, log=log, env=env, progress=progress, only=only)
+    finally:
+        drop_lock(plan.out, lock, PLAN_LOCK)
+
+
+def _run_stages(plan: Plan, *, log, env: dict | None, progress, only: set[str] | None) -> dict:
+    """run_plan's body, with the plan's folder held."""
     os.makedirs(os.path.join(plan.out, "stages"), exist_ok=True)
     os.makedirs(os.path.join(plan.out, "logs"), exist_ok=True)
     with open(os.path.join(plan.out, "plan.json"), "w") as f:

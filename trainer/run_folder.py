@@ -105,11 +105,12 @@ def _read_lock_body(path: str) -> dict:
     return {}
 
 
-def _take_lock(folder: str) -> int:
-    """An open descriptor holding the exclusive flock of <folder>/run.lock, with our body written in it."""
+def take_lock(folder: str, name: str = LOCK_FILE, user: str = "kdtrain run") -> int:
+    """An open descriptor holding the exclusive flock of <folder>/<name>, with our body written in it; RunFolderError
+    naming the holder (another `user`) when it is held. Give it back with drop_lock."""
     import fcntl
 
-    path = os.path.join(folder, LOCK_FILE)
+    path = os.path.join(folder, name)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
@@ -127,7 +128,7 @@ def _take_lock(folder: str) -> int:
             os.close(fd)
             held = _read_lock_body(path)
             raise RunFolderError(
-                f"{{out}} {folder} is in use by another kdtrain run: pid {held.get('pid', '?')} on host "
+                f"{{out}} {folder} is in use by another {user}: pid {held.get('pid', '?')} on host "
                 f"{held.get('host', '?')} since {held.get('since', '?')} (lock {path}). Wait for it to end or stop "
                 "it, or pass another {out}") from None
         except OSError as exc:
@@ -148,6 +149,13 @@ def _take_lock(folder: str) -> int:
     os.pwrite(fd, body.ljust(os.fstat(fd).st_size, b" "), 0)  # never an empty file to a reader (JSON allows spaces)
     os.ftruncate(fd, len(body))
     return fd
+
+
+def drop_lock(folder: str, fd: int, name: str = LOCK_FILE) -> None:
+    """Unlink the lock file, then drop the flock (in that order: see take_lock's inode check)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, name))
+    os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ class RunFolder:
             created.append(missing)
             missing = os.path.dirname(missing)
         os.makedirs(out, exist_ok=True)
-        folder = cls(out, _take_lock(out))
+        folder = cls(out, take_lock(out))
         folder.created = created
         try:
             folder._prepare(resume=resume, overwrite=overwrite, log=log)  # looked at again, under the lock
@@ -319,7 +327,7 @@ class RunFolder:
         return names
 
     def release(self) -> None:
-        """Unlink the lock file, then drop the flock (in that order: see _take_lock's inode check).
+        """Unlink the lock file, then drop the flock (drop_lock).
 
         A folder that open() created and in which the run wrote nothing but its marker (a run refused before it
         began: a bad cache, a student that does not fit) is removed, with the parents open() created for it, so that a
@@ -332,11 +340,7 @@ class RunFolder:
         if unused:  # still under the lock: nobody else can be using the folder
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, MARKER_FILE))
-        try:
-            os.unlink(os.path.join(self.path, LOCK_FILE))
-        except FileNotFoundError:
-            pass
-        os.close(self._lock_fd)
+        drop_lock(self.path, self._lock_fd)
         self._lock_fd = None
         if unused:
             with contextlib.suppress(OSError):  # another run may have taken an empty folder meanwhile: leave it

@@ -138,3 +138,22 @@ def test_the_plan_file_itself_may_lie_in_its_folder(tmp_path):
     other.mkdir()
     (other / "plan.yaml").write_text("name: x\n")
     assert "holds plan.yaml, which no plan writes" in plan_folder_problem(str(other), str(tmp_path / "plan.yaml"))
+
+
+def test_a_second_run_of_a_plan_into_a_held_folder_is_refused_naming_the_holder(tmp_path):
+    """While one `kdtrain chain` holds the folder (plan.lock, flock), another is refused before any stage runs."""
+    from orchestration.plan import load_plan
+    from orchestration.plan_folder import PLAN_LOCK
+    from orchestration.runner import run_plan
+    from trainer.run_folder import RunFolderError, drop_lock, take_lock
+
+    out = tmp_path / "plan"
+    claim_plan_folder(str(out), quiet)
+    held = take_lock(str(out), PLAN_LOCK, "kdtrain chain")
+    try:
+        plan = load_plan(str(REPO / "examples" / "tiny_chain.yaml"), out=str(out))
+        with pytest.raises(RunFolderError, match=rf"--out {out} is in use by another kdtrain chain: pid {os.getpid()}"):
+            run_plan(plan, log=quiet)
+        assert sorted(os.listdir(out)) == [MARKER_FILE, PLAN_LOCK]  # no stage, no record written
+    finally:
+        drop_lock(str(out), held, PLAN_LOCK)
