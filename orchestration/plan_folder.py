@@ -18,18 +18,15 @@ import datetime as _dt
 import json
 import os
 import socket
-import stat
 import uuid
 
 from orchestration.plan import PlanError
-from trainer.run_folder import write_file_atomically
+from trainer.run_folder import MARKER_FILE, read_marker_file, write_file_atomically
 
-MARKER_FILE = "owner.json"  # the name kdtrain's run folders and kdcache's caches give their markers
-PLAN_NAMES = frozenset({MARKER_FILE, "plan.json", "stages", "logs", "runs", "caches", "eval", "samples", "teacher",
-                        "report.md", "report.json", "demo_plan.yaml", "plan.lock"})
 PLAN_LOCK = "plan.lock"  # held (flock) while a plan runs in the folder (trainer.run_folder.take_lock)
+PLAN_NAMES = frozenset({MARKER_FILE, PLAN_LOCK, "plan.json", "stages", "logs", "runs", "caches", "eval", "samples",
+                        "teacher", "report.md", "report.json", "demo_plan.yaml"})
 PLAN_RECORDS = ("plan.json", "stages")  # what only a plan's folder holds
-MAX_MARKER_BYTES = 1 << 20
 
 
 def _is_plan_name(name: str) -> bool:
@@ -43,18 +40,9 @@ def _listed(names) -> str:
 
 def _marker(out: str) -> dict | None:
     """The folder's owner.json as a dict; None when there is none; PlanError when it is not one kdcache writes."""
-    path = os.path.join(out, MARKER_FILE)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    exists, marker, _ = read_marker_file(out)
+    if not exists:
         return None
-    marker = None
-    if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_MARKER_BYTES:
-        try:
-            with open(path, "rb") as f:
-                marker = json.loads(f.read())
-        except (OSError, ValueError):
-            marker = None
     if not (isinstance(marker, dict) and isinstance(marker.get("tool"), str) and isinstance(marker.get("kind"), str)):
         raise PlanError(f"plan folder {out}: its {MARKER_FILE} is not a marker kdcache or kdtrain writes (damaged, or "
                         "someone else's), so the plan cannot tell what it owns there: pass another --out")

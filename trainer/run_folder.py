@@ -162,34 +162,41 @@ def drop_lock(folder: str, fd: int, name: str = LOCK_FILE) -> None:
 # the folder
 
 
-def read_marker(folder: str) -> dict | None:
-    """The marker of a run folder, None where there is none; RunFolderError when it is not a valid one."""
+def read_marker_file(folder: str) -> tuple[bool, object, str | None]:
+    """(whether <folder>/owner.json exists, its JSON, what is wrong with the file: not a regular file, too large,
+    not JSON; None when it reads). Its meaning is the caller's (a run folder's, a plan folder's)."""
     path = os.path.join(folder, MARKER_FILE)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return None
-    problem = None
+        return False, None, None
     if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_size > MAX_MARKER_BYTES:
-        problem = f"holds {st.st_size} bytes (a marker has a few hundred)"
-    else:
-        try:
-            with open(path, "rb") as f:
-                marker = json.loads(f.read())
-        except (OSError, ValueError) as exc:
-            marker, problem = None, f"cannot be read as JSON ({exc})"
-        if problem is None:
-            files = marker.get("files") if isinstance(marker, dict) else None
-            if isinstance(marker, dict) and (marker.get("tool"), marker.get("kind")) != ("kdtrain", "run") and all(
-                    isinstance(marker.get(k), str) for k in ("tool", "kind")):
-                problem = f"marks it as a {marker['tool']!r:.24} {marker['kind']!r:.24} folder, not a kdtrain run folder"
-            elif not (isinstance(marker, dict) and marker.get("tool") == "kdtrain" and marker.get("kind") == "run"
-                    and isinstance(marker.get("id"), str) and ID_RE.match(marker["id"]) and isinstance(files, list)
-                    and all(isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and os.sep not in n
-                            for n in files)):
-                problem = "is not a kdtrain run marker (tool kdtrain, kind run, a 32-hex-digit id, a list of file names)"
+        return True, None, "is not a regular file"
+    if st.st_size > MAX_MARKER_BYTES:
+        return True, None, f"holds {st.st_size} bytes (a marker has a few hundred)"
+    try:
+        with open(path, "rb") as f:
+            return True, json.loads(f.read()), None
+    except (OSError, ValueError) as exc:
+        return True, None, f"cannot be read as JSON ({exc})"
+
+
+def read_marker(folder: str) -> dict | None:
+    """The marker of a run folder, None where there is none; RunFolderError when it is not a valid one."""
+    path = os.path.join(folder, MARKER_FILE)
+    exists, marker, problem = read_marker_file(folder)
+    if not exists:
+        return None
+    if problem is None:
+        files = marker.get("files") if isinstance(marker, dict) else None
+        if isinstance(marker, dict) and (marker.get("tool"), marker.get("kind")) != ("kdtrain", "run") and all(
+                isinstance(marker.get(k), str) for k in ("tool", "kind")):
+            problem = f"marks it as a {marker['tool']!r:.24} {marker['kind']!r:.24} folder, not a kdtrain run folder"
+        elif not (isinstance(marker, dict) and marker.get("tool") == "kdtrain" and marker.get("kind") == "run"
+                  and isinstance(marker.get("id"), str) and ID_RE.match(marker["id"]) and isinstance(files, list)
+                  and all(isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and os.sep not in n
+                          for n in files)):
+            problem = "is not a kdtrain run marker (tool kdtrain, kind run, a 32-hex-digit id, a list of file names)"
     if problem:
         raise RunFolderError(f"{path} {problem}, so kdtrain cannot tell what it owns in {folder}; it deletes and "
                              "writes nothing there: pass another {out}, or delete the folder by hand")
