@@ -137,9 +137,25 @@ def train(config: TrainConfig, *, progress=None, log=print) -> dict:
     folder = RunFolder.open(config.out, resume=config.resume, overwrite=config.overwrite, log=log) if rank == 0 else None
     try:
         return _train(config, folder, rank, world, device, progress=progress, log=log)
+    except Exception as exc:
+        if folder is not None:
+            _record_failure(folder, exc)
+        raise
     finally:
         if folder is not None:
             folder.release()
+
+
+def _record_failure(folder: RunFolder, exc: Exception) -> None:
+    """A run.json that still says "running" when an error stops the run (a damaged row in a batch, a full disk)
+    says "failed", with the error, as the rules above record theirs (_failed)."""
+    try:
+        with open(os.path.join(folder.path, "run.json")) as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        return
+    if isinstance(run, dict) and run.get("status") == "running":
+        folder.write_json("run.json", {**run, "status": "failed", "error": str(exc) or type(exc).__name__})
 
 
 def _train(config: TrainConfig, folder: RunFolder | None, rank: int, world: int, device: torch.device, *, progress,

@@ -534,6 +534,21 @@ def test_nonfinite_weights_are_never_saved(tiny_cache, tmp_path, monkeypatch):
     assert not (out / "model.safetensors").exists() and read_run(str(out))["status"] == "failed"
 
 
+def test_an_error_during_the_run_is_recorded_in_run_json(tiny_cache, tmp_path, monkeypatch):
+    """An error the loop does not foresee (here a full disk at the optimizer step) stops the run; run.json then says
+    failed, with the error, instead of "running" forever."""
+    def step(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "o"
+    with pytest.raises(OSError, match="No space left"):
+        train(TrainConfig(out=str(out), cache=tiny_cache, steps=3, **NONFINITE_RUN), log=quiet)
+    run = read_run(str(out))
+    assert run["status"] == "failed" and "No space left on device" in run["error"]
+    assert not (out / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # a student's context
 
