@@ -39,6 +39,15 @@ def alternate(a, b, repeats: int, warmup: int = 1) -> tuple[list[float], list[fl
     return ta, tb
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc); 0.0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def median(xs):
     return statistics.median(xs)
 

@@ -38,26 +38,20 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: make `bench` imp
 
 import numpy as np
 
-from bench.common import bench_home, emit
+from bench.common import bench_home, emit, process_cpu_seconds
 
 VOCAB_SIZE = 50_257  # GPT-2's: ids are stored as uint16
 
 
 def worker_cpu_seconds() -> float:
     """User + system CPU seconds of this process's live child processes (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         try:
             children = (task / "children").read_text().split()
         except OSError:
             continue
-        for pid in children:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        total += sum(process_cpu_seconds(int(pid)) for pid in children)
     return total
 
 

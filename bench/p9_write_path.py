@@ -37,19 +37,10 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: make `bench` imp
 
 import numpy as np
 
-from bench.common import emit, median
+from bench.common import emit, median, process_cpu_seconds
 
 VOCAB_SIZE = 50_257  # GPT-2's: ids stored as uint16
 TARGET = 40_000  # tokens per CPU-second at K = 64
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc); 0.0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_rows(num_tokens: int, seq_length: int, top_k: int, seed: int = 0) -> list:

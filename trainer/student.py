@@ -278,16 +278,14 @@ def load_model(path: str, *, need_tokenizer: bool = True):
     need_tokenizer: False for metrics on cache rows only, which read token ids and never text: the tokenizer
     is then None, and a folder without one (a run's checkpoint holds weights only) will do.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from common.models import model_folder
     from common.tokenizers import load_tokenizer
 
     hf_logging.disable_progress_bar()
-    folder = model_folder(path)
+    folder = str(model_folder(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = load_student(folder)
         tokenizer = load_tokenizer(folder) if need_tokenizer else None
     except OSError as exc:
         raise EvalError(f"could not load model/tokenizer from {path}: {exc}") from exc
