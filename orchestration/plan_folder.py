@@ -21,7 +21,7 @@ import socket
 import uuid
 
 from orchestration.plan import PlanError
-from trainer.run_folder import MARKER_FILE, read_marker_file, write_file_atomically
+from trainer.run_folder import MARKER_FILE, listed, read_marker_file, write_file_atomically
 
 PLAN_LOCK = "plan.lock"  # held (flock) while a plan runs in the folder (trainer.run_folder.take_lock)
 PLAN_NAMES = frozenset({MARKER_FILE, PLAN_LOCK, "plan.json", "stages", "logs", "runs", "caches", "eval", "samples",
@@ -31,11 +31,6 @@ PLAN_RECORDS = ("plan.json", "stages")  # what only a plan's folder holds
 
 def _is_plan_name(name: str) -> bool:
     return name in PLAN_NAMES or name.endswith(".png")  # the report's plots (orchestration/plots.py)
-
-
-def _listed(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def _marker(out: str) -> dict | None:
@@ -78,10 +73,10 @@ def plan_folder_problem(out: str, plan_file: str = "") -> str | None:
         return None
     foreign = sorted(n for n in entries if not _is_plan_name(n))
     if foreign:
-        return (f"plan folder {out} holds {_listed(foreign)}, which no plan writes, and no {MARKER_FILE} marking it "
+        return (f"plan folder {out} holds {listed(foreign)}, which no plan writes, and no {MARKER_FILE} marking it "
                 "as a plan's folder; a plan writes only into a folder it created. Pass a new or empty folder as --out")
     if not entries & set(PLAN_RECORDS):
-        return (f"plan folder {out} holds {_listed(entries)} but none of a plan's records ({', '.join(PLAN_RECORDS)}) "
+        return (f"plan folder {out} holds {listed(entries)} but none of a plan's records ({', '.join(PLAN_RECORDS)}) "
                 f"and no {MARKER_FILE}, so it is not a plan's folder; pass a new or empty folder as --out")
     return None
 

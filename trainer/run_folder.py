@@ -56,7 +56,8 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _some(names) -> str:
+def listed(names) -> str:
+    """At most six of names, sorted, and how many more."""
     names = sorted(names)
     return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
@@ -220,7 +221,7 @@ def _refuse_unmarked(folder: str, entries: set[str]) -> None:
         what = (f"not marked as a kdtrain run folder (no {MARKER_FILE}; a run of a kdtrain older than the marker "
                 "has none), so kdtrain will not delete or write anything in it")
     else:
-        what = f"a folder kdtrain did not create (it holds {_some(entries)}; no {MARKER_FILE})"
+        what = f"a folder kdtrain did not create (it holds {listed(entries)}; no {MARKER_FILE})"
     raise RunFolderError(f"{{out}} {folder} is {what}. Pass a new or empty folder as {{out}}"
                          + (", or delete that one by hand if it is an old run you mean to replace" if not models
                             and not caches else ""))
@@ -279,7 +280,7 @@ class RunFolder:
         kept = sorted(entries - self.owned())
         links = sorted(os.path.join(out, n) for n in ours if _is_link(os.path.join(out, n)))
         if links:
-            raise RunFolderError(f"{_some(links)} in run folder {out} is a symbolic link; kdtrain writes only plain "
+            raise RunFolderError(f"{listed(links)} in run folder {out} is a symbolic link; kdtrain writes only plain "
                                  "files and folders there and never follows a link: remove the link and rerun")
         if not ours:
             return  # a marked folder with nothing of a run in it (a run refused before it wrote anything)
@@ -291,8 +292,8 @@ class RunFolder:
             for name in sorted(ours):
                 _remove(os.path.join(out, name))
             self._write_marker(_new_marker())
-            log(f"--overwrite: deleted the previous run in {out} ({_some(ours)})"
-                + (f"; kept what kdtrain did not write: {_some(kept)}" if kept else ""))
+            log(f"--overwrite: deleted the previous run in {out} ({listed(ours)})"
+                + (f"; kept what kdtrain did not write: {listed(kept)}" if kept else ""))
         elif latest_checkpoint(out) is None:
             removed = sorted(ours & set(WRITTEN_AS_IT_GOES))
             for name in removed:
@@ -321,7 +322,7 @@ class RunFolder:
         names = sorted(os.listdir(staging))
         theirs = [n for n in names if os.path.lexists(os.path.join(self.path, n)) and n not in self.owned()]
         if theirs:
-            raise RunFolderError(f"the student's files {_some(theirs)} would replace files in {self.path} that kdtrain "
+            raise RunFolderError(f"the student's files {listed(theirs)} would replace files in {self.path} that kdtrain "
                                  f"did not write; nothing was replaced: the student is in {staging}. Move those files "
                                  "away and copy it in by hand")
         self._write_marker({**self.marker, "files": sorted(set(self.marker.get("files", [])) | set(names))})
